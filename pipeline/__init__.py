@@ -1,0 +1,1 @@
+"""Beam jobs (encode, decode) and the formats they read and write; loads only the model artifact."""

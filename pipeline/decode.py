@@ -1,0 +1,134 @@
+"""Decode a latent dataset back into images (an Apache Beam batch job).
+
+    latentpack decode --input latents/ --model-dir model/ --output images/ --output-format png
+
+ReadLatentDataset -> DecodeLatents -> Write<format>. Refuses a dataset made with a
+different model (fingerprint mismatch) or one that is incomplete (no manifest).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import posixpath
+import sys
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline import latents
+from pipeline.accounting import Progress, WriteDeadLetters, counts
+from pipeline.artifact import Codec, read_spec
+from pipeline.images import ImageBatch, LatentpackError
+from pipeline.outputs import WRITERS
+
+NAMESPACE = "latentpack.decode"
+
+
+def check_dataset(dataset_dir: str, spec: dict) -> list:
+    """Validate a latent dataset against the model; returns its part paths."""
+    manifest = latents.read_manifest(dataset_dir)
+    if manifest.get("format") != "latentpack-dataset":
+        raise LatentpackError(f"{dataset_dir}: {latents.MANIFEST} is not a latentpack dataset manifest")
+    paths = latents.part_paths(dataset_dir, manifest)
+    for path in [posixpath.join(dataset_dir, latents.MANIFEST)] + paths:
+        if path.endswith(".parquet"):
+            with FileSystems.open(path) as f:
+                fingerprint = latents.metadata_of(pq.read_schema(f))["model_fingerprint"]
+        else:
+            fingerprint = manifest.get("model_fingerprint")
+        if fingerprint != spec["fingerprint"]:
+            raise LatentpackError(
+                f"{path} was encoded with model {fingerprint}, but --model-dir {spec['fingerprint']} is "
+                "a different model; decode it with the model that encoded it")
+    return paths
+
+
+class DecodeTable(beam.DoFn):
+    """Arrow table of (key, latent, label) -> ImageBatch, with the model loaded once per worker."""
+
+    def __init__(self, model_dir: str, spec: dict):
+        self.model_dir, self.spec = model_dir, spec
+
+    def setup(self):
+        self.codec = Codec(self.model_dir, self.spec)
+        self.images = Metrics.counter(NAMESPACE, "images_decoded")
+        self.progress = Progress("decoded")
+
+    def process(self, table):
+        images = self.codec.decode(latents.latents_of(table))
+        label = table.column("label")
+        has_label = label.is_valid().to_numpy(zero_copy_only=False)
+        labels = label.fill_null(-1).to_numpy()
+        self.images.inc(len(images))
+        self.progress.add(len(images))
+        yield ImageBatch(table.column("key").to_pylist(), images, labels.astype(np.int64), has_label)
+
+
+class WriteDecodeManifest(beam.DoFn):
+    def __init__(self, output: str, extra: dict):
+        self.output, self.extra = output, extra
+
+    def process(self, _, written, reasons, files, dead_letter_files):
+        payload = dict(self.extra, format="latentpack-decoded", complete=True, images=written,
+                       counts=counts(written, reasons),
+                       files=sorted(posixpath.relpath(p, self.output) for p in files),
+                       dead_letter_files=sorted(posixpath.relpath(p, self.output) for p in dead_letter_files))
+        latents.write_json(posixpath.join(self.output, latents.MANIFEST), payload)
+        yield payload
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="latentpack decode", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Any other option is passed to Beam (--runner, --direct_num_workers, ...).")
+    p.add_argument("--input", required=True, help="latent dataset directory (from latentpack encode)")
+    p.add_argument("--model-dir", required=True, help="the model artifact that encoded the dataset")
+    p.add_argument("--output", required=True, help="directory for the decoded images")
+    p.add_argument("--output-format", default="png", choices=sorted(WRITERS), help="how to write the images")
+    return p.parse_known_args(argv)
+
+
+def run(argv=None, test_pipeline=None):
+    """Build and run the decode job; returns the output manifest dict."""
+    args, beam_args = parse_args(argv)
+    spec = read_spec(args.model_dir)
+    dataset = args.input.rstrip("/")
+    paths = check_dataset(dataset, spec)
+    output = args.output.rstrip("/")
+    manifest_path = posixpath.join(output, latents.MANIFEST)
+    if FileSystems.exists(manifest_path):
+        FileSystems.delete([manifest_path])
+    extra = {"source": dataset, "output_format": args.output_format, "model_fingerprint": spec["fingerprint"]}
+    p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
+    batches = (p
+               | "ListParts" >> beam.Create(paths)
+               | "SpreadParts" >> beam.Reshuffle()
+               | "ReadLatentParquet" >> beam.io.ReadAllFromParquetBatched(columns=["key", "latent", "label"])
+               | "DecodeLatents" >> beam.ParDo(DecodeTable(args.model_dir, spec)))
+    written, dead, files = batches | f"Write{args.output_format.upper()}" >> WRITERS[args.output_format](output)
+    reasons, dead_files = dead | "WriteDeadLetters" >> WriteDeadLetters(output, NAMESPACE)
+    total = written | "SumWritten" >> beam.CombineGlobally(sum)
+    side = beam.pvalue
+    (p | "Once" >> beam.Create([None])
+       | "WriteManifest" >> beam.ParDo(WriteDecodeManifest(output, extra), side.AsSingleton(total),
+                                       side.AsSingleton(reasons), side.AsList(files), side.AsList(dead_files)))
+    p.run().wait_until_finish()
+    return latents.read_manifest(output)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    manifest = run(argv)
+    c = manifest["counts"]
+    print(f"decoded {c['written']} of {c['read']} images as {manifest['output_format']}; "
+          f"{c['dead_lettered']} dead-lettered {c['dead_lettered_by_reason'] or ''}".rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    from pipeline.cli import guarded
+    sys.exit(guarded(main)())

@@ -1,0 +1,179 @@
+"""Encode image shards into a latent Parquet dataset (an Apache Beam batch job).
+
+    latentpack encode --input 'shards/*.tfrecord' --input-format tfrecord \
+        --model-dir model/ --output latents/ [Beam options, e.g. --runner DataflowRunner]
+
+ReadImageShards -> EncodeImages -> WriteLatentDataset. Elements on the hot path are
+batches of images (numpy arrays), the model is loaded once per worker in `setup()`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import posixpath
+import sys
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline import latents
+from pipeline.accounting import DEAD_LETTER_TAG, Progress, WriteDeadLetters, counts
+from pipeline.artifact import Codec, read_spec
+from pipeline.formats import READERS, get_reader
+from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, LatentpackError, batch_records
+
+NAMESPACE = "latentpack.encode"
+
+
+class ReadShardBatches(beam.DoFn):
+    """shard path -> ImageBatch elements, and DeadLetters on the `dead_letter` output."""
+
+    def __init__(self, input_format: str, root: str, shape: tuple, batch_size: int, max_pixels: int):
+        self.input_format, self.root, self.shape = input_format, root, tuple(shape)
+        self.batch_size, self.max_pixels = batch_size, max_pixels
+
+    def process(self, shard: str):
+        reader = get_reader(self.input_format)
+        records = reader.read(shard, self.root)
+        for item in batch_records(records, self.shape, self.batch_size, self.max_pixels):
+            if isinstance(item, DeadLetter):
+                yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, item)
+            else:
+                yield item
+
+
+class ReadImageShards(beam.PTransform):
+    """Match shards, spread them over workers, read them into image batches (+ dead letters)."""
+
+    def __init__(self, shards, input_format, root, shape, batch_size=1024, max_pixels=DEFAULT_MAX_PIXELS):
+        super().__init__()
+        self.shards, self.fn = list(shards), ReadShardBatches(input_format, root, shape, batch_size, max_pixels)
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "ListShards" >> beam.Create(self.shards)
+                # Without it, a runner may read every shard in the bundle that listed them.
+                | "SpreadShards" >> beam.Reshuffle()
+                | "ReadBatches" >> beam.ParDo(self.fn).with_outputs(DEAD_LETTER_TAG, main="images"))
+
+
+class EncodeBatch(beam.DoFn):
+    """ImageBatch -> Arrow table of (key, latent, label), with the model loaded once per worker."""
+
+    def __init__(self, model_dir: str, spec: dict):
+        self.model_dir, self.spec = model_dir, spec
+
+    def setup(self):
+        self.codec = Codec(self.model_dir, self.spec)
+        self.schema = latents.schema(self.spec)
+        self.images = Metrics.counter(NAMESPACE, "images_written")
+        self.progress = Progress("encoded")
+
+    def process(self, batch):
+        latent = self.codec.encode(batch.images)
+        self.images.inc(len(batch))
+        self.progress.add(len(batch))
+        yield latents.to_table(batch.keys, latent, batch.labels, batch.has_label, self.schema)
+
+
+class WriteManifest(beam.DoFn):
+    """Runs once, after every part is written: describe the parts and write _manifest.json."""
+
+    def __init__(self, output: str, fingerprint: str, extra: dict):
+        self.output, self.fingerprint, self.extra = output, fingerprint, extra
+
+    def process(self, _, parts, rows, reasons, dead_letter_files):
+        described = latents.describe_parts(parts)
+        payload = latents.manifest(described, counts(rows, reasons), self.fingerprint, self.extra)
+        payload["dead_letter_files"] = sorted(posixpath.relpath(p, self.output) for p in dead_letter_files)
+        latents.write_json(posixpath.join(self.output, latents.MANIFEST), payload)
+        yield payload
+
+
+class WriteLatentDataset(beam.PTransform):
+    """Tables + dead letters -> Parquet parts, dead-letter JSONL, then `_manifest.json` last."""
+
+    def __init__(self, output: str, spec: dict, extra: dict, num_shards: int = 0):
+        super().__init__()
+        self.output, self.spec, self.extra, self.num_shards = output, spec, extra, num_shards
+
+    def expand(self, inputs):
+        tables, dead_letters = inputs
+        parts = tables | "WriteParquet" >> beam.io.WriteToParquetBatched(
+            posixpath.join(self.output, latents.PART_PREFIX), schema=latents.schema(self.spec),
+            codec="zstd", file_name_suffix=".parquet", num_shards=self.num_shards)
+        rows = (tables | "Rows" >> beam.Map(lambda t: t.num_rows)
+                | "SumRows" >> beam.CombineGlobally(sum))
+        reasons, dead_files = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(self.output, NAMESPACE)
+        side = beam.pvalue
+        return (tables.pipeline
+                | "Once" >> beam.Create([None])
+                | "WriteManifest" >> beam.ParDo(
+                    WriteManifest(self.output, self.spec["fingerprint"], self.extra),
+                    side.AsList(parts), side.AsSingleton(rows), side.AsSingleton(reasons), side.AsList(dead_files)))
+
+
+def clear_previous(output: str) -> None:
+    """Unmark and remove an earlier dataset in `output`: manifest first, so it never looks complete."""
+    manifest = posixpath.join(output, latents.MANIFEST)
+    if FileSystems.exists(manifest):
+        FileSystems.delete([manifest])
+    stale = [m.path for pattern in (f"{latents.PART_PREFIX}-*.parquet", "dead_letter/part-*.jsonl")
+             for m in FileSystems.match([posixpath.join(output, pattern)])[0].metadata_list]
+    if stale:
+        FileSystems.delete(stale)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="latentpack encode", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Any other option is passed to Beam (--runner, --direct_num_workers, ...).")
+    p.add_argument("--input", help="glob of input shards, local or on any Beam filesystem (gs://, s3://)")
+    p.add_argument("--input-format", default="tfrecord", choices=sorted(READERS), help="format of --input")
+    p.add_argument("--model-dir", required=True, help="model artifact directory (from latentpack train)")
+    p.add_argument("--output", required=True, help="directory for the latent dataset")
+    p.add_argument("--batch-size", type=int, default=1024, help="images per batch element")
+    p.add_argument("--num-shards", type=int, default=0, help="output Parquet parts (0: the runner decides)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="reject images with more pixels than this, before decoding them")
+    return p.parse_known_args(argv)
+
+
+def run(argv=None, test_pipeline=None):
+    """Build and run the encode job; returns the manifest dict."""
+    args, beam_args = parse_args(argv)
+    spec = read_spec(args.model_dir)
+    reader = get_reader(args.input_format)
+    shards, root = reader.match(args.input)
+    output = args.output.rstrip("/")
+    if not FileSystems.exists(output):
+        FileSystems.mkdirs(output)
+    clear_previous(output)
+    logging.info("encoding %d shard(s) of %s with model %s", len(shards), args.input_format, spec["fingerprint"][:19])
+    extra = {"input": args.input, "input_format": args.input_format, "shards": len(shards),
+             "codec": {k: spec[k] for k in ("image_shape", "latent_dim", "latent_dtype")}}
+    p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
+    read = p | "ReadImageShards" >> ReadImageShards(
+        shards, args.input_format, root, spec["image_shape"], args.batch_size, args.max_pixels)
+    tables = read.images | "EncodeImages" >> beam.ParDo(EncodeBatch(args.model_dir, spec))
+    (tables, read[DEAD_LETTER_TAG]) | "WriteLatentDataset" >> WriteLatentDataset(output, spec, extra, args.num_shards)
+    result = p.run()
+    result.wait_until_finish()
+    return latents.read_manifest(output)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    manifest = run(argv)
+    c = manifest["counts"]
+    print(f"encoded {c['written']} of {c['read']} images into {len(manifest['files'])} part(s), "
+          f"{manifest['total_bytes'] / max(manifest['images'], 1):.1f} bytes per image; "
+          f"{c['dead_lettered']} dead-lettered {c['dead_lettered_by_reason'] or ''}".rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    from pipeline.cli import guarded
+    sys.exit(guarded(main)())

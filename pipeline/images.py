@@ -1,0 +1,174 @@
+"""Image batches and the pure functions between encoded image bytes and pixel arrays.
+
+Nothing here opens a file: readers hand over bytes or arrays, writers take bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Iterable, Optional
+
+import numpy as np
+from PIL import Image
+
+# Generous default: 64 megapixels. Checked from the header, before pixels are decoded.
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+
+
+class LatentpackError(Exception):
+    """A user-facing error: printed as one line, exit status 2, no traceback."""
+
+
+class BadImage(ValueError):
+    """One image that cannot be used; `reason` is a short machine-readable tag."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class SourceRecord:
+    """One image as a reader found it: encoded bytes or an already-decoded array."""
+
+    key: str
+    source: str
+    index: int
+    encoded: Optional[bytes] = None
+    pixels: Optional[np.ndarray] = None
+    label: Optional[int] = None
+    # Set by a reader when the record itself is unreadable (bad framing, missing field).
+    error: Optional[BadImage] = None
+
+
+@dataclasses.dataclass
+class DeadLetter:
+    """An input that did not make it into the output, and why."""
+
+    key: str
+    source: str
+    index: int
+    reason: str
+    error: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class ImageBatch:
+    """A batch of same-shaped images travelling together through a pipeline."""
+
+    keys: list
+    images: np.ndarray  # uint8 [N, H, W, C]
+    labels: np.ndarray  # int64 [N]; -1 where the source has no label
+    has_label: np.ndarray  # bool [N]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def decode_image(data: bytes, shape: tuple, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 array of exactly `shape` (H, W, C), or BadImage."""
+    height, width, channels = shape
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception as e:  # Pillow raises several types for unreadable bytes
+        raise BadImage("undecodable", f"not a readable image: {e}") from None
+    # The header is enough to refuse decompression bombs before decoding any pixels.
+    if img.width * img.height > max_pixels:
+        raise BadImage("too_many_pixels", f"{img.width}x{img.height} exceeds the {max_pixels}-pixel limit")
+    if (img.height, img.width) != (height, width):
+        raise BadImage("wrong_size", f"image is {img.width}x{img.height}, the model takes {width}x{height}")
+    try:
+        img.load()
+    except Exception as e:
+        raise BadImage("undecodable", f"truncated or corrupt image data: {e}") from None
+    return _to_channels(img, channels)
+
+
+def _to_channels(img: Image.Image, channels: int) -> np.ndarray:
+    mode = img.mode
+    if mode == "P":
+        # A palette is a lossless indirection; expand it, then apply the same rules.
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+        if mode == "RGB" and channels == 1:
+            arr = np.asarray(img)
+            if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
+                return arr[..., :1].copy()
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        raise BadImage("wrong_mode", f"{mode} images (16-bit or float) are not 8-bit; convert them first")
+    wanted = {1: "L", 3: "RGB"}.get(channels)
+    if mode != wanted:
+        raise BadImage("wrong_channels", f"image mode is {mode}, the model takes {wanted} ({channels} channel(s))")
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr.reshape(arr.shape[0], arr.shape[1], channels)
+
+
+def check_pixels(pixels: np.ndarray, shape: tuple) -> np.ndarray:
+    """An array from a numeric format -> uint8 (H, W, C), or BadImage."""
+    arr = np.asarray(pixels)
+    if arr.dtype != np.uint8:
+        raise BadImage("wrong_dtype", f"pixel array has dtype {arr.dtype}, expected uint8")
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape != tuple(shape):
+        raise BadImage("wrong_size", f"image has shape {arr.shape}, the model takes {tuple(shape)}")
+    return arr
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (H, W, C) -> PNG bytes (Pillow's real codec)."""
+    arr = image[..., 0] if image.shape[-1] == 1 else image
+    out = io.BytesIO()
+    Image.fromarray(arr).save(out, format="PNG")
+    return out.getvalue()
+
+
+def batch_records(records: Iterable[SourceRecord], shape: tuple, batch_size: int,
+                  max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Decode records into ImageBatches of up to `batch_size`, yielding DeadLetters for bad ones.
+
+    Yields ImageBatch or DeadLetter objects, in input order.
+    """
+    images = np.empty((batch_size,) + tuple(shape), np.uint8)
+    labels = np.full(batch_size, -1, np.int64)
+    has_label = np.zeros(batch_size, bool)
+    keys = []
+    for rec in records:
+        try:
+            if rec.error is not None:
+                raise rec.error
+            if rec.pixels is not None:
+                pixels = check_pixels(rec.pixels, shape)
+            elif rec.encoded is not None:
+                pixels = decode_image(rec.encoded, shape, max_pixels)
+            else:
+                raise BadImage("missing_image", "record has no image")
+        except BadImage as e:
+            yield DeadLetter(rec.key, rec.source, rec.index, e.reason, str(e))
+            continue
+        n = len(keys)
+        images[n] = pixels
+        labels[n] = -1 if rec.label is None else rec.label
+        has_label[n] = rec.label is not None
+        keys.append(rec.key)
+        if len(keys) == batch_size:
+            yield ImageBatch(keys, images, labels, has_label)
+            images = np.empty_like(images)
+            labels = np.full(batch_size, -1, np.int64)
+            has_label = np.zeros(batch_size, bool)
+            keys = []
+    if keys:
+        n = len(keys)
+        yield ImageBatch(keys, images[:n].copy(), labels[:n].copy(), has_label[:n].copy())
+
+
+def probe_shape(rec: SourceRecord) -> tuple:
+    """The (H, W, C) an image record would decode to, reading only its header."""
+    if rec.pixels is not None:
+        arr = np.asarray(rec.pixels)
+        return tuple(arr.shape) if arr.ndim == 3 else tuple(arr.shape) + (1,)
+    img = Image.open(io.BytesIO(rec.encoded))
+    return (img.height, img.width, 1 if img.mode in ("L", "1") else 3)

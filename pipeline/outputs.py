@@ -1,0 +1,107 @@
+"""Decoded-image outputs: a registry of writers sharing one small interface.
+
+A writer is a PTransform from ImageBatch elements to `(written, dead_letters, files)`:
+per-batch counts of images written, DeadLetters, and the paths of finalized shard
+files (empty for writers that write one file per image).
+"""
+from __future__ import annotations
+
+import posixpath
+from typing import Dict
+
+import apache_beam as beam
+from apache_beam import coders
+from apache_beam.io import filebasedsink
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline import tfrecord
+from pipeline.accounting import DEAD_LETTER_TAG
+from pipeline.images import DeadLetter, encode_png
+
+WRITERS: Dict[str, type] = {}
+
+
+def register(cls):
+    WRITERS[cls.name] = cls
+    return cls
+
+
+def safe_relative_path(key: str) -> str:
+    """The relative path a key maps to under the output folder, or ValueError if it would escape."""
+    if not key or "\\" in key or "\0" in key or key.startswith("/") or "://" in key:
+        raise ValueError(f"key {key!r} is not a safe relative path")
+    parts = key.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"key {key!r} has empty, '.' or '..' path components")
+    return key
+
+
+class WritePngFn(beam.DoFn):
+    def __init__(self, output: str):
+        self.output = output
+
+    def process(self, batch):
+        written = 0
+        for i, key in enumerate(batch.keys):
+            try:
+                rel = safe_relative_path(key)
+            except ValueError as e:
+                yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(key, "", i, "unsafe_key", str(e)))
+                continue
+            with FileSystems.create(posixpath.join(self.output, rel + ".png")) as f:
+                f.write(encode_png(batch.images[i]))
+            written += 1
+        yield written
+
+
+@register
+class PngWriter(beam.PTransform):
+    """`<output>/<key>.png`; a '/' in a key makes sub-folders."""
+
+    name = "png"
+
+    def __init__(self, output: str):
+        super().__init__()
+        self.output = output
+
+    def expand(self, batches):
+        out = batches | "WritePngFiles" >> beam.ParDo(WritePngFn(self.output)).with_outputs(DEAD_LETTER_TAG, main="n")
+        return out.n, out[DEAD_LETTER_TAG], batches.pipeline | "NoShardFiles" >> beam.Create([])
+
+
+class _FramedBytesSink(filebasedsink.FileBasedSink):
+    """A file sink whose elements are already-framed blobs of many records each."""
+
+    def __init__(self, prefix: str, suffix: str):
+        super().__init__(prefix, coder=coders.BytesCoder(), file_name_suffix=suffix,
+                         mime_type="application/octet-stream")
+
+    def write_encoded_record(self, file_handle, encoded_value):
+        file_handle.write(encoded_value)
+
+
+def frame_examples(batch) -> bytes:
+    """An ImageBatch as TFRecord-framed tf.train.Examples, one blob per batch."""
+    return b"".join(
+        tfrecord.frame(tfrecord.make_example(
+            encode_png(batch.images[i]), key, int(batch.labels[i]) if batch.has_label[i] else None))
+        for i, key in enumerate(batch.keys))
+
+
+@register
+class TFRecordWriter(beam.PTransform):
+    """`<output>/images-SSSSS-of-NNNNN.tfrecord` with the Example schema the encoder reads."""
+
+    name = "tfrecord"
+
+    def __init__(self, output: str):
+        super().__init__()
+        self.output = output
+
+    def expand(self, batches):
+        files = (batches
+                 | "FrameExamples" >> beam.Map(frame_examples)
+                 | "WriteShards" >> beam.io.Write(_FramedBytesSink(posixpath.join(self.output, "images"), ".tfrecord")))
+        written = batches | "Count" >> beam.Map(len)
+        no_letters = batches.pipeline | "NoDeadLetters" >> beam.Create([])
+        return written, no_letters, files

@@ -1,0 +1,95 @@
+"""TFRecord framing and the `tf.train.Example` image schema latentpack reads and writes.
+
+Framing is read here rather than through tf.data so that a bad record becomes one
+dead letter with its index, instead of an exception that ends the whole shard.
+Schema: `image/encoded` (PNG/JPEG bytes), optional `image/class/label` (int64) and
+`image/key` (bytes).
+"""
+from __future__ import annotations
+
+import struct
+from typing import BinaryIO, Iterator, Optional, Tuple, Union
+
+import crc32c
+
+from pipeline.images import BadImage
+
+_MASK_DELTA = 0xA282EAD8
+
+
+def masked_crc(data: bytes) -> int:
+    crc = crc32c.crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def frame(record: bytes) -> bytes:
+    """One record in TFRecord framing: length, crc(length), data, crc(data)."""
+    length = struct.pack("<Q", len(record))
+    return b"".join((length, struct.pack("<I", masked_crc(length)), record,
+                     struct.pack("<I", masked_crc(record))))
+
+
+def read_records(f: BinaryIO) -> Iterator[Tuple[int, Union[bytes, BadImage]]]:
+    """Yield (index, record bytes) or (index, BadImage) for each framed record.
+
+    A record whose data CRC fails is reported and skipped; a broken length field or a
+    truncated tail loses the framing, so it is reported once and reading stops.
+    """
+    index = 0
+    while True:
+        header = f.read(12)
+        if not header:
+            return
+        if len(header) < 12:
+            yield index, BadImage("truncated", f"file ends inside the header of record {index}")
+            return
+        length_bytes, length_crc = header[:8], struct.unpack("<I", header[8:])[0]
+        if masked_crc(length_bytes) != length_crc:
+            yield index, BadImage("bad_crc", f"length CRC mismatch at record {index}; the rest of the file is unreadable")
+            return
+        (length,) = struct.unpack("<Q", length_bytes)
+        data = f.read(length)
+        footer = f.read(4)
+        if len(data) < length or len(footer) < 4:
+            yield index, BadImage("truncated", f"file ends inside record {index}")
+            return
+        if masked_crc(data) != struct.unpack("<I", footer)[0]:
+            yield index, BadImage("bad_crc", f"data CRC mismatch in record {index}")
+        else:
+            yield index, data
+        index += 1
+
+
+def make_example(encoded: bytes, key: Optional[str] = None, label: Optional[int] = None) -> bytes:
+    """Serialize one image as a tf.train.Example."""
+    from tensorflow.core.example import example_pb2
+
+    ex = example_pb2.Example()
+    feat = ex.features.feature
+    feat["image/encoded"].bytes_list.value.append(encoded)
+    if key is not None:
+        feat["image/key"].bytes_list.value.append(key.encode("utf-8"))
+    if label is not None:
+        feat["image/class/label"].int64_list.value.append(int(label))
+    return ex.SerializeToString()
+
+
+def parse_example(record: bytes) -> Tuple[bytes, Optional[str], Optional[int]]:
+    """tf.train.Example bytes -> (encoded image, key or None, label or None), or BadImage."""
+    from tensorflow.core.example import example_pb2
+
+    try:
+        ex = example_pb2.Example.FromString(record)
+    except Exception as e:
+        raise BadImage("bad_record", f"not a tf.train.Example: {e}") from None
+    feat = ex.features.feature
+    if "image/encoded" not in feat or not feat["image/encoded"].bytes_list.value:
+        raise BadImage("missing_image", "Example has no image/encoded bytes")
+    encoded = feat["image/encoded"].bytes_list.value[0]
+    key = None
+    if "image/key" in feat and feat["image/key"].bytes_list.value:
+        key = feat["image/key"].bytes_list.value[0].decode("utf-8", "replace")
+    label = None
+    if "image/class/label" in feat and feat["image/class/label"].int64_list.value:
+        label = int(feat["image/class/label"].int64_list.value[0])
+    return encoded, key, label

@@ -1,0 +1,1 @@
+"""Training: build the autoencoder, train it, and export the model artifact."""

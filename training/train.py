@@ -1,0 +1,151 @@
+"""Train an autoencoder and export it as a model artifact.
+
+    latentpack train --input-format mnist-sample --model-dir model/
+    latentpack train --input 'shards/train-*.tfrecord' --input-format tfrecord --model-dir model/
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+from pipeline.images import BadImage, LatentpackError
+from pipeline.formats import READERS
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting that shapes the model; stored in codec.json beside the weights."""
+
+    arch: str = "conv"
+    latent_dim: int = 32
+    latent_bits: int = 8
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    val_fraction: float = 0.1
+    seed: int = 0
+
+
+def parse_args(argv=None):
+    defaults = TrainConfig()
+    p = argparse.ArgumentParser(prog="latentpack train", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", help="glob of training shards (not needed for mnist-sample)")
+    p.add_argument("--input-format", default="tfrecord", choices=sorted(READERS), help="format of --input")
+    p.add_argument("--model-dir", required=True, help="where to write the model artifact")
+    p.add_argument("--arch", default=defaults.arch, choices=["conv", "mlp"],
+                   help="conv: convolutional with a linear bottleneck; mlp: the reference tutorial model")
+    p.add_argument("--latent-dim", type=int, default=defaults.latent_dim, help="latent values per image")
+    p.add_argument("--latent-bits", type=int, default=defaults.latent_bits, choices=range(2, 17), metavar="2..16",
+                   help="quantization bits per latent value (<=8 stores int8)")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per training step (default: {defaults.batch_size} for conv, 256 for mlp)")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help=f"Adam learning rate (default: {defaults.learning_rate} for conv, 0.001 for mlp)")
+    p.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+                   help="fraction of the images held out for validation")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many input images")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (split, init, shuffling)")
+    return p.parse_args(argv)
+
+
+def split(images: np.ndarray, val_fraction: float, seed: int):
+    order = np.random.default_rng(seed).permutation(len(images))
+    n_val = int(round(len(images) * val_fraction))
+    return images[order[n_val:]], images[order[:n_val]]
+
+
+def save_loss_curve(history: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name in ("loss", "val_loss"):
+        if name in history:
+            ax.plot(range(1, len(history[name]) + 1), history[name], label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(config: TrainConfig, images: np.ndarray, model_dir: str, extra: Optional[dict] = None) -> dict:
+    """Train on uint8 images [N,H,W,C] and export the artifact; returns its codec spec."""
+    import keras
+
+    from training import export, model
+
+    keras.utils.set_random_seed(config.seed)
+    train_x, val_x = split(images, config.val_fraction, config.seed)
+    image_shape = tuple(images.shape[1:])
+    encoder, decoder = model.build(config.arch, image_shape, config.latent_dim)
+    inputs = keras.Input(image_shape)
+    autoencoder = keras.Model(inputs, decoder(encoder(inputs)))
+    autoencoder.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="mse")
+    x = train_x.astype(np.float32) / 255.0
+    v = val_x.astype(np.float32) / 255.0
+    logging.info("training %s on %d images %s, validating on %d", config.arch, len(x), image_shape, len(v))
+    started = time.time()
+    history = autoencoder.fit(
+        x, x, batch_size=config.batch_size, epochs=config.epochs, shuffle=True,
+        validation_data=(v, v) if len(v) else None,
+        # A progress bar on a terminal, one line per epoch in logs.
+        verbose=1 if sys.stdout.isatty() else 2).history
+    seconds = time.time() - started
+    latents = encoder.predict(x, batch_size=1024, verbose=0)
+    quantization = export.fit_quantization(latents, config.latent_bits)
+    spec = {
+        "latent_dim": config.latent_dim,
+        "architecture": {"arch": config.arch, "latent_dim": config.latent_dim},
+        "training": dict(dataclasses.asdict(config), train_images=int(len(x)), seconds=round(seconds, 1),
+                         final_loss=float(history["loss"][-1]), **(extra or {})),
+    }
+    # Written before export, so that the fingerprint covers them too.
+    os.makedirs(model_dir, exist_ok=True)
+    save_loss_curve(history, os.path.join(model_dir, "loss.png"))
+    with open(os.path.join(model_dir, "history.json"), "w") as f:
+        json.dump(history, f)
+    return export.export(model_dir, encoder, decoder, image_shape, quantization, spec, val_x)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    # The mlp arch reproduces the reference tutorial's settings unless told otherwise.
+    reference = args.arch == "mlp"
+    config = TrainConfig(
+        arch=args.arch, latent_dim=args.latent_dim, latent_bits=args.latent_bits, epochs=args.epochs,
+        batch_size=args.batch_size or (256 if reference else TrainConfig.batch_size),
+        learning_rate=args.learning_rate or (1e-3 if reference else TrainConfig.learning_rate),
+        val_fraction=args.val_fraction, seed=args.seed)
+    from training.data import load_images
+
+    images, _, bad = load_images(args.input, args.input_format, args.limit)
+    if bad:
+        logging.warning("%d input records could not be used", bad)
+    spec = train(config, images, args.model_dir,
+                 extra={"input": args.input, "input_format": args.input_format, "bad_inputs": bad})
+    m = spec["metrics"]
+    print(f"model written to {args.model_dir}: {spec['latent_dim']} latents x {config.latent_bits} bits, "
+          f"validation PSNR {m.get('val_psnr', float('nan')):.2f} dB (min {m.get('val_psnr_min', float('nan')):.2f}) "
+          f"on {m.get('val_images', 0)} images; fingerprint {spec['fingerprint'][:19]}…")
+    return 0
+
+
+if __name__ == "__main__":
+    from pipeline.cli import guarded
+    sys.exit(guarded(main)())
