@@ -6,9 +6,7 @@ SourceRecords (`read`). Readers do I/O only; decoding and checking pixels happen
 """
 from __future__ import annotations
 
-import gzip
 import io
-import os
 import posixpath
 import re
 from typing import Dict, Iterator, List, Tuple
@@ -63,6 +61,7 @@ class Reader:
 
 
 def _read_bytes(path: str) -> bytes:
+    """The file's bytes; Beam's filesystems decompress `.gz`/`.bz2`/... files by extension."""
     with FileSystems.open(path) as f:
         return f.read()
 
@@ -152,17 +151,13 @@ class IdxReader(Reader):
     name = "idx"
 
     def read(self, shard, root):
-        data = _read_bytes(shard)
-        if shard.endswith(".gz"):
-            data = gzip.decompress(data)
-        images = read_idx(data)
+        images = read_idx(_read_bytes(shard))
         if images.ndim != 3:
             raise LatentpackError(f"{shard}: expected an idx image file with 3 dimensions, got {images.ndim}")
         labels = None
         label_path = shard.replace("images-idx3", "labels-idx1")
         if label_path != shard and FileSystems.exists(label_path):
-            raw = _read_bytes(label_path)
-            labels = read_idx(gzip.decompress(raw) if label_path.endswith(".gz") else raw)
+            labels = read_idx(_read_bytes(label_path))
             if len(labels) != len(images):
                 labels = None
         stem = posixpath.basename(shard).split(".")[0]
@@ -197,6 +192,3 @@ class NpyReader(Reader):
         stem = posixpath.splitext(posixpath.basename(shard))[0]
         yield from _array_records(images, None, None, shard, stem)
 
-
-def local_path(path: str) -> str:
-    return os.path.abspath(path) if "://" not in path else path

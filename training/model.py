@@ -49,22 +49,26 @@ def mlp(image_shape, latent_dim):
 
 @register("conv")
 def conv(image_shape, latent_dim, width=16):
-    """Two stride-2 conv stages down to a linear bottleneck, and their mirror image up."""
+    """Two stride-2 conv stages down to a linear bottleneck, and their mirror image up.
+
+    ELU rather than ReLU: on MNIST it leaves the predict-the-mean plateau in the
+    first epoch instead of the fifth, which matters for short CPU runs.
+    """
     h, w, c = image_shape
     h4, w4 = math.ceil(h / 4), math.ceil(w / 4)
     encoder = keras.Sequential([
         keras.Input(image_shape),
-        layers.Conv2D(width, 3, strides=2, padding="same", activation="relu"),
-        layers.Conv2D(2 * width, 3, strides=2, padding="same", activation="relu"),
+        layers.Conv2D(width, 3, strides=2, padding="same", activation="elu"),
+        layers.Conv2D(2 * width, 3, strides=2, padding="same", activation="elu"),
         layers.Flatten(),
         layers.Dense(latent_dim),
     ], name="encoder")
     decoder = keras.Sequential([
         keras.Input((latent_dim,)),
-        layers.Dense(h4 * w4 * 2 * width, activation="relu"),
+        layers.Dense(h4 * w4 * 2 * width, activation="elu"),
         layers.Reshape((h4, w4, 2 * width)),
-        layers.Conv2DTranspose(2 * width, 3, strides=2, padding="same", activation="relu"),
-        layers.Conv2DTranspose(width, 3, strides=2, padding="same", activation="relu"),
+        layers.Conv2DTranspose(2 * width, 3, strides=2, padding="same", activation="elu"),
+        layers.Conv2DTranspose(width, 3, strides=2, padding="same", activation="elu"),
         layers.Conv2D(c, 3, padding="same", activation="sigmoid"),
         # The upsampled grid is a multiple of 4; crop back to the image size.
         layers.Cropping2D(((0, 4 * h4 - h), (0, 4 * w4 - w))),

@@ -26,7 +26,7 @@ class TrainConfig:
 
     arch: str = "conv"
     latent_dim: int = 32
-    latent_bits: int = 8
+    latent_bits: int = 6
     epochs: int = 20
     batch_size: int = 64
     learning_rate: float = 2e-3

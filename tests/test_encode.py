@@ -1,0 +1,107 @@
+import glob
+import json
+import os
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from conftest import BEAM_TEST_ARGS, write_tfrecord
+from pipeline import encode, latents
+from pipeline.accounting import DEAD_LETTER_TAG
+from pipeline.artifact import Codec, read_spec
+from pipeline.images import DeadLetter, ImageBatch, LatentpackError
+from pipeline.tfrecord import make_example
+
+
+def read_rows(output):
+    manifest = latents.read_manifest(output)
+    table = pq.ParquetDataset(latents.part_paths(output, manifest)).read().sort_by("key")
+    return manifest, table
+
+
+def test_read_shard_batches_dofn_directly(tmp_path, mnist):
+    path = write_tfrecord(tmp_path / "s.tfrecord", mnist[0][:5], keys=list("abcde"),
+                          extra_records=[make_example(b"junk", "bad")])
+    fn = encode.ReadShardBatches("tfrecord", str(tmp_path), (28, 28, 1), batch_size=2, max_pixels=10 ** 6)
+    out = list(fn.process(path))
+    batches = [o for o in out if isinstance(o, ImageBatch)]
+    letters = [o.value for o in out if isinstance(o, beam.pvalue.TaggedOutput)]
+    assert [b.keys for b in batches] == [["a", "b"], ["c", "d"], ["e"]]
+    assert [(d.key, d.reason, d.index) for d in letters] == [("bad", "undecodable", 5)]
+
+
+def test_encode_batch_dofn_directly(model_dir, mnist):
+    fn = encode.EncodeBatch(model_dir, read_spec(model_dir))
+    fn.setup()
+    images = mnist[0][:3]
+    batch = ImageBatch(["a", "b", "c"], images, np.array([1, -1, 3]), np.array([True, False, True]))
+    (table,) = list(fn.process(batch))
+    assert table.column("key").to_pylist() == ["a", "b", "c"]
+    assert table.column("label").to_pylist() == [1, None, 3]
+    assert np.array_equal(latents.latents_of(table), Codec(model_dir).encode(images))
+
+
+def test_read_and_encode_in_a_test_pipeline(shards, model_dir):
+    pattern, images, keys = shards.pattern, shards.images, shards.keys
+    spec = read_spec(model_dir)
+    shard_paths = sorted(glob.glob(pattern))
+    with BeamTestPipeline(argv=BEAM_TEST_ARGS) as p:
+        read = p | encode.ReadImageShards(shard_paths, "tfrecord", os.path.dirname(pattern), (28, 28, 1), 16)
+        tables = read.images | beam.ParDo(encode.EncodeBatch(model_dir, spec))
+        got = tables | beam.FlatMap(lambda t: t.column("key").to_pylist())
+        assert_that(got, equal_to(keys))
+        assert_that(read[DEAD_LETTER_TAG], equal_to([]), label="NoDeadLetters")
+
+
+def test_encode_job_writes_a_complete_dataset(shards, model_dir, tmp_path):
+    pattern, images, keys = shards.pattern, shards.images, shards.keys
+    bad = write_tfrecord(tmp_path / "shards" / "zz-bad.tfrecord", images[:1], keys=["ok-one"],
+                         extra_records=[make_example(b"junk", "junk-key")])
+    with open(bad, "ab") as f:
+        f.write(b"\x10\x00")  # a truncated tail
+    out = str(tmp_path / "latents")
+    manifest = encode.run(["--input", pattern, "--model-dir", model_dir, "--output", out,
+                           "--batch-size", "16"] + BEAM_TEST_ARGS)
+    assert manifest["complete"] and manifest["images"] == 121
+    assert manifest["counts"] == {"read": 123, "written": 121, "dead_lettered": 2,
+                                  "dead_lettered_by_reason": {"truncated": 1, "undecodable": 1}}
+    assert manifest["model_fingerprint"] == read_spec(model_dir)["fingerprint"]
+    parts = latents.part_paths(out, manifest)
+    assert manifest["total_bytes"] == sum(os.path.getsize(p) for p in parts)
+    _, table = read_rows(out)
+    assert table.column("key").to_pylist() == sorted(keys + ["ok-one"])
+    meta = latents.metadata_of(pq.read_schema(parts[0]))
+    assert meta["model_fingerprint"] == manifest["model_fingerprint"] and meta["latent_dim"] == 16
+    assert str(table.schema.field("latent").type) == "fixed_size_list<item: int8>[16]"
+    digits = table.filter(pc.starts_with(table.column("key"), "digits/"))
+    assert np.array_equal(latents.latents_of(digits), Codec(model_dir).encode(images))
+    assert digits.column("label").to_pylist() == shards.labels.tolist()
+    letters = [json.loads(line) for f in glob.glob(f"{out}/dead_letter/*.jsonl") for line in open(f)]
+    assert sorted((d["key"], d["reason"]) for d in letters) == [("junk-key", "undecodable"),
+                                                                ("zz-bad.tfrecord:2", "truncated")]
+    assert all(d["source"].endswith("zz-bad.tfrecord") and d["error"] for d in letters)
+
+
+def test_rerun_gives_identical_rows_and_no_stale_parts(shards, model_dir, tmp_path):
+    pattern = shards.pattern
+    out = str(tmp_path / "latents")
+    args = ["--input", pattern, "--model-dir", model_dir, "--output", out] + BEAM_TEST_ARGS
+    encode.run(args + ["--num-shards", "3"])
+    _, first = read_rows(out)
+    encode.run(args + ["--num-shards", "1"])
+    manifest, second = read_rows(out)
+    assert first.equals(second)
+    assert sorted(os.listdir(out)) == ["_manifest.json", "dead_letter", "latents-00000-of-00001.parquet"]
+
+
+def test_empty_glob_and_bad_model_are_clear_errors(tmp_path, model_dir):
+    with pytest.raises(LatentpackError, match="no files match"):
+        encode.run(["--input", str(tmp_path / "none*.tfrecord"), "--model-dir", model_dir,
+                    "--output", str(tmp_path / "o")] + BEAM_TEST_ARGS)
+    with pytest.raises(LatentpackError, match="not a latentpack model artifact"):
+        encode.run(["--input", "x", "--model-dir", str(tmp_path), "--output", str(tmp_path / "o")])

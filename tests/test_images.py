@@ -1,0 +1,76 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.images import (BadImage, DeadLetter, ImageBatch, SourceRecord, batch_records, decode_image,
+                             encode_png)
+
+
+def png(arr, mode=None, **kw):
+    out = io.BytesIO()
+    Image.fromarray(arr, mode).save(out, format="PNG", **kw) if mode else Image.fromarray(arr).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_png_round_trip_is_lossless(mnist):
+    image = mnist[0][0]
+    assert np.array_equal(decode_image(encode_png(image), (28, 28, 1)), image)
+
+
+def test_rgb_round_trip():
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert np.array_equal(decode_image(encode_png(image), (32, 32, 3)), image)
+
+
+@pytest.mark.parametrize("data,shape,reason", [
+    (b"not an image", (28, 28, 1), "undecodable"),
+    (png(np.zeros((20, 28), np.uint8)), (28, 28, 1), "wrong_size"),
+    (png(np.zeros((28, 28, 3), np.uint8)), (28, 28, 1), "wrong_channels"),
+    (png(np.zeros((28, 28), np.uint8)), (28, 28, 3), "wrong_channels"),
+    (png(np.zeros((28, 28), np.uint16) + 300), (28, 28, 1), "wrong_mode"),
+    (png(np.zeros((28, 28, 4), np.uint8)), (28, 28, 3), "wrong_channels"),
+])
+def test_bad_images_raise_with_reason(data, shape, reason):
+    with pytest.raises(BadImage) as e:
+        decode_image(data, shape)
+    assert e.value.reason == reason
+
+
+def test_truncated_png_is_undecodable(mnist):
+    data = encode_png(mnist[0][0])
+    with pytest.raises(BadImage) as e:
+        decode_image(data[: len(data) // 2], (28, 28, 1))
+    assert e.value.reason == "undecodable"
+
+
+def test_pixel_limit_checked_from_header():
+    data = png(np.zeros((100, 100), np.uint8))
+    with pytest.raises(BadImage) as e:
+        decode_image(data, (100, 100, 1), max_pixels=5000)
+    assert e.value.reason == "too_many_pixels"
+
+
+def test_gray_palette_png_decodes_to_one_channel(mnist):
+    gray = Image.fromarray(mnist[0][0, ..., 0]).convert("P")
+    out = io.BytesIO()
+    gray.save(out, format="PNG")
+    assert np.array_equal(decode_image(out.getvalue(), (28, 28, 1))[..., 0], mnist[0][0, ..., 0])
+
+
+def test_batch_records_keeps_order_and_accounts_for_everything(mnist):
+    images = mnist[0][:7]
+    records = [SourceRecord(f"k{i}", "s", i, encoded=encode_png(images[i])) for i in range(7)]
+    records.insert(3, SourceRecord("bad", "s", 99, encoded=b"junk"))
+    records.insert(5, SourceRecord("arr", "s", 98, pixels=images[0][..., 0]))
+    records.append(SourceRecord("broken", "s", 97, error=BadImage("bad_crc", "crc")))
+    out = list(batch_records(records, (28, 28, 1), batch_size=3))
+    batches = [o for o in out if isinstance(o, ImageBatch)]
+    letters = [o for o in out if isinstance(o, DeadLetter)]
+    assert [len(b) for b in batches] == [3, 3, 2]
+    keys = [k for b in batches for k in b.keys]
+    assert keys == ["k0", "k1", "k2", "k3", "arr", "k4", "k5", "k6"]
+    assert np.array_equal(np.concatenate([b.images for b in batches])[4], images[0])
+    assert [(d.key, d.reason) for d in letters] == [("bad", "undecodable"), ("broken", "bad_crc")]
+    assert all(not b.has_label.any() for b in batches)

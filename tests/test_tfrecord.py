@@ -1,0 +1,57 @@
+import io
+
+import pytest
+
+from pipeline.images import BadImage
+from pipeline.tfrecord import frame, make_example, parse_example, read_records
+
+
+def test_frames_round_trip():
+    data = b"".join(frame(r) for r in [b"a", b"", b"x" * 1000])
+    assert [r for _, r in read_records(io.BytesIO(data))] == [b"a", b"", b"x" * 1000]
+
+
+def test_framing_matches_tensorflow(tmp_path):
+    import tensorflow as tf
+
+    path = str(tmp_path / "check.tfrecord")
+    with tf.io.TFRecordWriter(path) as w:
+        w.write(b"hello")
+        w.write(b"world")
+    with open(path, "rb") as f:
+        assert f.read() == frame(b"hello") + frame(b"world")
+
+
+def test_bad_data_crc_skips_one_record():
+    good, bad = frame(b"first"), bytearray(frame(b"second"))
+    bad[14] ^= 0xFF  # flip a data byte
+    out = list(read_records(io.BytesIO(good + bytes(bad) + frame(b"third"))))
+    assert out[0] == (0, b"first")
+    assert isinstance(out[1][1], BadImage) and out[1][1].reason == "bad_crc"
+    assert out[2] == (2, b"third")
+
+
+@pytest.mark.parametrize("cut", [3, 12, 15])
+def test_truncated_file_reports_once(cut):
+    data = frame(b"first") + frame(b"second")[:cut]
+    out = list(read_records(io.BytesIO(data)))
+    assert out[0] == (0, b"first")
+    assert len(out) == 2 and out[1][1].reason == "truncated"
+
+
+def test_example_round_trip():
+    encoded, key, label = parse_example(make_example(b"png-bytes", "a/b", 7))
+    assert (encoded, key, label) == (b"png-bytes", "a/b", 7)
+    assert parse_example(make_example(b"x")) == (b"x", None, None)
+
+
+def test_example_without_image_is_bad():
+    from tensorflow.core.example import example_pb2
+
+    ex = example_pb2.Example()
+    ex.features.feature["image/key"].bytes_list.value.append(b"k")
+    with pytest.raises(BadImage) as e:
+        parse_example(ex.SerializeToString())
+    assert e.value.reason == "missing_image"
+    with pytest.raises(BadImage):
+        parse_example(b"\xff\xff\xff")
