@@ -16,6 +16,8 @@ from apache_beam.metrics import Metrics
 from pipeline.images import DeadLetter
 
 DEAD_LETTER_TAG = "dead_letter"
+FAILED = "_failed.json"
+DEFAULT_MAX_BAD_FRACTION = 0.01
 
 
 class Progress:
@@ -73,3 +75,43 @@ def counts(read_written: int, reasons: dict) -> dict:
     dead = sum(reasons.values())
     return {"read": read_written + dead, "written": read_written, "dead_lettered": dead,
             "dead_lettered_by_reason": dict(sorted(reasons.items()))}
+
+
+def finish(output: str, payload: dict, max_bad_fraction: float) -> None:
+    """Write `_manifest.json`, or `_failed.json` instead when too many inputs were bad."""
+    from pipeline.latents import MANIFEST, write_json
+
+    c = payload["counts"]
+    if c["read"] and c["dead_lettered"] / c["read"] > max_bad_fraction:
+        write_json(posixpath.join(output, FAILED), dict(payload, complete=False, max_bad_fraction=max_bad_fraction))
+    else:
+        write_json(posixpath.join(output, MANIFEST), payload)
+
+
+def raise_if_failed(output: str) -> None:
+    """In the driver, after the job: turn a `_failed.json` into a clear error."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipeline.images import LatentpackError
+
+    path = posixpath.join(output, FAILED)
+    if FileSystems.exists(path):
+        with FileSystems.open(path) as f:
+            failed = json.loads(f.read())
+        c = failed["counts"]
+        raise LatentpackError(
+            f"{c['dead_lettered']} of {c['read']} inputs ({c['dead_lettered'] / c['read']:.1%}) could not be used, "
+            f"more than --max-bad-fraction {failed['max_bad_fraction']}; reasons: {c['dead_lettered_by_reason']}. "
+            f"The output is not marked complete; see {posixpath.join(output, 'dead_letter')}/ for each one")
+
+
+def unmark(output: str) -> None:
+    """Delete an earlier run's completion markers first, so a re-run never looks complete early."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipeline.latents import MANIFEST
+
+    for marker in (MANIFEST, FAILED):
+        path = posixpath.join(output, marker)
+        if FileSystems.exists(path):
+            FileSystems.delete([path])

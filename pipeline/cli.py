@@ -3,6 +3,7 @@
     latentpack train  ...   (training.train)
     latentpack encode ...   (pipeline.encode)
     latentpack decode ...   (pipeline.decode)
+    latentpack inspect ...  (pipeline.inspection)
 
 Subcommands are imported by name only when asked for, so the Beam jobs never
 import `training/`.
@@ -19,6 +20,7 @@ COMMANDS = {
     "train": ("training.train", "train an autoencoder and export a model artifact"),
     "encode": ("pipeline.encode", "encode image shards into a latent Parquet dataset (Beam job)"),
     "decode": ("pipeline.decode", "decode a latent dataset back into images (Beam job)"),
+    "inspect": ("pipeline.inspection", "summarize a latent dataset; decode samples into a picture"),
 }
 
 

@@ -20,7 +20,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import latents
-from pipeline.accounting import Progress, WriteDeadLetters, counts
+from pipeline.accounting import (DEFAULT_MAX_BAD_FRACTION, Progress, WriteDeadLetters, counts, finish,
+                                 raise_if_failed, unmark)
 from pipeline.artifact import Codec, read_spec
 from pipeline.images import ImageBatch, LatentpackError
 from pipeline.outputs import WRITERS
@@ -69,15 +70,15 @@ class DecodeTable(beam.DoFn):
 
 
 class WriteDecodeManifest(beam.DoFn):
-    def __init__(self, output: str, extra: dict):
-        self.output, self.extra = output, extra
+    def __init__(self, output: str, extra: dict, max_bad_fraction: float):
+        self.output, self.extra, self.max_bad_fraction = output, extra, max_bad_fraction
 
     def process(self, _, written, reasons, files, dead_letter_files):
         payload = dict(self.extra, format="latentpack-decoded", complete=True, images=written,
                        counts=counts(written, reasons),
                        files=sorted(posixpath.relpath(p, self.output) for p in files),
                        dead_letter_files=sorted(posixpath.relpath(p, self.output) for p in dead_letter_files))
-        latents.write_json(posixpath.join(self.output, latents.MANIFEST), payload)
+        finish(self.output, payload, self.max_bad_fraction)
         yield payload
 
 
@@ -89,6 +90,8 @@ def parse_args(argv):
     p.add_argument("--model-dir", required=True, help="the model artifact that encoded the dataset")
     p.add_argument("--output", required=True, help="directory for the decoded images")
     p.add_argument("--output-format", default="png", choices=sorted(WRITERS), help="how to write the images")
+    p.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
+                   help="fail the job, leaving the output unmarked, if more than this fraction of rows is bad")
     return p.parse_known_args(argv)
 
 
@@ -99,9 +102,7 @@ def run(argv=None, test_pipeline=None):
     dataset = args.input.rstrip("/")
     paths = check_dataset(dataset, spec)
     output = args.output.rstrip("/")
-    manifest_path = posixpath.join(output, latents.MANIFEST)
-    if FileSystems.exists(manifest_path):
-        FileSystems.delete([manifest_path])
+    unmark(output)
     extra = {"source": dataset, "output_format": args.output_format, "model_fingerprint": spec["fingerprint"]}
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
     batches = (p
@@ -114,9 +115,10 @@ def run(argv=None, test_pipeline=None):
     total = written | "SumWritten" >> beam.CombineGlobally(sum)
     side = beam.pvalue
     (p | "Once" >> beam.Create([None])
-       | "WriteManifest" >> beam.ParDo(WriteDecodeManifest(output, extra), side.AsSingleton(total),
+       | "WriteManifest" >> beam.ParDo(WriteDecodeManifest(output, extra, args.max_bad_fraction), side.AsSingleton(total),
                                        side.AsSingleton(reasons), side.AsList(files), side.AsList(dead_files)))
     p.run().wait_until_finish()
+    raise_if_failed(output)
     return latents.read_manifest(output)
 
 

@@ -19,7 +19,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import latents
-from pipeline.accounting import DEAD_LETTER_TAG, Progress, WriteDeadLetters, counts
+from pipeline.accounting import (DEAD_LETTER_TAG, DEFAULT_MAX_BAD_FRACTION, Progress, WriteDeadLetters, counts,
+                                 finish, raise_if_failed, unmark)
 from pipeline.artifact import Codec, read_spec
 from pipeline.formats import READERS, get_reader
 from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, LatentpackError, batch_records
@@ -81,23 +82,26 @@ class EncodeBatch(beam.DoFn):
 class WriteManifest(beam.DoFn):
     """Runs once, after every part is written: describe the parts and write _manifest.json."""
 
-    def __init__(self, output: str, fingerprint: str, extra: dict):
+    def __init__(self, output: str, fingerprint: str, extra: dict, max_bad_fraction: float):
         self.output, self.fingerprint, self.extra = output, fingerprint, extra
+        self.max_bad_fraction = max_bad_fraction
 
     def process(self, _, parts, rows, reasons, dead_letter_files):
         described = latents.describe_parts(parts)
         payload = latents.manifest(described, counts(rows, reasons), self.fingerprint, self.extra)
         payload["dead_letter_files"] = sorted(posixpath.relpath(p, self.output) for p in dead_letter_files)
-        latents.write_json(posixpath.join(self.output, latents.MANIFEST), payload)
+        finish(self.output, payload, self.max_bad_fraction)
         yield payload
 
 
 class WriteLatentDataset(beam.PTransform):
     """Tables + dead letters -> Parquet parts, dead-letter JSONL, then `_manifest.json` last."""
 
-    def __init__(self, output: str, spec: dict, extra: dict, num_shards: int = 0):
+    def __init__(self, output: str, spec: dict, extra: dict, num_shards: int = 0,
+                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
         super().__init__()
         self.output, self.spec, self.extra, self.num_shards = output, spec, extra, num_shards
+        self.max_bad_fraction = max_bad_fraction
 
     def expand(self, inputs):
         tables, dead_letters = inputs
@@ -111,15 +115,13 @@ class WriteLatentDataset(beam.PTransform):
         return (tables.pipeline
                 | "Once" >> beam.Create([None])
                 | "WriteManifest" >> beam.ParDo(
-                    WriteManifest(self.output, self.spec["fingerprint"], self.extra),
+                    WriteManifest(self.output, self.spec["fingerprint"], self.extra, self.max_bad_fraction),
                     side.AsList(parts), side.AsSingleton(rows), side.AsSingleton(reasons), side.AsList(dead_files)))
 
 
 def clear_previous(output: str) -> None:
     """Unmark and remove an earlier dataset in `output`: manifest first, so it never looks complete."""
-    manifest = posixpath.join(output, latents.MANIFEST)
-    if FileSystems.exists(manifest):
-        FileSystems.delete([manifest])
+    unmark(output)
     stale = [m.path for pattern in (f"{latents.PART_PREFIX}-*.parquet", "dead_letter/part-*.jsonl")
              for m in FileSystems.match([posixpath.join(output, pattern)])[0].metadata_list]
     if stale:
@@ -138,6 +140,8 @@ def parse_args(argv):
     p.add_argument("--num-shards", type=int, default=0, help="output Parquet parts (0: the runner decides)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="reject images with more pixels than this, before decoding them")
+    p.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
+                   help="fail the job, leaving the output unmarked, if more than this fraction of inputs is bad")
     return p.parse_known_args(argv)
 
 
@@ -158,9 +162,10 @@ def run(argv=None, test_pipeline=None):
     read = p | "ReadImageShards" >> ReadImageShards(
         shards, args.input_format, root, spec["image_shape"], args.batch_size, args.max_pixels)
     tables = read.images | "EncodeImages" >> beam.ParDo(EncodeBatch(args.model_dir, spec))
-    (tables, read[DEAD_LETTER_TAG]) | "WriteLatentDataset" >> WriteLatentDataset(output, spec, extra, args.num_shards)
-    result = p.run()
-    result.wait_until_finish()
+    (tables, read[DEAD_LETTER_TAG]) | "WriteLatentDataset" >> WriteLatentDataset(
+        output, spec, extra, args.num_shards, args.max_bad_fraction)
+    p.run().wait_until_finish()
+    raise_if_failed(output)
     return latents.read_manifest(output)
 
 

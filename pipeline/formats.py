@@ -192,3 +192,103 @@ class NpyReader(Reader):
         stem = posixpath.splitext(posixpath.basename(shard))[0]
         yield from _array_records(images, None, None, shard, stem)
 
+
+
+def _image_column(schema) -> str:
+    """The column holding encoded images: `image`/`img`, else the first binary or {bytes, path} column."""
+    import pyarrow as pa
+
+    def is_image(field):
+        t = field.type
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t) or (
+            pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)
+
+    candidates = [f for f in schema if is_image(f)]
+    for name in ("image", "img", "png", "jpg"):
+        for f in candidates:
+            if f.name == name:
+                return f.name
+    if not candidates:
+        raise LatentpackError("no column of image bytes (binary, or a struct with a 'bytes' field)")
+    return candidates[0].name
+
+
+@register
+class ParquetImagesReader(Reader):
+    """Parquet tables with a column of encoded image bytes, including Hugging Face's
+    `{"bytes", "path"}` struct; optional `key` (or `__key__`) and integer `label` columns."""
+
+    name = "parquet"
+
+    def read(self, shard, root):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        stem = posixpath.splitext(posixpath.basename(shard))[0]
+        with FileSystems.open(shard) as f:
+            try:
+                pf = pq.ParquetFile(f)
+                column = _image_column(pf.schema_arrow)
+            except LatentpackError as e:
+                raise LatentpackError(f"{shard}: {e}") from None
+            except Exception as e:
+                yield SourceRecord(stem, shard, 0, error=BadImage("bad_file", f"not a readable Parquet file: {e}"))
+                return
+            names = pf.schema_arrow.names
+            key_col = next((k for k in ("key", "__key__") if k in names), None)
+            label_col = "label" if "label" in names and pa.types.is_integer(pf.schema_arrow.field("label").type) else None
+            index = 0
+            for rb in pf.iter_batches(batch_size=1024, columns=[c for c in (column, key_col, label_col) if c]):
+                images = rb.column(column)
+                if pa.types.is_struct(images.type):
+                    images = images.field("bytes")
+                keys = rb.column(key_col).to_pylist() if key_col else None
+                labels = rb.column(label_col).to_pylist() if label_col else None
+                for i, data in enumerate(images.to_pylist()):
+                    key = str(keys[i]) if keys and keys[i] is not None else f"{stem}:{index}"
+                    yield SourceRecord(key, shard, index, encoded=data, label=labels[i] if labels else None,
+                                       error=None if data else BadImage("missing_image", "null image bytes"))
+                    index += 1
+
+
+@register
+class WebDatasetReader(Reader):
+    """WebDataset tar shards: `<key>.png`/`.jpg`/`.jpeg` members, optional `<key>.cls` labels."""
+
+    name = "webdataset"
+    IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+    def read(self, shard, root):
+        import tarfile
+
+        # WebDataset keeps a sample's files next to each other: group consecutive members by key.
+        with FileSystems.open(shard) as f:
+            try:
+                pending, index = {}, 0
+                with tarfile.open(fileobj=f, mode="r|*") as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        key, _, ext = member.name.partition(".")
+                        if pending and pending["key"] != key:
+                            yield self._record(pending, shard, index)
+                            index += 1
+                            pending = {}
+                        pending.setdefault("key", key)
+                        pending["." + ext.lower()] = tar.extractfile(member).read()
+                if pending:
+                    yield self._record(pending, shard, index)
+            except (tarfile.TarError, EOFError, OSError) as e:
+                yield SourceRecord(f"{posixpath.basename(shard)}:{index}", shard, index,
+                                   error=BadImage("truncated", f"unreadable tar shard: {e}"))
+
+    def _record(self, sample, shard, index):
+        encoded = next((sample[e] for e in self.IMAGE_EXTS if e in sample), None)
+        label = None
+        if ".cls" in sample:
+            try:
+                label = int(sample[".cls"].decode().strip())
+            except ValueError:
+                pass
+        error = None if encoded is not None else BadImage("missing_image", "sample has no .png/.jpg member")
+        return SourceRecord(sample["key"], shard, index, encoded=encoded, label=label, error=error)

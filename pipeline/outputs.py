@@ -105,3 +105,82 @@ class TFRecordWriter(beam.PTransform):
         written = batches | "Count" >> beam.Map(len)
         no_letters = batches.pipeline | "NoDeadLetters" >> beam.Create([])
         return written, no_letters, files
+
+
+class WriteNpzFn(beam.DoFn):
+    """One `.npz` per batch, named by a hash of its keys (stable across re-runs)."""
+
+    def __init__(self, output: str):
+        self.output = output
+
+    def process(self, batch):
+        import hashlib
+        import io
+
+        import numpy as np
+
+        name = hashlib.sha1("\0".join(batch.keys).encode()).hexdigest()[:16]
+        buf = io.BytesIO()
+        np.savez(buf, images=batch.images, labels=batch.labels, keys=np.array(batch.keys))
+        path = posixpath.join(self.output, f"images-{name}.npz")
+        with FileSystems.create(path + ".tmp") as f:
+            f.write(buf.getvalue())
+        FileSystems.rename([path + ".tmp"], [path])
+        yield path
+
+
+@register
+class NpzWriter(beam.PTransform):
+    """`<output>/images-<hash>.npz` with `images` [N,H,W,C], `labels` (-1: none) and `keys`."""
+
+    name = "npz"
+
+    def __init__(self, output: str):
+        super().__init__()
+        self.output = output
+
+    def expand(self, batches):
+        files = batches | "WriteNpz" >> beam.ParDo(WriteNpzFn(self.output))
+        written = batches | "Count" >> beam.Map(len)
+        return written, batches.pipeline | "NoDeadLetters" >> beam.Create([]), files
+
+
+def image_table(batch):
+    """An ImageBatch as an Arrow table in Hugging Face's image layout."""
+    import pyarrow as pa
+
+    pngs = pa.array([encode_png(x) for x in batch.images], pa.binary())
+    paths = pa.array([k + ".png" for k in batch.keys], pa.string())
+    image = pa.StructArray.from_arrays([pngs, paths], names=["bytes", "path"])
+    label = pa.array(batch.labels, pa.int64(), mask=~batch.has_label)
+    return pa.Table.from_arrays([pa.array(batch.keys, pa.string()), image, label], schema=IMAGE_SCHEMA)
+
+
+def _image_schema():
+    import pyarrow as pa
+    return pa.schema([("key", pa.string()),
+                      ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                      ("label", pa.int64())])
+
+
+IMAGE_SCHEMA = _image_schema()
+
+
+@register
+class ParquetImagesWriter(beam.PTransform):
+    """`<output>/images-SSSSS-of-NNNNN.parquet`: `key`, `image` {bytes (PNG), path}, `label`."""
+
+    name = "parquet"
+
+    def __init__(self, output: str):
+        super().__init__()
+        self.output = output
+
+    def expand(self, batches):
+        files = (batches
+                 | "ToTables" >> beam.Map(image_table)
+                 | "WriteParquet" >> beam.io.WriteToParquetBatched(
+                     posixpath.join(self.output, "images"), schema=IMAGE_SCHEMA, codec="zstd",
+                     file_name_suffix=".parquet"))
+        written = batches | "Count" >> beam.Map(len)
+        return written, batches.pipeline | "NoDeadLetters" >> beam.Create([]), files

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     step("decode", ["decode", "--input", f"{out}/latents", "--model-dir", f"{out}/model",
                     "--output", f"{out}/decoded", "--output-format", "png"] + beam_args)
 
-    from training.export import psnr
+    from pipeline.images import psnr
 
     manifest = json.load(open(f"{out}/latents/_manifest.json"))
     originals = images[held]

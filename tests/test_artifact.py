@@ -7,7 +7,8 @@ import pytest
 
 from pipeline.artifact import Codec, compute_fingerprint, read_spec
 from pipeline.images import LatentpackError
-from training.export import fit_quantization, psnr
+from pipeline.images import psnr
+from training.export import fit_quantization
 
 
 def test_artifact_round_trip(model_dir, mnist):

@@ -66,7 +66,7 @@ def test_encode_job_writes_a_complete_dataset(shards, model_dir, tmp_path):
         f.write(b"\x10\x00")  # a truncated tail
     out = str(tmp_path / "latents")
     manifest = encode.run(["--input", pattern, "--model-dir", model_dir, "--output", out,
-                           "--batch-size", "16"] + BEAM_TEST_ARGS)
+                           "--batch-size", "16", "--max-bad-fraction", "0.05"] + BEAM_TEST_ARGS)
     assert manifest["complete"] and manifest["images"] == 121
     assert manifest["counts"] == {"read": 123, "written": 121, "dead_lettered": 2,
                                   "dead_lettered_by_reason": {"truncated": 1, "undecodable": 1}}
@@ -105,3 +105,17 @@ def test_empty_glob_and_bad_model_are_clear_errors(tmp_path, model_dir):
                     "--output", str(tmp_path / "o")] + BEAM_TEST_ARGS)
     with pytest.raises(LatentpackError, match="not a latentpack model artifact"):
         encode.run(["--input", "x", "--model-dir", str(tmp_path), "--output", str(tmp_path / "o")])
+
+
+def test_too_many_bad_inputs_fail_the_job_and_leave_it_unmarked(shards, model_dir, tmp_path):
+    write_tfrecord(tmp_path / "shards" / "zz-bad.tfrecord", [], extra_records=[make_example(b"junk")] * 3)
+    out = str(tmp_path / "latents")
+    args = ["--input", shards.pattern, "--model-dir", model_dir, "--output", out] + BEAM_TEST_ARGS
+    with pytest.raises(LatentpackError, match=r"3 of 123 inputs \(2.4%\).*--max-bad-fraction 0.01"):
+        encode.run(args)
+    assert not os.path.exists(os.path.join(out, latents.MANIFEST))
+    with pytest.raises(LatentpackError, match="not a complete latent dataset"):
+        latents.read_manifest(out)
+    # The same data is accepted with a looser limit, and the failure marker is gone.
+    assert encode.run(args + ["--max-bad-fraction", "0.03"])["counts"]["dead_lettered"] == 3
+    assert not os.path.exists(os.path.join(out, "_failed.json"))

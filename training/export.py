@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.artifact import CODEC_FILE, FORMAT, FORMAT_VERSION, compute_fingerprint, validate_spec
+from pipeline.images import psnr
 
 
 def fit_quantization(latents: np.ndarray, bits: int, tail: float = 0.05) -> dict:
@@ -55,13 +56,6 @@ class CodecModule(tf.Module):
         z = (tf.cast(latent, tf.float32) + self._half) * self._step + self._low
         x = self.decoder(z, training=False)
         return {"image": tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)}
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image PSNR in dB between uint8 batches (capped at 100 dB for identical images)."""
-    diff = a.astype(np.float64) - b.astype(np.float64)
-    mse = np.mean(diff.reshape(len(a), -1) ** 2, axis=1)
-    return np.where(mse == 0, 100.0, 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12)))
 
 
 def export(model_dir: str, encoder, decoder, image_shape, quantization: dict, spec: dict,

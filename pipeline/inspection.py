@@ -1,0 +1,136 @@
+"""Look at a latent dataset: manifest, schema, model, counts, bytes per image, and pictures.
+
+    latentpack inspect latents/
+    latentpack inspect latents/ --model-dir model/ --samples 16 --picture grid.png \
+        --source 'shards/*.tfrecord' --source-format tfrecord
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline import latents
+from pipeline.formats import READERS, get_reader
+from pipeline.images import ImageBatch, LatentpackError, batch_records, psnr
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="latentpack inspect", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dataset", help="latent dataset directory")
+    p.add_argument("--model-dir", help="the model artifact, to decode samples and measure quality")
+    p.add_argument("--samples", type=int, default=0, help="rows to decode (needs --model-dir)")
+    p.add_argument("--picture", help="write an original-vs-reconstruction grid of the samples here (PNG)")
+    p.add_argument("--source", help="glob of the original images, to compare against")
+    p.add_argument("--source-format", default="tfrecord", choices=sorted(READERS), help="format of --source")
+    p.add_argument("--allow-incomplete", action="store_true", help="inspect a dataset without a manifest")
+    return p.parse_args(argv)
+
+
+def sample_rows(paths: list, n: int):
+    """The first n rows of the dataset, as one Arrow table."""
+    tables, have = [], 0
+    for path in paths:
+        with FileSystems.open(path) as f:
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=max(n, 1)):
+                tables.append(rb.slice(0, n - have))
+                have += min(rb.num_rows, n - have)
+                if have >= n:
+                    break
+        if have >= n:
+            break
+    import pyarrow as pa
+    return pa.Table.from_batches(tables)
+
+
+def source_images(pattern: str, fmt: str, keys: list, shape: tuple) -> dict:
+    wanted, found = set(keys), {}
+    reader = get_reader(fmt)
+    shards, root = reader.match(pattern)
+    for shard in shards:
+        for item in batch_records(reader.read(shard, root), shape, 1024):
+            if isinstance(item, ImageBatch):
+                for key, image in zip(item.keys, item.images):
+                    if key in wanted:
+                        found[key] = image
+            if len(found) == len(wanted):
+                return found
+    return found
+
+
+def grid(rows: list, path: str, scale: int = 3) -> None:
+    """Rows of equally-shaped uint8 images -> one PNG, 2-pixel gaps."""
+    from PIL import Image
+
+    h, w, c = rows[0][0].shape
+    cols = max(len(r) for r in rows)
+    canvas = np.full((len(rows) * (h + 2), cols * (w + 2), c), 255, np.uint8)
+    for r, images in enumerate(rows):
+        for i, image in enumerate(images):
+            canvas[r * (h + 2):r * (h + 2) + h, i * (w + 2):i * (w + 2) + w] = image
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dataset = args.dataset.rstrip("/")
+    if args.allow_incomplete and not FileSystems.exists(f"{dataset}/{latents.MANIFEST}"):
+        paths = sorted(m.path for m in FileSystems.match([f"{dataset}/{latents.PART_PREFIX}-*.parquet"])[0].metadata_list)
+        manifest = {"complete": False, "files": [{"name": p.rsplit("/", 1)[1]} for p in paths]}
+    else:
+        manifest = latents.read_manifest(dataset)
+        paths = latents.part_paths(dataset, manifest)
+    if not paths:
+        raise LatentpackError(f"{dataset}: no Parquet parts")
+    with FileSystems.open(paths[0]) as f:
+        schema = pq.read_schema(f)
+    meta = latents.metadata_of(schema)
+    images = manifest.get("images", 0)
+    print(f"dataset      {dataset} ({'complete' if manifest.get('complete') else 'INCOMPLETE'})")
+    print(f"model        {meta['model_fingerprint']} ({meta['arch']}, {meta['latent_dim']} x {meta['latent_dtype']}, "
+          f"{meta['quantization_bits']}-bit, images {'x'.join(map(str, meta['image_shape']))})")
+    if images:
+        print(f"images       {images:,} in {len(paths)} part(s), {manifest['total_bytes']:,} bytes, "
+              f"{manifest['total_bytes'] / images:.1f} bytes per image")
+    if "counts" in manifest:
+        print(f"counts       {json.dumps(manifest['counts'], sort_keys=True)}")
+    print("schema")
+    for field in schema:
+        print(f"  {field.name:<8} {field.type}")
+    if args.samples:
+        if not args.model_dir:
+            raise LatentpackError("--samples needs --model-dir to decode")
+        from pipeline.artifact import Codec
+        codec = Codec(args.model_dir)
+        if codec.fingerprint != meta["model_fingerprint"]:
+            raise LatentpackError(f"--model-dir {codec.fingerprint} did not make this dataset "
+                                  f"({meta['model_fingerprint']})")
+        rows = sample_rows(paths, args.samples)
+        keys = rows.column("key").to_pylist()
+        recon = codec.decode(latents.latents_of(rows))
+        picture_rows = [list(recon)]
+        print(f"samples      {len(keys)}: {', '.join(keys[:8])}{' …' if len(keys) > 8 else ''}")
+        if args.source:
+            originals = source_images(args.source, args.source_format, keys, codec.image_shape)
+            have = [i for i, k in enumerate(keys) if k in originals]
+            if not have:
+                raise LatentpackError(f"none of the sampled keys were found in --source {args.source!r}")
+            scores = psnr(np.stack([originals[keys[i]] for i in have]), recon[have])
+            print(f"quality      PSNR mean {scores.mean():.2f} dB, worst {scores.min():.2f} dB "
+                  f"on {len(have)} sampled images")
+            picture_rows = [[originals[keys[i]] for i in have], [recon[i] for i in have]]
+        if args.picture:
+            grid(picture_rows, args.picture)
+            print(f"picture      {args.picture}")
+    return 0
+
+
+if __name__ == "__main__":
+    from pipeline.cli import guarded
+    sys.exit(guarded(main)())

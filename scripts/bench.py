@@ -1,0 +1,310 @@
+"""Throughput benchmark: the Beam jobs against a plain loop, side by side in one run.
+
+    python scripts/bench.py --n 60000 --scale 10 --repeats 3      (what `make bench` runs)
+
+Builds N MNIST images as 8 TFRecord shards of PNG Examples (from ../shared/data/mnist
+when present, else the embedded sample tiled to N) and the same at scale x N, then
+runs each variant in its own process, alternating variants within each repeat:
+
+  loop         a single-process loop doing the encode job's work (read, decode PNG,
+               SavedModel encode, write the same Parquet schema)
+  beam         latentpack encode, DirectRunner defaults
+  beam-2w      the same with --direct_num_workers 2 --direct_running_mode multi_processing
+  naive        one image per element, stock RunInference batching, WriteToParquet of dicts
+               (on N / naive-fraction images only: it is too slow for more)
+  dec-loop / dec-beam / dec-beam-tfr   decode to PNG files (loop, Beam) and to TFRecord (Beam)
+
+Reports images/s, wall time and peak resident memory of the whole process tree
+(medians), and ratios computed within the run, as JSON and Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SHARED_MNIST = os.path.join(ROOT, "..", "shared", "data", "mnist", "train-images-idx3-ubyte.gz")
+
+
+# ---------------------------------------------------------------- input and model
+
+def source_images(n: int) -> np.ndarray:
+    if os.path.exists(SHARED_MNIST):
+        from pipeline.formats import read_idx
+        base = read_idx(gzip.decompress(open(SHARED_MNIST, "rb").read()))[..., None]
+    else:
+        from pipeline.formats import load_mnist_sample
+        base = load_mnist_sample()[0]
+    return base[np.arange(n) % len(base)]
+
+
+def write_input(folder: str, n: int, shards: int = 8) -> None:
+    """N images as `shards` TFRecord files of PNG Examples (PNG bytes reused for repeats)."""
+    from pipeline.images import encode_png
+    from pipeline.tfrecord import frame, make_example
+
+    if os.path.exists(os.path.join(folder, "_done")):
+        return
+    os.makedirs(folder, exist_ok=True)
+    base = source_images(min(n, 60000))
+    pngs = [encode_png(x) for x in base]
+    for s, part in enumerate(np.array_split(np.arange(n), shards)):
+        with open(os.path.join(folder, f"part-{s:05d}-of-{shards:05d}.tfrecord"), "wb") as f:
+            for i in part:
+                f.write(frame(make_example(pngs[i % len(pngs)], f"img/{i:07d}", int(i % 10))))
+    open(os.path.join(folder, "_done"), "w").close()
+
+
+def make_model(model_dir: str) -> None:
+    if os.path.exists(os.path.join(model_dir, "codec.json")):
+        return
+    from pipeline.formats import load_mnist_sample
+    from training.train import TrainConfig, train
+    # Throughput does not depend on how well the model is trained: one epoch is enough.
+    train(TrainConfig(epochs=1), load_mnist_sample()[0], model_dir)
+
+
+# ---------------------------------------------------------------- the variants (run in child processes)
+
+def encode_loop(pattern: str, model_dir: str, output: str) -> None:
+    import pyarrow.parquet as pq
+
+    from pipeline import latents
+    from pipeline.artifact import Codec
+    from pipeline.formats import get_reader
+    from pipeline.images import ImageBatch, batch_records
+
+    codec = Codec(model_dir)
+    schema = latents.schema(codec.spec)
+    reader = get_reader("tfrecord")
+    shards, root = reader.match(pattern)
+    os.makedirs(output, exist_ok=True)
+    with pq.ParquetWriter(os.path.join(output, "latents-00000-of-00001.parquet"), schema, compression="zstd") as w:
+        for shard in shards:
+            for item in batch_records(reader.read(shard, root), codec.image_shape, 1024):
+                if isinstance(item, ImageBatch):
+                    w.write_table(latents.to_table(item.keys, codec.encode(item.images), item.labels,
+                                                   item.has_label, schema))
+
+
+def decode_loop(dataset: str, model_dir: str, output: str) -> None:
+    import pyarrow.parquet as pq
+
+    from pipeline import latents
+    from pipeline.artifact import Codec
+    from pipeline.images import encode_png
+
+    codec = Codec(model_dir)
+    for path in latents.part_paths(dataset, latents.read_manifest(dataset)):
+        for rb in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            images = codec.decode(latents.latents_of(rb))
+            for key, image in zip(rb.column("key").to_pylist(), images):
+                target = os.path.join(output, key + ".png")
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "wb") as f:
+                    f.write(encode_png(image))
+
+
+def encode_naive(pattern: str, model_dir: str, output: str, limit: int) -> None:
+    """What a new user writes from Beam's RunInference examples: one image per element."""
+    import apache_beam as beam
+    import pyarrow as pa
+    from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
+
+    from pipeline.artifact import Codec
+    from pipeline.images import decode_image
+    from pipeline.tfrecord import parse_example
+
+    class SavedModelHandler(ModelHandler):
+        def load_model(self):
+            return Codec(model_dir)
+
+        def run_inference(self, batch, model, inference_args=None):
+            return list(model.encode(np.stack(batch)))
+
+    def parse(record):
+        encoded, key, _ = parse_example(record)
+        return key, decode_image(encoded, (28, 28, 1))
+
+    schema = pa.schema([("key", pa.string()), ("latent", pa.list_(pa.int8()))])
+    with beam.Pipeline(argv=["--runner=FnApiRunner"]) as p:
+        (p | beam.io.ReadFromTFRecord(pattern)
+           | beam.combiners.Sample.FixedSizeGlobally(limit) | beam.FlatMap(lambda xs: xs)
+           | beam.Map(parse)
+           | RunInference(KeyedModelHandler(SavedModelHandler()))
+           | beam.MapTuple(lambda key, latent: {"key": key, "latent": latent.tolist()})
+           | beam.io.WriteToParquet(os.path.join(output, "latents"), schema, codec="zstd"))
+
+
+# ---------------------------------------------------------------- measuring
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants, from /proc."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    stack.extend(int(c) for c in f.read().split())
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
+
+
+def measure(cmd: list) -> dict:
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_rss(proc.pid))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = proc.communicate()
+    wall = time.perf_counter() - started
+    sampler.join()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    return {"wall_s": wall, "peak_rss_mb": peak[0] / 2 ** 20}
+
+
+def variant_command(name: str, inputs: str, model: str, out: str, latents_dir: str, naive_n: int) -> list:
+    py = [sys.executable]
+    runner = ["--runner=FnApiRunner"] if os.environ.get("BENCH_NO_PRISM") else []
+    if name == "loop":
+        return py + [__file__, "--child", "encode-loop", inputs, model, out]
+    if name == "beam":
+        return py + ["-m", "pipeline.encode", "--input", inputs, "--model-dir", model, "--output", out] + runner
+    if name == "beam-2w":
+        return py + ["-m", "pipeline.encode", "--input", inputs, "--model-dir", model, "--output", out,
+                     "--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
+    if name == "naive":
+        return py + [__file__, "--child", "encode-naive", inputs, model, out, str(naive_n)]
+    if name == "dec-loop":
+        return py + [__file__, "--child", "decode-loop", latents_dir, model, out]
+    if name == "dec-beam":
+        return py + ["-m", "pipeline.decode", "--input", latents_dir, "--model-dir", model, "--output", out] + runner
+    if name == "dec-beam-tfr":
+        return py + ["-m", "pipeline.decode", "--input", latents_dir, "--model-dir", model, "--output", out,
+                     "--output-format", "tfrecord"] + runner
+    raise ValueError(name)
+
+
+def run_bench(args) -> dict:
+    work = os.path.abspath(args.out)
+    model = os.path.join(work, "model")
+    make_model(model)
+    sizes = [args.n, args.n * args.scale] if args.scale > 1 else [args.n]
+    results = {}
+    for n in sizes:
+        inputs = os.path.join(work, f"input-{n}")
+        write_input(inputs, n)
+        pattern = os.path.join(inputs, "*.tfrecord")
+        latents_dir = os.path.join(work, f"latents-{n}")
+        if not os.path.exists(os.path.join(latents_dir, "_manifest.json")):
+            subprocess.run(variant_command("beam", pattern, model, latents_dir, "", 0), cwd=ROOT, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        naive_n = max(1, n // args.naive_fraction)
+        variants = [v for v in args.variants if not (v == "naive" and n != sizes[0])]
+        runs = {v: [] for v in variants}
+        for r in range(args.repeats):
+            for v in variants:  # alternate variants within a repeat: drift hits them alike
+                out = os.path.join(work, "scratch")
+                shutil.rmtree(out, ignore_errors=True)
+                m = measure(variant_command(v, pattern, model, out, latents_dir, naive_n))
+                m["images"] = naive_n if v == "naive" else n
+                m["images_per_s"] = m["images"] / m["wall_s"]
+                runs[v].append(m)
+                print(f"n={n} repeat {r + 1}/{args.repeats} {v:<13} {m['images_per_s']:9.0f} img/s "
+                      f"{m['wall_s']:7.1f} s {m['peak_rss_mb']:7.0f} MB", flush=True)
+        results[n] = {v: {k: statistics.median(x[k] for x in ms) for k in ms[0]} | {"runs": ms}
+                      for v, ms in runs.items()}
+    return {"sizes": sizes, "results": results, "ratios": ratios(results, sizes)}
+
+
+def ratios(results: dict, sizes: list) -> dict:
+    def ips(n, v):
+        return results[n].get(v, {}).get("images_per_s")
+
+    out = {}
+    for n in sizes:
+        r = {}
+        for a, b, name in [("beam", "loop", "beam/loop encode"), ("beam-2w", "beam", "beam-2w/beam"),
+                           ("beam", "naive", "beam/naive"), ("dec-beam", "dec-loop", "beam/loop decode png")]:
+            if ips(n, a) and ips(n, b):
+                r[name] = ips(n, a) / ips(n, b)
+        out[n] = r
+    if len(sizes) == 2:
+        small, big = sizes
+        out["growth"] = {v: {"time_ratio": results[big][v]["wall_s"] / results[small][v]["wall_s"],
+                             "memory_ratio": results[big][v]["peak_rss_mb"] / results[small][v]["peak_rss_mb"]}
+                         for v in results[big] if v in results[small]}
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = ["| images | variant | images/s | wall s | peak RSS MB |", "|---:|---|---:|---:|---:|"]
+    for n in report["sizes"]:
+        for v, m in report["results"][n].items():
+            lines.append(f"| {m['images']:,} | {v} | {m['images_per_s']:,.0f} | {m['wall_s']:.1f} | "
+                         f"{m['peak_rss_mb']:,.0f} |")
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    for n in report["sizes"]:
+        for name, value in report["ratios"][n].items():
+            lines.append(f"| {name} (N={n:,}) | {value:.2f} |")
+    for v, g in report["ratios"].get("growth", {}).items():
+        lines.append(f"| {v}: time at 10N / time at N | {g['time_ratio']:.2f} |")
+        lines.append(f"| {v}: peak memory at 10N / at N | {g['memory_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n", type=int, default=60000, help="images at the base size")
+    p.add_argument("--scale", type=int, default=10, help="second size is scale x n (1: only n)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each variant per size")
+    p.add_argument("--naive-fraction", type=int, default=20, help="the naive variant encodes n / this")
+    p.add_argument("--variants", nargs="+", default=["loop", "beam", "beam-2w", "naive", "dec-loop", "dec-beam",
+                                                     "dec-beam-tfr"], help="which variants to run")
+    p.add_argument("--out", default="bench-out", help="work folder (inputs and the model are reused)")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        kind, *rest = args.child
+        {"encode-loop": encode_loop, "decode-loop": decode_loop,
+         "encode-naive": lambda a, b, c, n: encode_naive(a, b, c, int(n))}[kind](*rest)
+        return 0
+    report = run_bench(args)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    table = markdown(report)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(table + "\n")
+    print("\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    sys.exit(main())
