@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test env clean
+.PHONY: demo test bench env clean
 
 env: $(STAMP)
 
@@ -20,5 +20,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Throughput benchmark (not a test): results go to bench-out/ and are quoted in BENCHMARKS.md.
+BENCH_ARGS ?= --n 60000 --scale 10 --repeats 3
+bench: $(STAMP)
+	$(PY) scripts/bench.py --out bench-out $(BENCH_ARGS)
+
 clean:
-	rm -rf demo-out build *.egg-info .pytest_cache
+	rm -rf demo-out bench-out build *.egg-info .pytest_cache
