@@ -63,6 +63,25 @@ def validate_spec(spec: dict, where: str) -> None:
             raise LatentpackError(f"{where}: missing field {field!r}")
         if not isinstance(spec[field], kind) or not check(spec[field]):
             raise LatentpackError(f"{where}: invalid value for {field!r}: {spec[field]!r}")
+    if "entropy_model" in spec:
+        _validate_entropy_model(spec["entropy_model"], spec["latent_dim"], where)
+
+
+def _validate_entropy_model(model, latent_dim: int, where: str) -> None:
+    """Integer tables only: one per latent dimension, each summing to 2**precision."""
+    def bad(why):
+        return LatentpackError(f"{where}: invalid entropy_model: {why}")
+
+    if not isinstance(model, dict) or not isinstance(model.get("precision"), int) or not 8 <= model["precision"] <= 24:
+        raise bad("needs an integer 'precision' between 8 and 24")
+    offsets, tables = model.get("offsets"), model.get("frequencies")
+    if not isinstance(offsets, list) or not isinstance(tables, list) or not len(offsets) == len(tables) == latent_dim:
+        raise bad(f"needs {latent_dim} 'offsets' and 'frequencies' tables")
+    for d, (offset, table) in enumerate(zip(offsets, tables)):
+        if not isinstance(offset, int) or not isinstance(table, list) or not table or len(table) > 65536:
+            raise bad(f"dimension {d}: malformed table")
+        if not all(isinstance(f, int) and f >= 1 for f in table) or sum(table) != 1 << model["precision"]:
+            raise bad(f"dimension {d}: frequencies must be positive integers summing to 2**precision")
 
 
 def read_spec(model_dir: str, verify: bool = True) -> dict:
@@ -90,7 +109,11 @@ def read_spec(model_dir: str, verify: bool = True) -> dict:
 
 
 class Codec:
-    """A loaded artifact: numpy in, numpy out. Load once per worker (in DoFn.setup)."""
+    """A loaded artifact: numpy in, numpy out. Load once per worker (in DoFn.setup).
+
+    `entropy` is the artifact's EntropyCoder (integer latents <-> codes), or None for
+    models trained without a prior.
+    """
 
     def __init__(self, model_dir: str, spec: Optional[dict] = None):
         self.model_dir = model_dir
@@ -99,6 +122,10 @@ class Codec:
         self.latent_dim = self.spec["latent_dim"]
         self.latent_dtype = LATENT_DTYPES[self.spec["latent_dtype"]]
         self.fingerprint = self.spec["fingerprint"]
+        self.entropy = None
+        if "entropy_model" in self.spec:
+            from pipeline.entropy import EntropyCoder
+            self.entropy = EntropyCoder(self.spec["entropy_model"])
         import tensorflow as tf
 
         # TensorFlow's own loader: no pickle, no Keras deserialization of Python code.

@@ -27,6 +27,7 @@ from pipeline.images import ImageBatch, LatentpackError
 from pipeline.outputs import WRITERS
 
 NAMESPACE = "latentpack.decode"
+BATCH_ROWS = 1024
 
 
 def check_dataset(dataset_dir: str, spec: dict) -> list:
@@ -34,18 +35,36 @@ def check_dataset(dataset_dir: str, spec: dict) -> list:
     manifest = latents.read_manifest(dataset_dir)
     if manifest.get("format") != "latentpack-dataset":
         raise LatentpackError(f"{dataset_dir}: {latents.MANIFEST} is not a latentpack dataset manifest")
+    check_fingerprint(posixpath.join(dataset_dir, latents.MANIFEST), manifest.get("model_fingerprint"), spec)
     paths = latents.part_paths(dataset_dir, manifest)
-    for path in [posixpath.join(dataset_dir, latents.MANIFEST)] + paths:
-        if path.endswith(".parquet"):
+    for path in paths:
+        try:
             with FileSystems.open(path) as f:
-                fingerprint = latents.metadata_of(pq.read_schema(f))["model_fingerprint"]
-        else:
-            fingerprint = manifest.get("model_fingerprint")
-        if fingerprint != spec["fingerprint"]:
-            raise LatentpackError(
-                f"{path} was encoded with model {fingerprint}, but --model-dir {spec['fingerprint']} is "
-                "a different model; decode it with the model that encoded it")
+                schema = pq.read_schema(f)
+        except Exception as e:
+            raise LatentpackError(f"{path}: not a readable Parquet file ({e})") from None
+        try:
+            meta = latents.metadata_of(schema)
+            fingerprint, latent_format = meta["model_fingerprint"], meta.get("latent_format", "int")
+        except (LatentpackError, KeyError, ValueError, TypeError):
+            raise LatentpackError(f"{path}: not a latentpack dataset part (no latentpack metadata)") from None
+        check_fingerprint(path, fingerprint, spec)
+        if latent_format not in latents.LATENT_FORMATS or (latent_format == "code" and "entropy_model" not in spec):
+            raise LatentpackError(f"{path}: latent format {latent_format!r} cannot be decoded with this model")
+        for field in latents.schema(spec, latent_format):
+            if field.name not in schema.names:
+                raise LatentpackError(f"{path}: lacks the {field.name!r} column")
+            if schema.field(field.name).type != field.type:
+                raise LatentpackError(f"{path}: column {field.name!r} is {schema.field(field.name).type}, "
+                                      f"the model needs {field.type}")
     return paths
+
+
+def check_fingerprint(path: str, fingerprint: str, spec: dict) -> None:
+    if fingerprint != spec["fingerprint"]:
+        raise LatentpackError(
+            f"{path} was encoded with model {fingerprint}, but --model-dir {spec['fingerprint']} is "
+            "a different model; decode it with the model that encoded it")
 
 
 class DecodeTable(beam.DoFn):
@@ -60,13 +79,16 @@ class DecodeTable(beam.DoFn):
         self.progress = Progress("decoded")
 
     def process(self, table):
-        images = self.codec.decode(latents.latents_of(table))
-        label = table.column("label")
-        has_label = label.is_valid().to_numpy(zero_copy_only=False)
-        labels = label.fill_null(-1).to_numpy()
-        self.images.inc(len(images))
-        self.progress.add(len(images))
-        yield ImageBatch(table.column("key").to_pylist(), images, labels.astype(np.int64), has_label)
+        # A row group can hold many thousands of rows: decode it in slices of bounded memory.
+        for start in range(0, table.num_rows, BATCH_ROWS):
+            part = table.slice(start, BATCH_ROWS)
+            images = self.codec.decode(latents.table_latents(part, self.codec.entropy))
+            label = part.column("label")
+            has_label = label.is_valid().to_numpy(zero_copy_only=False)
+            labels = label.fill_null(-1).to_numpy()
+            self.images.inc(len(images))
+            self.progress.add(len(images))
+            yield ImageBatch(part.column("key").to_pylist(), images, labels.astype(np.int64), has_label)
 
 
 class WriteDecodeManifest(beam.DoFn):
@@ -108,7 +130,7 @@ def run(argv=None, test_pipeline=None):
     batches = (p
                | "ListParts" >> beam.Create(paths)
                | "SpreadParts" >> beam.Reshuffle()
-               | "ReadLatentParquet" >> beam.io.ReadAllFromParquetBatched(columns=["key", "latent", "label"])
+               | "ReadLatentParquet" >> beam.io.ReadAllFromParquetBatched()
                | "DecodeLatents" >> beam.ParDo(DecodeTable(args.model_dir, spec)))
     written, dead, files = batches | f"Write{args.output_format.upper()}" >> WRITERS[args.output_format](output)
     reasons, dead_files = dead | "WriteDeadLetters" >> WriteDeadLetters(output, NAMESPACE)

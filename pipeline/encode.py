@@ -9,6 +9,7 @@ batches of images (numpy arrays), the model is loaded once per worker in `setup(
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import posixpath
 import sys
@@ -37,7 +38,7 @@ class ReadShardBatches(beam.DoFn):
 
     def process(self, shard: str):
         reader = get_reader(self.input_format)
-        records = reader.read(shard, self.root)
+        records = reader.records(shard, self.root)
         for item in batch_records(records, self.shape, self.batch_size, self.max_pixels):
             if isinstance(item, DeadLetter):
                 yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, item)
@@ -61,22 +62,22 @@ class ReadImageShards(beam.PTransform):
 
 
 class EncodeBatch(beam.DoFn):
-    """ImageBatch -> Arrow table of (key, latent, label), with the model loaded once per worker."""
+    """ImageBatch -> Arrow table of (key, code or latent, label); the model is loaded once per worker."""
 
-    def __init__(self, model_dir: str, spec: dict):
-        self.model_dir, self.spec = model_dir, spec
+    def __init__(self, model_dir: str, spec: dict, latent_format: str):
+        self.model_dir, self.spec, self.latent_format = model_dir, spec, latent_format
 
     def setup(self):
         self.codec = Codec(self.model_dir, self.spec)
-        self.schema = latents.schema(self.spec)
+        self.schema = latents.schema(self.spec, self.latent_format)
         self.images = Metrics.counter(NAMESPACE, "images_written")
         self.progress = Progress("encoded")
 
     def process(self, batch):
-        latent = self.codec.encode(batch.images)
+        values = latents.value_array(self.codec.encode(batch.images), self.latent_format, self.codec.entropy)
+        yield latents.to_table(batch.keys, values, batch.labels, batch.has_label, self.schema)
         self.images.inc(len(batch))
         self.progress.add(len(batch))
-        yield latents.to_table(batch.keys, latent, batch.labels, batch.has_label, self.schema)
 
 
 class WriteManifest(beam.DoFn):
@@ -97,17 +98,17 @@ class WriteManifest(beam.DoFn):
 class WriteLatentDataset(beam.PTransform):
     """Tables + dead letters -> Parquet parts, dead-letter JSONL, then `_manifest.json` last."""
 
-    def __init__(self, output: str, spec: dict, extra: dict, num_shards: int = 0,
+    def __init__(self, output: str, spec: dict, latent_format: str, extra: dict, num_shards: int = 0,
                  max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
         super().__init__()
         self.output, self.spec, self.extra, self.num_shards = output, spec, extra, num_shards
-        self.max_bad_fraction = max_bad_fraction
+        self.latent_format, self.max_bad_fraction = latent_format, max_bad_fraction
 
     def expand(self, inputs):
         tables, dead_letters = inputs
-        parts = tables | "WriteParquet" >> beam.io.WriteToParquetBatched(
-            posixpath.join(self.output, latents.PART_PREFIX), schema=latents.schema(self.spec),
-            codec="zstd", file_name_suffix=".parquet", num_shards=self.num_shards)
+        parts = tables | "WriteParquet" >> beam.io.Write(latents.LatentParquetSink(
+            posixpath.join(self.output, latents.PART_PREFIX), latents.schema(self.spec, self.latent_format),
+            self.latent_format, self.num_shards))
         rows = (tables | "Rows" >> beam.Map(lambda t: t.num_rows)
                 | "SumRows" >> beam.CombineGlobally(sum))
         reasons, dead_files = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(self.output, NAMESPACE)
@@ -120,12 +121,21 @@ class WriteLatentDataset(beam.PTransform):
 
 
 def clear_previous(output: str) -> None:
-    """Unmark and remove an earlier dataset in `output`: manifest first, so it never looks complete."""
+    """Unmark and remove an earlier run's output, manifest first so it never looks complete.
+
+    Also removes the temporary folders of a run that was killed before Beam finalized it.
+    """
     unmark(output)
     stale = [m.path for pattern in (f"{latents.PART_PREFIX}-*.parquet", "dead_letter/part-*.jsonl")
              for m in FileSystems.match([posixpath.join(output, pattern)])[0].metadata_list]
-    if stale:
-        FileSystems.delete(stale)
+    temp_dirs = set()
+    for folder in (output, posixpath.join(output, "dead_letter")):
+        for m in FileSystems.match([posixpath.join(folder, "beam-temp-*/**")])[0].metadata_list:
+            temp_dirs.add(posixpath.join(folder, m.path[len(folder) + 1:].split("/", 1)[0]))
+        if "://" not in folder:  # local folders: empty temp directories too
+            temp_dirs.update(glob.glob(posixpath.join(folder, "beam-temp-*")))
+    if stale or temp_dirs:
+        FileSystems.delete(stale + sorted(temp_dirs))
 
 
 def parse_args(argv):
@@ -136,6 +146,9 @@ def parse_args(argv):
     p.add_argument("--input-format", default="tfrecord", choices=sorted(READERS), help="format of --input")
     p.add_argument("--model-dir", required=True, help="model artifact directory (from latentpack train)")
     p.add_argument("--output", required=True, help="directory for the latent dataset")
+    p.add_argument("--latent-format", choices=latents.LATENT_FORMATS,
+                   help="code: entropy-coded bytes per image (the compact default for models trained with "
+                        "--quality/--lambda); int: the integer latents, usable as features (default for other models)")
     p.add_argument("--batch-size", type=int, default=1024, help="images per batch element")
     p.add_argument("--num-shards", type=int, default=0, help="output Parquet parts (0: the runner decides)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -149,6 +162,10 @@ def run(argv=None, test_pipeline=None):
     """Build and run the encode job; returns the manifest dict."""
     args, beam_args = parse_args(argv)
     spec = read_spec(args.model_dir)
+    latent_format = args.latent_format or ("code" if "entropy_model" in spec else "int")
+    if latent_format == "code" and "entropy_model" not in spec:
+        raise LatentpackError(f"--latent-format code needs a model trained with --quality or --lambda; "
+                              f"{args.model_dir} has no entropy model (use --latent-format int)")
     reader = get_reader(args.input_format)
     shards, root = reader.match(args.input)
     output = args.output.rstrip("/")
@@ -157,13 +174,14 @@ def run(argv=None, test_pipeline=None):
     clear_previous(output)
     logging.info("encoding %d shard(s) of %s with model %s", len(shards), args.input_format, spec["fingerprint"][:19])
     extra = {"input": args.input, "input_format": args.input_format, "shards": len(shards),
+             "latent_format": latent_format,
              "codec": {k: spec[k] for k in ("image_shape", "latent_dim", "latent_dtype")}}
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
     read = p | "ReadImageShards" >> ReadImageShards(
         shards, args.input_format, root, spec["image_shape"], args.batch_size, args.max_pixels)
-    tables = read.images | "EncodeImages" >> beam.ParDo(EncodeBatch(args.model_dir, spec))
+    tables = read.images | "EncodeImages" >> beam.ParDo(EncodeBatch(args.model_dir, spec, latent_format))
     (tables, read[DEAD_LETTER_TAG]) | "WriteLatentDataset" >> WriteLatentDataset(
-        output, spec, extra, args.num_shards, args.max_bad_fraction)
+        output, spec, latent_format, extra, args.num_shards, args.max_bad_fraction)
     p.run().wait_until_finish()
     raise_if_failed(output)
     return latents.read_manifest(output)

@@ -59,6 +59,17 @@ class Reader:
     def read(self, shard: str, root: str) -> Iterator[SourceRecord]:
         raise NotImplementedError
 
+    def records(self, shard: str, root: str) -> Iterator[SourceRecord]:
+        """`read`, with a file that fails midway reported as one bad record, never an exception."""
+        index = -1
+        try:
+            for rec in self.read(shard, root):
+                index = rec.index
+                yield rec
+        except Exception as e:  # a corrupt or unreadable file must not end the job
+            yield SourceRecord(f"{posixpath.basename(shard)}:{index + 1}", shard, index + 1,
+                               error=BadImage("bad_file", f"{type(e).__name__}: {e}"))
+
 
 def _read_bytes(path: str) -> bytes:
     """The file's bytes; Beam's filesystems decompress `.gz`/`.bz2`/... files by extension."""

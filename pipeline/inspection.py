@@ -53,7 +53,7 @@ def source_images(pattern: str, fmt: str, keys: list, shape: tuple) -> dict:
     reader = get_reader(fmt)
     shards, root = reader.match(pattern)
     for shard in shards:
-        for item in batch_records(reader.read(shard, root), shape, 1024):
+        for item in batch_records(reader.records(shard, root), shape, 1024):
             if isinstance(item, ImageBatch):
                 for key, image in zip(item.keys, item.images):
                     if key in wanted:
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                                   f"({meta['model_fingerprint']})")
         rows = sample_rows(paths, args.samples)
         keys = rows.column("key").to_pylist()
-        recon = codec.decode(latents.latents_of(rows))
+        recon = codec.decode(latents.table_latents(rows, codec.entropy))
         picture_rows = [list(recon)]
         print(f"samples      {len(keys)}: {', '.join(keys[:8])}{' …' if len(keys) > 8 else ''}")
         if args.source:

@@ -1,8 +1,9 @@
 """The latent dataset: its Parquet schema, numpy <-> Arrow batches, and its manifest.
 
 A latent dataset is a directory of `latents-*.parquet` parts (zstd) with columns
-`key` (string), `latent` (fixed-size list of int8/int16) and `label` (int64, null
-when the source has none). The schema metadata under `latentpack` names the format
+`key` (string), then either `code` (binary: the entropy-coded latents) or `latent`
+(fixed-size list of int8/int16: the integer latents), and `label` (int64, null when
+the source has none). The schema metadata under `latentpack` names the format
 version, the model fingerprint and the codec parameters. `_manifest.json`, written
 last, lists the parts; a dataset without it is incomplete.
 """
@@ -16,6 +17,8 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io import filebasedsink
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.images import LatentpackError
@@ -27,38 +30,111 @@ MANIFEST = "_manifest.json"
 DEAD_LETTER_DIR = "dead_letter"
 
 
-def schema(spec: dict) -> pa.Schema:
-    """The Parquet schema of a dataset made with the model described by `spec` (codec.json)."""
-    value_type = pa.int8() if spec["latent_dtype"] == "int8" else pa.int16()
+LATENT_FORMATS = ("code", "int")
+
+
+def schema(spec: dict, latent_format: str = "int") -> pa.Schema:
+    """The Parquet schema of a dataset made with the model described by `spec` (codec.json).
+
+    `code`: one entropy-coded byte string per image; `int`: the integer latents as a list.
+    """
     meta = {
         "format_version": FORMAT_VERSION,
         "model_fingerprint": spec["fingerprint"],
+        "latent_format": latent_format,
         "image_shape": spec["image_shape"],
         "latent_dim": spec["latent_dim"],
         "latent_dtype": spec["latent_dtype"],
         "quantization_bits": spec["quantization"]["bits"],
         "arch": spec["architecture"]["arch"],
     }
-    return pa.schema([
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("latent", pa.list_(value_type, spec["latent_dim"]), nullable=False),
-        pa.field("label", pa.int64()),
-    ], metadata={METADATA_KEY: json.dumps(meta).encode()})
+    if latent_format == "code":
+        value = pa.field("code", pa.binary(), nullable=False)
+    else:
+        value_type = pa.int8() if spec["latent_dtype"] == "int8" else pa.int16()
+        value = pa.field("latent", pa.list_(value_type, spec["latent_dim"]), nullable=False)
+    return pa.schema([pa.field("key", pa.string(), nullable=False), value, pa.field("label", pa.int64())],
+                     metadata={METADATA_KEY: json.dumps(meta).encode()})
 
 
-def to_table(keys, latents: np.ndarray, labels: np.ndarray, has_label: np.ndarray, schema_: pa.Schema) -> pa.Table:
-    """Build one Arrow table from a batch, without a Python loop per image."""
+def latent_array(latents: np.ndarray) -> pa.Array:
+    """Integer latents [N, D] -> a fixed-size-list array, without a Python loop per image."""
     flat = pa.array(np.ascontiguousarray(latents).reshape(-1))
-    latent = pa.FixedSizeListArray.from_arrays(flat, latents.shape[1])
+    return pa.FixedSizeListArray.from_arrays(flat, latents.shape[1])
+
+
+def value_array(latent: np.ndarray, latent_format: str, entropy=None) -> pa.Array:
+    """Integer latents -> the dataset's value column: entropy-coded bytes, or the latents."""
+    if latent_format == "code":
+        return pa.array(entropy.encode(latent), pa.binary())
+    return latent_array(latent)
+
+
+def table_latents(table, entropy=None) -> np.ndarray:
+    """The integer latents [N, D] of a table or record batch, from its `code` or `latent` column."""
+    if "code" in table.column_names:
+        return entropy.decode(table.column("code").to_pylist())
+    return latents_of(table)
+
+
+def to_table(keys, values: pa.Array, labels: np.ndarray, has_label: np.ndarray, schema_: pa.Schema) -> pa.Table:
+    """One Arrow table from a batch: keys, the latent or code column, labels (null where absent)."""
     label = pa.array(labels, pa.int64(), mask=~has_label)
-    return pa.Table.from_arrays([pa.array(keys, pa.string()), latent, label], schema=schema_)
+    return pa.Table.from_arrays([pa.array(keys, pa.string()), values, label], schema=schema_)
 
 
-def latents_of(table: pa.Table) -> np.ndarray:
-    """The `latent` column of a table as a numpy array [N, D]."""
-    column = table.column("latent").combine_chunks()
+def latents_of(table) -> np.ndarray:
+    """The `latent` column of a table or record batch as a numpy array [N, D]."""
+    column = table.column("latent")
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
     dim = column.type.list_size
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+ROW_GROUP_ROWS = 65536
+
+
+def writer_options(latent_format: str) -> dict:
+    """Parquet encodings per column. Codes are incompressible bytes: store their lengths as
+    deltas instead of a 4-byte prefix each, and keys with shared-prefix (delta) encoding."""
+    if latent_format == "code":
+        return {"compression": "zstd", "use_dictionary": ["label"],
+                "column_encoding": {"key": "DELTA_BYTE_ARRAY", "code": "DELTA_LENGTH_BYTE_ARRAY"}}
+    return {"compression": "zstd"}
+
+
+class LatentParquetSink(filebasedsink.FileBasedSink):
+    """Beam file sink for Arrow tables of one dataset: temp files, then an atomic rename at
+    finalize. Tables are gathered into row groups of ROW_GROUP_ROWS rows."""
+
+    def __init__(self, file_path_prefix: str, schema_: pa.Schema, latent_format: str, num_shards: int = 0):
+        super().__init__(file_path_prefix, coder=None, file_name_suffix=".parquet",
+                         num_shards=num_shards, mime_type="application/x-parquet",
+                         # Parquet compresses per column chunk, not the whole file.
+                         compression_type=CompressionTypes.UNCOMPRESSED)
+        self.schema, self.latent_format = schema_, latent_format
+
+    def open(self, temp_path):
+        handle = super().open(temp_path)
+        return {"handle": handle, "writer": pq.ParquetWriter(handle, self.schema, **writer_options(self.latent_format)),
+                "pending": [], "rows": 0}
+
+    def write_record(self, state, table):
+        state["pending"].append(table)
+        state["rows"] += table.num_rows
+        if state["rows"] >= ROW_GROUP_ROWS:
+            self._flush(state)
+
+    def _flush(self, state):
+        if state["pending"]:
+            state["writer"].write_table(pa.concat_tables(state["pending"]), row_group_size=ROW_GROUP_ROWS)
+        state["pending"], state["rows"] = [], 0
+
+    def close(self, state):
+        self._flush(state)
+        state["writer"].close()
+        state["handle"].close()
 
 
 def metadata_of(schema_: pa.Schema) -> dict:

@@ -86,16 +86,17 @@ def encode_loop(pattern: str, model_dir: str, output: str) -> None:
     from pipeline.images import ImageBatch, batch_records
 
     codec = Codec(model_dir)
-    schema = latents.schema(codec.spec)
+    latent_format = "code" if codec.entropy else "int"
+    schema = latents.schema(codec.spec, latent_format)
     reader = get_reader("tfrecord")
     shards, root = reader.match(pattern)
     os.makedirs(output, exist_ok=True)
     with pq.ParquetWriter(os.path.join(output, "latents-00000-of-00001.parquet"), schema, compression="zstd") as w:
         for shard in shards:
-            for item in batch_records(reader.read(shard, root), codec.image_shape, 1024):
+            for item in batch_records(reader.records(shard, root), codec.image_shape, 1024):
                 if isinstance(item, ImageBatch):
-                    w.write_table(latents.to_table(item.keys, codec.encode(item.images), item.labels,
-                                                   item.has_label, schema))
+                    values = latents.value_array(codec.encode(item.images), latent_format, codec.entropy)
+                    w.write_table(latents.to_table(item.keys, values, item.labels, item.has_label, schema))
 
 
 def decode_loop(dataset: str, model_dir: str, output: str) -> None:
@@ -108,7 +109,7 @@ def decode_loop(dataset: str, model_dir: str, output: str) -> None:
     codec = Codec(model_dir)
     for path in latents.part_paths(dataset, latents.read_manifest(dataset)):
         for rb in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            images = codec.decode(latents.latents_of(rb))
+            images = codec.decode(latents.table_latents(rb, codec.entropy))
             for key, image in zip(rb.column("key").to_pylist(), images):
                 target = os.path.join(output, key + ".png")
                 os.makedirs(os.path.dirname(target), exist_ok=True)

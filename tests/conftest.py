@@ -56,3 +56,14 @@ def model_dir(tmp_path_factory, mnist):
     out = str(tmp_path_factory.mktemp("model") / "artifact")
     train(TrainConfig(arch="conv", latent_dim=16, epochs=4, batch_size=64, seed=0), mnist[0][1000:2500], out)
     return out
+
+
+@pytest.fixture(scope="session")
+def rd_model_dir(tmp_path_factory, mnist):
+    """A small rate-distortion artifact (learned prior, entropy-coded latents)."""
+    from training.train import TrainConfig, train
+
+    out = str(tmp_path_factory.mktemp("rd-model") / "artifact")
+    train(TrainConfig(arch="conv", latent_dim=16, epochs=3, batch_size=64, seed=0, lmbda=0.02),
+          mnist[0][1000:2500], out)
+    return out

@@ -41,10 +41,12 @@ def test_quantization_fits_range_per_dimension():
     assert q["bits"] == 8 and len(q["low"]) == 3
     step = np.array(q["step"])
     assert np.allclose(step[1] / step[0], 10, rtol=0.1) and np.allclose(step[2] / step[0], 0.1, rtol=0.1)
+    assert q["min"] == [-128] * 3 and q["max"] == [127] * 3
     # Every training value within the fitted range round-trips within half a step.
-    codes = np.clip(np.round((z - q["low"]) / step), 0, 255)
-    err = np.abs(codes * step + q["low"] - z)
-    inside = (z >= q["low"]) & (z <= np.array(q["low"]) + 255 * step)
+    low = np.array(q["low"])
+    codes = np.clip(np.round((z - low) / step), -128, 127)
+    err = np.abs(codes * step + low - z)
+    inside = (z >= low - 128 * step) & (z <= low + 127 * step)
     assert (err <= step / 2 + 1e-9)[inside].all() and inside.mean() > 0.99
 
 

@@ -4,6 +4,7 @@ import os
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -36,7 +37,7 @@ def test_read_shard_batches_dofn_directly(tmp_path, mnist):
 
 
 def test_encode_batch_dofn_directly(model_dir, mnist):
-    fn = encode.EncodeBatch(model_dir, read_spec(model_dir))
+    fn = encode.EncodeBatch(model_dir, read_spec(model_dir), "int")
     fn.setup()
     images = mnist[0][:3]
     batch = ImageBatch(["a", "b", "c"], images, np.array([1, -1, 3]), np.array([True, False, True]))
@@ -52,7 +53,7 @@ def test_read_and_encode_in_a_test_pipeline(shards, model_dir):
     shard_paths = sorted(glob.glob(pattern))
     with BeamTestPipeline(argv=BEAM_TEST_ARGS) as p:
         read = p | encode.ReadImageShards(shard_paths, "tfrecord", os.path.dirname(pattern), (28, 28, 1), 16)
-        tables = read.images | beam.ParDo(encode.EncodeBatch(model_dir, spec))
+        tables = read.images | beam.ParDo(encode.EncodeBatch(model_dir, spec, "int"))
         got = tables | beam.FlatMap(lambda t: t.column("key").to_pylist())
         assert_that(got, equal_to(keys))
         assert_that(read[DEAD_LETTER_TAG], equal_to([]), label="NoDeadLetters")
@@ -77,7 +78,8 @@ def test_encode_job_writes_a_complete_dataset(shards, model_dir, tmp_path):
     assert table.column("key").to_pylist() == sorted(keys + ["ok-one"])
     meta = latents.metadata_of(pq.read_schema(parts[0]))
     assert meta["model_fingerprint"] == manifest["model_fingerprint"] and meta["latent_dim"] == 16
-    assert str(table.schema.field("latent").type) == "fixed_size_list<item: int8>[16]"
+    latent_type = table.schema.field("latent").type
+    assert latent_type.list_size == 16 and latent_type.value_type == pa.int8()
     digits = table.filter(pc.starts_with(table.column("key"), "digits/"))
     assert np.array_equal(latents.latents_of(digits), Codec(model_dir).encode(images))
     assert digits.column("label").to_pylist() == shards.labels.tolist()

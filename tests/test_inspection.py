@@ -22,7 +22,7 @@ def test_inspect_prints_summary_quality_and_picture(dataset, model_dir, shards, 
                      "--source", shards.pattern]) == 0
     out = capsys.readouterr().out
     assert "(complete)" in out and "120 in 2 part(s)" in out and "bytes per image" in out
-    assert "latent   fixed_size_list<item: int8>[16]" in out
+    assert "latent   fixed_size_list<element: int8>[16]" in out
     assert "PSNR mean" in out and "on 6 sampled images" in out
     assert Image.open(picture).size == (6 * 30 * 3, 2 * 30 * 3)  # 2 rows (original, reconstruction) of 6
 

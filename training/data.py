@@ -15,7 +15,7 @@ def _records(pattern: str, input_format: str):
     reader = get_reader(input_format)
     shards, root = reader.match(pattern)
     for shard in shards:
-        yield from reader.read(shard, root)
+        yield from reader.records(shard, root)
 
 
 def load_images(pattern: Optional[str], input_format: str,

@@ -16,30 +16,42 @@ from pipeline.images import psnr
 
 
 def fit_quantization(latents: np.ndarray, bits: int, tail: float = 0.05) -> dict:
-    """Per-dimension uniform quantizer covering the central (100 - 2*tail)% of training latents."""
-    low = np.percentile(latents, tail, axis=0)
-    high = np.percentile(latents, 100 - tail, axis=0)
-    levels = 2 ** bits
-    step = np.maximum((high - low) / (levels - 1), 1e-6)
-    return {"kind": "uniform", "bits": bits, "low": low.astype(float).tolist(), "step": step.astype(float).tolist()}
+    """Per-dimension uniform quantizer with 2**bits levels covering the central (100 - 2*tail)% of
+    training latents, as signed integers: q = clip(round((z - low) / step), min, max)."""
+    lo = np.percentile(latents, tail, axis=0)
+    hi = np.percentile(latents, 100 - tail, axis=0)
+    half = 2 ** (bits - 1)
+    step = np.maximum((hi - lo) / (2 * half - 1), 1e-6)
+    d = latents.shape[1]
+    return {"kind": "uniform", "bits": bits, "low": (lo + half * step).tolist(), "step": step.tolist(),
+            "min": [-half] * d, "max": [half - 1] * d}
 
 
-def latent_dtype(bits: int) -> str:
-    return "int8" if bits <= 8 else "int16"
+def integer_quantization(entropy_model: dict) -> dict:
+    """Plain rounding, clipped to the entropy model's tables: q = clip(round(z), offset, offset + size - 1)."""
+    low = np.asarray(entropy_model["offsets"])
+    high = low + np.array([len(t) for t in entropy_model["frequencies"]]) - 1
+    bits = 8 if low.min() >= -128 and high.max() <= 127 else 16
+    return {"kind": "integer", "bits": bits, "low": [0.0] * len(low), "step": [1.0] * len(low),
+            "min": low.tolist(), "max": high.tolist()}
+
+
+def latent_dtype(quantization: dict) -> str:
+    return "int8" if min(quantization["min"]) >= -128 and max(quantization["max"]) <= 127 else "int16"
 
 
 class CodecModule(tf.Module):
-    """encode: uint8 images -> signed integer latents; decode: the reverse."""
+    """encode: uint8 images -> integer latents; decode: the reverse. The quantizer is baked in."""
 
     def __init__(self, encoder, decoder, image_shape, quantization):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
-        bits = quantization["bits"]
-        self._dtype = tf.int8 if latent_dtype(bits) == "int8" else tf.int16
+        self._dtype = tf.int8 if latent_dtype(quantization) == "int8" else tf.int16
         self._low = tf.constant(quantization["low"], tf.float32)
         self._step = tf.constant(quantization["step"], tf.float32)
-        self._half = float(2 ** (bits - 1))
+        self._min = tf.constant(quantization["min"], tf.float32)
+        self._max = tf.constant(quantization["max"], tf.float32)
         d = len(quantization["low"])
         self.encode = tf.function(self._encode, input_signature=[
             tf.TensorSpec([None, *image_shape], tf.uint8, name="images")])
@@ -48,12 +60,11 @@ class CodecModule(tf.Module):
 
     def _encode(self, images):
         z = self.encoder(tf.cast(images, tf.float32) / 255.0, training=False)
-        q = tf.round((z - self._low) / self._step) - self._half
-        q = tf.clip_by_value(q, -self._half, self._half - 1)
+        q = tf.clip_by_value(tf.round((z - self._low) / self._step), self._min, self._max)
         return {"latent": tf.cast(q, self._dtype)}
 
     def _decode(self, latent):
-        z = (tf.cast(latent, tf.float32) + self._half) * self._step + self._low
+        z = tf.cast(latent, tf.float32) * self._step + self._low
         x = self.decoder(z, training=False)
         return {"image": tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)}
 
@@ -64,16 +75,21 @@ def export(model_dir: str, encoder, decoder, image_shape, quantization: dict, sp
     module = CodecModule(encoder, decoder, tuple(image_shape), quantization)
     metrics = {}
     if len(val_images):
-        recon = np.concatenate([
-            module.decode(module.encode(val_images[i:i + 1024])["latent"])["image"].numpy()
-            for i in range(0, len(val_images), 1024)])
+        latent = np.concatenate([module.encode(val_images[i:i + 1024])["latent"].numpy()
+                                 for i in range(0, len(val_images), 1024)])
+        recon = np.concatenate([module.decode(latent[i:i + 1024])["image"].numpy()
+                                for i in range(0, len(latent), 1024)])
         scores = psnr(val_images, recon)
         metrics = {"val_psnr": float(scores.mean()), "val_psnr_min": float(scores.min()),
                    "val_images": int(len(val_images))}
+        if "entropy_model" in spec:
+            from pipeline.entropy import EntropyCoder
+            codes = EntropyCoder(spec["entropy_model"]).encode(latent)
+            metrics["val_code_bytes"] = float(np.mean([len(c) for c in codes]))
     os.makedirs(model_dir, exist_ok=True)
     tf.saved_model.save(module, model_dir, signatures={"encode": module.encode, "decode": module.decode})
     spec = dict(spec, format=FORMAT, format_version=FORMAT_VERSION, image_shape=list(image_shape),
-                latent_dtype=latent_dtype(quantization["bits"]), quantization=quantization,
+                latent_dtype=latent_dtype(quantization), quantization=quantization,
                 metrics=metrics, fingerprint="sha256:pending")
     codec_path = os.path.join(model_dir, CODEC_FILE)
     with open(codec_path, "w") as f:

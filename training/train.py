@@ -32,6 +32,9 @@ class TrainConfig:
     learning_rate: float = 2e-3
     val_fraction: float = 0.1
     seed: int = 0
+    # Rate-distortion training (training/rd.py) when set: loss = distortion + lmbda * bits per pixel.
+    lmbda: Optional[float] = None
+    quality: Optional[int] = None
 
 
 def parse_args(argv=None):
@@ -55,6 +58,12 @@ def parse_args(argv=None):
                    help="fraction of the images held out for validation")
     p.add_argument("--limit", type=int, default=None, help="use at most this many input images")
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (split, init, shuffling)")
+    rd = p.add_mutually_exclusive_group()
+    rd.add_argument("--quality", type=int, choices=range(1, 9), metavar="1..8",
+                    help="rate-distortion training with a preset lambda and latent size, 1 = smallest codes, "
+                         "8 = best quality; codes are entropy-coded (default: plain autoencoder)")
+    rd.add_argument("--lambda", dest="lmbda", type=float,
+                    help="rate-distortion training with this lambda (loss = MSE + lambda * bits per pixel)")
     return p.parse_args(argv)
 
 
@@ -74,7 +83,7 @@ def save_loss_curve(history: dict, path: str) -> None:
         if name in history:
             ax.plot(range(1, len(history[name]) + 1), history[name], label=name)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("MSE")
+    ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -87,32 +96,31 @@ def train(config: TrainConfig, images: np.ndarray, model_dir: str, extra: Option
     """Train on uint8 images [N,H,W,C] and export the artifact; returns its codec spec."""
     import keras
 
-    from training import export, model
+    from training import export
 
     keras.utils.set_random_seed(config.seed)
     train_x, val_x = split(images, config.val_fraction, config.seed)
     image_shape = tuple(images.shape[1:])
-    encoder, decoder = model.build(config.arch, image_shape, config.latent_dim)
-    inputs = keras.Input(image_shape)
-    autoencoder = keras.Model(inputs, decoder(encoder(inputs)))
-    autoencoder.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="mse")
-    x = train_x.astype(np.float32) / 255.0
-    v = val_x.astype(np.float32) / 255.0
-    logging.info("training %s on %d images %s, validating on %d", config.arch, len(x), image_shape, len(v))
+    logging.info("training %s on %d images %s, validating on %d", config.arch, len(train_x), image_shape, len(val_x))
     started = time.time()
-    history = autoencoder.fit(
-        x, x, batch_size=config.batch_size, epochs=config.epochs, shuffle=True,
-        validation_data=(v, v) if len(v) else None,
-        # A progress bar on a terminal, one line per epoch in logs.
-        verbose=1 if sys.stdout.isatty() else 2).history
-    seconds = time.time() - started
-    latents = encoder.predict(x, batch_size=1024, verbose=0)
-    quantization = export.fit_quantization(latents, config.latent_bits)
+    if config.lmbda is None:
+        encoder, decoder, history = train_autoencoder(config, train_x, val_x)
+        latents = encoder.predict(train_x.astype(np.float32) / 255.0, batch_size=1024, verbose=0)
+        quantization = export.fit_quantization(latents, config.latent_bits)
+        entropy = {}
+    else:
+        from training import prior, rd
+        encoder, decoder, learned_prior, history = rd.train_rd(config, train_x, val_x)
+        entropy_model = prior.freeze(learned_prior)
+        quantization = export.integer_quantization(entropy_model)
+        entropy = {"entropy_model": entropy_model}
     spec = {
         "latent_dim": config.latent_dim,
         "architecture": {"arch": config.arch, "latent_dim": config.latent_dim},
-        "training": dict(dataclasses.asdict(config), train_images=int(len(x)), seconds=round(seconds, 1),
-                         final_loss=float(history["loss"][-1]), **(extra or {})),
+        "training": dict(dataclasses.asdict(config), train_images=int(len(train_x)),
+                         seconds=round(time.time() - started, 1), final_loss=float(history["loss"][-1]),
+                         **(extra or {})),
+        **entropy,
     }
     # Written before export, so that the fingerprint covers them too.
     os.makedirs(model_dir, exist_ok=True)
@@ -122,16 +130,41 @@ def train(config: TrainConfig, images: np.ndarray, model_dir: str, extra: Option
     return export.export(model_dir, encoder, decoder, image_shape, quantization, spec, val_x)
 
 
+def train_autoencoder(config: TrainConfig, train_x: np.ndarray, val_x: np.ndarray):
+    """Plain MSE training with Keras `fit`: (encoder, decoder, history)."""
+    import keras
+
+    from training import model
+
+    image_shape = tuple(train_x.shape[1:])
+    encoder, decoder = model.build(config.arch, image_shape, config.latent_dim)
+    inputs = keras.Input(image_shape)
+    autoencoder = keras.Model(inputs, decoder(encoder(inputs)))
+    autoencoder.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="mse")
+    x = train_x.astype(np.float32) / 255.0
+    v = val_x.astype(np.float32) / 255.0
+    history = autoencoder.fit(
+        x, x, batch_size=config.batch_size, epochs=config.epochs, shuffle=True,
+        validation_data=(v, v) if len(v) else None,
+        # A progress bar on a terminal, one line per epoch in logs.
+        verbose=1 if sys.stdout.isatty() else 2).history
+    return encoder, decoder, history
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
     # The mlp arch reproduces the reference tutorial's settings unless told otherwise.
     reference = args.arch == "mlp"
+    lmbda, latent_dim = args.lmbda, args.latent_dim
+    if args.quality is not None:
+        from training.rd import QUALITY_PRESETS
+        lmbda, latent_dim = QUALITY_PRESETS[args.quality]
     config = TrainConfig(
-        arch=args.arch, latent_dim=args.latent_dim, latent_bits=args.latent_bits, epochs=args.epochs,
+        arch=args.arch, latent_dim=latent_dim, latent_bits=args.latent_bits, epochs=args.epochs,
         batch_size=args.batch_size or (256 if reference else TrainConfig.batch_size),
         learning_rate=args.learning_rate or (1e-3 if reference else TrainConfig.learning_rate),
-        val_fraction=args.val_fraction, seed=args.seed)
+        val_fraction=args.val_fraction, seed=args.seed, lmbda=lmbda, quality=args.quality)
     from training.data import load_images
 
     images, _, bad = load_images(args.input, args.input_format, args.limit)
@@ -140,7 +173,9 @@ def main(argv=None) -> int:
     spec = train(config, images, args.model_dir,
                  extra={"input": args.input, "input_format": args.input_format, "bad_inputs": bad})
     m = spec["metrics"]
-    print(f"model written to {args.model_dir}: {spec['latent_dim']} latents x {config.latent_bits} bits, "
+    size = (f"{m['val_code_bytes']:.1f} bytes/image entropy-coded" if "val_code_bytes" in m
+            else f"{config.latent_bits} bits each")
+    print(f"model written to {args.model_dir}: {spec['latent_dim']} latents, {size}, "
           f"validation PSNR {m.get('val_psnr', float('nan')):.2f} dB (min {m.get('val_psnr_min', float('nan')):.2f}) "
           f"on {m.get('val_images', 0)} images; fingerprint {spec['fingerprint'][:19]}…")
     return 0

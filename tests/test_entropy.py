@@ -1,0 +1,110 @@
+"""Entropy coding: frozen integer tables, exact round trips, and codes that never change."""
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import BEAM_TEST_ARGS
+from pipeline import decode, encode, latents
+from pipeline.artifact import Codec, read_spec
+from pipeline.entropy import EntropyCoder
+from pipeline.images import LatentpackError
+from training.prior import PRECISION, FactorizedPrior, freeze, quantize_pmf
+
+# A fixed model and fixed latents, and the codes they gave when the golden file was written.
+# They must never change, on any machine, or datasets written elsewhere would stop decoding.
+# Regenerate only on purpose: LATENTPACK_REGENERATE_GOLDEN=1 make test
+GOLDEN_MODEL = {"kind": "factorized-logistic", "precision": 16, "offsets": [-2, 0, -1],
+                "frequencies": [[1000, 20000, 30000, 14000, 536], [60000, 5536], [1, 32767, 32767, 1]]}
+GOLDEN_LATENTS = np.array([[0, 0, 0], [2, 1, 1], [-2, 0, 2], [1, 1, -1], [-1, 0, 1], [0, 1, 0]])
+GOLDEN_FILE = os.path.join(os.path.dirname(__file__), "golden", "entropy_codes.json")
+
+
+def test_golden_codes_are_stable():
+    coder = EntropyCoder(GOLDEN_MODEL)
+    codes = [c.hex() for c in coder.encode(GOLDEN_LATENTS)]
+    if os.environ.get("LATENTPACK_REGENERATE_GOLDEN"):
+        with open(GOLDEN_FILE, "w") as f:
+            json.dump({"model": GOLDEN_MODEL, "latents": GOLDEN_LATENTS.tolist(), "codes": codes}, f, indent=1)
+    with open(GOLDEN_FILE) as f:
+        golden = json.load(f)
+    assert golden["model"] == GOLDEN_MODEL and golden["latents"] == GOLDEN_LATENTS.tolist()
+    assert codes == golden["codes"]
+    assert np.array_equal(coder.decode([bytes.fromhex(c) for c in golden["codes"]]), GOLDEN_LATENTS)
+
+
+def test_tables_are_exact_dyadic_probabilities():
+    coder = EntropyCoder(GOLDEN_MODEL)
+    for d, table in enumerate(GOLDEN_MODEL["frequencies"]):
+        row = coder.probabilities[d, :len(table)]
+        assert (row * 2 ** 16 == np.array(table)).all() and row.sum() == 1.0
+
+
+def test_round_trip_random_latents():
+    rng = np.random.default_rng(0)
+    model = {"precision": 16, "offsets": [-20] * 8,
+             "frequencies": [quantize_pmf(rng.random(41) ** 3).tolist() for _ in range(8)]}
+    coder = EntropyCoder(model)
+    latent = rng.integers(-20, 21, (500, 8))
+    assert np.array_equal(coder.decode(coder.encode(latent)), latent)
+    with pytest.raises(ValueError, match="outside"):
+        coder.encode(np.full((1, 8), 21))
+
+
+def test_quantize_pmf_sums_exactly_and_keeps_every_symbol():
+    for pmf in [np.array([1.0]), np.array([1e-30, 1.0, 1e-30]), np.random.default_rng(1).random(300)]:
+        freq = quantize_pmf(pmf)
+        assert freq.sum() == 2 ** PRECISION and freq.min() >= 1
+
+
+def test_freeze_gives_valid_tables_centred_on_the_prior():
+    prior = FactorizedPrior(3)
+    prior.build((None, 3))
+    prior.loc.assign([0.0, 5.0, -3.0])
+    prior.log_scale.assign(np.log([0.5, 2.0, 40.0]).astype(np.float32))
+    frozen = freeze(prior)
+    for d, (offset, table) in enumerate(zip(frozen["offsets"], frozen["frequencies"])):
+        assert sum(table) == 2 ** 16 and len(table) <= 255
+    # Narrow priors: the most likely value is the location.
+    for d in (0, 1):
+        assert abs(frozen["offsets"][d] + int(np.argmax(frozen["frequencies"][d])) - [0, 5][d]) <= 1
+    # A prior too wide for a table is cut to 255 values around its location, tails folded into the ends.
+    assert len(frozen["frequencies"][2]) == 255 and abs(frozen["offsets"][2] + 127 - (-3)) <= 1
+
+
+def test_rd_artifact_codes_match_the_codec(rd_model_dir, mnist):
+    codec = Codec(rd_model_dir)
+    spec = read_spec(rd_model_dir)
+    assert spec["quantization"]["kind"] == "integer" and spec["training"]["lmbda"] == 0.02
+    latent = codec.encode(mnist[0][:64])
+    codes = codec.entropy.encode(latent)
+    assert np.array_equal(codec.entropy.decode(codes), latent)
+    assert 0 < np.mean([len(c) for c in codes]) < 40
+    assert spec["metrics"]["val_code_bytes"] > 0
+
+
+def test_code_dataset_round_trip(rd_model_dir, shards, tmp_path):
+    lat, dec = str(tmp_path / "lat"), str(tmp_path / "dec")
+    manifest = encode.run(["--input", shards.pattern, "--model-dir", rd_model_dir, "--output", lat] + BEAM_TEST_ARGS)
+    assert manifest["latent_format"] == "code"
+    table = pq.ParquetDataset(latents.part_paths(lat, manifest)).read().sort_by("key")
+    assert table.schema.names == ["key", "code", "label"]
+    codec = Codec(rd_model_dir)
+    assert table.column("code").to_pylist() == codec.entropy.encode(codec.encode(shards.images))
+    decode.run(["--input", lat, "--model-dir", rd_model_dir, "--output", dec, "--output-format", "npz"]
+               + BEAM_TEST_ARGS)
+    # The same images with the int format: codes lose nothing beyond quantization.
+    lat_int = str(tmp_path / "lat-int")
+    encode.run(["--input", shards.pattern, "--model-dir", rd_model_dir, "--output", lat_int,
+                "--latent-format", "int"] + BEAM_TEST_ARGS)
+    ints = pq.ParquetDataset(latents.part_paths(lat_int, latents.read_manifest(lat_int))).read().sort_by("key")
+    assert np.array_equal(latents.latents_of(ints), codec.entropy.decode(table.column("code").to_pylist()))
+    assert manifest["total_bytes"] < latents.read_manifest(lat_int)["total_bytes"]
+
+
+def test_code_format_needs_an_entropy_model(model_dir, shards, tmp_path):
+    with pytest.raises(LatentpackError, match="needs a model trained with --quality or --lambda"):
+        encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", str(tmp_path / "o"),
+                    "--latent-format", "code"] + BEAM_TEST_ARGS)

@@ -1,0 +1,163 @@
+"""Faults a scheduled job meets: killed runs, re-runs, foreign datasets, and fuzzed inputs."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import BEAM_TEST_ARGS, write_tfrecord
+from pipeline import decode, encode, latents
+from pipeline.formats import get_reader
+from pipeline.images import BadImage, DeadLetter, ImageBatch, LatentpackError, batch_records, decode_image, encode_png
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rows(out):
+    return pq.ParquetDataset(latents.part_paths(out, latents.read_manifest(out))).read().sort_by("key")
+
+
+def test_killed_run_then_rerun_gives_one_complete_dataset(tmp_path, mnist, model_dir):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for s in range(4):
+        write_tfrecord(folder / f"p{s}.tfrecord", mnist[0][s * 500:(s + 1) * 500],
+                       keys=[f"k/{i:05d}" for i in range(s * 500, (s + 1) * 500)])
+    out = str(tmp_path / "lat")
+    args = ["--input", str(folder / "*.tfrecord"), "--model-dir", model_dir, "--output", out] + BEAM_TEST_ARGS
+    encode.run(args)
+    complete = rows(out)
+    # A second run, killed with SIGKILL as soon as Beam has started writing.
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.encode"] + args, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not glob.glob(f"{out}/beam-temp-*") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert glob.glob(f"{out}/beam-temp-*"), "the kill left no temporary files: nothing was tested"
+    with pytest.raises(LatentpackError, match="not a complete latent dataset"):
+        latents.read_manifest(out)
+    # Started again with the same arguments: one complete dataset, the same rows, nothing stray.
+    manifest = encode.run(args)
+    assert manifest["images"] == 2000
+    assert rows(out).equals(complete)
+    assert sorted(os.listdir(out)) == ["_manifest.json", "dead_letter"] + [f["name"] for f in manifest["files"]]
+    assert not glob.glob(f"{out}/dead_letter/beam-temp-*")
+
+
+def test_decode_refuses_foreign_parquet(tmp_path, model_dir, shards):
+    out = str(tmp_path / "lat")
+    encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", out] + BEAM_TEST_ARGS)
+    (part,) = latents.part_paths(out, latents.read_manifest(out))
+    table = pq.read_table(part)
+    args = ["--input", out, "--model-dir", model_dir, "--output", str(tmp_path / "dec")]
+    # A plain Parquet file under the same name: no latentpack metadata.
+    pq.write_table(table.replace_schema_metadata(None), part)
+    with pytest.raises(LatentpackError, match="not a latentpack dataset part"):
+        decode.run(args)
+    # The right metadata but a missing column.
+    pq.write_table(table.drop_columns(["latent"]), part)
+    with pytest.raises(LatentpackError, match="lacks the 'latent' column"):
+        decode.run(args)
+    # Latents of the wrong length.
+    short = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(120 * 8, np.int8)), 8)
+    pq.write_table(table.set_column(1, pa.field("latent", short.type), short), part)
+    with pytest.raises(LatentpackError, match=r"column 'latent' is fixed_size_list<\w+: int8>\[8\], the model needs"):
+        decode.run(args)
+    with open(part, "wb") as f:
+        f.write(b"PAR1 not really")
+    with pytest.raises(LatentpackError, match="not a readable Parquet file"):
+        decode.run(args)
+
+
+def test_a_broken_file_in_any_format_is_a_dead_letter(tmp_path):
+    for fmt, name in [("npz", "x.npz"), ("npy", "x.npy"), ("idx", "x-images-idx3-ubyte"), ("parquet", "x.parquet"),
+                      ("webdataset", "x.tar"), ("tfrecord", "x.tfrecord")]:
+        (tmp_path / name).write_bytes(b"\x00\x01garbage" * 10)
+        reader = get_reader(fmt)
+        shards, root = reader.match(str(tmp_path / name))
+        out = list(batch_records(reader.records(shards[0], root), (28, 28, 1), 8))
+        assert out and all(isinstance(o, DeadLetter) for o in out), fmt
+
+
+# ---------------------------------------------------------------- fuzzing (bounded)
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def valid_shard(mnist, n=4):
+    with tempfile.TemporaryDirectory() as d:
+        path = write_tfrecord(os.path.join(d, "s.tfrecord"), mnist[0][:n], keys=[f"k{i}" for i in range(n)])
+        return open(path, "rb").read()
+
+
+def read_tfrecord_bytes(data: bytes):
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "f.tfrecord")
+        with open(path, "wb") as f:
+            f.write(data)
+        reader = get_reader("tfrecord")
+        return list(batch_records(reader.records(path, d), (28, 28, 1), 3))
+
+
+@FUZZ
+@given(data=st.binary(max_size=3000))
+def test_fuzz_tfrecord_random_bytes(data):
+    out = read_tfrecord_bytes(data)
+    assert all(isinstance(o, (ImageBatch, DeadLetter)) for o in out)
+
+
+@FUZZ
+@given(flips=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), min_size=1, max_size=4),
+       cut=st.one_of(st.none(), st.integers(min_value=0)))
+def test_fuzz_tfrecord_mutated_shards(mnist, flips, cut):
+    data = bytearray(valid_shard(mnist))
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    if cut is not None:
+        data = data[: cut % len(data)]
+    out = read_tfrecord_bytes(bytes(data))
+    images = [k for o in out if isinstance(o, ImageBatch) for k in o.keys]
+    letters = [o for o in out if isinstance(o, DeadLetter)]
+    # Nothing invented; and a record is either an image, a dead letter, or lost with the framing
+    # after a dead letter that says so.
+    assert len(images) + len(letters) <= 4 + 1
+    assert len(images) == 4 or letters
+    for letter in letters:
+        assert letter.reason and letter.error
+
+
+@FUZZ
+@given(flips=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), min_size=1, max_size=6))
+def test_fuzz_decode_image_mutated_png(mnist, flips):
+    data = bytearray(encode_png(mnist[0][0]))
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    try:
+        image = decode_image(bytes(data), (28, 28, 1))
+    except BadImage as e:
+        assert e.reason
+    else:
+        assert image.shape == (28, 28, 1) and image.dtype == np.uint8
+
+
+@FUZZ
+@given(data=st.binary(max_size=2000), fmt=st.sampled_from(["npz", "npy", "parquet", "webdataset", "idx"]))
+def test_fuzz_other_readers_random_bytes(data, fmt):
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "f.bin")
+        with open(path, "wb") as f:
+            f.write(data)
+        out = list(batch_records(get_reader(fmt).records(path, d), (28, 28, 1), 4))
+    assert all(isinstance(o, (ImageBatch, DeadLetter)) for o in out)
