@@ -77,13 +77,22 @@ def counts(read_written: int, reasons: dict) -> dict:
             "dead_lettered_by_reason": dict(sorted(reasons.items()))}
 
 
-def finish(output: str, payload: dict, max_bad_fraction: float) -> None:
-    """Write `_manifest.json`, or `_failed.json` instead when too many inputs were bad."""
+def finish(output: str, payload: dict, max_bad_fraction: float, fatal_reasons=()) -> None:
+    """Write `_manifest.json`, or `_failed.json` instead when too many inputs were bad or any
+    dead letter has one of `fatal_reasons`."""
     from pipeline.latents import MANIFEST, write_json
 
     c = payload["counts"]
-    if c["read"] and c["dead_lettered"] / c["read"] > max_bad_fraction:
-        write_json(posixpath.join(output, FAILED), dict(payload, complete=False, max_bad_fraction=max_bad_fraction))
+    failure = None
+    fatal = {r: n for r, n in c["dead_lettered_by_reason"].items() if r in fatal_reasons}
+    if fatal:
+        failure = f"dead letters that fail the job: {fatal}"
+    elif c["read"] and c["dead_lettered"] / c["read"] > max_bad_fraction:
+        failure = (f"{c['dead_lettered']} of {c['read']} inputs ({c['dead_lettered'] / c['read']:.1%}) could not "
+                   f"be used, more than --max-bad-fraction {max_bad_fraction}; "
+                   f"reasons: {c['dead_lettered_by_reason']}")
+    if failure:
+        write_json(posixpath.join(output, FAILED), dict(payload, complete=False, failure=failure))
     else:
         write_json(posixpath.join(output, MANIFEST), payload)
 
@@ -98,11 +107,8 @@ def raise_if_failed(output: str) -> None:
     if FileSystems.exists(path):
         with FileSystems.open(path) as f:
             failed = json.loads(f.read())
-        c = failed["counts"]
-        raise LatentpackError(
-            f"{c['dead_lettered']} of {c['read']} inputs ({c['dead_lettered'] / c['read']:.1%}) could not be used, "
-            f"more than --max-bad-fraction {failed['max_bad_fraction']}; reasons: {c['dead_lettered_by_reason']}. "
-            f"The output is not marked complete; see {posixpath.join(output, 'dead_letter')}/ for each one")
+        raise LatentpackError(f"{failed['failure']}. The output is not marked complete; see "
+                              f"{posixpath.join(output, 'dead_letter')}/ for each input")
 
 
 def unmark(output: str) -> None:

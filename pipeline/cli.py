@@ -4,6 +4,7 @@
     latentpack encode ...   (pipeline.encode)
     latentpack decode ...   (pipeline.decode)
     latentpack inspect ...  (pipeline.inspection)
+    latentpack evaluate ... (pipeline.evaluate)
 
 Subcommands are imported by name only when asked for, so the Beam jobs never
 import `training/`.
@@ -21,6 +22,7 @@ COMMANDS = {
     "encode": ("pipeline.encode", "encode image shards into a latent Parquet dataset (Beam job)"),
     "decode": ("pipeline.decode", "decode a latent dataset back into images (Beam job)"),
     "inspect": ("pipeline.inspection", "summarize a latent dataset; decode samples into a picture"),
+    "evaluate": ("pipeline.evaluate", "rate-distortion of models against PNG, JPEG and WebP on the same images"),
 }
 
 

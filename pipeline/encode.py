@@ -13,6 +13,7 @@ import glob
 import logging
 import posixpath
 import sys
+import zlib
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -24,21 +25,27 @@ from pipeline.accounting import (DEAD_LETTER_TAG, DEFAULT_MAX_BAD_FRACTION, Prog
                                  finish, raise_if_failed, unmark)
 from pipeline.artifact import Codec, read_spec
 from pipeline.formats import READERS, get_reader
-from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, LatentpackError, batch_records
+from pipeline.images import DEFAULT_MAX_PIXELS, BadImage, DeadLetter, LatentpackError, batch_records
 
 NAMESPACE = "latentpack.encode"
 
 
 class ReadShardBatches(beam.DoFn):
-    """shard path -> ImageBatch elements, and DeadLetters on the `dead_letter` output."""
+    """shard path -> ImageBatch elements, and DeadLetters on the `dead_letter` output.
+
+    `duplicates` maps each key that occurs more than once to the (source, index) of its
+    first occurrence; later occurrences become `duplicate_key` dead letters.
+    """
 
     def __init__(self, input_format: str, root: str, shape: tuple, batch_size: int, max_pixels: int):
         self.input_format, self.root, self.shape = input_format, root, tuple(shape)
         self.batch_size, self.max_pixels = batch_size, max_pixels
 
-    def process(self, shard: str):
+    def process(self, shard: str, duplicates=None):
         reader = get_reader(self.input_format)
         records = reader.records(shard, self.root)
+        if duplicates:
+            records = _drop_later_duplicates(records, duplicates)
         for item in batch_records(records, self.shape, self.batch_size, self.max_pixels):
             if isinstance(item, DeadLetter):
                 yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, item)
@@ -46,19 +53,71 @@ class ReadShardBatches(beam.DoFn):
                 yield item
 
 
+def _drop_later_duplicates(records, duplicates):
+    for rec in records:
+        first = duplicates.get(rec.key)
+        if first is not None and rec.error is None and tuple(first) != (rec.source, rec.index):
+            rec.error = BadImage("duplicate_key", f"key also at {first[0]}:{first[1]}; the first one is kept")
+        yield rec
+
+
+def _key_buckets(shard: str, input_format: str, root: str, buckets: int = 16):
+    """shard -> (bucket, [(key, source, index)]) for every readable record, bucketed by a stable hash."""
+    out = [[] for _ in range(buckets)]
+    for rec in get_reader(input_format).records(shard, root):
+        if rec.error is None:
+            out[zlib.crc32(rec.key.encode()) % buckets].append((rec.key, rec.source, rec.index))
+    return [(b, entries) for b, entries in enumerate(out) if entries]
+
+
+def _duplicates_in_bucket(bucket_entries):
+    _, lists = bucket_entries
+    seen = {}
+    for entries in lists:
+        for key, source, index in entries:
+            seen.setdefault(key, []).append((source, index))
+    for key, places in seen.items():
+        if len(places) > 1:
+            yield key, min(places)
+
+
+class FindDuplicateKeys(beam.PTransform):
+    """Shards -> one dict {key: (source, index) of its first occurrence} for keys seen twice or more.
+
+    Reads keys only (no pixels) and groups them by a hash bucket, so no worker holds them all.
+    """
+
+    def __init__(self, input_format: str, root: str):
+        super().__init__()
+        self.input_format, self.root = input_format, root
+
+    def expand(self, shards):
+        return (shards
+                | "KeyBuckets" >> beam.FlatMap(_key_buckets, self.input_format, self.root)
+                | "GroupBuckets" >> beam.GroupByKey()
+                | "Duplicates" >> beam.FlatMap(_duplicates_in_bucket)
+                | "AsDict" >> beam.combiners.ToDict())
+
+
 class ReadImageShards(beam.PTransform):
     """Match shards, spread them over workers, read them into image batches (+ dead letters)."""
 
-    def __init__(self, shards, input_format, root, shape, batch_size=1024, max_pixels=DEFAULT_MAX_PIXELS):
+    def __init__(self, shards, input_format, root, shape, batch_size=1024, max_pixels=DEFAULT_MAX_PIXELS,
+                 check_duplicates=True):
         super().__init__()
         self.shards, self.fn = list(shards), ReadShardBatches(input_format, root, shape, batch_size, max_pixels)
+        self.input_format, self.root, self.check_duplicates = input_format, root, check_duplicates
 
     def expand(self, pbegin):
-        return (pbegin
-                | "ListShards" >> beam.Create(self.shards)
-                # Without it, a runner may read every shard in the bundle that listed them.
-                | "SpreadShards" >> beam.Reshuffle()
-                | "ReadBatches" >> beam.ParDo(self.fn).with_outputs(DEAD_LETTER_TAG, main="images"))
+        shards = (pbegin
+                  | "ListShards" >> beam.Create(self.shards)
+                  # Without it, a runner may read every shard in the bundle that listed them.
+                  | "SpreadShards" >> beam.Reshuffle())
+        side = []
+        if self.check_duplicates:
+            duplicates = shards | "FindDuplicateKeys" >> FindDuplicateKeys(self.input_format, self.root)
+            side = [beam.pvalue.AsSingleton(duplicates)]
+        return shards | "ReadBatches" >> beam.ParDo(self.fn, *side).with_outputs(DEAD_LETTER_TAG, main="images")
 
 
 class EncodeBatch(beam.DoFn):
@@ -83,15 +142,15 @@ class EncodeBatch(beam.DoFn):
 class WriteManifest(beam.DoFn):
     """Runs once, after every part is written: describe the parts and write _manifest.json."""
 
-    def __init__(self, output: str, fingerprint: str, extra: dict, max_bad_fraction: float):
+    def __init__(self, output: str, fingerprint: str, extra: dict, max_bad_fraction: float, fatal_reasons=()):
         self.output, self.fingerprint, self.extra = output, fingerprint, extra
-        self.max_bad_fraction = max_bad_fraction
+        self.max_bad_fraction, self.fatal_reasons = max_bad_fraction, tuple(fatal_reasons)
 
     def process(self, _, parts, rows, reasons, dead_letter_files):
         described = latents.describe_parts(parts)
         payload = latents.manifest(described, counts(rows, reasons), self.fingerprint, self.extra)
         payload["dead_letter_files"] = sorted(posixpath.relpath(p, self.output) for p in dead_letter_files)
-        finish(self.output, payload, self.max_bad_fraction)
+        finish(self.output, payload, self.max_bad_fraction, self.fatal_reasons)
         yield payload
 
 
@@ -99,10 +158,10 @@ class WriteLatentDataset(beam.PTransform):
     """Tables + dead letters -> Parquet parts, dead-letter JSONL, then `_manifest.json` last."""
 
     def __init__(self, output: str, spec: dict, latent_format: str, extra: dict, num_shards: int = 0,
-                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
+                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, fatal_reasons=()):
         super().__init__()
         self.output, self.spec, self.extra, self.num_shards = output, spec, extra, num_shards
-        self.latent_format, self.max_bad_fraction = latent_format, max_bad_fraction
+        self.latent_format, self.max_bad_fraction, self.fatal_reasons = latent_format, max_bad_fraction, fatal_reasons
 
     def expand(self, inputs):
         tables, dead_letters = inputs
@@ -116,7 +175,8 @@ class WriteLatentDataset(beam.PTransform):
         return (tables.pipeline
                 | "Once" >> beam.Create([None])
                 | "WriteManifest" >> beam.ParDo(
-                    WriteManifest(self.output, self.spec["fingerprint"], self.extra, self.max_bad_fraction),
+                    WriteManifest(self.output, self.spec["fingerprint"], self.extra, self.max_bad_fraction,
+                                  self.fatal_reasons),
                     side.AsList(parts), side.AsSingleton(rows), side.AsSingleton(reasons), side.AsList(dead_files)))
 
 
@@ -155,6 +215,9 @@ def parse_args(argv):
                    help="reject images with more pixels than this, before decoding them")
     p.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
                    help="fail the job, leaving the output unmarked, if more than this fraction of inputs is bad")
+    p.add_argument("--duplicate-keys", choices=["keep-first", "fail"], default="keep-first",
+                   help="a key seen again: keep its first occurrence (by shard, then record index) and "
+                        "dead-letter the others, or fail the job")
     return p.parse_known_args(argv)
 
 
@@ -174,14 +237,15 @@ def run(argv=None, test_pipeline=None):
     clear_previous(output)
     logging.info("encoding %d shard(s) of %s with model %s", len(shards), args.input_format, spec["fingerprint"][:19])
     extra = {"input": args.input, "input_format": args.input_format, "shards": len(shards),
-             "latent_format": latent_format,
+             "latent_format": latent_format, "duplicate_keys": args.duplicate_keys,
              "codec": {k: spec[k] for k in ("image_shape", "latent_dim", "latent_dtype")}}
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
     read = p | "ReadImageShards" >> ReadImageShards(
         shards, args.input_format, root, spec["image_shape"], args.batch_size, args.max_pixels)
     tables = read.images | "EncodeImages" >> beam.ParDo(EncodeBatch(args.model_dir, spec, latent_format))
     (tables, read[DEAD_LETTER_TAG]) | "WriteLatentDataset" >> WriteLatentDataset(
-        output, spec, latent_format, extra, args.num_shards, args.max_bad_fraction)
+        output, spec, latent_format, extra, args.num_shards, args.max_bad_fraction,
+        fatal_reasons=("duplicate_key",) if args.duplicate_keys == "fail" else ())
     p.run().wait_until_finish()
     raise_if_failed(output)
     return latents.read_manifest(output)

@@ -73,8 +73,14 @@ class Reader:
 
 def _read_bytes(path: str) -> bytes:
     """The file's bytes; Beam's filesystems decompress `.gz`/`.bz2`/... files by extension."""
+    chunks = []
     with FileSystems.open(path) as f:
-        return f.read()
+        # One read() of a compressed file returns at most one buffer: read to the end.
+        while True:
+            chunk = f.read(1 << 24)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
 
 
 @register

@@ -288,6 +288,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=["loop", "beam", "beam-2w", "naive", "dec-loop", "dec-beam",
                                                      "dec-beam-tfr"], help="which variants to run")
     p.add_argument("--out", default="bench-out", help="work folder (inputs and the model are reused)")
+    p.add_argument("--record", action="store_true", help="write the results into BENCHMARKS.md")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -303,6 +304,13 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(table + "\n")
     print("\n" + table)
+    if args.record:
+        from record import replace_section
+        command = " ".join(["python scripts/bench.py"] + sys.argv[1:])
+        replace_section("bench", f"Measured with `{command}` ({time.strftime('%Y-%m-%d')}); medians of "
+                                 f"{args.repeats} alternating repeats. Images per second are whole-process figures: "
+                                 f"they include starting Python, importing TensorFlow and loading the model "
+                                 f"(about 10 s per process).\n\n{table}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """Faults a scheduled job meets: killed runs, re-runs, foreign datasets, and fuzzed inputs."""
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -161,3 +162,29 @@ def test_fuzz_other_readers_random_bytes(data, fmt):
             f.write(data)
         out = list(batch_records(get_reader(fmt).records(path, d), (28, 28, 1), 4))
     assert all(isinstance(o, (ImageBatch, DeadLetter)) for o in out)
+
+
+def test_duplicate_keys_keep_first_or_fail(tmp_path, mnist, model_dir):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    images = mnist[0][:6]
+    write_tfrecord(folder / "a.tfrecord", images[:3], keys=["x", "y", "x"])
+    write_tfrecord(folder / "b.tfrecord", images[3:], keys=["y", "z", "w"])
+    out = str(tmp_path / "lat")
+    args = ["--input", str(folder / "*.tfrecord"), "--model-dir", model_dir, "--output", out,
+            "--max-bad-fraction", "0.5"] + BEAM_TEST_ARGS
+    manifest = encode.run(args)
+    assert manifest["counts"] == {"read": 6, "written": 4, "dead_lettered": 2,
+                                  "dead_lettered_by_reason": {"duplicate_key": 2}}
+    table = rows(out)
+    assert table.column("key").to_pylist() == ["w", "x", "y", "z"]
+    from pipeline.artifact import Codec
+    # The first occurrences are kept: x = a.tfrecord:0, y = a.tfrecord:1, z = b.tfrecord:1, w = b.tfrecord:2.
+    expected = Codec(model_dir).encode(images[[5, 0, 1, 4]])
+    assert np.array_equal(latents.latents_of(table), expected)
+    letters = [json.loads(line) for f in glob.glob(f"{out}/dead_letter/*.jsonl") for line in open(f)]
+    assert sorted((d["key"], os.path.basename(d["source"]), d["index"]) for d in letters) == [
+        ("x", "a.tfrecord", 2), ("y", "b.tfrecord", 0)]
+    with pytest.raises(LatentpackError, match="duplicate_key"):
+        encode.run(args + ["--duplicate-keys", "fail"])
+    assert not os.path.exists(os.path.join(out, latents.MANIFEST))
