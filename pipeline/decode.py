@@ -104,6 +104,19 @@ class WriteDecodeManifest(beam.DoFn):
         yield payload
 
 
+def clear_previous(output: str) -> None:
+    """Unmark the output, then remove shard files and temp folders a previous decode left there.
+
+    PNG files are one per key and are overwritten in place; nothing else is deleted.
+    """
+    unmark(output)
+    stale = [m.path for ext in ("tfrecord", "npz", "parquet", "npz.tmp")
+             for m in FileSystems.match([posixpath.join(output, f"images-*.{ext}")])[0].metadata_list]
+    stale += [m.path for m in FileSystems.match([posixpath.join(output, "dead_letter", "part-*.jsonl")])[0].metadata_list]
+    if stale:
+        FileSystems.delete(stale)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="latentpack decode", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -124,7 +137,7 @@ def run(argv=None, test_pipeline=None):
     dataset = args.input.rstrip("/")
     paths = check_dataset(dataset, spec)
     output = args.output.rstrip("/")
-    unmark(output)
+    clear_previous(output)
     extra = {"source": dataset, "output_format": args.output_format, "model_fingerprint": spec["fingerprint"]}
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
     batches = (p

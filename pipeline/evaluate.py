@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -107,6 +108,7 @@ def point(name, family, bytes_per_image, images, recon, **extra):
 def model_point(model_dir, args, beam_args, keys, images, index):
     spec = read_spec(model_dir)
     work = os.path.join(args.output, f"model-{index}")
+    shutil.rmtree(work, ignore_errors=True)  # nothing from an earlier evaluation may be counted
     started = time.time()
     manifest = encode.run(["--input", args.input, "--input-format", args.input_format, "--model-dir", model_dir,
                            "--output", os.path.join(work, "latents"), "--max-bad-fraction", "1"] + beam_args)

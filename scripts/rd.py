@@ -53,8 +53,9 @@ def main(argv=None) -> int:
     train_x = images[train_idx]
     print(f"rd: {len(train_x)} training images, {len(eval_idx)} held-out evaluation images")
 
-    jobs = [(f"q{q}", TrainConfig(latent_dim=QUALITY_PRESETS[q][1], lmbda=QUALITY_PRESETS[q][0], quality=q,
-                                  epochs=args.epochs, val_fraction=0.02)) for q in args.qualities]
+    jobs = [(f"q{q}", TrainConfig(lmbda=QUALITY_PRESETS[q][0], latent_dim=QUALITY_PRESETS[q][1],
+                                  width=QUALITY_PRESETS[q][2], quality=q, epochs=args.epochs, val_fraction=0.02))
+            for q in args.qualities]
     jobs.append(("mlp", TrainConfig(arch="mlp", latent_dim=32, latent_bits=8, epochs=args.mlp_epochs,
                                     batch_size=256, learning_rate=1e-3, val_fraction=0.02)))
     model_dirs = []

@@ -87,3 +87,21 @@ def test_unsafe_key_goes_to_dead_letters(tmp_path, model_dir, mnist):
                                   "dead_lettered_by_reason": {"unsafe_key": 1}}
     assert sorted(os.listdir(f"{png}/fine")) == ["one.png", "two.png"]
     assert not os.path.exists(tmp_path / "etc")
+
+
+def test_decoding_again_into_the_same_folder_leaves_no_stale_shards(dataset, model_dir, tmp_path, mnist):
+    from conftest import write_tfrecord
+    out = str(tmp_path / "npz")
+    decode.run(["--input", dataset, "--model-dir", model_dir, "--output", out, "--output-format", "npz"]
+               + BEAM_TEST_ARGS)
+    other = tmp_path / "other"
+    other.mkdir()
+    write_tfrecord(other / "o.tfrecord", mnist[0][:5], keys=[f"o/{i}" for i in range(5)])
+    lat = str(tmp_path / "lat2")
+    encode.run(["--input", str(other / "o.tfrecord"), "--model-dir", model_dir, "--output", lat] + BEAM_TEST_ARGS)
+    manifest = decode.run(["--input", lat, "--model-dir", model_dir, "--output", out, "--output-format", "npz"]
+                          + BEAM_TEST_ARGS)
+    files = sorted(f for f in os.listdir(out) if f.endswith(".npz"))
+    assert files == sorted(manifest["files"])
+    keys = [k for f in files for k in np.load(os.path.join(out, f))["keys"].tolist()]
+    assert sorted(keys) == [f"o/{i}" for i in range(5)]

@@ -20,10 +20,12 @@ def register(name):
     return wrap
 
 
-def build(arch: str, image_shape: tuple, latent_dim: int):
-    """(encoder, decoder) for `arch` on images of `image_shape`."""
+def build(arch: str, image_shape: tuple, latent_dim: int, width: int = 16):
+    """(encoder, decoder) for `arch` on images of `image_shape`; `width` sizes the conv arch."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if arch == "conv":
+        return ARCHS[arch](tuple(image_shape), latent_dim, width)
     return ARCHS[arch](tuple(image_shape), latent_dim)
 
 

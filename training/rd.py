@@ -18,10 +18,12 @@ import tensorflow as tf
 from training import model
 from training.prior import FactorizedPrior
 
-# --quality 1..8 -> (lambda, latent_dim): low to high quality.
+# --quality 1..8 -> (lambda, latent_dim, conv width): low to high quality. The prior makes unused
+# latent dimensions nearly free, so latent_dim is generous; the high presets need a wider model
+# to reach their distortion at all.
 QUALITY_PRESETS = {
-    1: (0.16, 64), 2: (0.08, 64), 3: (0.04, 64), 4: (0.02, 64),
-    5: (0.01, 64), 6: (0.005, 64), 7: (0.0025, 64), 8: (0.00125, 64),
+    1: (0.16, 64, 16), 2: (0.08, 64, 16), 3: (0.04, 64, 16), 4: (0.02, 64, 16),
+    5: (0.01, 64, 32), 6: (0.005, 64, 32), 7: (0.0025, 96, 48), 8: (0.00125, 96, 48),
 }
 
 
@@ -31,7 +33,7 @@ def train_rd(config, train_x: np.ndarray, val_x: np.ndarray):
 
     image_shape = tuple(train_x.shape[1:])
     pixels = float(math.prod(image_shape))
-    encoder, decoder = model.build(config.arch, image_shape, config.latent_dim)
+    encoder, decoder = model.build(config.arch, image_shape, config.latent_dim, config.width)
     prior = FactorizedPrior(config.latent_dim)
     prior.build((None, config.latent_dim))
     variables = encoder.trainable_variables + decoder.trainable_variables + prior.trainable_variables

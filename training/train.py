@@ -26,6 +26,7 @@ class TrainConfig:
 
     arch: str = "conv"
     latent_dim: int = 32
+    width: int = 16  # channels of the conv arch's first stage (the second has twice as many)
     latent_bits: int = 6
     epochs: int = 20
     batch_size: int = 64
@@ -47,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--arch", default=defaults.arch, choices=["conv", "mlp"],
                    help="conv: convolutional with a linear bottleneck; mlp: the reference tutorial model")
     p.add_argument("--latent-dim", type=int, default=defaults.latent_dim, help="latent values per image")
+    p.add_argument("--width", type=int, default=defaults.width, help="conv arch: channels of the first stage")
     p.add_argument("--latent-bits", type=int, default=defaults.latent_bits, choices=range(2, 17), metavar="2..16",
                    help="quantization bits per latent value (<=8 stores int8)")
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs")
@@ -116,7 +118,8 @@ def train(config: TrainConfig, images: np.ndarray, model_dir: str, extra: Option
         entropy = {"entropy_model": entropy_model}
     spec = {
         "latent_dim": config.latent_dim,
-        "architecture": {"arch": config.arch, "latent_dim": config.latent_dim},
+        "architecture": {"arch": config.arch, "latent_dim": config.latent_dim,
+                         **({"width": config.width} if config.arch == "conv" else {})},
         "training": dict(dataclasses.asdict(config), train_images=int(len(train_x)),
                          seconds=round(time.time() - started, 1), final_loss=float(history["loss"][-1]),
                          **(extra or {})),
@@ -137,7 +140,7 @@ def train_autoencoder(config: TrainConfig, train_x: np.ndarray, val_x: np.ndarra
     from training import model
 
     image_shape = tuple(train_x.shape[1:])
-    encoder, decoder = model.build(config.arch, image_shape, config.latent_dim)
+    encoder, decoder = model.build(config.arch, image_shape, config.latent_dim, config.width)
     inputs = keras.Input(image_shape)
     autoencoder = keras.Model(inputs, decoder(encoder(inputs)))
     autoencoder.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="mse")
@@ -156,12 +159,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # The mlp arch reproduces the reference tutorial's settings unless told otherwise.
     reference = args.arch == "mlp"
-    lmbda, latent_dim = args.lmbda, args.latent_dim
+    lmbda, latent_dim, width = args.lmbda, args.latent_dim, args.width
     if args.quality is not None:
         from training.rd import QUALITY_PRESETS
-        lmbda, latent_dim = QUALITY_PRESETS[args.quality]
+        lmbda, latent_dim, width = QUALITY_PRESETS[args.quality]
     config = TrainConfig(
-        arch=args.arch, latent_dim=latent_dim, latent_bits=args.latent_bits, epochs=args.epochs,
+        arch=args.arch, latent_dim=latent_dim, width=width, latent_bits=args.latent_bits, epochs=args.epochs,
         batch_size=args.batch_size or (256 if reference else TrainConfig.batch_size),
         learning_rate=args.learning_rate or (1e-3 if reference else TrainConfig.learning_rate),
         val_fraction=args.val_fraction, seed=args.seed, lmbda=lmbda, quality=args.quality)
