@@ -143,11 +143,14 @@ def markdown(points) -> str:
 
 
 def plot(points, path: str) -> None:
+    """Rate-distortion curves: bytes per image (log) against PSNR, one line per codec family.
+    Classical codecs also get a dashed line for their bytes inside a zstd Parquet column."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     styles = {"latentpack": ("o-", "C3"), "jpeg": ("s-", "C0"), "webp": ("^-", "C2"), "mlp-ae": ("D", "C4"),
               "conv-ae": ("v", "C1")}
     for family in dict.fromkeys(p["family"] for p in points):
@@ -157,14 +160,21 @@ def plot(points, path: str) -> None:
             continue
         marker, color = styles.get(family, ("x-", "k"))
         ax.plot([p["bytes_per_image"] for p in pts], [p["psnr"] for p in pts], marker, color=color, label=family)
+        if "container_bytes_per_image" in pts[0]:
+            ax.plot([p["container_bytes_per_image"] for p in pts], [p["psnr"] for p in pts], marker[0] + "--",
+                    color=color, alpha=0.45, label=f"{family} in zstd Parquet")
     for p in points:
         if p["family"] == "png":
             ax.axvline(p["bytes_per_image"], color="gray", ls=":", label="png (lossless)")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks([t for t in (5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+                   if min(p["bytes_per_image"] for p in points) / 2 <= t <= 2 * max(p["bytes_per_image"] for p in points)])
     ax.set_xlabel("bytes per image (all stored bytes / images)")
     ax.set_ylabel("PSNR (dB)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="demo-out", help="folder for everything the demo writes")
     p.add_argument("--holdout", type=int, default=1000, help="images kept out of training and encoded")
     p.add_argument("--epochs", type=int, default=20, help="training epochs")
+    p.add_argument("--quality", default="3",
+                   help="rate-distortion preset 1..8 (entropy-coded codes), or 'none' for the plain autoencoder")
     p.add_argument("--seed", type=int, default=0, help="seed for the split and training")
     p.add_argument("--beam-args", default="", help="extra Beam options for encode/decode, space-separated")
     args = p.parse_args(argv)
@@ -77,8 +79,9 @@ def main(argv=None) -> int:
     print(f"wrote {len(train)} training and {len(held)} held-out MNIST images as TFRecord shards in {out}/shards")
 
     beam_args = args.beam_args.split()
+    quality = [] if args.quality == "none" else ["--quality", args.quality]
     step("train", ["train", "--input", f"{out}/shards/train-*.tfrecord", "--input-format", "tfrecord",
-                   "--model-dir", f"{out}/model", "--epochs", str(args.epochs), "--seed", str(args.seed)])
+                   "--model-dir", f"{out}/model", "--epochs", str(args.epochs), "--seed", str(args.seed)] + quality)
     step("encode", ["encode", "--input", f"{out}/shards/holdout-*.tfrecord", "--input-format", "tfrecord",
                     "--model-dir", f"{out}/model", "--output", f"{out}/latents"] + beam_args)
     step("decode", ["decode", "--input", f"{out}/latents", "--model-dir", f"{out}/model",
