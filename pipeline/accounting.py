@@ -121,3 +121,39 @@ def unmark(output: str) -> None:
         path = posixpath.join(output, marker)
         if FileSystems.exists(path):
             FileSystems.delete([path])
+
+
+def clear_previous(output: str, patterns) -> None:
+    """Unmark `output`, then remove an earlier run's files matching `patterns` and the temporary
+    folders of a run killed before Beam finalized it. Nothing else in the folder is touched."""
+    import glob
+
+    from apache_beam.io.filesystems import FileSystems
+
+    unmark(output)
+    stale = {m.path for pattern in list(patterns) + ["dead_letter/part-*.jsonl"]
+             for m in FileSystems.match([posixpath.join(output, pattern)])[0].metadata_list}
+    temp_dirs = set()
+    for folder in (output, posixpath.join(output, "dead_letter")):
+        for m in FileSystems.match([posixpath.join(folder, "beam-temp-*/**")])[0].metadata_list:
+            temp_dirs.add(posixpath.join(folder, m.path[len(folder) + 1:].split("/", 1)[0]))
+        if "://" not in folder:  # local folders: empty temp directories too
+            temp_dirs.update(glob.glob(posixpath.join(folder, "beam-temp-*")))
+    if stale or temp_dirs:
+        FileSystems.delete(sorted(stale) + sorted(temp_dirs))
+
+
+def run_to_completion(pipeline, output: str) -> dict:
+    """Run a job, turn a failure marker into a clear error, and return its manifest."""
+    from pipeline.latents import read_manifest
+
+    pipeline.run().wait_until_finish()
+    raise_if_failed(output)
+    return read_manifest(output)
+
+
+def summary(manifest: dict, done: str) -> str:
+    """One line for the end of a job: what was done and what was dead-lettered, by reason."""
+    c = manifest["counts"]
+    return (f"{done}; {c['dead_lettered']} of {c['read']} inputs dead-lettered "
+            f"{c['dead_lettered_by_reason'] or ''}").rstrip()

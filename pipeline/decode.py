@@ -20,8 +20,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import latents
-from pipeline.accounting import (DEFAULT_MAX_BAD_FRACTION, Progress, WriteDeadLetters, counts, finish,
-                                 raise_if_failed, unmark)
+from pipeline.accounting import (DEFAULT_MAX_BAD_FRACTION, Progress, WriteDeadLetters, clear_previous, counts,
+                                 finish, run_to_completion, summary)
 from pipeline.artifact import Codec, read_spec
 from pipeline.images import ImageBatch, LatentpackError
 from pipeline.outputs import WRITERS
@@ -104,19 +104,6 @@ class WriteDecodeManifest(beam.DoFn):
         yield payload
 
 
-def clear_previous(output: str) -> None:
-    """Unmark the output, then remove shard files and temp folders a previous decode left there.
-
-    PNG files are one per key and are overwritten in place; nothing else is deleted.
-    """
-    unmark(output)
-    stale = [m.path for ext in ("tfrecord", "npz", "parquet", "npz.tmp")
-             for m in FileSystems.match([posixpath.join(output, f"images-*.{ext}")])[0].metadata_list]
-    stale += [m.path for m in FileSystems.match([posixpath.join(output, "dead_letter", "part-*.jsonl")])[0].metadata_list]
-    if stale:
-        FileSystems.delete(stale)
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="latentpack decode", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -137,7 +124,8 @@ def run(argv=None, test_pipeline=None):
     dataset = args.input.rstrip("/")
     paths = check_dataset(dataset, spec)
     output = args.output.rstrip("/")
-    clear_previous(output)
+    # PNG files are one per key and are overwritten in place; shard files are replaced.
+    clear_previous(output, [f"images-*.{ext}" for ext in ("tfrecord", "npz", "parquet", "npz.tmp")])
     extra = {"source": dataset, "output_format": args.output_format, "model_fingerprint": spec["fingerprint"]}
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
     batches = (p
@@ -152,17 +140,13 @@ def run(argv=None, test_pipeline=None):
     (p | "Once" >> beam.Create([None])
        | "WriteManifest" >> beam.ParDo(WriteDecodeManifest(output, extra, args.max_bad_fraction), side.AsSingleton(total),
                                        side.AsSingleton(reasons), side.AsList(files), side.AsList(dead_files)))
-    p.run().wait_until_finish()
-    raise_if_failed(output)
-    return latents.read_manifest(output)
+    return run_to_completion(p, output)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     manifest = run(argv)
-    c = manifest["counts"]
-    print(f"decoded {c['written']} of {c['read']} images as {manifest['output_format']}; "
-          f"{c['dead_lettered']} dead-lettered {c['dead_lettered_by_reason'] or ''}".rstrip())
+    print(summary(manifest, f"decoded {manifest['counts']['written']} images as {manifest['output_format']}"))
     return 0
 
 

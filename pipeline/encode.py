@@ -9,7 +9,6 @@ batches of images (numpy arrays), the model is loaded once per worker in `setup(
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import posixpath
 import sys
@@ -20,9 +19,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import latents
-from pipeline.accounting import (DEAD_LETTER_TAG, DEFAULT_MAX_BAD_FRACTION, Progress, WriteDeadLetters, counts,
-                                 finish, raise_if_failed, unmark)
+from pipeline import incremental, latents
+from pipeline.accounting import (DEAD_LETTER_TAG, DEFAULT_MAX_BAD_FRACTION, Progress, WriteDeadLetters,
+                                 clear_previous, counts, finish, run_to_completion, summary)
 from pipeline.artifact import Codec, read_spec
 from pipeline.formats import READERS, get_reader
 from pipeline.images import DEFAULT_MAX_PIXELS, BadImage, DeadLetter, LatentpackError, batch_records
@@ -180,24 +179,6 @@ class WriteLatentDataset(beam.PTransform):
                     side.AsList(parts), side.AsSingleton(rows), side.AsSingleton(reasons), side.AsList(dead_files)))
 
 
-def clear_previous(output: str) -> None:
-    """Unmark and remove an earlier run's output, manifest first so it never looks complete.
-
-    Also removes the temporary folders of a run that was killed before Beam finalized it.
-    """
-    unmark(output)
-    stale = [m.path for pattern in (f"{latents.PART_PREFIX}-*.parquet", "dead_letter/part-*.jsonl")
-             for m in FileSystems.match([posixpath.join(output, pattern)])[0].metadata_list]
-    temp_dirs = set()
-    for folder in (output, posixpath.join(output, "dead_letter")):
-        for m in FileSystems.match([posixpath.join(folder, "beam-temp-*/**")])[0].metadata_list:
-            temp_dirs.add(posixpath.join(folder, m.path[len(folder) + 1:].split("/", 1)[0]))
-        if "://" not in folder:  # local folders: empty temp directories too
-            temp_dirs.update(glob.glob(posixpath.join(folder, "beam-temp-*")))
-    if stale or temp_dirs:
-        FileSystems.delete(stale + sorted(temp_dirs))
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="latentpack encode", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -215,6 +196,9 @@ def parse_args(argv):
                    help="reject images with more pixels than this, before decoding them")
     p.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
                    help="fail the job, leaving the output unmarked, if more than this fraction of inputs is bad")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="incremental: one output part per input shard, skipping shards whose part already exists "
+                        "for this model; the manifest covers every part in --output")
     p.add_argument("--duplicate-keys", choices=["keep-first", "fail"], default="keep-first",
                    help="a key seen again: keep its first occurrence (by shard, then record index) and "
                         "dead-letter the others, or fail the job")
@@ -234,30 +218,31 @@ def run(argv=None, test_pipeline=None):
     output = args.output.rstrip("/")
     if not FileSystems.exists(output):
         FileSystems.mkdirs(output)
-    clear_previous(output)
     logging.info("encoding %d shard(s) of %s with model %s", len(shards), args.input_format, spec["fingerprint"][:19])
     extra = {"input": args.input, "input_format": args.input_format, "shards": len(shards),
              "latent_format": latent_format, "duplicate_keys": args.duplicate_keys,
              "codec": {k: spec[k] for k in ("image_shape", "latent_dim", "latent_dtype")}}
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
+    if args.skip_existing:
+        # Parts of earlier runs stay; only unfinished temporary files go.
+        clear_previous(output, [f"{latents.PART_PREFIX}-*.parquet.tmp", "dead_letter/*.jsonl.tmp"])
+        incremental.build(p, shards, args, spec, latent_format, root, output, extra)
+        return run_to_completion(p, output)
+    clear_previous(output, [f"{latents.PART_PREFIX}-*.parquet", "dead_letter/*.jsonl"])
     read = p | "ReadImageShards" >> ReadImageShards(
         shards, args.input_format, root, spec["image_shape"], args.batch_size, args.max_pixels)
     tables = read.images | "EncodeImages" >> beam.ParDo(EncodeBatch(args.model_dir, spec, latent_format))
     (tables, read[DEAD_LETTER_TAG]) | "WriteLatentDataset" >> WriteLatentDataset(
         output, spec, latent_format, extra, args.num_shards, args.max_bad_fraction,
         fatal_reasons=("duplicate_key",) if args.duplicate_keys == "fail" else ())
-    p.run().wait_until_finish()
-    raise_if_failed(output)
-    return latents.read_manifest(output)
+    return run_to_completion(p, output)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     manifest = run(argv)
-    c = manifest["counts"]
-    print(f"encoded {c['written']} of {c['read']} images into {len(manifest['files'])} part(s), "
-          f"{manifest['total_bytes'] / max(manifest['images'], 1):.1f} bytes per image; "
-          f"{c['dead_lettered']} dead-lettered {c['dead_lettered_by_reason'] or ''}".rstrip())
+    print(summary(manifest, f"encoded {manifest['images']} images into {len(manifest['files'])} part(s), "
+                            f"{manifest['total_bytes'] / max(manifest['images'], 1):.1f} bytes per image"))
     return 0
 
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline import decode, encode, latents
+from pipeline import decode, encode
 from pipeline.artifact import read_spec
 from pipeline.formats import READERS, get_reader
 from pipeline.images import ImageBatch, LatentpackError, batch_records, probe_shape, psnr

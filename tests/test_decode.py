@@ -1,5 +1,4 @@
 import glob
-import io
 import json
 import os
 import shutil

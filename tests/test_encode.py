@@ -15,7 +15,7 @@ from conftest import BEAM_TEST_ARGS, write_tfrecord
 from pipeline import encode, latents
 from pipeline.accounting import DEAD_LETTER_TAG
 from pipeline.artifact import Codec, read_spec
-from pipeline.images import DeadLetter, ImageBatch, LatentpackError
+from pipeline.images import ImageBatch, LatentpackError
 from pipeline.tfrecord import make_example
 
 
@@ -48,7 +48,7 @@ def test_encode_batch_dofn_directly(model_dir, mnist):
 
 
 def test_read_and_encode_in_a_test_pipeline(shards, model_dir):
-    pattern, images, keys = shards.pattern, shards.images, shards.keys
+    pattern, keys = shards.pattern, shards.keys
     spec = read_spec(model_dir)
     shard_paths = sorted(glob.glob(pattern))
     with BeamTestPipeline(argv=BEAM_TEST_ARGS) as p:

@@ -188,3 +188,36 @@ def test_duplicate_keys_keep_first_or_fail(tmp_path, mnist, model_dir):
     with pytest.raises(LatentpackError, match="duplicate_key"):
         encode.run(args + ["--duplicate-keys", "fail"])
     assert not os.path.exists(os.path.join(out, latents.MANIFEST))
+
+
+def test_skip_existing_encodes_only_new_shards(tmp_path, mnist, model_dir):
+    from pipeline.tfrecord import make_example
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_tfrecord(folder / "day1.tfrecord", mnist[0][:30], keys=[f"d1/{i}" for i in range(30)],
+                   extra_records=[make_example(b"junk", "d1/bad")])
+    write_tfrecord(folder / "day2.tfrecord", mnist[0][30:60], keys=[f"d2/{i}" for i in range(30)])
+    out = str(tmp_path / "lat")
+    args = ["--input", str(folder / "*.tfrecord"), "--model-dir", model_dir, "--output", out, "--skip-existing",
+            "--max-bad-fraction", "0.05"] + BEAM_TEST_ARGS
+    first = encode.run(args)
+    assert first["counts"] == {"read": 61, "written": 60, "dead_lettered": 1,
+                               "dead_lettered_by_reason": {"undecodable": 1}}
+    parts = {f["name"]: os.stat(os.path.join(out, f["name"])).st_mtime_ns for f in first["files"]}
+    assert len(parts) == 2 and all("day" in name for name in parts)
+    # The next night: one new shard. Old parts are left as they are; the manifest covers all three.
+    write_tfrecord(folder / "day3.tfrecord", mnist[0][60:80], keys=[f"d3/{i}" for i in range(20)])
+    second = encode.run(args)
+    assert second["counts"]["read"] == 81 and second["counts"]["written"] == 80 and second["images"] == 80
+    assert len(second["files"]) == 3
+    for name, mtime in parts.items():
+        assert os.stat(os.path.join(out, name)).st_mtime_ns == mtime, name
+    assert rows(out).column("key").to_pylist() == sorted([f"d{d}/{i}" for d, n in ((1, 30), (2, 30), (3, 20))
+                                                          for i in range(n)])
+    letters = [json.loads(line) for f in glob.glob(f"{out}/dead_letter/*.jsonl") for line in open(f)]
+    assert [d["key"] for d in letters] == ["d1/bad"]
+    assert not glob.glob(f"{out}/*.tmp")
+    # The incremental dataset decodes like any other.
+    manifest = decode.run(["--input", out, "--model-dir", model_dir, "--output", str(tmp_path / "png")]
+                          + BEAM_TEST_ARGS)
+    assert manifest["counts"]["written"] == 80

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from pipeline.formats import get_reader
-from pipeline.images import BadImage, DeadLetter, ImageBatch, LatentpackError, batch_records, probe_shape
+from pipeline.images import DeadLetter, LatentpackError, batch_records, probe_shape
 
 
 def _records(pattern: str, input_format: str):

@@ -16,7 +16,6 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline.images import BadImage, LatentpackError
 from pipeline.formats import READERS
 
 
