@@ -28,8 +28,8 @@ from PIL import Image
 
 from pipeline import decode, encode
 from pipeline.artifact import read_spec
-from pipeline.formats import READERS, get_reader
-from pipeline.images import ImageBatch, LatentpackError, batch_records, probe_shape, psnr
+from pipeline.formats import READERS, load_images
+from pipeline.images import LatentpackError, psnr
 
 JPEG_QUALITIES = (5, 10, 20, 30, 50, 70, 90)
 WEBP_QUALITIES = (0, 5, 10, 20, 40, 60, 80, 95)
@@ -42,25 +42,6 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     size = min(11, a.shape[1], a.shape[2])
     size -= 1 - size % 2
     return tf.image.ssim(tf.constant(a), tf.constant(b), max_val=255, filter_size=size).numpy()
-
-
-def load(pattern: str, fmt: str, limit=None):
-    """(keys, uint8 images) of every readable input image."""
-    reader = get_reader(fmt)
-    shards, root = reader.match(pattern)
-    records = (rec for shard in shards for rec in reader.records(shard, root))
-    first = next(records)
-    shape = probe_shape(first)
-    import itertools
-    keys, images = [], []
-    for item in batch_records(itertools.chain([first], records), shape, 1024):
-        if isinstance(item, ImageBatch):
-            keys += item.keys
-            images.append(item.images)
-        if limit and len(keys) >= limit:
-            break
-    images = np.concatenate(images)[:limit]
-    return keys[:limit] if limit else keys, images
 
 
 def container_bytes(keys, payloads) -> int:
@@ -195,7 +176,7 @@ def parse_args(argv):
 def run(argv=None) -> list:
     args, beam_args = parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
-    keys, images = load(args.input, args.input_format)
+    keys, images, _, _ = load_images(args.input, args.input_format)
     if len(set(keys)) != len(keys):
         raise LatentpackError("evaluation images need unique keys")
     logging.info("evaluating on %d images %s", len(images), images.shape[1:])

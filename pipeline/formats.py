@@ -7,15 +7,17 @@ SourceRecords (`read`). Readers do I/O only; decoding and checking pixels happen
 from __future__ import annotations
 
 import io
+import itertools
+import logging
 import posixpath
 import re
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import tfrecord
-from pipeline.images import BadImage, LatentpackError, SourceRecord
+from pipeline.images import BadImage, DeadLetter, LatentpackError, SourceRecord, batch_records, probe_shape
 
 READERS: Dict[str, "Reader"] = {}
 
@@ -69,6 +71,41 @@ class Reader:
         except Exception as e:  # a corrupt or unreadable file must not end the job
             yield SourceRecord(f"{posixpath.basename(shard)}:{index + 1}", shard, index + 1,
                                error=BadImage("bad_file", f"{type(e).__name__}: {e}"))
+
+
+def load_images(pattern: Optional[str], input_format: str, limit: Optional[int] = None):
+    """Every readable image of an input, in memory: (keys, uint8 images [N,H,W,C], int64 labels
+    (-1 where none), dead-letter count). For training and evaluation sets, not for bulk data.
+
+    The image shape is taken from the first readable record; records of another shape are
+    counted as bad and left out, never resized.
+    """
+    reader = get_reader(input_format)
+    shards, root = reader.match(pattern)
+    records = (rec for shard in shards for rec in reader.records(shard, root))
+    if limit is not None:
+        records = itertools.islice(records, limit)
+    head, shape = [], None
+    for rec in records:
+        head.append(rec)
+        if rec.error is None and (rec.pixels is not None or rec.encoded is not None):
+            try:
+                shape = probe_shape(rec)
+                break
+            except Exception:
+                continue
+    if shape is None:
+        raise LatentpackError(f"no readable images in --input {pattern!r} ({input_format})")
+    keys, batches, bad = [], [], 0
+    for item in batch_records(itertools.chain(head, records), shape, batch_size=4096):
+        if isinstance(item, DeadLetter):
+            bad += 1
+            if bad <= 5:
+                logging.warning("skipping %s (%s): %s", item.key, item.reason, item.error)
+        else:
+            keys += item.keys
+            batches.append(item)
+    return keys, np.concatenate([b.images for b in batches]), np.concatenate([b.labels for b in batches]), bad
 
 
 def _read_bytes(path: str) -> bytes:

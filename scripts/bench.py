@@ -13,6 +13,9 @@ runs each variant in its own process, alternating variants within each repeat:
   naive        one image per element, stock RunInference batching, WriteToParquet of dicts
                (on N / naive-fraction images, at N only: it is too slow for more)
   dec-loop / dec-beam / dec-beam-tfr   decode to PNG files (loop, Beam) and to TFRecord (Beam)
+  beam-int / beam-code, dec-beam-int / dec-beam-code
+               one rate-distortion model, its latents stored as integers or as entropy-coded codes
+               (not in the default set: `--variants beam-int beam-code dec-beam-int dec-beam-code`)
 
 Reports images/s, wall time and peak resident memory of the whole process tree
 (medians), and ratios computed within the run, as JSON and Markdown.
@@ -66,13 +69,13 @@ def write_input(folder: str, n: int, shards: int = 8) -> None:
     open(os.path.join(folder, "_done"), "w").close()
 
 
-def make_model(model_dir: str) -> None:
+def make_model(model_dir: str, **config) -> None:
     if os.path.exists(os.path.join(model_dir, "codec.json")):
         return
     from pipeline.formats import load_mnist_sample
     from training.train import TrainConfig, train
     # Throughput does not depend on how well the model is trained: one epoch is enough.
-    train(TrainConfig(epochs=1), load_mnist_sample()[0], model_dir)
+    train(TrainConfig(epochs=1, **config), load_mnist_sample()[0], model_dir)
 
 
 # ---------------------------------------------------------------- the variants (run in child processes)
@@ -188,9 +191,16 @@ def measure(cmd: list) -> dict:
     return {"wall_s": wall, "peak_rss_mb": peak[0] / 2 ** 20}
 
 
-def variant_command(name: str, inputs: str, model: str, out: str, latents_dir: str, naive_n: int) -> list:
+def variant_command(name: str, inputs: str, model: str, out: str, latents_dir: str, naive_n: int,
+                    rd_model: str = "", rd_latents: dict = None) -> list:
     py = [sys.executable]
     runner = ["--runner=FnApiRunner"] if os.environ.get("BENCH_NO_PRISM") else []
+    if name in ("beam-int", "beam-code"):  # the same rate-distortion model, both latent formats
+        return py + ["-m", "pipeline.encode", "--input", inputs, "--model-dir", rd_model, "--output", out,
+                     "--latent-format", name[5:]] + runner
+    if name in ("dec-beam-int", "dec-beam-code"):
+        return py + ["-m", "pipeline.decode", "--input", rd_latents[name[9:]], "--model-dir", rd_model,
+                     "--output", out, "--output-format", "tfrecord"] + runner
     if name == "loop":
         return py + [__file__, "--child", "encode-loop", inputs, model, out]
     if name == "beam":
@@ -214,6 +224,9 @@ def run_bench(args) -> dict:
     work = os.path.abspath(args.out)
     model = os.path.join(work, "model")
     make_model(model)
+    rd_model = os.path.join(work, "rd-model")
+    if any("int" in v or "code" in v for v in args.variants):
+        make_model(rd_model, lmbda=0.02, latent_dim=64)
     sizes = [args.n, args.n * args.scale] if args.scale > 1 else [args.n]
     results = {}
     for n in sizes:
@@ -224,6 +237,13 @@ def run_bench(args) -> dict:
         if not os.path.exists(os.path.join(latents_dir, "_manifest.json")):
             subprocess.run(variant_command("beam", pattern, model, latents_dir, "", 0), cwd=ROOT, check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        rd_latents = {}
+        for fmt in ("int", "code"):
+            rd_latents[fmt] = os.path.join(work, f"rd-latents-{fmt}-{n}")
+            if any(fmt in v for v in args.variants) and not os.path.exists(
+                    os.path.join(rd_latents[fmt], "_manifest.json")):
+                subprocess.run(variant_command(f"beam-{fmt}", pattern, model, rd_latents[fmt], "", 0, rd_model),
+                               cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         naive_n = max(1, n // args.naive_fraction)
         variants = args.variants if n == sizes[0] else [v for v in args.large_variants if v in args.variants]
         runs = {v: [] for v in variants}
@@ -231,7 +251,7 @@ def run_bench(args) -> dict:
             for v in variants:  # alternate variants within a repeat: drift hits them alike
                 out = os.path.join(work, "scratch")
                 shutil.rmtree(out, ignore_errors=True)
-                m = measure(variant_command(v, pattern, model, out, latents_dir, naive_n))
+                m = measure(variant_command(v, pattern, model, out, latents_dir, naive_n, rd_model, rd_latents))
                 m["images"] = naive_n if v == "naive" else n
                 m["images_per_s"] = m["images"] / m["wall_s"]
                 runs[v].append(m)
@@ -250,7 +270,9 @@ def ratios(results: dict, sizes: list) -> dict:
     for n in sizes:
         r = {}
         for a, b, name in [("beam", "loop", "beam/loop encode"), ("beam-2w", "beam", "beam-2w/beam"),
-                           ("beam", "naive", "beam/naive"), ("dec-beam", "dec-loop", "beam/loop decode png")]:
+                           ("beam", "naive", "beam/naive"), ("dec-beam", "dec-loop", "beam/loop decode png"),
+                           ("beam-int", "beam-code", "encode time code/int"),
+                           ("dec-beam-int", "dec-beam-code", "decode time code/int")]:
             if ips(n, a) and ips(n, b):
                 r[name] = ips(n, a) / ips(n, b)
         out[n] = r

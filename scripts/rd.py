@@ -36,11 +36,11 @@ def main(argv=None) -> int:
         sys.exit(f"rd: {MNIST} is missing; this benchmark needs the MNIST training set in ../shared/data/mnist")
 
     from pipeline import cli
-    from training.data import load_images
+    from pipeline.formats import load_images
     from training.train import TrainConfig, train
     from training.rd import QUALITY_PRESETS
 
-    images, labels, _ = load_images(MNIST, "idx")
+    _, images, labels, _ = load_images(MNIST, "idx")
     order = np.random.default_rng(0).permutation(len(images))
     val_idx, train_idx = order[:args.val], order[args.val:]
     if args.train_limit:

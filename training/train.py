@@ -167,9 +167,9 @@ def main(argv=None) -> int:
         batch_size=args.batch_size or (256 if reference else TrainConfig.batch_size),
         learning_rate=args.learning_rate or (1e-3 if reference else TrainConfig.learning_rate),
         val_fraction=args.val_fraction, seed=args.seed, lmbda=lmbda, quality=args.quality)
-    from training.data import load_images
+    from pipeline.formats import load_images
 
-    images, _, bad = load_images(args.input, args.input_format, args.limit)
+    _, images, _, bad = load_images(args.input, args.input_format, args.limit)
     if bad:
         logging.warning("%d input records could not be used", bad)
     spec = train(config, images, args.model_dir,
