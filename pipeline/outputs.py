@@ -69,6 +69,25 @@ class PngWriter(beam.PTransform):
         return out.n, out[DEAD_LETTER_TAG], batches.pipeline | "NoShardFiles" >> beam.Create([])
 
 
+class ShardFileWriter(beam.PTransform):
+    """Base for writers of shard files that accept every image: subclasses define `write_files`."""
+
+    name = ""
+
+    def __init__(self, output: str):
+        super().__init__()
+        self.output = output
+
+    def write_files(self, batches):
+        """ImageBatch elements -> PCollection of the paths written."""
+        raise NotImplementedError
+
+    def expand(self, batches):
+        files = self.write_files(batches)
+        written = batches | "Count" >> beam.Map(len)
+        return written, batches.pipeline | "NoDeadLetters" >> beam.Create([]), files
+
+
 class _FramedBytesSink(filebasedsink.FileBasedSink):
     """A file sink whose elements are already-framed blobs of many records each."""
 
@@ -89,22 +108,15 @@ def frame_examples(batch) -> bytes:
 
 
 @register
-class TFRecordWriter(beam.PTransform):
+class TFRecordWriter(ShardFileWriter):
     """`<output>/images-SSSSS-of-NNNNN.tfrecord` with the Example schema the encoder reads."""
 
     name = "tfrecord"
 
-    def __init__(self, output: str):
-        super().__init__()
-        self.output = output
-
-    def expand(self, batches):
-        files = (batches
-                 | "FrameExamples" >> beam.Map(frame_examples)
-                 | "WriteShards" >> beam.io.Write(_FramedBytesSink(posixpath.join(self.output, "images"), ".tfrecord")))
-        written = batches | "Count" >> beam.Map(len)
-        no_letters = batches.pipeline | "NoDeadLetters" >> beam.Create([])
-        return written, no_letters, files
+    def write_files(self, batches):
+        return (batches
+                | "FrameExamples" >> beam.Map(frame_examples)
+                | "WriteShards" >> beam.io.Write(_FramedBytesSink(posixpath.join(self.output, "images"), ".tfrecord")))
 
 
 class WriteNpzFn(beam.DoFn):
@@ -130,19 +142,13 @@ class WriteNpzFn(beam.DoFn):
 
 
 @register
-class NpzWriter(beam.PTransform):
+class NpzWriter(ShardFileWriter):
     """`<output>/images-<hash>.npz` with `images` [N,H,W,C], `labels` (-1: none) and `keys`."""
 
     name = "npz"
 
-    def __init__(self, output: str):
-        super().__init__()
-        self.output = output
-
-    def expand(self, batches):
-        files = batches | "WriteNpz" >> beam.ParDo(WriteNpzFn(self.output))
-        written = batches | "Count" >> beam.Map(len)
-        return written, batches.pipeline | "NoDeadLetters" >> beam.Create([]), files
+    def write_files(self, batches):
+        return batches | "WriteNpz" >> beam.ParDo(WriteNpzFn(self.output))
 
 
 def image_table(batch):
@@ -167,20 +173,14 @@ IMAGE_SCHEMA = _image_schema()
 
 
 @register
-class ParquetImagesWriter(beam.PTransform):
+class ParquetImagesWriter(ShardFileWriter):
     """`<output>/images-SSSSS-of-NNNNN.parquet`: `key`, `image` {bytes (PNG), path}, `label`."""
 
     name = "parquet"
 
-    def __init__(self, output: str):
-        super().__init__()
-        self.output = output
-
-    def expand(self, batches):
-        files = (batches
-                 | "ToTables" >> beam.Map(image_table)
-                 | "WriteParquet" >> beam.io.WriteToParquetBatched(
-                     posixpath.join(self.output, "images"), schema=IMAGE_SCHEMA, codec="zstd",
-                     file_name_suffix=".parquet"))
-        written = batches | "Count" >> beam.Map(len)
-        return written, batches.pipeline | "NoDeadLetters" >> beam.Create([]), files
+    def write_files(self, batches):
+        return (batches
+                | "ToTables" >> beam.Map(image_table)
+                | "WriteParquet" >> beam.io.WriteToParquetBatched(
+                    posixpath.join(self.output, "images"), schema=IMAGE_SCHEMA, codec="zstd",
+                    file_name_suffix=".parquet"))
