@@ -54,29 +54,29 @@ class WritePngFn(beam.DoFn):
         yield written
 
 
-@register
-class PngWriter(beam.PTransform):
-    """`<output>/<key>.png`; a '/' in a key makes sub-folders."""
-
-    name = "png"
-
-    def __init__(self, output: str):
-        super().__init__()
-        self.output = output
-
-    def expand(self, batches):
-        out = batches | "WritePngFiles" >> beam.ParDo(WritePngFn(self.output)).with_outputs(DEAD_LETTER_TAG, main="n")
-        return out.n, out[DEAD_LETTER_TAG], batches.pipeline | "NoShardFiles" >> beam.Create([])
-
-
-class ShardFileWriter(beam.PTransform):
-    """Base for writers of shard files that accept every image: subclasses define `write_files`."""
+class ImageWriter(beam.PTransform):
+    """The writer interface: constructed with the output folder, expands to (written, dead_letters, files)."""
 
     name = ""
 
     def __init__(self, output: str):
         super().__init__()
         self.output = output
+
+
+@register
+class PngWriter(ImageWriter):
+    """`<output>/<key>.png`; a '/' in a key makes sub-folders."""
+
+    name = "png"
+
+    def expand(self, batches):
+        out = batches | "WritePngFiles" >> beam.ParDo(WritePngFn(self.output)).with_outputs(DEAD_LETTER_TAG, main="n")
+        return out.n, out[DEAD_LETTER_TAG], batches.pipeline | "NoShardFiles" >> beam.Create([])
+
+
+class ShardFileWriter(ImageWriter):
+    """Base for writers of shard files that accept every image: subclasses define `write_files`."""
 
     def write_files(self, batches):
         """ImageBatch elements -> PCollection of the paths written."""
