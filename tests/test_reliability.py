@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import BEAM_TEST_ARGS, write_tfrecord
@@ -94,13 +94,27 @@ def test_a_broken_file_in_any_format_is_a_dead_letter(tmp_path):
 
 # ---------------------------------------------------------------- fuzzing (bounded)
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Deterministic by default so that a CI gate never fails on a newly drawn example; set
+# LATENTPACK_FUZZ_RANDOM=1 (and LATENTPACK_FUZZ_EXAMPLES=N) to explore fresh inputs.
+FUZZ = settings(max_examples=int(os.environ.get("LATENTPACK_FUZZ_EXAMPLES", 60)), deadline=None,
+                derandomize=not os.environ.get("LATENTPACK_FUZZ_RANDOM"), database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def valid_shard(mnist, n=4):
     with tempfile.TemporaryDirectory() as d:
         path = write_tfrecord(os.path.join(d, "s.tfrecord"), mnist[0][:n], keys=[f"k{i}" for i in range(n)])
         return open(path, "rb").read()
+
+
+def record_ends(data: bytes):
+    """Byte offsets at which each record of a well-formed TFRecord file ends."""
+    ends, pos = [], 0
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 8], "little")
+        pos += 8 + 4 + length + 4
+        ends.append(pos)
+    return ends
 
 
 def read_tfrecord_bytes(data: bytes):
@@ -122,8 +136,10 @@ def test_fuzz_tfrecord_random_bytes(data):
 @FUZZ
 @given(flips=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), min_size=1, max_size=4),
        cut=st.one_of(st.none(), st.integers(min_value=0)))
+@example(flips=[(0, 0)], cut=0)  # cut to an empty file: a valid shard with no records
 def test_fuzz_tfrecord_mutated_shards(mnist, flips, cut):
-    data = bytearray(valid_shard(mnist))
+    original = valid_shard(mnist)
+    data = bytearray(original)
     for pos, value in flips:
         data[pos % len(data)] = value
     if cut is not None:
@@ -134,7 +150,10 @@ def test_fuzz_tfrecord_mutated_shards(mnist, flips, cut):
     # Nothing invented; and a record is either an image, a dead letter, or lost with the framing
     # after a dead letter that says so.
     assert len(images) + len(letters) <= 4 + 1
-    assert len(images) == 4 or letters
+    # A cut exactly at a record boundary leaves a well-formed, shorter shard: those records are
+    # all the file holds, so nothing is missing from what it says it contains.
+    whole = sum(end <= len(data) for end in record_ends(original))
+    assert len(images) == whole or letters
     for letter in letters:
         assert letter.reason and letter.error
 
