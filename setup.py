@@ -20,6 +20,8 @@ setup(
         "numpy>=1.26",
         "pyarrow>=14",
         "pillow>=10",
+        # libspng: decodes the common 8-bit grey/RGB PNG about 5x faster than Pillow.
+        "pyspng>=0.1.4,<0.2",
         # Beam reads and writes TFRecord framing only with a crc32c implementation.
         "crc32c>=2.3",
         # The embedded MNIST sample (5,000 real digits shipped inside the package).

@@ -10,7 +10,7 @@ from pipeline.images import (BadImage, DeadLetter, ImageBatch, SourceRecord, bat
 
 def png(arr, mode=None, **kw):
     out = io.BytesIO()
-    Image.fromarray(arr, mode).save(out, format="PNG", **kw) if mode else Image.fromarray(arr).save(out, format="PNG")
+    (Image.fromarray(arr, mode) if mode else Image.fromarray(arr)).save(out, format="PNG", **kw)
     return out.getvalue()
 
 
@@ -74,3 +74,24 @@ def test_batch_records_keeps_order_and_accounts_for_everything(mnist):
     assert np.array_equal(np.concatenate([b.images for b in batches])[4], images[0])
     assert [(d.key, d.reason) for d in letters] == [("bad", "undecodable"), ("broken", "bad_crc")]
     assert all(not b.has_label.any() for b in batches)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("options", [{}, {"optimize": True}, {"compress_level": 0}])
+def test_libspng_path_matches_pillow(channels, options):
+    """8-bit grey/RGB PNGs are decoded by libspng; the pixels are exactly Pillow's."""
+    rng = np.random.default_rng(channels)
+    image = rng.integers(0, 256, (32, 30, channels), dtype=np.uint8)
+    image[:8] = 0  # some flat rows, so that PNG's filters and compression have work to do
+    data = png(image[..., 0] if channels == 1 else image, **options)
+    expected = np.asarray(Image.open(io.BytesIO(data))).reshape(image.shape)
+    assert np.array_equal(decode_image(data, (32, 30, channels)), expected)
+    assert np.array_equal(expected, image)
+
+
+def test_libspng_path_rejects_corrupt_pixel_data(mnist):
+    data = bytearray(encode_png(mnist[0][0]))
+    data[60] ^= 0xFF  # inside IDAT: its CRC no longer matches
+    with pytest.raises(BadImage) as e:
+        decode_image(bytes(data), (28, 28, 1))
+    assert e.value.reason == "undecodable"
