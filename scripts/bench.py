@@ -11,14 +11,16 @@ runs each variant in its own process, alternating variants within each repeat:
   beam         latentpack encode, DirectRunner defaults
   beam-2w      the same with --direct_num_workers 2 --direct_running_mode multi_processing
   naive        one image per element, stock RunInference batching, WriteToParquet of dicts
-               (on N / naive-fraction images, at N only: it is too slow for more)
+               (on its own input of N / naive-fraction images; naive-4x on four times as many)
   dec-loop / dec-beam / dec-beam-tfr   decode to PNG files (loop, Beam) and to TFRecord (Beam)
   beam-int / beam-code, dec-beam-int / dec-beam-code
                one rate-distortion model, its latents stored as integers or as entropy-coded codes
                (not in the default set: `--variants beam-int beam-code dec-beam-int dec-beam-code`)
 
 Reports images/s, wall time and peak resident memory of the whole process tree
-(medians), and ratios computed within the run, as JSON and Markdown.
+(medians), and ratios computed within the run, as JSON and Markdown: of whole-process
+rates, and of steady rates (images per second of the slope between a variant's two sizes,
+in which start-up cancels out).
 """
 from __future__ import annotations
 
@@ -120,7 +122,7 @@ def decode_loop(dataset: str, model_dir: str, output: str) -> None:
                     f.write(encode_png(image))
 
 
-def encode_naive(pattern: str, model_dir: str, output: str, limit: int) -> None:
+def encode_naive(pattern: str, model_dir: str, output: str) -> None:
     """What a new user writes from Beam's RunInference examples: one image per element."""
     import apache_beam as beam
     import pyarrow as pa
@@ -144,7 +146,6 @@ def encode_naive(pattern: str, model_dir: str, output: str, limit: int) -> None:
     schema = pa.schema([("key", pa.string()), ("latent", pa.list_(pa.int8()))])
     with beam.Pipeline(argv=["--runner=FnApiRunner"]) as p:
         (p | beam.io.ReadFromTFRecord(pattern)
-           | beam.combiners.Sample.FixedSizeGlobally(limit) | beam.FlatMap(lambda xs: xs)
            | beam.Map(parse)
            | RunInference(KeyedModelHandler(SavedModelHandler()))
            | beam.MapTuple(lambda key, latent: {"key": key, "latent": latent.tolist()})
@@ -208,8 +209,8 @@ def variant_command(name: str, inputs: str, model: str, out: str, latents_dir: s
     if name == "beam-2w":
         return py + ["-m", "pipeline.encode", "--input", inputs, "--model-dir", model, "--output", out,
                      "--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
-    if name == "naive":
-        return py + [__file__, "--child", "encode-naive", inputs, model, out, str(naive_n)]
+    if name in ("naive", "naive-4x"):  # on its own, smaller input (see run_bench)
+        return py + [__file__, "--child", "encode-naive", inputs, model, out]
     if name == "dec-loop":
         return py + [__file__, "--child", "decode-loop", latents_dir, model, out]
     if name == "dec-beam":
@@ -244,15 +245,23 @@ def run_bench(args) -> dict:
                     os.path.join(rd_latents[fmt], "_manifest.json")):
                 subprocess.run(variant_command(f"beam-{fmt}", pattern, model, rd_latents[fmt], "", 0, rd_model),
                                cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # The naive pipeline is too slow for N images: it runs on inputs of N/20 and 4N/20 images of
+        # its own, and its steady rate is the slope between the two (start-up cancels out).
         naive_n = max(1, n // args.naive_fraction)
+        naive_inputs = {}
+        for v, k in (("naive", naive_n), ("naive-4x", 4 * naive_n)):
+            if v in args.variants and n == sizes[0]:
+                write_input(os.path.join(work, f"input-{k}"), k)
+                naive_inputs[v] = (os.path.join(work, f"input-{k}", "*.tfrecord"), k)
         variants = args.variants if n == sizes[0] else [v for v in args.large_variants if v in args.variants]
         runs = {v: [] for v in variants}
         for r in range(args.repeats):
             for v in variants:  # alternate variants within a repeat: drift hits them alike
                 out = os.path.join(work, "scratch")
                 shutil.rmtree(out, ignore_errors=True)
-                m = measure(variant_command(v, pattern, model, out, latents_dir, naive_n, rd_model, rd_latents))
-                m["images"] = naive_n if v == "naive" else n
+                inp, images = naive_inputs.get(v, (pattern, n))
+                m = measure(variant_command(v, inp, model, out, latents_dir, naive_n, rd_model, rd_latents))
+                m["images"] = images
                 m["images_per_s"] = m["images"] / m["wall_s"]
                 runs[v].append(m)
                 print(f"n={n} repeat {r + 1}/{args.repeats} {v:<13} {m['images_per_s']:9.0f} img/s "
@@ -276,6 +285,26 @@ def ratios(results: dict, sizes: list) -> dict:
             if ips(n, a) and ips(n, b):
                 r[name] = ips(n, a) / ips(n, b)
         out[n] = r
+    # Steady rates: the slope between two sizes of the same variant, so start-up (Python, TensorFlow,
+    # the model, pipeline construction) cancels out.
+    def slope(a, b):
+        return (b["images"] - a["images"]) / max(b["wall_s"] - a["wall_s"], 1e-9)
+
+    steady = {}
+    first = results[sizes[0]]
+    if "naive" in first and "naive-4x" in first:
+        steady["naive"] = slope(first["naive"], first["naive-4x"])
+    if len(sizes) == 2:
+        for v in results[sizes[1]]:
+            if v in first:
+                steady[v] = slope(first[v], results[sizes[1]][v])
+    out["steady"] = steady
+    s_ratios = {}
+    for a, b, name in [("beam", "loop", "beam/loop encode"), ("beam-2w", "beam", "beam-2w/beam"),
+                       ("beam", "naive", "beam/naive"), ("dec-beam-tfr", "dec-loop", "beam/loop decode")]:
+        if a in steady and b in steady:
+            s_ratios[name] = steady[a] / steady[b]
+    out["steady_ratios"] = s_ratios
     if len(sizes) == 2:
         small, big = sizes
         out["growth"] = {v: {"time_ratio": results[big][v]["wall_s"] / results[small][v]["wall_s"],
@@ -293,7 +322,14 @@ def markdown(report: dict) -> str:
     lines += ["", "| ratio | value |", "|---|---:|"]
     for n in report["sizes"]:
         for name, value in report["ratios"][n].items():
-            lines.append(f"| {name} (N={n:,}) | {value:.2f} |")
+            lines.append(f"| {name} (N={n:,}, whole process) | {value:.2f} |")
+    for name, value in report["ratios"].get("steady_ratios", {}).items():
+        lines.append(f"| {name} (steady rate) | {value:.2f} |")
+    steady = report["ratios"].get("steady", {})
+    if steady:
+        lines += ["", "| variant | steady images/s (slope between sizes) |", "|---|---:|"]
+        lines += [f"| {v} | {r:,.0f} |" for v, r in steady.items()]
+        lines += ["", "| growth | value |", "|---|---:|"]
     for v, g in report["ratios"].get("growth", {}).items():
         lines.append(f"| {v}: time at 10N / time at N | {g['time_ratio']:.2f} |")
         lines.append(f"| {v}: peak memory at 10N / at N | {g['memory_ratio']:.2f} |")
@@ -306,9 +342,10 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=60000, help="images at the base size")
     p.add_argument("--scale", type=int, default=10, help="second size is scale x n (1: only n)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each variant per size")
-    p.add_argument("--naive-fraction", type=int, default=20, help="the naive variant encodes n / this")
-    p.add_argument("--variants", nargs="+", default=["loop", "beam", "beam-2w", "naive", "dec-loop", "dec-beam",
-                                                     "dec-beam-tfr"], help="which variants to run")
+    p.add_argument("--naive-fraction", type=int, default=20,
+                   help="the naive variant encodes n / this images (and naive-4x four times as many)")
+    p.add_argument("--variants", nargs="+", default=["loop", "beam", "beam-2w", "naive", "naive-4x", "dec-loop",
+                                                     "dec-beam", "dec-beam-tfr"], help="which variants to run")
     p.add_argument("--large-variants", nargs="+", default=["loop", "beam", "beam-2w", "dec-loop", "dec-beam-tfr"],
                    help="variants also run at scale x n (naive is too slow there; PNG decode writes a file per image)")
     p.add_argument("--out", default="bench-out", help="work folder (inputs and the model are reused)")
@@ -318,7 +355,7 @@ def main(argv=None) -> int:
     if args.child:
         kind, *rest = args.child
         {"encode-loop": encode_loop, "decode-loop": decode_loop,
-         "encode-naive": lambda a, b, c, n: encode_naive(a, b, c, int(n))}[kind](*rest)
+         "encode-naive": encode_naive}[kind](*rest)
         return 0
     report = run_bench(args)
     os.makedirs(args.out, exist_ok=True)
