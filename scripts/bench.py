@@ -301,7 +301,7 @@ def ratios(results: dict, sizes: list) -> dict:
     out["steady"] = steady
     s_ratios = {}
     for a, b, name in [("beam", "loop", "beam/loop encode"), ("beam-2w", "beam", "beam-2w/beam"),
-                       ("beam", "naive", "beam/naive"), ("dec-beam-tfr", "dec-loop", "beam/loop decode")]:
+                       ("beam", "naive", "beam/naive")]:
         if a in steady and b in steady:
             s_ratios[name] = steady[a] / steady[b]
     out["steady_ratios"] = s_ratios
