@@ -26,7 +26,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="rd-out", help="work folder: models, validation set, results")
     p.add_argument("--qualities", type=int, nargs="+", default=list(range(1, 9)), help="presets to train")
-    p.add_argument("--epochs", type=int, default=10, help="epochs per preset")
+    p.add_argument("--epochs", type=int, default=12, help="epochs per preset")
     p.add_argument("--train-limit", type=int, default=None, help="train on at most this many images")
     p.add_argument("--val", type=int, default=10000, help="validation images kept out of training")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many of them")
