@@ -128,20 +128,25 @@ def encode_naive(pattern: str, model_dir: str, output: str) -> None:
     import pyarrow as pa
     from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
-    from pipeline.artifact import Codec
-    from pipeline.images import decode_image
-    from pipeline.tfrecord import parse_example
-
+    # Written as a user new to the codebase would: Pillow to decode, the SavedModel's `encode`
+    # signature loaded with TensorFlow, tf.train.Example to parse; none of latentpack's helpers.
     class SavedModelHandler(ModelHandler):
         def load_model(self):
-            return Codec(model_dir)
+            import tensorflow as tf
+            return tf.saved_model.load(model_dir).signatures["encode"]
 
         def run_inference(self, batch, model, inference_args=None):
-            return list(model.encode(np.stack(batch)))
+            return list(model(images=np.stack(batch))["latent"].numpy())
 
     def parse(record):
-        encoded, key, _ = parse_example(record)
-        return key, decode_image(encoded, (28, 28, 1))
+        import io
+
+        from PIL import Image
+        from tensorflow.core.example import example_pb2
+        feature = example_pb2.Example.FromString(record).features.feature
+        key = feature["image/key"].bytes_list.value[0].decode()
+        image = np.array(Image.open(io.BytesIO(feature["image/encoded"].bytes_list.value[0])))
+        return key, image[..., None]
 
     schema = pa.schema([("key", pa.string()), ("latent", pa.list_(pa.int8()))])
     # Default options, as for the `beam` variant (BENCH_NO_PRISM pins the in-process runner for both).
@@ -260,6 +265,7 @@ def run_bench(args) -> dict:
             for v in variants:  # alternate variants within a repeat: drift hits them alike
                 out = os.path.join(work, "scratch")
                 shutil.rmtree(out, ignore_errors=True)
+                os.sync()  # flush the last run's writes (60,000 PNG files) so they do not slow this one
                 inp, images = naive_inputs.get(v, (pattern, n))
                 m = measure(variant_command(v, inp, model, out, latents_dir, naive_n, rd_model, rd_latents))
                 m["images"] = images
@@ -351,6 +357,7 @@ def main(argv=None) -> int:
                    help="variants also run at scale x n (naive is too slow there; PNG decode writes a file per image)")
     p.add_argument("--out", default="bench-out", help="work folder (inputs and the model are reused)")
     p.add_argument("--record", action="store_true", help="write the results into BENCHMARKS.md")
+    p.add_argument("--section", default="bench", help="the marked section of BENCHMARKS.md that --record replaces")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -369,7 +376,7 @@ def main(argv=None) -> int:
     if args.record:
         from record import replace_section
         command = " ".join(["python scripts/bench.py"] + sys.argv[1:])
-        replace_section("bench", f"Measured with `{command}` ({time.strftime('%Y-%m-%d')}); medians of "
+        replace_section(args.section, f"Measured with `{command}` ({time.strftime('%Y-%m-%d')}); medians of "
                                  f"{args.repeats} alternating repeats. Images per second are whole-process figures: "
                                  f"they include starting Python, importing TensorFlow and loading the model "
                                  f"(about 10 s per process).\n\n{table}")
