@@ -286,7 +286,8 @@ def ratios(results: dict, sizes: list) -> dict:
     for n in sizes:
         r = {}
         for a, b, name in [("beam", "loop", "beam/loop encode"), ("beam-2w", "beam", "beam-2w/beam"),
-                           ("beam", "naive", "beam/naive"), ("dec-beam", "dec-loop", "beam/loop decode png"),
+                           ("beam", "naive-4x", "beam/naive-4x (both on N images)"),
+                           ("dec-beam", "dec-loop", "beam/loop decode png"),
                            ("beam-int", "beam-code", "encode time code/int"),
                            ("dec-beam-int", "dec-beam-code", "decode time code/int")]:
             if ips(n, a) and ips(n, b):
