@@ -104,6 +104,39 @@ def encode_loop(pattern: str, model_dir: str, output: str) -> None:
                     w.write_table(latents.to_table(item.keys, values, item.labels, item.has_label, schema))
 
 
+def encode_steps(pattern: str, model_dir: str) -> None:
+    """Time each step of the encode work separately over the whole input, start-up excluded."""
+    from pipeline import latents
+    from pipeline.artifact import Codec
+    from pipeline.formats import get_reader
+    from pipeline.images import batch_records
+
+    codec = Codec(model_dir)
+    reader = get_reader("tfrecord")
+    shards, root = reader.match(pattern)
+    list(reader.records(shards[0], root))  # first use imports the Example proto; keep it out of the timing
+    latent_format = "code" if codec.entropy else "int"
+    schema = latents.schema(codec.spec, latent_format)
+    times = {}
+
+    def timed(name, fn):
+        started = time.perf_counter()
+        result = fn()
+        times[name] = time.perf_counter() - started
+        return result
+
+    records = timed("read TFRecord framing, parse Examples", lambda: [r for s in shards for r in reader.records(s, root)])
+    batches = timed("decode PNGs into batches", lambda: list(batch_records(iter(records), codec.image_shape, 1024)))
+    outputs = timed("model encode", lambda: [codec.encode(b.images) for b in batches])
+    timed("entropy coding / integer arrays", lambda: [latents.value_array(o, latent_format, codec.entropy)
+                                                      for o in outputs])
+    values = [latents.value_array(o, latent_format, codec.entropy) for o in outputs]
+    timed("Arrow tables", lambda: [latents.to_table(b.keys, v, b.labels, b.has_label, schema)
+                                   for b, v in zip(batches, values)])
+    for name, seconds in times.items():
+        print(f"{name:<40} {seconds / len(records) * 1e6:6.1f} us/image")
+
+
 def decode_loop(dataset: str, model_dir: str, output: str) -> None:
     import pyarrow.parquet as pq
 
@@ -364,7 +397,7 @@ def main(argv=None) -> int:
     if args.child:
         kind, *rest = args.child
         {"encode-loop": encode_loop, "decode-loop": decode_loop,
-         "encode-naive": encode_naive}[kind](*rest)
+         "encode-naive": encode_naive, "encode-steps": encode_steps}[kind](*rest)
         return 0
     report = run_bench(args)
     os.makedirs(args.out, exist_ok=True)
