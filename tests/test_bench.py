@@ -1,0 +1,26 @@
+"""The throughput benchmark script runs end to end on a tiny input (its numbers are not checked:
+timing is for `make bench`, never for tests)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_script_runs_every_encode_variant(tmp_path):
+    env = dict(os.environ, BENCH_NO_PRISM="1")
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--out", str(tmp_path),
+                    "--n", "400", "--scale", "1", "--repeats", "1",
+                    "--variants", "loop", "beam", "naive", "naive-4x"], cwd=ROOT, env=env, check=True,
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=600)
+    report = json.load(open(tmp_path / "bench.json"))
+    runs = report["results"]["400"]
+    assert {v: runs[v]["images"] for v in runs} == {"loop": 400, "beam": 400, "naive": 100, "naive-4x": 400}
+    assert all(runs[v]["wall_s"] > 0 and runs[v]["peak_rss_mb"] > 100 for v in runs)
+    assert "naive" in report["ratios"]["steady"]
+    assert (tmp_path / "bench.md").read_text().count("|") > 20
+    # The last run (naive-4x) left its output: every image encoded, not a sample.
+    import pyarrow.dataset as ds
+    table = ds.dataset(str(tmp_path / "scratch"), format="parquet").to_table()
+    assert table.num_rows == 400 and len(set(table.column("key").to_pylist())) == 400
