@@ -20,7 +20,7 @@ setup(
         "numpy>=1.26",
         "pyarrow>=14",
         "pillow>=10",
-        # libspng: decodes the common 8-bit grey/RGB PNG about 5x faster than Pillow.
+        # libspng: decodes the common 8-bit grey/RGB PNG about 3x faster than Pillow.
         "pyspng>=0.1.4,<0.2",
         # Beam's ReadFromTFRecord/WriteToTFRecord need one of python-snappy, google-crc32c or crcmod;
         # google-crc32c is the fast C one, and pipeline/tfrecord.py uses it too.

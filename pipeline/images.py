@@ -87,7 +87,7 @@ def decode_image(data: bytes, shape: tuple, max_pixels: int = DEFAULT_MAX_PIXELS
     """PNG/JPEG bytes -> uint8 array of exactly `shape` (H, W, C), or BadImage.
 
     8-bit grey or RGB PNGs matching the model's channels, the common case, go through
-    libspng (pyspng, about 5x faster than Pillow on small images); every other image
+    libspng (pyspng, about 3x faster than Pillow on MNIST digits); every other image
     (JPEG, palette, 16-bit, alpha, any mismatch) goes through Pillow and its checks.
     """
     height, width, channels = shape

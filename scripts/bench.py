@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import io
 import json
 import os
 import shutil
@@ -110,6 +111,7 @@ def encode_steps(pattern: str, model_dir: str) -> None:
     from pipeline.artifact import Codec
     from pipeline.formats import get_reader
     from pipeline.images import batch_records
+    from PIL import Image
 
     codec = Codec(model_dir)
     reader = get_reader("tfrecord")
@@ -128,13 +130,15 @@ def encode_steps(pattern: str, model_dir: str) -> None:
     records = timed("read TFRecord framing, parse Examples", lambda: [r for s in shards for r in reader.records(s, root)])
     batches = timed("decode PNGs into batches", lambda: list(batch_records(iter(records), codec.image_shape, 1024)))
     outputs = timed("model encode", lambda: [codec.encode(b.images) for b in batches])
-    timed("entropy coding / integer arrays", lambda: [latents.value_array(o, latent_format, codec.entropy)
-                                                      for o in outputs])
-    values = [latents.value_array(o, latent_format, codec.entropy) for o in outputs]
+    values = timed("entropy coding / integer arrays", lambda: [latents.value_array(o, latent_format, codec.entropy)
+                                                               for o in outputs])
     timed("Arrow tables", lambda: [latents.to_table(b.keys, v, b.labels, b.has_label, schema)
                                    for b, v in zip(batches, values)])
+    # Not part of the job: what the PNG step costs through Pillow instead of libspng.
+    timed("(for comparison) decode PNGs with Pillow",
+          lambda: [np.asarray(Image.open(io.BytesIO(r.encoded))) for r in records if r.encoded is not None])
     for name, seconds in times.items():
-        print(f"{name:<40} {seconds / len(records) * 1e6:6.1f} us/image")
+        print(f"{name:<42} {seconds / len(records) * 1e6:6.1f} us/image")
 
 
 def decode_loop(dataset: str, model_dir: str, output: str) -> None:
@@ -231,7 +235,7 @@ def measure(cmd: list) -> dict:
     return {"wall_s": wall, "peak_rss_mb": peak[0] / 2 ** 20}
 
 
-def variant_command(name: str, inputs: str, model: str, out: str, latents_dir: str, naive_n: int,
+def variant_command(name: str, inputs: str, model: str, out: str, latents_dir: str,
                     rd_model: str = "", rd_latents: dict = None) -> list:
     py = [sys.executable]
     runner = ["--runner=FnApiRunner"] if os.environ.get("BENCH_NO_PRISM") else []
@@ -275,14 +279,14 @@ def run_bench(args) -> dict:
         pattern = os.path.join(inputs, "*.tfrecord")
         latents_dir = os.path.join(work, f"latents-{n}")
         if not os.path.exists(os.path.join(latents_dir, "_manifest.json")):
-            subprocess.run(variant_command("beam", pattern, model, latents_dir, "", 0), cwd=ROOT, check=True,
+            subprocess.run(variant_command("beam", pattern, model, latents_dir, ""), cwd=ROOT, check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rd_latents = {}
         for fmt in ("int", "code"):
             rd_latents[fmt] = os.path.join(work, f"rd-latents-{fmt}-{n}")
             if any(fmt in v for v in args.variants) and not os.path.exists(
                     os.path.join(rd_latents[fmt], "_manifest.json")):
-                subprocess.run(variant_command(f"beam-{fmt}", pattern, model, rd_latents[fmt], "", 0, rd_model),
+                subprocess.run(variant_command(f"beam-{fmt}", pattern, model, rd_latents[fmt], "", rd_model),
                                cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # The naive pipeline runs on inputs of its own, N/4 and 4N/4 images, and its steady rate is the
         # slope between the two (start-up cancels out).
@@ -300,7 +304,7 @@ def run_bench(args) -> dict:
                 shutil.rmtree(out, ignore_errors=True)
                 os.sync()  # flush the last run's writes (60,000 PNG files) so they do not slow this one
                 inp, images = naive_inputs.get(v, (pattern, n))
-                m = measure(variant_command(v, inp, model, out, latents_dir, naive_n, rd_model, rd_latents))
+                m = measure(variant_command(v, inp, model, out, latents_dir, rd_model, rd_latents))
                 m["images"] = images
                 m["images_per_s"] = m["images"] / m["wall_s"]
                 runs[v].append(m)
@@ -370,8 +374,10 @@ def markdown(report: dict) -> str:
     if steady:
         lines += ["", "| variant | steady images/s (slope between sizes) |", "|---|---:|"]
         lines += [f"| {v} | {r:,.0f} |" for v, r in steady.items()]
+    growth = report["ratios"].get("growth", {})
+    if growth:
         lines += ["", "| growth | value |", "|---|---:|"]
-    for v, g in report["ratios"].get("growth", {}).items():
+    for v, g in growth.items():
         lines.append(f"| {v}: time at 10N / time at N | {g['time_ratio']:.2f} |")
         lines.append(f"| {v}: peak memory at 10N / at N | {g['memory_ratio']:.2f} |")
     return "\n".join(lines)

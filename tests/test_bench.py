@@ -8,7 +8,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_script_runs_every_encode_variant(tmp_path):
+def test_bench_script_runs_every_encode_variant_and_the_step_profile(tmp_path):
     env = dict(os.environ, BENCH_NO_PRISM="1")
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--out", str(tmp_path),
                     "--n", "400", "--scale", "1", "--repeats", "1",
@@ -19,8 +19,19 @@ def test_bench_script_runs_every_encode_variant(tmp_path):
     assert {v: runs[v]["images"] for v in runs} == {"loop": 400, "beam": 400, "naive": 100, "naive-4x": 400}
     assert all(runs[v]["wall_s"] > 0 and runs[v]["peak_rss_mb"] > 100 for v in runs)
     assert "naive" in report["ratios"]["steady"]
-    assert (tmp_path / "bench.md").read_text().count("|") > 20
+    md = (tmp_path / "bench.md").read_text()
+    assert md.count("|") > 20 and "| growth |" not in md  # one size: no growth table, not an empty one
     # The last run (naive-4x) left its output: every image encoded, not a sample.
     import pyarrow.dataset as ds
     table = ds.dataset(str(tmp_path / "scratch"), format="parquet").to_table()
     assert table.num_rows == 400 and len(set(table.column("key").to_pylist())) == 400
+
+    # The per-step profile the BENCHMARKS table comes from, on the same input and model.
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--child", "encode-steps",
+                          str(tmp_path / "input-400" / "*.tfrecord"), str(tmp_path / "model")],
+                         cwd=ROOT, check=True, capture_output=True, text=True, timeout=600).stdout
+    steps = dict(line.rsplit(None, 2)[:2] for line in out.splitlines() if line.endswith("us/image"))
+    assert set(steps) == {"read TFRecord framing, parse Examples", "decode PNGs into batches", "model encode",
+                          "entropy coding / integer arrays", "Arrow tables",
+                          "(for comparison) decode PNGs with Pillow"}
+    assert all(float(v) >= 0 for v in steps.values())

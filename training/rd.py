@@ -38,8 +38,7 @@ def train_rd(config, train_x: np.ndarray, val_x: np.ndarray):
     prior.build((None, config.latent_dim))
     variables = encoder.trainable_variables + decoder.trainable_variables + prior.trainable_variables
     steps = math.ceil(len(train_x) / config.batch_size)
-    # Cosine decay to 5% of the initial rate: the last epochs refine at a small step size,
-    # which is worth ~0.5 dB at the high-quality presets over a constant rate.
+    # Cosine decay to 5% of the initial rate: the last epochs refine at a small step size.
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, max(1, config.epochs * steps), alpha=0.05)
     optimizer = keras.optimizers.Adam(schedule)
     lmbda = tf.constant(config.lmbda, tf.float32)
