@@ -272,6 +272,11 @@ def run_bench(args) -> dict:
     if any("int" in v or "code" in v for v in args.variants):
         make_model(rd_model, lmbda=0.02, latent_dim=64)
     sizes = [args.n, args.n * args.scale] if args.scale > 1 else [args.n]
+    scratch = os.path.join(work, "scratch")
+    if os.path.exists(scratch):
+        print(f"removing {scratch} from an earlier run (file creation is slower for a few minutes after)",
+              flush=True)
+        shutil.rmtree(scratch)
     results = {}
     for n in sizes:
         inputs = os.path.join(work, f"input-{n}")
@@ -300,8 +305,11 @@ def run_bench(args) -> dict:
         runs = {v: [] for v in variants}
         for r in range(args.repeats):
             for v in variants:  # alternate variants within a repeat: drift hits them alike
-                out = os.path.join(work, "scratch")
-                shutil.rmtree(out, ignore_errors=True)
+                # Every run writes to a new folder, and nothing is deleted until all runs are done:
+                # ext4 scans past recently deleted inodes when it creates a file, which made creating
+                # 60,000 PNG files 3-10x slower for minutes after the previous run's were deleted,
+                # a penalty for whichever variant came next.
+                out = os.path.join(scratch, f"{n}-r{r + 1}-{v}")
                 os.sync()  # flush the last run's writes (60,000 PNG files) so they do not slow this one
                 inp, images = naive_inputs.get(v, (pattern, n))
                 m = measure(variant_command(v, inp, model, out, latents_dir, rd_model, rd_latents))
@@ -312,6 +320,8 @@ def run_bench(args) -> dict:
                       f"{m['wall_s']:7.1f} s {m['peak_rss_mb']:7.0f} MB", flush=True)
         results[n] = {v: {k: statistics.median(x[k] for x in ms) for k in ms[0]} | {"runs": ms}
                       for v, ms in runs.items()}
+    if not args.keep_outputs:
+        shutil.rmtree(scratch, ignore_errors=True)
     return {"sizes": sizes, "results": results, "ratios": ratios(results, sizes)}
 
 
@@ -396,6 +406,8 @@ def main(argv=None) -> int:
     p.add_argument("--large-variants", nargs="+", default=["loop", "beam", "beam-2w", "dec-loop", "dec-beam-tfr"],
                    help="variants also run at scale x n (naive is too slow there; PNG decode writes a file per image)")
     p.add_argument("--out", default="bench-out", help="work folder (inputs and the model are reused)")
+    p.add_argument("--keep-outputs", action="store_true",
+                   help="keep every run's output under OUT/scratch/N-rREPEAT-VARIANT (by default removed at the end)")
     p.add_argument("--record", action="store_true", help="write the results into BENCHMARKS.md")
     p.add_argument("--section", default="bench", help="the marked section of BENCHMARKS.md that --record replaces")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)

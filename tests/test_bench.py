@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_script_runs_every_encode_variant_and_the_step_profile(tmp_path):
     env = dict(os.environ, BENCH_NO_PRISM="1")
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--out", str(tmp_path),
-                    "--n", "400", "--scale", "1", "--repeats", "1",
+                    "--n", "400", "--scale", "1", "--repeats", "1", "--keep-outputs",
                     "--variants", "loop", "beam", "naive", "naive-4x"], cwd=ROOT, env=env, check=True,
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=600)
     report = json.load(open(tmp_path / "bench.json"))
@@ -21,9 +21,9 @@ def test_bench_script_runs_every_encode_variant_and_the_step_profile(tmp_path):
     assert "naive" in report["ratios"]["steady"]
     md = (tmp_path / "bench.md").read_text()
     assert md.count("|") > 20 and "| growth |" not in md  # one size: no growth table, not an empty one
-    # The last run (naive-4x) left its output: every image encoded, not a sample.
+    # naive-4x encoded every image, not a sample.
     import pyarrow.dataset as ds
-    table = ds.dataset(str(tmp_path / "scratch"), format="parquet").to_table()
+    table = ds.dataset(str(tmp_path / "scratch" / "400-r1-naive-4x"), format="parquet").to_table()
     assert table.num_rows == 400 and len(set(table.column("key").to_pylist())) == 400
 
     # The per-step profile the BENCHMARKS table comes from, on the same input and model.

@@ -104,3 +104,45 @@ def test_decoding_again_into_the_same_folder_leaves_no_stale_shards(dataset, mod
     assert files == sorted(manifest["files"])
     keys = [k for f in files for k in np.load(os.path.join(out, f))["keys"].tolist()]
     assert sorted(keys) == [f"o/{i}" for i in range(5)]
+
+
+def test_png_writer_writes_every_batch_before_the_bundle_ends(tmp_path):
+    """The writer thread lags the model by up to `max_pending` batches: every file is on disk and
+    counted by the end, and a write that fails fails the job instead of being lost."""
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipeline.accounting import DEAD_LETTER_TAG
+    from pipeline.images import ImageBatch
+    from pipeline.outputs import WritePngFn
+
+    rng = np.random.default_rng(0)
+    batches = []
+    for b in range(9):
+        keys = [f"b{b}/{i}" for i in range(7)]
+        if b == 4:
+            keys[3] = "../escape"
+        images = rng.integers(0, 256, (7, 28, 28, 1), dtype=np.uint8)
+        batches.append(ImageBatch(keys, images, np.full(7, -1), np.zeros(7, bool)))
+    out = str(tmp_path / "png")
+    with beam.Pipeline(argv=BEAM_TEST_ARGS) as p:
+        res = (p | beam.Create(batches)
+               | beam.ParDo(WritePngFn(out, max_pending=2)).with_outputs(DEAD_LETTER_TAG, main="n"))
+        assert_that(res.n | beam.CombineGlobally(sum), equal_to([62]), label="count")
+        assert_that(res[DEAD_LETTER_TAG] | beam.Map(lambda d: (d.key, d.reason)),
+                    equal_to([("../escape", "unsafe_key")]), label="dead")
+    written = sorted(glob.glob(f"{out}/*/*.png"))
+    assert len(written) == 62
+    for batch in batches:
+        for key, image in zip(batch.keys, batch.images):
+            if key != "../escape":
+                assert (np.array(Image.open(f"{out}/{key}.png")) == image[..., 0]).all()
+
+    # A file that cannot be created (its folder is a file) is an error of the job, not a missing image.
+    blocked = str(tmp_path / "blocked")
+    os.makedirs(blocked)
+    open(f"{blocked}/b8", "w").close()
+    with pytest.raises(Exception, match="b8"):
+        with beam.Pipeline(argv=BEAM_TEST_ARGS) as p:
+            _ = (p | beam.Create(batches) | beam.ParDo(WritePngFn(blocked, max_pending=2))
+                 .with_outputs(DEAD_LETTER_TAG, main="n"))
