@@ -12,7 +12,8 @@ runs each variant in its own process, alternating variants within each repeat:
   beam-2w      the same with --direct_num_workers 2 --direct_running_mode multi_processing
   naive        one image per element, stock RunInference batching, WriteToParquet of dicts
                (on its own input of N / naive-fraction images; naive-4x on four times as many)
-  dec-loop / dec-beam / dec-beam-tfr   decode to PNG files (loop, Beam) and to TFRecord (Beam)
+  dec-loop / dec-beam            decode to one PNG file per image (loop, Beam)
+  dec-loop-tfr / dec-beam-tfr    decode to TFRecord shards of PNG Examples (loop, Beam)
   beam-int / beam-code, dec-beam-int / dec-beam-code
                one rate-distortion model, its latents stored as integers or as entropy-coded codes
                (not in the default set: `--variants beam-int beam-code dec-beam-int dec-beam-code`)
@@ -141,22 +142,32 @@ def encode_steps(pattern: str, model_dir: str) -> None:
         print(f"{name:<42} {seconds / len(records) * 1e6:6.1f} us/image")
 
 
-def decode_loop(dataset: str, model_dir: str, output: str) -> None:
+def decode_loop(dataset: str, model_dir: str, output: str, output_format: str = "png") -> None:
+    """The decode job's work in a plain loop: one PNG file per image, or one TFRecord shard of
+    PNG Examples per Parquet part."""
     import pyarrow.parquet as pq
 
-    from pipeline import latents
+    from pipeline import latents, tfrecord
     from pipeline.artifact import Codec
     from pipeline.images import encode_png
 
     codec = Codec(model_dir)
-    for path in latents.part_paths(dataset, latents.read_manifest(dataset)):
+    os.makedirs(output, exist_ok=True)
+    for n, path in enumerate(latents.part_paths(dataset, latents.read_manifest(dataset))):
+        shard = open(os.path.join(output, f"images-{n:05d}.tfrecord"), "wb") if output_format == "tfrecord" else None
         for rb in pq.ParquetFile(path).iter_batches(batch_size=1024):
             images = codec.decode(latents.table_latents(rb, codec.entropy))
-            for key, image in zip(rb.column("key").to_pylist(), images):
+            labels = rb.column("label").to_pylist()
+            for key, image, label in zip(rb.column("key").to_pylist(), images, labels):
+                if shard:
+                    shard.write(tfrecord.frame(tfrecord.make_example(encode_png(image), key, label)))
+                    continue
                 target = os.path.join(output, key + ".png")
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 with open(target, "wb") as f:
                     f.write(encode_png(image))
+        if shard:
+            shard.close()
 
 
 def encode_naive(pattern: str, model_dir: str, output: str) -> None:
@@ -254,8 +265,9 @@ def variant_command(name: str, inputs: str, model: str, out: str, latents_dir: s
                      "--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
     if name in ("naive", "naive-4x"):  # on its own, smaller input (see run_bench)
         return py + [__file__, "--child", "encode-naive", inputs, model, out]
-    if name == "dec-loop":
-        return py + [__file__, "--child", "decode-loop", latents_dir, model, out]
+    if name in ("dec-loop", "dec-loop-tfr"):
+        return py + [__file__, "--child", "decode-loop", latents_dir, model, out,
+                     "tfrecord" if name.endswith("tfr") else "png"]
     if name == "dec-beam":
         return py + ["-m", "pipeline.decode", "--input", latents_dir, "--model-dir", model, "--output", out] + runner
     if name == "dec-beam-tfr":
@@ -335,6 +347,7 @@ def ratios(results: dict, sizes: list) -> dict:
         for a, b, name in [("beam", "loop", "beam/loop encode"), ("beam-2w", "beam", "beam-2w/beam"),
                            ("beam", "naive-4x", "beam/naive-4x (both on N images)"),
                            ("dec-beam", "dec-loop", "beam/loop decode png"),
+                           ("dec-beam-tfr", "dec-loop-tfr", "beam/loop decode tfrecord"),
                            ("beam-int", "beam-code", "encode time code/int"),
                            ("dec-beam-int", "dec-beam-code", "decode time code/int")]:
             if ips(n, a) and ips(n, b):
@@ -356,7 +369,8 @@ def ratios(results: dict, sizes: list) -> dict:
     out["steady"] = steady
     s_ratios = {}
     for a, b, name in [("beam", "loop", "beam/loop encode"), ("beam-2w", "beam", "beam-2w/beam"),
-                       ("beam", "naive", "beam/naive")]:
+                       ("beam", "naive", "beam/naive"), ("dec-beam", "dec-loop", "beam/loop decode png"),
+                       ("dec-beam-tfr", "dec-loop-tfr", "beam/loop decode tfrecord")]:
         if a in steady and b in steady:
             s_ratios[name] = steady[a] / steady[b]
     out["steady_ratios"] = s_ratios
@@ -402,9 +416,11 @@ def main(argv=None) -> int:
     p.add_argument("--naive-fraction", type=int, default=4,
                    help="the naive variant encodes n / this images (and naive-4x four times as many)")
     p.add_argument("--variants", nargs="+", default=["loop", "beam", "beam-2w", "naive", "naive-4x", "dec-loop",
-                                                     "dec-beam", "dec-beam-tfr"], help="which variants to run")
-    p.add_argument("--large-variants", nargs="+", default=["loop", "beam", "beam-2w", "dec-loop", "dec-beam-tfr"],
-                   help="variants also run at scale x n (naive is too slow there; PNG decode writes a file per image)")
+                                                     "dec-beam", "dec-loop-tfr", "dec-beam-tfr"],
+                   help="which variants to run")
+    p.add_argument("--large-variants", nargs="+", default=["loop", "beam", "beam-2w", "dec-loop", "dec-beam",
+                                                           "dec-loop-tfr", "dec-beam-tfr"],
+                   help="variants also run at scale x n (naive has its own two sizes, N/4 and N)")
     p.add_argument("--out", default="bench-out", help="work folder (inputs and the model are reused)")
     p.add_argument("--keep-outputs", action="store_true",
                    help="keep every run's output under OUT/scratch/N-rREPEAT-VARIANT (by default removed at the end)")
