@@ -332,8 +332,6 @@ def run_bench(args) -> dict:
                       f"{m['wall_s']:7.1f} s {m['peak_rss_mb']:7.0f} MB", flush=True)
         results[n] = {v: {k: statistics.median(x[k] for x in ms) for k in ms[0]} | {"runs": ms}
                       for v, ms in runs.items()}
-    if not args.keep_outputs:
-        shutil.rmtree(scratch, ignore_errors=True)
     return {"sizes": sizes, "results": results, "ratios": ratios(results, sizes)}
 
 
@@ -448,6 +446,9 @@ def main(argv=None) -> int:
                                  f"{args.repeats} alternating repeats. Images per second are whole-process figures: "
                                  f"they include starting Python, importing TensorFlow and loading the model "
                                  f"(about 10 s per process).\n\n{table}")
+    if not args.keep_outputs:
+        print(f"removing the runs' outputs under {args.out}/scratch", flush=True)
+        shutil.rmtree(os.path.join(args.out, "scratch"), ignore_errors=True)
     return 0
 
 
