@@ -7,6 +7,7 @@ Schema: `image/encoded` (PNG/JPEG bytes), optional `image/class/label` (int64) a
 """
 from __future__ import annotations
 
+import functools
 import struct
 from typing import BinaryIO, Iterator, Optional, Tuple, Union
 
@@ -74,22 +75,36 @@ def make_example(encoded: bytes, key: Optional[str] = None, label: Optional[int]
     return ex.SerializeToString()
 
 
+@functools.lru_cache(maxsize=None)
+def _example_class():
+    """tf.train.Example, imported on first use (importing it imports TensorFlow)."""
+    from tensorflow.core.example import example_pb2
+    return example_pb2.Example
+
+
 def parse_example(record: bytes) -> Tuple[bytes, Optional[str], Optional[int]]:
     """tf.train.Example bytes -> (encoded image, key or None, label or None), or BadImage."""
-    from tensorflow.core.example import example_pb2
-
     try:
-        ex = example_pb2.Example.FromString(record)
+        ex = _example_class().FromString(record)
     except Exception as e:
         raise BadImage("bad_record", f"not a tf.train.Example: {e}") from None
+    # One `get` per feature: every map lookup and field access builds Python wrappers, and this
+    # runs once per image in each of the encode job's two passes.
     feat = ex.features.feature
-    if "image/encoded" not in feat or not feat["image/encoded"].bytes_list.value:
+    image = feat.get("image/encoded")
+    values = image.bytes_list.value if image is not None else ()
+    if not values:
         raise BadImage("missing_image", "Example has no image/encoded bytes")
-    encoded = feat["image/encoded"].bytes_list.value[0]
-    key = None
-    if "image/key" in feat and feat["image/key"].bytes_list.value:
-        key = feat["image/key"].bytes_list.value[0].decode("utf-8", "replace")
-    label = None
-    if "image/class/label" in feat and feat["image/class/label"].int64_list.value:
-        label = int(feat["image/class/label"].int64_list.value[0])
+    encoded = values[0]
+    key = label = None
+    feature = feat.get("image/key")
+    if feature is not None:
+        values = feature.bytes_list.value
+        if values:
+            key = values[0].decode("utf-8", "replace")
+    feature = feat.get("image/class/label")
+    if feature is not None:
+        values = feature.int64_list.value
+        if values:
+            label = int(values[0])
     return encoded, key, label
