@@ -40,25 +40,46 @@ def safe_relative_path(key: str) -> str:
     return key
 
 
-class WritePngFn(beam.DoFn):
-    """One PNG file per image, written by a background thread while the model decodes the next batch.
+class BackgroundDoFn(beam.DoFn):
+    """A DoFn whose per-element work runs on one background thread, up to `max_pending` elements
+    behind the caller, so that encoding and writing images overlaps the model decoding the next
+    batch (TensorFlow, zlib and file system calls release the GIL).
 
-    Creating a file costs the kernel 30-400 microseconds here, about as much as the decoder model and
-    Pillow's encoder together; the writer thread overlaps it with them (TensorFlow, zlib and the
-    system calls release the GIL). At most `max_pending` batches wait; every write has finished,
-    and any error raised, before the bundle completes, so a bundle is never committed with files
-    still missing.
+    Subclasses call `self.submit(fn, *args)` from `process` and `yield from` it: it yields the
+    results of finished work in submission order. Every piece of work has finished, and any error
+    has been raised, before the bundle completes, so a bundle never commits with output missing.
     """
 
-    def __init__(self, output: str, max_pending: int = 2):
-        self.output, self.max_pending = output, max_pending
+    def __init__(self, max_pending: int = 2):
+        self.max_pending = max_pending
 
     def setup(self):
         from concurrent.futures import ThreadPoolExecutor
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="latentpack-png")
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"latentpack-{type(self).__name__}")
 
     def start_bundle(self):
         self.pending = collections.deque()
+
+    def submit(self, fn, *args):
+        self.pending.append(self.pool.submit(fn, *args))
+        while self.pending and (len(self.pending) > self.max_pending or self.pending[0].done()):
+            yield self.pending.popleft().result()
+
+    def finish_bundle(self):
+        while self.pending:
+            yield WindowedValue(self.pending.popleft().result(), MIN_TIMESTAMP, [GlobalWindow()])
+
+    def teardown(self):
+        self.pool.shutdown(wait=True)
+
+
+class WritePngFn(BackgroundDoFn):
+    """One PNG file per image, written in the background (creating a file costs the kernel 30-400
+    microseconds here, about as much as decoding and compressing the image); yields counts."""
+
+    def __init__(self, output: str, max_pending: int = 2):
+        super().__init__(max_pending)
+        self.output = output
 
     def _write(self, paths, images):
         for path, image in zip(paths, images):
@@ -77,16 +98,18 @@ class WritePngFn(beam.DoFn):
             paths.append(posixpath.join(self.output, rel + ".png"))
             rows.append(i)
         images = batch.images if len(rows) == len(batch) else batch.images[rows]
-        self.pending.append(self.pool.submit(self._write, paths, images))
-        while self.pending and (len(self.pending) > self.max_pending or self.pending[0].done()):
-            yield self.pending.popleft().result()
+        yield from self.submit(self._write, paths, images)
 
-    def finish_bundle(self):
-        while self.pending:
-            yield WindowedValue(self.pending.popleft().result(), MIN_TIMESTAMP, [GlobalWindow()])
 
-    def teardown(self):
-        self.pool.shutdown(wait=True)
+class InBackground(BackgroundDoFn):
+    """`fn(element)` for each element, computed in the background (e.g. PNG-encoding a batch)."""
+
+    def __init__(self, fn, max_pending: int = 2):
+        super().__init__(max_pending)
+        self.fn = fn
+
+    def process(self, element):
+        yield from self.submit(self.fn, element)
 
 
 class ImageWriter(beam.PTransform):
@@ -150,7 +173,7 @@ class TFRecordWriter(ShardFileWriter):
 
     def write_files(self, batches):
         return (batches
-                | "FrameExamples" >> beam.Map(frame_examples)
+                | "FrameExamples" >> beam.ParDo(InBackground(frame_examples))
                 | "WriteShards" >> beam.io.Write(_FramedBytesSink(posixpath.join(self.output, "images"), ".tfrecord")))
 
 
@@ -215,7 +238,7 @@ class ParquetImagesWriter(ShardFileWriter):
 
     def write_files(self, batches):
         return (batches
-                | "ToTables" >> beam.Map(image_table)
+                | "ToTables" >> beam.ParDo(InBackground(image_table))
                 | "WriteParquet" >> beam.io.WriteToParquetBatched(
                     posixpath.join(self.output, "images"), schema=IMAGE_SCHEMA, codec="zstd",
                     file_name_suffix=".parquet"))
