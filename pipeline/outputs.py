@@ -48,6 +48,8 @@ class BackgroundDoFn(beam.DoFn):
     Subclasses call `self.submit(fn, *args)` from `process` and `yield from` it: it yields the
     results of finished work in submission order. Every piece of work has finished, and any error
     has been raised, before the bundle completes, so a bundle never commits with output missing.
+    Results still pending at the end of a bundle are emitted in the global window, where every
+    element of these batch jobs lives.
     """
 
     def __init__(self, max_pending: int = 2):
