@@ -18,6 +18,9 @@ runs each variant in its own process, alternating variants within each repeat:
                one rate-distortion model, its latents stored as integers or as entropy-coded codes
                (not in the default set: `--variants beam-int beam-code dec-beam-int dec-beam-code`)
 
+`--child encode-steps PATTERN MODEL` times each step of the encode work per image;
+`--child file-creation FOLDER` times creating files before and after a mass deletion.
+
 Reports images/s, wall time and peak resident memory of the whole process tree
 (medians), and ratios computed within the run, as JSON and Markdown: of whole-process
 rates, and of steady rates (images per second of the slope between a variant's two sizes,
@@ -168,6 +171,31 @@ def decode_loop(dataset: str, model_dir: str, output: str, output_format: str = 
                     f.write(encode_png(image))
         if shard:
             shard.close()
+
+
+def file_creation(folder: str, n: str = "20000", deleted: str = "60000") -> None:
+    """Microseconds to create a small file: in a new folder, then right after deleting `deleted`
+    other files (ext4 scans past recently freed inodes). Run it after a few quiet minutes."""
+    payload = bytes(550)  # about one decoded MNIST PNG
+
+    def create(sub, count):
+        path = os.path.join(folder, sub)
+        os.makedirs(path)
+        started = time.perf_counter()
+        for i in range(count):
+            with open(os.path.join(path, f"{i:07d}.png"), "wb") as f:
+                f.write(payload)
+        elapsed = time.perf_counter() - started
+        os.sync()
+        return elapsed / count * 1e6
+
+    print(f"create {int(n):,} files in a new folder                    {create('quiet', int(n)):6.1f} us/file")
+    create("doomed", int(deleted))
+    shutil.rmtree(os.path.join(folder, "doomed"))
+    os.sync()
+    print(f"create {int(n):,} files just after deleting {int(deleted):,} others    "
+          f"{create('after', int(n)):6.1f} us/file")
+    shutil.rmtree(folder)
 
 
 def encode_naive(pattern: str, model_dir: str, output: str) -> None:
@@ -335,6 +363,15 @@ def run_bench(args) -> dict:
     return {"sizes": sizes, "results": results, "ratios": ratios(results, sizes)}
 
 
+# (numerator, denominator, name) of images/s ratios; for code/int, images/s of int over code is
+# the time of code over int.
+RATIO_PAIRS = [("beam", "loop", "beam/loop encode"), ("beam-2w", "beam", "beam-2w/beam"),
+               ("dec-beam", "dec-loop", "beam/loop decode png"),
+               ("dec-beam-tfr", "dec-loop-tfr", "beam/loop decode tfrecord"),
+               ("beam-int", "beam-code", "encode time code/int"),
+               ("dec-beam-int", "dec-beam-code", "decode time code/int")]
+
+
 def ratios(results: dict, sizes: list) -> dict:
     def ips(n, v):
         return results[n].get(v, {}).get("images_per_s")
@@ -342,12 +379,7 @@ def ratios(results: dict, sizes: list) -> dict:
     out = {}
     for n in sizes:
         r = {}
-        for a, b, name in [("beam", "loop", "beam/loop encode"), ("beam-2w", "beam", "beam-2w/beam"),
-                           ("beam", "naive-4x", "beam/naive-4x (both on N images)"),
-                           ("dec-beam", "dec-loop", "beam/loop decode png"),
-                           ("dec-beam-tfr", "dec-loop-tfr", "beam/loop decode tfrecord"),
-                           ("beam-int", "beam-code", "encode time code/int"),
-                           ("dec-beam-int", "dec-beam-code", "decode time code/int")]:
+        for a, b, name in RATIO_PAIRS + [("beam", "naive-4x", "beam/naive-4x (both on N images)")]:
             if ips(n, a) and ips(n, b):
                 r[name] = ips(n, a) / ips(n, b)
         out[n] = r
@@ -366,9 +398,8 @@ def ratios(results: dict, sizes: list) -> dict:
                 steady[v] = slope(first[v], results[sizes[1]][v])
     out["steady"] = steady
     s_ratios = {}
-    for a, b, name in [("beam", "loop", "beam/loop encode"), ("beam-2w", "beam", "beam-2w/beam"),
-                       ("beam", "naive", "beam/naive"), ("dec-beam", "dec-loop", "beam/loop decode png"),
-                       ("dec-beam-tfr", "dec-loop-tfr", "beam/loop decode tfrecord")]:
+    # naive's steady rate comes from its own two sizes (naive, naive-4x).
+    for a, b, name in RATIO_PAIRS + [("beam", "naive", "beam/naive")]:
         if a in steady and b in steady:
             s_ratios[name] = steady[a] / steady[b]
     out["steady_ratios"] = s_ratios
@@ -429,7 +460,7 @@ def main(argv=None) -> int:
     if args.child:
         kind, *rest = args.child
         {"encode-loop": encode_loop, "decode-loop": decode_loop,
-         "encode-naive": encode_naive, "encode-steps": encode_steps}[kind](*rest)
+         "encode-naive": encode_naive, "encode-steps": encode_steps, "file-creation": file_creation}[kind](*rest)
         return 0
     report = run_bench(args)
     os.makedirs(args.out, exist_ok=True)

@@ -51,3 +51,11 @@ def test_bench_script_runs_every_variant_and_the_step_profile(tmp_path):
                           "entropy coding / integer arrays", "Arrow tables",
                           "(for comparison) decode PNGs with Pillow"}
     assert all(float(v) >= 0 for v in steps.values())
+
+    # The file-creation measurement BENCHMARKS quotes, tiny: it prints both lines and leaves nothing.
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--child", "file-creation",
+                          str(tmp_path / "files"), "50", "120"],
+                         cwd=ROOT, check=True, capture_output=True, text=True, timeout=600).stdout
+    lines = [line for line in out.splitlines() if line.endswith("us/file")]
+    assert len(lines) == 2 and all(float(line.split()[-2]) > 0 for line in lines)
+    assert not (tmp_path / "files").exists()
