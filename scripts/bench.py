@@ -29,6 +29,7 @@ in which start-up cancels out).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import io
 import json
@@ -157,20 +158,20 @@ def decode_loop(dataset: str, model_dir: str, output: str, output_format: str = 
     codec = Codec(model_dir)
     os.makedirs(output, exist_ok=True)
     for n, path in enumerate(latents.part_paths(dataset, latents.read_manifest(dataset))):
-        shard = open(os.path.join(output, f"images-{n:05d}.tfrecord"), "wb") if output_format == "tfrecord" else None
-        for rb in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            images = codec.decode(latents.table_latents(rb, codec.entropy))
-            labels = rb.column("label").to_pylist()
-            for key, image, label in zip(rb.column("key").to_pylist(), images, labels):
-                if shard:
-                    shard.write(tfrecord.frame(tfrecord.make_example(encode_png(image), key, label)))
-                    continue
-                target = os.path.join(output, key + ".png")
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                with open(target, "wb") as f:
-                    f.write(encode_png(image))
-        if shard:
-            shard.close()
+        with contextlib.ExitStack() as stack:
+            shard = (stack.enter_context(open(os.path.join(output, f"images-{n:05d}.tfrecord"), "wb"))
+                     if output_format == "tfrecord" else None)
+            for rb in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                images = codec.decode(latents.table_latents(rb, codec.entropy))
+                labels = rb.column("label").to_pylist()
+                for key, image, label in zip(rb.column("key").to_pylist(), images, labels):
+                    if shard:
+                        shard.write(tfrecord.frame(tfrecord.make_example(encode_png(image), key, label)))
+                    else:
+                        target = os.path.join(output, key + ".png")
+                        os.makedirs(os.path.dirname(target), exist_ok=True)
+                        with open(target, "wb") as f:
+                            f.write(encode_png(image))
 
 
 def file_creation(folder: str, n: str = "20000", deleted: str = "60000") -> None:
