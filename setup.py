@@ -10,7 +10,10 @@ setup(
     name="latentpack",
     version="0.1.0",
     description="Compress image datasets with a learned autoencoder, as Apache Beam batch jobs.",
-    packages=["pipeline", "training"],
+    packages=["pipeline", "pipeline.codecs", "training", "models"],
+    # The shipped photo models (SavedModel + codec.json per quality level, a few MB in all).
+    package_data={"models": ["README.md", "*/*.json", "*/*.pb", "*/*.png", "*/variables/*"]},
+    include_package_data=False,
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.16,<2.22",

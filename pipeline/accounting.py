@@ -13,10 +13,11 @@ import time
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from pipeline.completion import (DEAD_LETTER_DIR, FAILED, MANIFEST, clear_previous, raise_if_failed,  # noqa: F401
+                                  run_to_completion, unmark, write_json)
 from pipeline.images import DeadLetter
 
 DEAD_LETTER_TAG = "dead_letter"
-FAILED = "_failed.json"
 DEFAULT_MAX_BAD_FRACTION = 0.01
 
 
@@ -62,7 +63,7 @@ class WriteDeadLetters(beam.PTransform):
         written = (counted
                    | "ToJson" >> beam.Map(lambda d: json.dumps(d.to_dict(), sort_keys=True))
                    | "WriteJsonl" >> beam.io.WriteToText(
-                       posixpath.join(self.output, "dead_letter", "part"), file_name_suffix=".jsonl"))
+                       posixpath.join(self.output, DEAD_LETTER_DIR, "part"), file_name_suffix=".jsonl"))
         reasons = (counted
                    | "Reason" >> beam.Map(lambda d: d.reason)
                    | "PerReason" >> beam.combiners.Count.PerElement()
@@ -80,8 +81,6 @@ def counts(read_written: int, reasons: dict) -> dict:
 def finish(output: str, payload: dict, max_bad_fraction: float, fatal_reasons=()) -> None:
     """Write `_manifest.json`, or `_failed.json` instead when too many inputs were bad or any
     dead letter has one of `fatal_reasons`."""
-    from pipeline.latents import MANIFEST, write_json
-
     c = payload["counts"]
     failure = None
     fatal = {r: n for r, n in c["dead_lettered_by_reason"].items() if r in fatal_reasons}
@@ -95,61 +94,6 @@ def finish(output: str, payload: dict, max_bad_fraction: float, fatal_reasons=()
         write_json(posixpath.join(output, FAILED), dict(payload, complete=False, failure=failure))
     else:
         write_json(posixpath.join(output, MANIFEST), payload)
-
-
-def raise_if_failed(output: str) -> None:
-    """In the driver, after the job: turn a `_failed.json` into a clear error."""
-    from apache_beam.io.filesystems import FileSystems
-
-    from pipeline.images import LatentpackError
-
-    path = posixpath.join(output, FAILED)
-    if FileSystems.exists(path):
-        with FileSystems.open(path) as f:
-            failed = json.loads(f.read())
-        raise LatentpackError(f"{failed['failure']}. The output is not marked complete; see "
-                              f"{posixpath.join(output, 'dead_letter')}/ for each input")
-
-
-def unmark(output: str) -> None:
-    """Delete an earlier run's completion markers first, so a re-run never looks complete early."""
-    from apache_beam.io.filesystems import FileSystems
-
-    from pipeline.latents import MANIFEST
-
-    for marker in (MANIFEST, FAILED):
-        path = posixpath.join(output, marker)
-        if FileSystems.exists(path):
-            FileSystems.delete([path])
-
-
-def clear_previous(output: str, patterns) -> None:
-    """Unmark `output`, then remove an earlier run's files matching `patterns` and the temporary
-    folders of a run killed before Beam finalized it. Nothing else in the folder is touched."""
-    import glob
-
-    from apache_beam.io.filesystems import FileSystems
-
-    unmark(output)
-    stale = {m.path for pattern in list(patterns) + ["dead_letter/part-*.jsonl"]
-             for m in FileSystems.match([posixpath.join(output, pattern)])[0].metadata_list}
-    temp_dirs = set()
-    for folder in (output, posixpath.join(output, "dead_letter")):
-        for m in FileSystems.match([posixpath.join(folder, "beam-temp-*/**")])[0].metadata_list:
-            temp_dirs.add(posixpath.join(folder, m.path[len(folder) + 1:].split("/", 1)[0]))
-        if "://" not in folder:  # local folders: empty temp directories too
-            temp_dirs.update(glob.glob(posixpath.join(folder, "beam-temp-*")))
-    if stale or temp_dirs:
-        FileSystems.delete(sorted(stale) + sorted(temp_dirs))
-
-
-def run_to_completion(pipeline, output: str) -> dict:
-    """Run a job, turn a failure marker into a clear error, and return its manifest."""
-    from pipeline.latents import read_manifest
-
-    pipeline.run().wait_until_finish()
-    raise_if_failed(output)
-    return read_manifest(output)
 
 
 def summary(manifest: dict, done: str) -> str:

@@ -15,7 +15,7 @@ import functools
 import importlib
 import sys
 
-from pipeline.images import LatentpackError
+from pipeline.errors import LatentpackError
 
 COMMANDS = {
     "train": ("training.train", "train an autoencoder and export a model artifact"),

@@ -13,30 +13,32 @@ import posixpath
 import sys
 
 import apache_beam as beam
-import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import latents
-from pipeline.accounting import (DEFAULT_MAX_BAD_FRACTION, Progress, WriteDeadLetters, clear_previous, counts,
-                                 finish, run_to_completion, summary)
-from pipeline.artifact import Codec, read_spec
-from pipeline.images import ImageBatch, LatentpackError
+from pipeline.accounting import (DEAD_LETTER_TAG, DEFAULT_MAX_BAD_FRACTION, Progress, WriteDeadLetters, counts,
+                                 finish, summary)
+from pipeline.artifact import read_spec
+from pipeline.codecs import codec_class, load_codec
+from pipeline.completion import MANIFEST, clear_previous, read_manifest, run_to_completion
+from pipeline.errors import LatentpackError
+from pipeline.images import DeadLetter
 from pipeline.outputs import WRITERS
 
 NAMESPACE = "latentpack.decode"
-BATCH_ROWS = 1024
 
 
-def check_dataset(dataset_dir: str, spec: dict) -> list:
+def check_dataset(dataset_dir: str, spec) -> list:
     """Validate a latent dataset against the model; returns its part paths."""
-    manifest = latents.read_manifest(dataset_dir)
+    manifest = read_manifest(dataset_dir)
     if manifest.get("format") != "latentpack-dataset":
-        raise LatentpackError(f"{dataset_dir}: {latents.MANIFEST} is not a latentpack dataset manifest")
-    check_fingerprint(posixpath.join(dataset_dir, latents.MANIFEST), manifest.get("model_fingerprint"), spec)
+        raise LatentpackError(f"{dataset_dir}: {MANIFEST} is not a latentpack dataset manifest")
+    check_fingerprint(posixpath.join(dataset_dir, MANIFEST), manifest.get("model_fingerprint"), spec)
     paths = latents.part_paths(dataset_dir, manifest)
+    family = codec_class(spec)
     for path in paths:
         try:
             with FileSystems.open(path) as f:
@@ -46,10 +48,14 @@ def check_dataset(dataset_dir: str, spec: dict) -> list:
         try:
             meta = latents.metadata_of(schema)
             fingerprint, latent_format = meta["model_fingerprint"], meta.get("latent_format", "int")
-        except (LatentpackError, KeyError, ValueError, TypeError):
+            version = meta.get("format_version", 1)
+        except (LatentpackError, KeyError, ValueError, TypeError, AttributeError):
             raise LatentpackError(f"{path}: not a latentpack dataset part (no latentpack metadata)") from None
+        if version not in latents.READABLE_VERSIONS:
+            raise LatentpackError(f"{path}: dataset format version {version!r} is not readable by this latentpack")
         check_fingerprint(path, fingerprint, spec)
-        if latent_format not in latents.LATENT_FORMATS or (latent_format == "code" and "entropy_model" not in spec):
+        why_not = family.check_latent_format(spec, latent_format)
+        if why_not:
             raise LatentpackError(f"{path}: latent format {latent_format!r} cannot be decoded with this model")
         for field in latents.schema(spec, latent_format):
             if field.name not in schema.names:
@@ -60,35 +66,33 @@ def check_dataset(dataset_dir: str, spec: dict) -> list:
     return paths
 
 
-def check_fingerprint(path: str, fingerprint: str, spec: dict) -> None:
-    if fingerprint != spec["fingerprint"]:
+def check_fingerprint(path: str, fingerprint: str, spec) -> None:
+    if fingerprint != spec.fingerprint:
         raise LatentpackError(
-            f"{path} was encoded with model {fingerprint}, but --model-dir {spec['fingerprint']} is "
+            f"{path} was encoded with model {fingerprint}, but --model-dir {spec.fingerprint} is "
             "a different model; decode it with the model that encoded it")
 
 
 class DecodeTable(beam.DoFn):
-    """Arrow table of (key, latent, label) -> ImageBatch, with the model loaded once per worker."""
+    """Arrow table of rows -> ImageBatches of same-shaped images (and a dead letter per row that
+    does not decode), with the model loaded once per worker and called only through `decompress`."""
 
-    def __init__(self, model_dir: str, spec: dict):
+    def __init__(self, model_dir: str, spec):
         self.model_dir, self.spec = model_dir, spec
 
     def setup(self):
-        self.codec = Codec(self.model_dir, self.spec)
+        self.codec = load_codec(self.model_dir, self.spec)
         self.images = Metrics.counter(NAMESPACE, "images_decoded")
         self.progress = Progress("decoded")
 
     def process(self, table):
-        # A row group can hold many thousands of rows: decode it in slices of bounded memory.
-        for start in range(0, table.num_rows, BATCH_ROWS):
-            part = table.slice(start, BATCH_ROWS)
-            images = self.codec.decode(latents.table_latents(part, self.codec.entropy))
-            label = part.column("label")
-            has_label = label.is_valid().to_numpy(zero_copy_only=False)
-            labels = label.fill_null(-1).to_numpy()
-            self.images.inc(len(images))
-            self.progress.add(len(images))
-            yield ImageBatch(part.column("key").to_pylist(), images, labels.astype(np.int64), has_label)
+        for item in self.codec.decompress(table):
+            if isinstance(item, DeadLetter):
+                yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, item)
+                continue
+            self.images.inc(len(item))
+            self.progress.add(len(item))
+            yield item
 
 
 class WriteDecodeManifest(beam.DoFn):
@@ -120,27 +124,30 @@ def parse_args(argv):
 def run(argv=None, test_pipeline=None):
     """Build and run the decode job; returns the output manifest dict."""
     args, beam_args = parse_args(argv)
-    spec = read_spec(args.model_dir)
+    from pipeline import models
+    model_dir = models.resolve(args.model_dir)
+    spec = read_spec(model_dir)
     dataset = args.input.rstrip("/")
     paths = check_dataset(dataset, spec)
     output = args.output.rstrip("/")
     # PNG files are one per key and are overwritten in place; shard files are replaced.
     clear_previous(output, [f"images-*.{ext}" for ext in ("tfrecord", "npz", "parquet", "npz.tmp")])
-    extra = {"source": dataset, "output_format": args.output_format, "model_fingerprint": spec["fingerprint"]}
+    extra = {"source": dataset, "output_format": args.output_format, "model_fingerprint": spec.fingerprint}
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
     batches = (p
                | "ListParts" >> beam.Create(paths)
                | "SpreadParts" >> beam.Reshuffle()
                | "ReadLatentParquet" >> beam.io.ReadAllFromParquetBatched()
-               | "DecodeLatents" >> beam.ParDo(DecodeTable(args.model_dir, spec)))
-    written, dead, files = batches | f"Write{args.output_format.upper()}" >> WRITERS[args.output_format](output)
+               | "DecodeLatents" >> beam.ParDo(DecodeTable(model_dir, spec)).with_outputs(DEAD_LETTER_TAG, main="images"))
+    written, dead, files = batches.images | f"Write{args.output_format.upper()}" >> WRITERS[args.output_format](output)
+    dead = (dead, batches[DEAD_LETTER_TAG]) | "AllDeadLetters" >> beam.Flatten()
     reasons, dead_files = dead | "WriteDeadLetters" >> WriteDeadLetters(output, NAMESPACE)
     total = written | "SumWritten" >> beam.CombineGlobally(sum)
     side = beam.pvalue
     (p | "Once" >> beam.Create([None])
        | "WriteManifest" >> beam.ParDo(WriteDecodeManifest(output, extra, args.max_bad_fraction), side.AsSingleton(total),
                                        side.AsSingleton(reasons), side.AsList(files), side.AsList(dead_files)))
-    return run_to_completion(p, output)
+    return run_to_completion(p, output, "decoded output")
 
 
 def main(argv=None) -> int:

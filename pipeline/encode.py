@@ -3,41 +3,66 @@
     latentpack encode --input 'shards/*.tfrecord' --input-format tfrecord \
         --model-dir model/ --output latents/ [Beam options, e.g. --runner DataflowRunner]
 
-ReadImageShards -> EncodeImages -> WriteLatentDataset. Elements on the hot path are
-batches of images (numpy arrays), the model is loaded once per worker in `setup()`.
+ReadImageShards -> EncodeImages -> WriteLatentDataset (or, with --skip-existing,
+WritePartPerShard). Elements on the hot path are batches of same-shaped images; the
+model is loaded once per worker in `setup()` and called only through its family's
+`compress`, so the job knows nothing of quantizers, tables or latent shapes.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import posixpath
 import sys
 import zlib
+from typing import List, Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import incremental, latents
-from pipeline.accounting import (DEAD_LETTER_TAG, DEFAULT_MAX_BAD_FRACTION, Progress, WriteDeadLetters,
-                                 clear_previous, counts, finish, run_to_completion, summary)
-from pipeline.artifact import Codec, read_spec
+from pipeline import latents, sinks
+from pipeline.accounting import DEAD_LETTER_TAG, DEFAULT_MAX_BAD_FRACTION, Progress, summary
+from pipeline.artifact import read_spec
+from pipeline.codecs import codec_class, load_codec
+from pipeline.completion import run_to_completion
+from pipeline.errors import BadImage, LatentpackError
 from pipeline.formats import READERS, get_reader
-from pipeline.images import DEFAULT_MAX_PIXELS, BadImage, DeadLetter, LatentpackError, batch_records
+from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, batch_records
 
 NAMESPACE = "latentpack.encode"
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeOptions:
+    """The encode job's own settings (Beam's options travel separately)."""
+
+    input: str
+    model_dir: str
+    output: str
+    input_format: str = "tfrecord"
+    latent_format: Optional[str] = None
+    batch_size: int = 1024
+    num_shards: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
+    skip_existing: bool = False
+    duplicate_keys: str = "keep-first"
 
 
 class ReadShardBatches(beam.DoFn):
     """shard path -> ImageBatch elements, and DeadLetters on the `dead_letter` output.
 
-    `duplicates` maps each key that occurs more than once to the (source, index) of its
-    first occurrence; later occurrences become `duplicate_key` dead letters.
+    `shape` is the model's one image shape, or None for models that take any size (then
+    batches group images of the same shape). `duplicates` maps each key that occurs more
+    than once to the (source, index) of its first occurrence; later occurrences become
+    `duplicate_key` dead letters.
     """
 
-    def __init__(self, input_format: str, root: str, shape: tuple, batch_size: int, max_pixels: int):
-        self.input_format, self.root, self.shape = input_format, root, tuple(shape)
+    def __init__(self, input_format: str, root: str, shape, batch_size: int, max_pixels: int):
+        self.input_format, self.root = input_format, root
+        self.shape = tuple(shape) if shape is not None else None
         self.batch_size, self.max_pixels = batch_size, max_pixels
 
     def process(self, shard: str, duplicates=None):
@@ -49,6 +74,7 @@ class ReadShardBatches(beam.DoFn):
             if isinstance(item, DeadLetter):
                 yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, item)
             else:
+                item.shard = shard
                 yield item
 
 
@@ -65,7 +91,7 @@ def _key_buckets(shard: str, input_format: str, root: str, buckets: int = 16):
     out = [[] for _ in range(buckets)]
     for rec in get_reader(input_format).records(shard, root):
         if rec.error is None:
-            out[zlib.crc32(rec.key.encode()) % buckets].append((rec.key, rec.source, rec.index))
+            out[zlib.crc32(rec.key.encode("utf-8", "surrogatepass")) % buckets].append((rec.key, rec.source, rec.index))
     return [(b, entries) for b, entries in enumerate(out) if entries]
 
 
@@ -120,121 +146,102 @@ class ReadImageShards(beam.PTransform):
 
 
 class EncodeBatch(beam.DoFn):
-    """ImageBatch -> Arrow table of (key, code or latent, label); the model is loaded once per worker."""
+    """ImageBatch -> (shard, Arrow table of key, the codec's columns, label); the model is loaded
+    once per worker."""
 
-    def __init__(self, model_dir: str, spec: dict, latent_format: str):
+    def __init__(self, model_dir: str, spec, latent_format: str):
         self.model_dir, self.spec, self.latent_format = model_dir, spec, latent_format
 
     def setup(self):
-        self.codec = Codec(self.model_dir, self.spec)
+        self.codec = load_codec(self.model_dir, self.spec)
         self.schema = latents.schema(self.spec, self.latent_format)
         self.images = Metrics.counter(NAMESPACE, "images_written")
         self.progress = Progress("encoded")
 
     def process(self, batch):
-        values = latents.value_array(self.codec.encode(batch.images), self.latent_format, self.codec.entropy)
-        yield latents.to_table(batch.keys, values, batch.labels, batch.has_label, self.schema)
+        columns = self.codec.compress(batch, self.latent_format)
+        yield batch.shard, latents.to_table(batch.keys, columns, batch.labels, batch.has_label, self.schema)
         self.images.inc(len(batch))
         self.progress.add(len(batch))
 
 
-class WriteManifest(beam.DoFn):
-    """Runs once, after every part is written: describe the parts and write _manifest.json."""
-
-    def __init__(self, output: str, fingerprint: str, extra: dict, max_bad_fraction: float, fatal_reasons=()):
-        self.output, self.fingerprint, self.extra = output, fingerprint, extra
-        self.max_bad_fraction, self.fatal_reasons = max_bad_fraction, tuple(fatal_reasons)
-
-    def process(self, _, parts, rows, reasons, dead_letter_files):
-        described = latents.describe_parts(parts)
-        payload = latents.manifest(described, counts(rows, reasons), self.fingerprint, self.extra)
-        payload["dead_letter_files"] = sorted(posixpath.relpath(p, self.output) for p in dead_letter_files)
-        finish(self.output, payload, self.max_bad_fraction, self.fatal_reasons)
-        yield payload
-
-
-class WriteLatentDataset(beam.PTransform):
-    """Tables + dead letters -> Parquet parts, dead-letter JSONL, then `_manifest.json` last."""
-
-    def __init__(self, output: str, spec: dict, latent_format: str, extra: dict, num_shards: int = 0,
-                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, fatal_reasons=()):
-        super().__init__()
-        self.output, self.spec, self.extra, self.num_shards = output, spec, extra, num_shards
-        self.latent_format, self.max_bad_fraction, self.fatal_reasons = latent_format, max_bad_fraction, fatal_reasons
-
-    def expand(self, inputs):
-        tables, dead_letters = inputs
-        parts = tables | "WriteParquet" >> beam.io.Write(latents.LatentParquetSink(
-            posixpath.join(self.output, latents.PART_PREFIX), latents.schema(self.spec, self.latent_format),
-            self.latent_format, self.num_shards))
-        rows = (tables | "Rows" >> beam.Map(lambda t: t.num_rows)
-                | "SumRows" >> beam.CombineGlobally(sum))
-        reasons, dead_files = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(self.output, NAMESPACE)
-        side = beam.pvalue
-        return (tables.pipeline
-                | "Once" >> beam.Create([None])
-                | "WriteManifest" >> beam.ParDo(
-                    WriteManifest(self.output, self.spec["fingerprint"], self.extra, self.max_bad_fraction,
-                                  self.fatal_reasons),
-                    side.AsList(parts), side.AsSingleton(rows), side.AsSingleton(reasons), side.AsList(dead_files)))
-
-
-def parse_args(argv):
+def parse_args(argv) -> tuple:
+    """argv -> (EncodeOptions, Beam's arguments)."""
     p = argparse.ArgumentParser(prog="latentpack encode", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="Any other option is passed to Beam (--runner, --direct_num_workers, ...).")
+    d = EncodeOptions("", "", "")
     p.add_argument("--input", help="glob of input shards, local or on any Beam filesystem (gs://, s3://)")
-    p.add_argument("--input-format", default="tfrecord", choices=sorted(READERS), help="format of --input")
-    p.add_argument("--model-dir", required=True, help="model artifact directory (from latentpack train)")
+    p.add_argument("--input-format", default=d.input_format, choices=sorted(READERS), help="format of --input")
+    p.add_argument("--model-dir", required=True,
+                   help="model artifact directory (from latentpack train), or a shipped model: photo:<1-8>")
     p.add_argument("--output", required=True, help="directory for the latent dataset")
     p.add_argument("--latent-format", choices=latents.LATENT_FORMATS,
                    help="code: entropy-coded bytes per image (the compact default for models trained with "
                         "--quality/--lambda); int: the integer latents, usable as features (default for other models)")
-    p.add_argument("--batch-size", type=int, default=1024, help="images per batch element")
-    p.add_argument("--num-shards", type=int, default=0, help="output Parquet parts (0: the runner decides)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch element")
+    p.add_argument("--num-shards", type=int, default=d.num_shards, help="output Parquet parts (0: the runner decides)")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels,
                    help="reject images with more pixels than this, before decoding them")
-    p.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
+    p.add_argument("--max-bad-fraction", type=float, default=d.max_bad_fraction,
                    help="fail the job, leaving the output unmarked, if more than this fraction of inputs is bad")
     p.add_argument("--skip-existing", action="store_true",
                    help="incremental: one output part per input shard, skipping shards whose part already exists "
                         "for this model; the manifest covers every part in --output")
-    p.add_argument("--duplicate-keys", choices=["keep-first", "fail"], default="keep-first",
+    p.add_argument("--duplicate-keys", choices=["keep-first", "fail"], default=d.duplicate_keys,
                    help="a key seen again: keep its first occurrence (by shard, then record index) and "
                         "dead-letter the others, or fail the job")
-    return p.parse_known_args(argv)
+    args, beam_args = p.parse_known_args(argv)
+    fields = {f.name for f in dataclasses.fields(EncodeOptions)}
+    return EncodeOptions(**{k: v for k, v in vars(args).items() if k in fields}), beam_args
 
 
 def run(argv=None, test_pipeline=None):
+    """Parse argv and run the encode job; returns the manifest dict."""
+    options, beam_args = parse_args(argv)
+    return run_job(options, beam_args, test_pipeline)
+
+
+def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=None) -> dict:
     """Build and run the encode job; returns the manifest dict."""
-    args, beam_args = parse_args(argv)
-    spec = read_spec(args.model_dir)
-    latent_format = args.latent_format or ("code" if "entropy_model" in spec else "int")
-    if latent_format == "code" and "entropy_model" not in spec:
-        raise LatentpackError(f"--latent-format code needs a model trained with --quality or --lambda; "
-                              f"{args.model_dir} has no entropy model (use --latent-format int)")
-    reader = get_reader(args.input_format)
-    shards, root = reader.match(args.input)
-    output = args.output.rstrip("/")
+    if options.batch_size < 1:
+        raise LatentpackError(f"--batch-size must be at least 1 (got {options.batch_size})")
+    if options.skip_existing and options.num_shards:
+        raise LatentpackError("--num-shards cannot apply with --skip-existing (it writes one part per input shard)")
+    from pipeline import models
+    model_dir = models.resolve(options.model_dir)
+    spec = read_spec(model_dir)
+    family = codec_class(spec)
+    latent_format = options.latent_format or family.default_latent_format(spec)
+    why_not = family.check_latent_format(spec, latent_format)
+    if why_not:
+        raise LatentpackError(f"{why_not}; {model_dir} cannot write --latent-format {latent_format}")
+    reader = get_reader(options.input_format)
+    shards, root = reader.match(options.input)
+    output = options.output.rstrip("/")
+    if FileSystems.exists(output) and "://" not in output:
+        import os
+        if not os.path.isdir(output):
+            raise LatentpackError(f"--output {output} exists and is not a folder")
     if not FileSystems.exists(output):
         FileSystems.mkdirs(output)
-    logging.info("encoding %d shard(s) of %s with model %s", len(shards), args.input_format, spec["fingerprint"][:19])
-    extra = {"input": args.input, "input_format": args.input_format, "shards": len(shards),
-             "latent_format": latent_format, "duplicate_keys": args.duplicate_keys,
-             "codec": {k: spec[k] for k in ("image_shape", "latent_dim", "latent_dtype")}}
-    p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
-    if args.skip_existing:
-        # Parts of earlier runs stay; only unfinished temporary files go.
-        clear_previous(output, [f"{latents.PART_PREFIX}-*.parquet.tmp", "dead_letter/*.jsonl.tmp"])
-        incremental.build(p, shards, args, spec, latent_format, root, output, extra)
-        return run_to_completion(p, output)
-    clear_previous(output, [f"{latents.PART_PREFIX}-*.parquet", "dead_letter/*.jsonl"])
+    logging.info("encoding %d shard(s) of %s with model %s", len(shards), options.input_format, spec.fingerprint[:19])
+    extra = {"input": options.input, "input_format": options.input_format, "shards": len(shards),
+             "latent_format": latent_format, "duplicate_keys": options.duplicate_keys,
+             "codec": latents.metadata_of(latents.schema(spec, latent_format))}
+    fatal = ("duplicate_key",) if options.duplicate_keys == "fail" else ()
+    if options.skip_existing:
+        sink = sinks.WritePartPerShard(output, spec, latent_format, extra, options.max_bad_fraction, fatal)
+        shards = sink.prepare(shards)
+    else:
+        sink = sinks.WriteLatentDataset(output, spec, latent_format, extra, options.num_shards,
+                                        options.max_bad_fraction, fatal)
+        sink.prepare(shards)
+    p = test_pipeline or beam.Pipeline(options=PipelineOptions(list(beam_args)))
     read = p | "ReadImageShards" >> ReadImageShards(
-        shards, args.input_format, root, spec["image_shape"], args.batch_size, args.max_pixels)
-    tables = read.images | "EncodeImages" >> beam.ParDo(EncodeBatch(args.model_dir, spec, latent_format))
-    (tables, read[DEAD_LETTER_TAG]) | "WriteLatentDataset" >> WriteLatentDataset(
-        output, spec, latent_format, extra, args.num_shards, args.max_bad_fraction,
-        fatal_reasons=("duplicate_key",) if args.duplicate_keys == "fail" else ())
+        shards, options.input_format, root, family.image_shape(spec), options.batch_size, options.max_pixels)
+    tables = read.images | "EncodeImages" >> beam.ParDo(EncodeBatch(model_dir, spec, latent_format))
+    (tables, read[DEAD_LETTER_TAG]) | "WriteLatentDataset" >> sink
     return run_to_completion(p, output)
 
 

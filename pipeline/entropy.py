@@ -52,3 +52,44 @@ class EntropyCoder:
             coder = constriction.stream.queue.RangeDecoder(np.frombuffer(padded, np.uint32))
             out[i] = coder.decode(self.family, self.probabilities)
         return out + self.offsets
+
+
+class ChannelCoder:
+    """Spatial latents [h, w, C] <-> one byte string, one integer table per channel.
+
+    Every channel's values are coded in raster order with that channel's table, channel
+    after channel, into one range-coder stream; values beyond a table's ends are clipped
+    to them (the tables' tails hold all but ~1e-7 of the training mass).
+    """
+
+    def __init__(self, model):
+        tables = model["frequencies"]
+        self.offsets = np.asarray(model["offsets"], np.int64)
+        self.sizes = np.array([len(t) for t in tables], np.int64)
+        total = float(1 << model["precision"])
+        self.models = [constriction.stream.model.Categorical(np.asarray(t, np.float64) / total, perfect=False)
+                       for t in tables]
+
+    def symbols(self, latent: np.ndarray) -> np.ndarray:
+        """Latents [h, w, C] -> table indices, clipped to each table."""
+        return np.clip(latent.astype(np.int64) - self.offsets, 0, self.sizes - 1).astype(np.int32)
+
+    def encode(self, latent: np.ndarray) -> bytes:
+        symbols = self.symbols(latent)
+        coder = constriction.stream.queue.RangeEncoder()
+        for c, model in enumerate(self.models):
+            coder.encode(np.ascontiguousarray(symbols[..., c]).reshape(-1), model)
+        data = coder.get_compressed().tobytes()
+        end = len(data)
+        while end > len(data) - 3 and end > 0 and data[end - 1] == 0:
+            end -= 1
+        return data[:end]
+
+    def decode(self, code: bytes, height: int, width: int) -> np.ndarray:
+        """One code -> latents [height, width, C] (height, width: the latent grid)."""
+        padded = code + b"\0" * (-len(code) % 4)
+        coder = constriction.stream.queue.RangeDecoder(np.frombuffer(padded, np.uint32))
+        out = np.empty((len(self.models), height * width), np.int64)
+        for c, model in enumerate(self.models):
+            out[c] = coder.decode(model, height * width)
+        return (out.T.reshape(height, width, -1) + self.offsets).astype(np.int64)

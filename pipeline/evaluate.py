@@ -29,7 +29,8 @@ from PIL import Image
 from pipeline import decode, encode
 from pipeline.artifact import read_spec
 from pipeline.formats import READERS, load_images
-from pipeline.images import LatentpackError, psnr
+from pipeline.errors import LatentpackError
+from pipeline.images import psnr
 
 JPEG_QUALITIES = (5, 10, 20, 30, 50, 70, 90)
 WEBP_QUALITIES = (0, 5, 10, 20, 40, 60, 80, 95)
@@ -101,13 +102,13 @@ def model_point(model_dir, args, beam_args, keys, images, index):
             with np.load(os.path.join(work, "decoded", name)) as npz:
                 by_key.update(zip(npz["keys"].tolist(), npz["images"]))
     recon = np.stack([by_key[k] for k in keys])
-    training = spec.get("training", {})
+    training = spec.training
     label = (f"latentpack q{training['quality']}" if training.get("quality") else
              f"latentpack λ={training['lmbda']}" if training.get("lmbda") is not None else
-             f"{spec['architecture']['arch']} autoencoder")
-    family = "latentpack" if training.get("lmbda") is not None else f"{spec['architecture']['arch']}-ae"
+             f"{spec.arch} autoencoder")
+    family = "latentpack" if training.get("lmbda") is not None else f"{spec.arch}-ae"
     return point(label, family, manifest["total_bytes"] / manifest["images"], images, recon,
-                 model_dir=model_dir, fingerprint=spec["fingerprint"], latent_format=manifest["latent_format"],
+                 model_dir=model_dir, fingerprint=spec.fingerprint, latent_format=manifest["latent_format"],
                  seconds=time.time() - started)
 
 

@@ -17,7 +17,8 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import tfrecord
-from pipeline.images import BadImage, DeadLetter, LatentpackError, SourceRecord, batch_records, probe_shape
+from pipeline.errors import BadImage, LatentpackError
+from pipeline.images import DeadLetter, SourceRecord, batch_records, probe_shape
 
 READERS: Dict[str, "Reader"] = {}
 

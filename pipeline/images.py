@@ -13,20 +13,10 @@ import numpy as np
 import pyspng
 from PIL import Image
 
+from pipeline.errors import BadImage
+
 # Generous default: 64 megapixels. Checked from the header, before pixels are decoded.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
-
-
-class LatentpackError(Exception):
-    """A user-facing error: printed as one line, exit status 2, no traceback."""
-
-
-class BadImage(ValueError):
-    """One image that cannot be used; `reason` is a short machine-readable tag."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclasses.dataclass
@@ -65,6 +55,10 @@ class ImageBatch:
     images: np.ndarray  # uint8 [N, H, W, C]
     labels: np.ndarray  # int64 [N]; -1 where the source has no label
     has_label: np.ndarray  # bool [N]
+    # The source's pixel mode per image (e.g. "CMYK", "I;16") when it was converted; None: as stored.
+    modes: Optional[list] = None
+    # The shard the images came from (the encode job's per-shard sink groups by it).
+    shard: str = ""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -120,6 +114,88 @@ def decode_image(data: bytes, shape: tuple, max_pixels: int = DEFAULT_MAX_PIXELS
     return _to_channels(img, channels)
 
 
+@dataclasses.dataclass
+class Photo:
+    """A decoded image of any size, as the photo codec takes it."""
+
+    pixels: np.ndarray  # uint8 (H, W, 1) or (H, W, 3)
+    mode: str  # the source's pixel mode (Pillow's name) before conversion: "RGB", "L", "CMYK", "I;16", ...
+    orientation: int = 1  # the EXIF orientation that was applied (1: none)
+
+
+# Modes converted to RGB by Pillow's own conversion (recorded per row as the source mode).
+_TO_RGB = ("CMYK", "YCbCr", "LAB", "HSV")
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
+    """PNG/JPEG/WebP/... bytes of any size -> 8-bit grey or RGB pixels as a viewer shows them.
+
+    EXIF orientation is applied; palettes are expanded (grey palettes to one channel); CMYK
+    and other colour spaces become RGB; 16-bit grey becomes 8-bit (the top byte); an alpha
+    channel is dropped only when every pixel is opaque. What cannot be stored faithfully is a
+    BadImage: float images (`wrong_mode`), transparency (`transparent`).
+    """
+    header = png_header(data)
+    if header is not None:
+        width, height, depth, colour = header
+        if width * height > max_pixels:
+            raise BadImage("too_many_pixels", f"{width}x{height} exceeds the {max_pixels}-pixel limit")
+        if depth == 8 and colour in (0, 2):
+            try:
+                pixels = pyspng.load(data)
+            except Exception as e:
+                raise BadImage("undecodable", f"truncated or corrupt image data: {e}") from None
+            if pixels.dtype != np.uint8 or pixels.shape[:2] != (height, width):
+                raise BadImage("undecodable", f"PNG decoded to {pixels.dtype} {pixels.shape}, not its header's shape")
+            return Photo(pixels.reshape(height, width, -1), "L" if colour == 0 else "RGB")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception as e:
+        raise BadImage("undecodable", f"not a readable image: {e}") from None
+    if img.width * img.height > max_pixels:
+        raise BadImage("too_many_pixels", f"{img.width}x{img.height} exceeds the {max_pixels}-pixel limit")
+    try:
+        img.load()
+        orientation = int(img.getexif().get(0x0112, 1) or 1)
+        if orientation != 1:
+            from PIL import ImageOps
+            img = ImageOps.exif_transpose(img)
+    except BadImage:
+        raise
+    except Exception as e:
+        raise BadImage("undecodable", f"truncated or corrupt image data: {e}") from None
+    mode = source_mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    elif mode == "PA":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        alpha = np.asarray(img.getchannel("A"))
+        if alpha.min() < 255:
+            raise BadImage("transparent", f"{source_mode} image with transparent pixels; the codec stores no "
+                                          "alpha channel (flatten it onto a background first)")
+        img = img.convert("L" if mode.startswith("L") else "RGB")
+        mode = img.mode
+    if mode in _SIXTEEN_BIT:
+        wide = np.asarray(img, dtype=np.int64)
+        arr = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
+        return Photo(arr[..., None], source_mode, orientation)
+    if mode == "1":
+        img, mode = img.convert("L"), "L"
+    if mode in _TO_RGB:
+        img, mode = img.convert("RGB"), "RGB"
+    if mode not in ("L", "RGB"):
+        raise BadImage("wrong_mode", f"{source_mode} images cannot be stored (8-bit grey or colour only)")
+    arr = np.asarray(img, dtype=np.uint8)
+    if mode == "RGB" and source_mode == "P" and np.array_equal(arr[..., 0], arr[..., 1]) \
+            and np.array_equal(arr[..., 0], arr[..., 2]):
+        arr = arr[..., :1]
+    return Photo(arr.reshape(arr.shape[0], arr.shape[1], -1), source_mode, orientation)
+
+
 def _to_channels(img: Image.Image, channels: int) -> np.ndarray:
     mode = img.mode
     if mode == "P":
@@ -163,8 +239,12 @@ def batch_records(records: Iterable[SourceRecord], shape: tuple, batch_size: int
                   max_pixels: int = DEFAULT_MAX_PIXELS):
     """Decode records into ImageBatches of up to `batch_size`, yielding DeadLetters for bad ones.
 
-    Yields ImageBatch or DeadLetter objects, in input order.
+    With a `shape`, every image must have it (a fixed-shape model); yields in input order.
+    With `shape=None` images of any size are taken and grouped by shape (see `batch_photos`).
     """
+    if shape is None:
+        yield from batch_photos(records, batch_size, max_pixels)
+        return
     images = np.empty((batch_size,) + tuple(shape), np.uint8)
     labels = np.full(batch_size, -1, np.int64)
     has_label = np.zeros(batch_size, bool)
@@ -196,6 +276,58 @@ def batch_records(records: Iterable[SourceRecord], shape: tuple, batch_size: int
     if keys:
         n = len(keys)
         yield ImageBatch(keys, images[:n].copy(), labels[:n].copy(), has_label[:n].copy())
+
+
+# A batch of photos holds at most this many pixels (a few hundred MB of activations in the model).
+BATCH_PIXELS = 4 * 1024 * 1024
+
+
+def photo_pixels(rec: SourceRecord, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
+    """A record of any size -> Photo, or BadImage."""
+    if rec.error is not None:
+        raise rec.error
+    if rec.pixels is not None:
+        arr = np.asarray(rec.pixels)
+        if arr.dtype != np.uint8:
+            raise BadImage("wrong_dtype", f"pixel array has dtype {arr.dtype}, expected uint8")
+        arr = arr[..., None] if arr.ndim == 2 else arr
+        if arr.ndim != 3 or arr.shape[-1] not in (1, 3) or 0 in arr.shape:
+            raise BadImage("wrong_channels", f"pixel array of shape {arr.shape}; expected (H, W), (H, W, 1) or (H, W, 3)")
+        if arr.shape[0] * arr.shape[1] > max_pixels:
+            raise BadImage("too_many_pixels", f"{arr.shape[1]}x{arr.shape[0]} exceeds the {max_pixels}-pixel limit")
+        return Photo(arr, "L" if arr.shape[-1] == 1 else "RGB")
+    if rec.encoded is None:
+        raise BadImage("missing_image", "record has no image")
+    return decode_photo(rec.encoded, max_pixels)
+
+
+def batch_photos(records: Iterable[SourceRecord], batch_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 batch_pixels: int = BATCH_PIXELS):
+    """Images of any size -> ImageBatches of same-shaped images (at most `batch_size` images and
+    `batch_pixels` pixels each, a large photo alone), plus DeadLetters. Batches of one shape
+    leave as soon as they are full; the rest at the end."""
+    groups = {}
+
+    def flush(shape):
+        keys, images, labels, modes = groups.pop(shape)
+        has = np.array([label is not None for label in labels], bool)
+        values = np.array([-1 if label is None else label for label in labels], np.int64)
+        return ImageBatch(keys, np.stack(images), values, has, modes)
+
+    for rec in records:
+        try:
+            photo = photo_pixels(rec, max_pixels)
+        except BadImage as e:
+            yield DeadLetter(rec.key, rec.source, rec.index, e.reason, str(e))
+            continue
+        shape = photo.pixels.shape
+        group = groups.setdefault(shape, ([], [], [], []))
+        for column, value in zip(group, (rec.key, photo.pixels, rec.label, photo.mode)):
+            column.append(value)
+        if len(group[0]) >= batch_size or len(group[0]) * shape[0] * shape[1] >= batch_pixels:
+            yield flush(shape)
+    for shape in list(groups):
+        yield flush(shape)
 
 
 def probe_shape(rec: SourceRecord) -> tuple:

@@ -16,7 +16,9 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import latents
 from pipeline.formats import READERS, get_reader
-from pipeline.images import ImageBatch, LatentpackError, batch_records, psnr
+from pipeline.completion import read_manifest
+from pipeline.errors import LatentpackError
+from pipeline.images import ImageBatch, batch_records, psnr
 
 
 def parse_args(argv):
@@ -48,7 +50,7 @@ def sample_rows(paths: list, n: int):
     return pa.Table.from_batches(tables)
 
 
-def source_images(pattern: str, fmt: str, keys: list, shape: tuple) -> dict:
+def source_images(pattern: str, fmt: str, keys: list, shape) -> dict:
     wanted, found = set(keys), {}
     reader = get_reader(fmt)
     shards, root = reader.match(pattern)
@@ -63,10 +65,26 @@ def source_images(pattern: str, fmt: str, keys: list, shape: tuple) -> dict:
     return found
 
 
-def grid(rows: list, path: str, scale: int = 3) -> None:
-    """Rows of equally-shaped uint8 images -> one PNG, 2-pixel gaps."""
+def grid(rows: list, path: str, scale: int = 3, cell: int = 192) -> None:
+    """Rows of uint8 images -> one PNG, 2-pixel gaps. Images of several sizes (photos) are
+    shown as thumbnails of at most `cell` pixels a side, unscaled otherwise."""
     from PIL import Image
 
+    shapes = {image.shape for row in rows for image in row}
+    if len(shapes) > 1 or max(max(s[:2]) for s in shapes) > cell:
+        c = max(s[2] for s in shapes)
+        thumbs = []
+        for row in rows:
+            out = []
+            for image in row:
+                img = Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).convert("L" if c == 1 else "RGB")
+                img.thumbnail((cell, cell))
+                tile = np.full((cell, cell, c), 255, np.uint8)
+                arr = np.asarray(img).reshape(img.height, img.width, c)
+                tile[:img.height, :img.width] = arr
+                out.append(tile)
+            thumbs.append(out)
+        rows, scale = thumbs, 1
     h, w, c = rows[0][0].shape
     cols = max(len(r) for r in rows)
     canvas = np.full((len(rows) * (h + 2), cols * (w + 2), c), 255, np.uint8)
@@ -84,7 +102,7 @@ def main(argv=None) -> int:
         paths = sorted(m.path for m in FileSystems.match([f"{dataset}/{latents.PART_PREFIX}-*.parquet"])[0].metadata_list)
         manifest = {"complete": False, "files": [{"name": p.rsplit("/", 1)[1]} for p in paths]}
     else:
-        manifest = latents.read_manifest(dataset)
+        manifest = read_manifest(dataset)
         paths = latents.part_paths(dataset, manifest)
     if not paths:
         raise LatentpackError(f"{dataset}: no Parquet parts")
@@ -93,8 +111,12 @@ def main(argv=None) -> int:
     meta = latents.metadata_of(schema)
     images = manifest.get("images", 0)
     print(f"dataset      {dataset} ({'complete' if manifest.get('complete') else 'INCOMPLETE'})")
-    print(f"model        {meta['model_fingerprint']} ({meta['arch']}, {meta['latent_dim']} x {meta['latent_dtype']}, "
-          f"{meta['quantization_bits']}-bit, images {'x'.join(map(str, meta['image_shape']))})")
+    if meta.get("family", "dense") == "dense":
+        shape = (f"{meta['latent_dim']} x {meta['latent_dtype']}, {meta['quantization_bits']}-bit, "
+                 f"images {'x'.join(map(str, meta['image_shape']))}")
+    else:
+        shape = f"{meta.get('family')}, {meta.get('latent_channels')} latent channels, any image size"
+    print(f"model        {meta['model_fingerprint']} ({meta.get('arch')}, {shape})")
     if images:
         print(f"images       {images:,} in {len(paths)} part(s), {manifest['total_bytes']:,} bytes, "
               f"{manifest['total_bytes'] / images:.1f} bytes per image")
@@ -106,22 +128,32 @@ def main(argv=None) -> int:
     if args.samples:
         if not args.model_dir:
             raise LatentpackError("--samples needs --model-dir to decode")
-        from pipeline.artifact import Codec
-        codec = Codec(args.model_dir)
+        from pipeline import models
+        from pipeline.codecs import codec_class, load_codec
+        from pipeline.images import DeadLetter
+        codec = load_codec(models.resolve(args.model_dir))
         if codec.fingerprint != meta["model_fingerprint"]:
             raise LatentpackError(f"--model-dir {codec.fingerprint} did not make this dataset "
                                   f"({meta['model_fingerprint']})")
         rows = sample_rows(paths, args.samples)
-        keys = rows.column("key").to_pylist()
-        recon = codec.decode(latents.table_latents(rows, codec.entropy))
-        picture_rows = [list(recon)]
+        decoded, bad = {}, []
+        for item in codec.decompress(rows):
+            if isinstance(item, DeadLetter):
+                bad.append(f"{item.key} ({item.reason})")
+            else:
+                decoded.update(zip(item.keys, item.images))
+        if bad:
+            print(f"undecodable  {len(bad)}: {', '.join(bad[:8])}")
+        keys = [k for k in rows.column("key").to_pylist() if k in decoded]
+        recon = [decoded[k] for k in keys]
+        picture_rows = [recon]
         print(f"samples      {len(keys)}: {', '.join(keys[:8])}{' …' if len(keys) > 8 else ''}")
         if args.source:
-            originals = source_images(args.source, args.source_format, keys, codec.image_shape)
+            originals = source_images(args.source, args.source_format, keys, codec_class(codec.spec).image_shape(codec.spec))
             have = [i for i, k in enumerate(keys) if k in originals]
             if not have:
                 raise LatentpackError(f"none of the sampled keys were found in --source {args.source!r}")
-            scores = psnr(np.stack([originals[keys[i]] for i in have]), recon[have])
+            scores = np.array([psnr(originals[keys[i]][None], recon[i][None])[0] for i in have])
             print(f"quality      PSNR mean {scores.mean():.2f} dB, worst {scores.min():.2f} dB "
                   f"on {len(have)} sampled images")
             picture_rows = [[originals[keys[i]] for i in have], [recon[i] for i in have]]

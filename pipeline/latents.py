@@ -1,9 +1,9 @@
 """The latent dataset: its Parquet schema, numpy <-> Arrow batches, and its manifest.
 
 A latent dataset is a directory of `latents-*.parquet` parts (zstd) with columns
-`key` (string), then either `code` (binary: the entropy-coded latents) or `latent`
-(fixed-size list of int8/int16: the integer latents), and `label` (int64, null when
-the source has none). The schema metadata under `latentpack` names the format
+`key` (string), then the model family's columns (`code`, binary: the entropy-coded
+latents, or `latent`: the integer latents; spatial models add `height`, `width`,
+`channels`, `mode`), and `label` (int64, null when the source has none). The schema metadata under `latentpack` names the format
 version, the model fingerprint and the codec parameters. `_manifest.json`, written
 last, lists the parts; a dataset without it is incomplete.
 """
@@ -21,70 +21,42 @@ from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.images import LatentpackError
+from pipeline.completion import DEAD_LETTER_DIR, MANIFEST, read_manifest, write_json  # noqa: F401
+from pipeline.errors import LatentpackError
 
 METADATA_KEY = b"latentpack"
-FORMAT_VERSION = 1
+# 2: the codec family decides the value columns (spatial rows add height, width, channels, mode).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PART_PREFIX = "latents"
-MANIFEST = "_manifest.json"
-DEAD_LETTER_DIR = "dead_letter"
 
 
-LATENT_FORMATS = ("code", "int")
+from pipeline.codecs.base import LATENT_FORMATS  # noqa: E402,F401
 
 
-def schema(spec: dict, latent_format: str = "int") -> pa.Schema:
-    """The Parquet schema of a dataset made with the model described by `spec` (codec.json).
+def schema(spec, latent_format: str = "int") -> pa.Schema:
+    """The Parquet schema of a dataset made with the model described by `spec` (a CodecSpec):
+    `key`, the model family's value columns, `label`; codec facts in the metadata."""
+    from pipeline.codecs import codec_class
 
-    `code`: one entropy-coded byte string per image; `int`: the integer latents as a list.
-    """
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "model_fingerprint": spec["fingerprint"],
-        "latent_format": latent_format,
-        "image_shape": spec["image_shape"],
-        "latent_dim": spec["latent_dim"],
-        "latent_dtype": spec["latent_dtype"],
-        "quantization_bits": spec["quantization"]["bits"],
-        "arch": spec["architecture"]["arch"],
-    }
-    if latent_format == "code":
-        value = pa.field("code", pa.binary(), nullable=False)
-    else:
-        value_type = pa.int8() if spec["latent_dtype"] == "int8" else pa.int16()
-        value = pa.field("latent", pa.list_(value_type, spec["latent_dim"]), nullable=False)
-    return pa.schema([pa.field("key", pa.string(), nullable=False), value, pa.field("label", pa.int64())],
-                     metadata={METADATA_KEY: json.dumps(meta).encode()})
+    family = codec_class(spec)
+    meta = dict(family.metadata(spec), format_version=FORMAT_VERSION, model_fingerprint=spec.fingerprint,
+                latent_format=latent_format)
+    fields = [pa.field("key", pa.string(), nullable=False)] + family.fields(spec, latent_format) + [
+        pa.field("label", pa.int64())]
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(meta).encode()})
 
 
-def latent_array(latents: np.ndarray) -> pa.Array:
-    """Integer latents [N, D] -> a fixed-size-list array, without a Python loop per image."""
-    flat = pa.array(np.ascontiguousarray(latents).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, latents.shape[1])
-
-
-def value_array(latent: np.ndarray, latent_format: str, entropy=None) -> pa.Array:
-    """Integer latents -> the dataset's value column: entropy-coded bytes, or the latents."""
-    if latent_format == "code":
-        return pa.array(entropy.encode(latent), pa.binary())
-    return latent_array(latent)
-
-
-def table_latents(table, entropy=None) -> np.ndarray:
-    """The integer latents [N, D] of a table or record batch, from its `code` or `latent` column."""
-    if "code" in table.column_names:
-        return entropy.decode(table.column("code").to_pylist())
-    return latents_of(table)
-
-
-def to_table(keys, values: pa.Array, labels: np.ndarray, has_label: np.ndarray, schema_: pa.Schema) -> pa.Table:
-    """One Arrow table from a batch: keys, the latent or code column, labels (null where absent)."""
+def to_table(keys, columns: dict, labels: np.ndarray, has_label: np.ndarray, schema_: pa.Schema) -> pa.Table:
+    """One Arrow table from a batch: keys, the codec's value columns, labels (null where absent)."""
     label = pa.array(labels, pa.int64(), mask=~has_label)
-    return pa.Table.from_arrays([pa.array(keys, pa.string()), values, label], schema=schema_)
+    arrays = [pa.array(keys, pa.string())] + [columns[f.name] for f in schema_ if f.name not in ("key", "label")]
+    return pa.Table.from_arrays(arrays + [label], schema=schema_)
 
 
 def latents_of(table) -> np.ndarray:
-    """The `latent` column of a table or record batch as a numpy array [N, D]."""
+    """The `latent` column of a dense model's table or record batch as a numpy array [N, D]
+    (the integer latents, usable as features)."""
     column = table.column("latent")
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -95,11 +67,13 @@ def latents_of(table) -> np.ndarray:
 ROW_GROUP_ROWS = 65536
 
 
-def writer_options(latent_format: str) -> dict:
+def writer_options(schema_: pa.Schema, latent_format: str) -> dict:
     """Parquet encodings per column. Codes are incompressible bytes: store their lengths as
-    deltas instead of a 4-byte prefix each, and keys with shared-prefix (delta) encoding."""
+    deltas instead of a 4-byte prefix each, keys with shared-prefix (delta) encoding, and the
+    small per-row columns (label, sizes, modes) with dictionaries."""
     if latent_format == "code":
-        return {"compression": "zstd", "use_dictionary": ["label"],
+        small = [f.name for f in schema_ if f.name not in ("key", "code")]
+        return {"compression": "zstd", "use_dictionary": small,
                 "column_encoding": {"key": "DELTA_BYTE_ARRAY", "code": "DELTA_LENGTH_BYTE_ARRAY"}}
     return {"compression": "zstd"}
 
@@ -117,7 +91,7 @@ class LatentParquetSink(filebasedsink.FileBasedSink):
 
     def open(self, temp_path):
         handle = super().open(temp_path)
-        return {"handle": handle, "writer": pq.ParquetWriter(handle, self.schema, **writer_options(self.latent_format)),
+        return {"handle": handle, "writer": pq.ParquetWriter(handle, self.schema, **writer_options(self.schema, self.latent_format)),
                 "pending": [], "rows": 0}
 
     def write_record(self, state, table):
@@ -146,16 +120,6 @@ def metadata_of(schema_: pa.Schema) -> dict:
     return json.loads(raw)
 
 
-def read_manifest(dataset_dir: str) -> dict:
-    path = posixpath.join(dataset_dir, MANIFEST)
-    if not FileSystems.exists(path):
-        raise LatentpackError(
-            f"{dataset_dir} is not a complete latent dataset: {MANIFEST} is missing "
-            "(the encode job did not finish, or this is not a latentpack dataset)")
-    with FileSystems.open(path) as f:
-        return json.loads(f.read())
-
-
 def part_paths(dataset_dir: str, manifest: dict) -> list:
     return [posixpath.join(dataset_dir, part["name"]) for part in manifest["files"]]
 
@@ -169,14 +133,6 @@ def describe_parts(paths) -> list:
             rows = pq.ParquetFile(f).metadata.num_rows
         parts.append({"name": posixpath.basename(path), "bytes": size, "rows": rows})
     return parts
-
-
-def write_json(path: str, payload: dict) -> None:
-    """Write JSON through a temporary name and a rename, so readers never see half a file."""
-    tmp = path + ".tmp"
-    with FileSystems.create(tmp) as f:
-        f.write(json.dumps(payload, indent=2, sort_keys=True).encode())
-    FileSystems.rename([tmp], [path])
 
 
 def manifest(parts: list, counts: dict, model_fingerprint: str, extra: Optional[dict] = None) -> dict:

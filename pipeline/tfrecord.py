@@ -13,7 +13,7 @@ from typing import BinaryIO, Iterator, Optional, Tuple, Union
 
 import google_crc32c
 
-from pipeline.images import BadImage
+from pipeline.errors import BadImage
 
 _MASK_DELTA = 0xA282EAD8
 

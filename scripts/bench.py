@@ -92,37 +92,37 @@ def encode_loop(pattern: str, model_dir: str, output: str) -> None:
     import pyarrow.parquet as pq
 
     from pipeline import latents
-    from pipeline.artifact import Codec
+    from pipeline.codecs import load_codec
     from pipeline.formats import get_reader
     from pipeline.images import ImageBatch, batch_records
 
-    codec = Codec(model_dir)
-    latent_format = "code" if codec.entropy else "int"
+    codec = load_codec(model_dir)
+    latent_format = codec.default_latent_format(codec.spec)
     schema = latents.schema(codec.spec, latent_format)
     reader = get_reader("tfrecord")
     shards, root = reader.match(pattern)
     os.makedirs(output, exist_ok=True)
     with pq.ParquetWriter(os.path.join(output, "latents-00000-of-00001.parquet"), schema, compression="zstd") as w:
         for shard in shards:
-            for item in batch_records(reader.records(shard, root), codec.image_shape, 1024):
+            for item in batch_records(reader.records(shard, root), codec.image_shape(codec.spec), 1024):
                 if isinstance(item, ImageBatch):
-                    values = latents.value_array(codec.encode(item.images), latent_format, codec.entropy)
-                    w.write_table(latents.to_table(item.keys, values, item.labels, item.has_label, schema))
+                    columns = codec.compress(item, latent_format)
+                    w.write_table(latents.to_table(item.keys, columns, item.labels, item.has_label, schema))
 
 
 def encode_steps(pattern: str, model_dir: str) -> None:
     """Time each step of the encode work separately over the whole input, start-up excluded."""
     from pipeline import latents
-    from pipeline.artifact import Codec
+    from pipeline.codecs import load_codec
     from pipeline.formats import get_reader
     from pipeline.images import batch_records
     from PIL import Image
 
-    codec = Codec(model_dir)
+    codec = load_codec(model_dir)
     reader = get_reader("tfrecord")
     shards, root = reader.match(pattern)
     list(reader.records(shards[0], root))  # first use imports the Example proto; keep it out of the timing
-    latent_format = "code" if codec.entropy else "int"
+    latent_format = codec.default_latent_format(codec.spec)
     schema = latents.schema(codec.spec, latent_format)
     times = {}
 
@@ -133,10 +133,11 @@ def encode_steps(pattern: str, model_dir: str) -> None:
         return result
 
     records = timed("read TFRecord framing, parse Examples", lambda: [r for s in shards for r in reader.records(s, root)])
-    batches = timed("decode PNGs into batches", lambda: list(batch_records(iter(records), codec.image_shape, 1024)))
-    outputs = timed("model encode", lambda: [codec.encode(b.images) for b in batches])
-    values = timed("entropy coding / integer arrays", lambda: [latents.value_array(o, latent_format, codec.entropy)
-                                                               for o in outputs])
+    batches = timed("decode PNGs into batches",
+                    lambda: list(batch_records(iter(records), codec.image_shape(codec.spec), 1024)))
+    timed("model encode (alone, for the split below)", lambda: [codec.encode(b.images) for b in batches])
+    values = timed("model encode + entropy coding (compress)", lambda: [codec.compress(b, latent_format)
+                                                                        for b in batches])
     timed("Arrow tables", lambda: [latents.to_table(b.keys, v, b.labels, b.has_label, schema)
                                    for b, v in zip(batches, values)])
     # Not part of the job: what the PNG step costs through Pillow instead of libspng.
@@ -151,27 +152,27 @@ def decode_loop(dataset: str, model_dir: str, output: str, output_format: str = 
     PNG Examples per Parquet part."""
     import pyarrow.parquet as pq
 
-    from pipeline import latents, tfrecord
-    from pipeline.artifact import Codec
+    from pipeline import completion, latents, tfrecord
+    from pipeline.codecs import load_codec
     from pipeline.images import encode_png
 
-    codec = Codec(model_dir)
+    codec = load_codec(model_dir)
     os.makedirs(output, exist_ok=True)
-    for n, path in enumerate(latents.part_paths(dataset, latents.read_manifest(dataset))):
+    for n, path in enumerate(latents.part_paths(dataset, completion.read_manifest(dataset))):
         with contextlib.ExitStack() as stack:
             shard = (stack.enter_context(open(os.path.join(output, f"images-{n:05d}.tfrecord"), "wb"))
                      if output_format == "tfrecord" else None)
             for rb in pq.ParquetFile(path).iter_batches(batch_size=1024):
-                images = codec.decode(latents.table_latents(rb, codec.entropy))
-                labels = rb.column("label").to_pylist()
-                for key, image, label in zip(rb.column("key").to_pylist(), images, labels):
-                    if shard:
-                        shard.write(tfrecord.frame(tfrecord.make_example(encode_png(image), key, label)))
-                    else:
-                        target = os.path.join(output, key + ".png")
-                        os.makedirs(os.path.dirname(target), exist_ok=True)
-                        with open(target, "wb") as f:
-                            f.write(encode_png(image))
+                for batch in codec.decompress(rb):
+                    for key, image, label, has in zip(batch.keys, batch.images, batch.labels, batch.has_label):
+                        label = int(label) if has else None
+                        if shard:
+                            shard.write(tfrecord.frame(tfrecord.make_example(encode_png(image), key, label)))
+                        else:
+                            target = os.path.join(output, key + ".png")
+                            os.makedirs(os.path.dirname(target), exist_ok=True)
+                            with open(target, "wb") as f:
+                                f.write(encode_png(image))
 
 
 def file_creation(folder: str, n: str = "20000", deleted: str = "60000") -> None:

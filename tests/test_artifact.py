@@ -5,14 +5,15 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.artifact import Codec, compute_fingerprint, read_spec
-from pipeline.images import LatentpackError
+from pipeline.codecs import load_codec
+from pipeline.artifact import compute_fingerprint, read_spec
+from pipeline.errors import LatentpackError
 from pipeline.images import psnr
 from training.export import fit_quantization
 
 
 def test_artifact_round_trip(model_dir, mnist):
-    codec = Codec(model_dir)
+    codec = load_codec(model_dir)
     images = mnist[0][:50]
     latent = codec.encode(images)
     assert latent.shape == (50, 16) and latent.dtype == np.int8
@@ -26,11 +27,11 @@ def test_artifact_round_trip(model_dir, mnist):
 
 def test_codec_json_describes_the_artifact(model_dir):
     spec = read_spec(model_dir)
-    assert spec["image_shape"] == [28, 28, 1] and spec["latent_dim"] == 16
-    assert spec["architecture"]["arch"] == "conv"
-    assert spec["training"]["epochs"] == 4 and spec["training"]["seed"] == 0
-    assert 5 < spec["metrics"]["val_psnr"] < 60
-    assert spec["fingerprint"] == compute_fingerprint(model_dir)
+    assert spec.image_shape == (28, 28, 1) and spec.latent_dim == 16 and spec.family == "dense"
+    assert spec.arch == "conv" and spec.format_version == 2
+    assert spec.training["epochs"] == 4 and spec.training["seed"] == 0
+    assert 5 < spec.metrics["val_psnr"] < 60
+    assert spec.fingerprint == compute_fingerprint(model_dir)
     assert os.path.exists(os.path.join(model_dir, "loss.png"))
 
 

@@ -9,9 +9,9 @@ from PIL import Image
 
 from conftest import BEAM_TEST_ARGS
 from pipeline import cli, decode, encode, latents
-from pipeline.artifact import Codec
+from pipeline.codecs import load_codec
 from pipeline.formats import get_reader
-from pipeline.images import LatentpackError
+from pipeline.errors import LatentpackError
 from pipeline.outputs import safe_relative_path
 
 
@@ -26,7 +26,7 @@ def test_decode_to_png_matches_the_model(dataset, model_dir, shards, tmp_path):
     out = str(tmp_path / "png")
     manifest = decode.run(["--input", dataset, "--model-dir", model_dir, "--output", out] + BEAM_TEST_ARGS)
     assert manifest["counts"]["written"] == 120 and manifest["counts"]["dead_lettered"] == 0
-    codec = Codec(model_dir)
+    codec = load_codec(model_dir)
     expected = codec.decode(codec.encode(shards.images))
     for i in (0, 57, 119):
         got = np.asarray(Image.open(os.path.join(out, shards.keys[i] + ".png")))

@@ -12,15 +12,17 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import BEAM_TEST_ARGS, write_tfrecord
-from pipeline import encode, latents
+from pipeline import completion, encode, latents
 from pipeline.accounting import DEAD_LETTER_TAG
-from pipeline.artifact import Codec, read_spec
-from pipeline.images import ImageBatch, LatentpackError
+from pipeline.codecs import load_codec
+from pipeline.artifact import read_spec
+from pipeline.errors import LatentpackError
+from pipeline.images import ImageBatch
 from pipeline.tfrecord import make_example
 
 
 def read_rows(output):
-    manifest = latents.read_manifest(output)
+    manifest = completion.read_manifest(output)
     table = pq.ParquetDataset(latents.part_paths(output, manifest)).read().sort_by("key")
     return manifest, table
 
@@ -41,10 +43,10 @@ def test_encode_batch_dofn_directly(model_dir, mnist):
     fn.setup()
     images = mnist[0][:3]
     batch = ImageBatch(["a", "b", "c"], images, np.array([1, -1, 3]), np.array([True, False, True]))
-    (table,) = list(fn.process(batch))
+    ((shard, table),) = list(fn.process(batch))
     assert table.column("key").to_pylist() == ["a", "b", "c"]
     assert table.column("label").to_pylist() == [1, None, 3]
-    assert np.array_equal(latents.latents_of(table), Codec(model_dir).encode(images))
+    assert np.array_equal(latents.latents_of(table), load_codec(model_dir).encode(images))
 
 
 def test_read_and_encode_in_a_test_pipeline(shards, model_dir):
@@ -54,7 +56,7 @@ def test_read_and_encode_in_a_test_pipeline(shards, model_dir):
     with BeamTestPipeline(argv=BEAM_TEST_ARGS) as p:
         read = p | encode.ReadImageShards(shard_paths, "tfrecord", os.path.dirname(pattern), (28, 28, 1), 16)
         tables = read.images | beam.ParDo(encode.EncodeBatch(model_dir, spec, "int"))
-        got = tables | beam.FlatMap(lambda t: t.column("key").to_pylist())
+        got = tables | beam.FlatMap(lambda st: st[1].column("key").to_pylist())
         assert_that(got, equal_to(keys))
         assert_that(read[DEAD_LETTER_TAG], equal_to([]), label="NoDeadLetters")
 
@@ -71,7 +73,7 @@ def test_encode_job_writes_a_complete_dataset(shards, model_dir, tmp_path):
     assert manifest["complete"] and manifest["images"] == 121
     assert manifest["counts"] == {"read": 123, "written": 121, "dead_lettered": 2,
                                   "dead_lettered_by_reason": {"truncated": 1, "undecodable": 1}}
-    assert manifest["model_fingerprint"] == read_spec(model_dir)["fingerprint"]
+    assert manifest["model_fingerprint"] == read_spec(model_dir).fingerprint
     parts = latents.part_paths(out, manifest)
     assert manifest["total_bytes"] == sum(os.path.getsize(p) for p in parts)
     _, table = read_rows(out)
@@ -81,7 +83,7 @@ def test_encode_job_writes_a_complete_dataset(shards, model_dir, tmp_path):
     latent_type = table.schema.field("latent").type
     assert latent_type.list_size == 16 and latent_type.value_type == pa.int8()
     digits = table.filter(pc.starts_with(table.column("key"), "digits/"))
-    assert np.array_equal(latents.latents_of(digits), Codec(model_dir).encode(images))
+    assert np.array_equal(latents.latents_of(digits), load_codec(model_dir).encode(images))
     assert digits.column("label").to_pylist() == shards.labels.tolist()
     letters = [json.loads(line) for f in glob.glob(f"{out}/dead_letter/*.jsonl") for line in open(f)]
     assert sorted((d["key"], d["reason"]) for d in letters) == [("junk-key", "undecodable"),
@@ -117,7 +119,7 @@ def test_too_many_bad_inputs_fail_the_job_and_leave_it_unmarked(shards, model_di
         encode.run(args)
     assert not os.path.exists(os.path.join(out, latents.MANIFEST))
     with pytest.raises(LatentpackError, match="not a complete latent dataset"):
-        latents.read_manifest(out)
+        completion.read_manifest(out)
     # The same data is accepted with a looser limit, and the failure marker is gone.
     assert encode.run(args + ["--max-bad-fraction", "0.03"])["counts"]["dead_lettered"] == 3
     assert not os.path.exists(os.path.join(out, "_failed.json"))

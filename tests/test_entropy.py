@@ -7,10 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import BEAM_TEST_ARGS
-from pipeline import decode, encode, latents
-from pipeline.artifact import Codec, read_spec
+from pipeline import completion, decode, encode, latents
+from pipeline.codecs import load_codec
+from pipeline.artifact import read_spec
 from pipeline.entropy import EntropyCoder
-from pipeline.images import LatentpackError
+from pipeline.errors import LatentpackError
 from training.prior import PRECISION, FactorizedPrior, freeze, quantize_pmf
 
 # A fixed model and fixed latents, and the codes they gave when the golden file was written.
@@ -75,14 +76,14 @@ def test_freeze_gives_valid_tables_centred_on_the_prior():
 
 
 def test_rd_artifact_codes_match_the_codec(rd_model_dir, mnist):
-    codec = Codec(rd_model_dir)
+    codec = load_codec(rd_model_dir)
     spec = read_spec(rd_model_dir)
-    assert spec["quantization"]["kind"] == "integer" and spec["training"]["lmbda"] == 0.02
+    assert spec.quantization["kind"] == "integer" and spec.training["lmbda"] == 0.02
     latent = codec.encode(mnist[0][:64])
     codes = codec.entropy.encode(latent)
     assert np.array_equal(codec.entropy.decode(codes), latent)
     assert 0 < np.mean([len(c) for c in codes]) < 40
-    assert spec["metrics"]["val_code_bytes"] > 0
+    assert spec.metrics["val_code_bytes"] > 0
 
 
 def test_code_dataset_round_trip(rd_model_dir, shards, tmp_path):
@@ -91,7 +92,7 @@ def test_code_dataset_round_trip(rd_model_dir, shards, tmp_path):
     assert manifest["latent_format"] == "code"
     table = pq.ParquetDataset(latents.part_paths(lat, manifest)).read().sort_by("key")
     assert table.schema.names == ["key", "code", "label"]
-    codec = Codec(rd_model_dir)
+    codec = load_codec(rd_model_dir)
     assert table.column("code").to_pylist() == codec.entropy.encode(codec.encode(shards.images))
     decode.run(["--input", lat, "--model-dir", rd_model_dir, "--output", dec, "--output-format", "npz"]
                + BEAM_TEST_ARGS)
@@ -99,9 +100,9 @@ def test_code_dataset_round_trip(rd_model_dir, shards, tmp_path):
     lat_int = str(tmp_path / "lat-int")
     encode.run(["--input", shards.pattern, "--model-dir", rd_model_dir, "--output", lat_int,
                 "--latent-format", "int"] + BEAM_TEST_ARGS)
-    ints = pq.ParquetDataset(latents.part_paths(lat_int, latents.read_manifest(lat_int))).read().sort_by("key")
+    ints = pq.ParquetDataset(latents.part_paths(lat_int, completion.read_manifest(lat_int))).read().sort_by("key")
     assert np.array_equal(latents.latents_of(ints), codec.entropy.decode(table.column("code").to_pylist()))
-    assert manifest["total_bytes"] < latents.read_manifest(lat_int)["total_bytes"]
+    assert manifest["total_bytes"] < completion.read_manifest(lat_int)["total_bytes"]
 
 
 def test_code_format_needs_an_entropy_model(model_dir, shards, tmp_path):

@@ -6,7 +6,8 @@ import pytest
 
 from conftest import write_tfrecord
 from pipeline.formats import get_reader, glob_root
-from pipeline.images import LatentpackError, encode_png
+from pipeline.errors import LatentpackError
+from pipeline.images import encode_png
 from pipeline.tfrecord import make_example
 
 

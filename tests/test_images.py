@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import (BadImage, DeadLetter, ImageBatch, SourceRecord, batch_records, decode_image,
-                             encode_png)
+from pipeline.errors import BadImage
+from pipeline.images import DeadLetter, ImageBatch, SourceRecord, batch_records, decode_image, encode_png
 
 
 def png(arr, mode=None, **kw):

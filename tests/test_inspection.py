@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from conftest import BEAM_TEST_ARGS
-from pipeline import cli, encode, latents
+from pipeline import completion, cli, encode, latents
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_inspect_refuses_incomplete_unless_told(dataset, tmp_path, capsys):
 
 
 def test_pandas_pyarrow_and_duckdb_read_the_same_rows(dataset, shards):
-    files = latents.part_paths(dataset, latents.read_manifest(dataset))
+    files = latents.part_paths(dataset, completion.read_manifest(dataset))
     frame = pd.read_parquet(files).sort_values("key").reset_index(drop=True)
     table = ds.dataset(files, format="parquet").to_table().sort_by("key")
     rows = duckdb.sql(f"SELECT key, latent, label FROM read_parquet({files!r}) ORDER BY key").fetchall()

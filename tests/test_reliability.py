@@ -16,15 +16,16 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import BEAM_TEST_ARGS, write_tfrecord
-from pipeline import decode, encode, latents
+from pipeline import completion, decode, encode, latents
 from pipeline.formats import get_reader
-from pipeline.images import BadImage, DeadLetter, ImageBatch, LatentpackError, batch_records, decode_image, encode_png
+from pipeline.errors import BadImage, LatentpackError
+from pipeline.images import DeadLetter, ImageBatch, batch_records, decode_image, encode_png
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rows(out):
-    return pq.ParquetDataset(latents.part_paths(out, latents.read_manifest(out))).read().sort_by("key")
+    return pq.ParquetDataset(latents.part_paths(out, completion.read_manifest(out))).read().sort_by("key")
 
 
 def test_killed_run_then_rerun_gives_one_complete_dataset(tmp_path, mnist, model_dir):
@@ -48,7 +49,7 @@ def test_killed_run_then_rerun_gives_one_complete_dataset(tmp_path, mnist, model
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert glob.glob(f"{out}/beam-temp-*"), "the kill left no temporary files: nothing was tested"
     with pytest.raises(LatentpackError, match="not a complete latent dataset"):
-        latents.read_manifest(out)
+        completion.read_manifest(out)
     # Started again with the same arguments: one complete dataset, the same rows, nothing stray.
     manifest = encode.run(args)
     assert manifest["images"] == 2000
@@ -60,7 +61,7 @@ def test_killed_run_then_rerun_gives_one_complete_dataset(tmp_path, mnist, model
 def test_decode_refuses_foreign_parquet(tmp_path, model_dir, shards):
     out = str(tmp_path / "lat")
     encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", out] + BEAM_TEST_ARGS)
-    (part,) = latents.part_paths(out, latents.read_manifest(out))
+    (part,) = latents.part_paths(out, completion.read_manifest(out))
     table = pq.read_table(part)
     args = ["--input", out, "--model-dir", model_dir, "--output", str(tmp_path / "dec")]
     # A plain Parquet file under the same name: no latentpack metadata.
@@ -197,9 +198,9 @@ def test_duplicate_keys_keep_first_or_fail(tmp_path, mnist, model_dir):
                                   "dead_lettered_by_reason": {"duplicate_key": 2}}
     table = rows(out)
     assert table.column("key").to_pylist() == ["w", "x", "y", "z"]
-    from pipeline.artifact import Codec
+    from pipeline.codecs import load_codec
     # The first occurrences are kept: x = a.tfrecord:0, y = a.tfrecord:1, z = b.tfrecord:1, w = b.tfrecord:2.
-    expected = Codec(model_dir).encode(images[[5, 0, 1, 4]])
+    expected = load_codec(model_dir).encode(images[[5, 0, 1, 4]])
     assert np.array_equal(latents.latents_of(table), expected)
     letters = [json.loads(line) for f in glob.glob(f"{out}/dead_letter/*.jsonl") for line in open(f)]
     assert sorted((d["key"], os.path.basename(d["source"]), d["index"]) for d in letters) == [

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import BEAM_TEST_ARGS, write_tfrecord
 from pipeline import decode, encode, latents
-from pipeline.artifact import Codec
+from pipeline.codecs import load_codec
 from pipeline.formats import get_reader
 from pipeline.images import ImageBatch, batch_records, encode_png
 
@@ -89,7 +89,7 @@ def test_every_input_format_encodes(fmt, tmp_path, mnist, model_dir):
     table = pq.ParquetDataset(latents.part_paths(out, manifest)).read()
     by_key = dict(zip(table.column("key").to_pylist(), latents.latents_of(table)))
     assert sorted(by_key) == sorted(keys)
-    expected = Codec(model_dir).encode(images)
+    expected = load_codec(model_dir).encode(images)
     for i, key in enumerate(keys):
         assert np.array_equal(by_key[key], expected[i]), key
 
@@ -113,7 +113,7 @@ def test_every_output_format_decodes(fmt, tmp_path, mnist, model_dir, small_data
     manifest = decode.run(["--input", small_dataset, "--model-dir", model_dir, "--output", out,
                            "--output-format", fmt] + BEAM_TEST_ARGS)
     assert manifest["counts"] == {"read": N, "written": N, "dead_lettered": 0, "dead_lettered_by_reason": {}}
-    codec = Codec(model_dir)
+    codec = load_codec(model_dir)
     expected = dict(zip(keys_for(N), codec.decode(codec.encode(mnist[0][:N]))))
     reader_name, glob = OUTPUT_READERS[fmt]
     reader = get_reader(reader_name)

@@ -7,13 +7,13 @@ import tarfile
 import pyarrow.parquet as pq
 
 from conftest import BEAM_TEST_ARGS
-from pipeline import encode, latents
+from pipeline import completion, encode, latents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rows(out):
-    return pq.ParquetDataset(latents.part_paths(out, latents.read_manifest(out))).read().sort_by("key")
+    return pq.ParquetDataset(latents.part_paths(out, completion.read_manifest(out))).read().sort_by("key")
 
 
 def test_two_worker_processes_give_the_same_rows(shards, model_dir, tmp_path):

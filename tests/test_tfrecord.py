@@ -2,7 +2,7 @@ import io
 
 import pytest
 
-from pipeline.images import BadImage
+from pipeline.errors import BadImage
 from pipeline.tfrecord import frame, make_example, parse_example, read_records
 
 

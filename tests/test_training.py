@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline.artifact import Codec
+from pipeline.codecs import load_codec
 from training.model import build
 from training.train import TrainConfig, split, train
 
@@ -35,5 +35,5 @@ def test_train_rgb_32x32_exports_a_working_artifact(tmp_path):
     images = base.repeat(8, axis=1).repeat(8, axis=2)
     spec = train(TrainConfig(arch="conv", latent_dim=8, epochs=2, batch_size=32), images, str(tmp_path / "m"))
     assert spec["image_shape"] == [32, 32, 3]
-    codec = Codec(str(tmp_path / "m"))
+    codec = load_codec(str(tmp_path / "m"))
     assert codec.decode(codec.encode(images[:5])).shape == (5, 32, 32, 3)

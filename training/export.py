@@ -88,9 +88,15 @@ def export(model_dir: str, encoder, decoder, image_shape, quantization: dict, sp
             metrics["val_code_bytes"] = float(np.mean([len(c) for c in codes]))
     os.makedirs(model_dir, exist_ok=True)
     tf.saved_model.save(module, model_dir, signatures={"encode": module.encode, "decode": module.decode})
-    spec = dict(spec, format=FORMAT, format_version=FORMAT_VERSION, image_shape=list(image_shape),
-                latent_dtype=latent_dtype(quantization), quantization=quantization,
-                metrics=metrics, fingerprint="sha256:pending")
+    spec = dict(spec, family="dense", image_shape=list(image_shape), latent_dtype=latent_dtype(quantization),
+                quantization=quantization, metrics=metrics)
+    return write_codec_json(model_dir, spec)
+
+
+def write_codec_json(model_dir: str, spec: dict) -> dict:
+    """Write codec.json beside a saved model, with the fingerprint of the whole directory; the
+    spec is validated exactly as the pipeline will read it. Returns the final dict."""
+    spec = dict(spec, format=FORMAT, format_version=FORMAT_VERSION, fingerprint="sha256:pending")
     codec_path = os.path.join(model_dir, CODEC_FILE)
     with open(codec_path, "w") as f:
         json.dump(spec, f, indent=2)

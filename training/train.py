@@ -44,13 +44,24 @@ def parse_args(argv=None):
     p.add_argument("--input", help="glob of training shards (not needed for mnist-sample)")
     p.add_argument("--input-format", default="tfrecord", choices=sorted(READERS), help="format of --input")
     p.add_argument("--model-dir", required=True, help="where to write the model artifact")
-    p.add_argument("--arch", default=defaults.arch, choices=["conv", "mlp"],
-                   help="conv: convolutional with a linear bottleneck; mlp: the reference tutorial model")
+    p.add_argument("--arch", default=defaults.arch, choices=["conv", "mlp", "spatial"],
+                   help="conv: convolutional with a linear bottleneck (one image size); mlp: the reference tutorial "
+                        "model; spatial: the fully convolutional photo codec (any image size, training/spatial.py)")
     p.add_argument("--latent-dim", type=int, default=defaults.latent_dim, help="latent values per image")
     p.add_argument("--width", type=int, default=defaults.width, help="conv arch: channels of the first stage")
     p.add_argument("--latent-bits", type=int, default=defaults.latent_bits, choices=range(2, 17), metavar="2..16",
                    help="quantization bits per latent value (<=8 stores int8)")
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs (conv, mlp)")
+    spatial = p.add_argument_group("spatial arch (step-based, streamed random crops, resumable)")
+    spatial.add_argument("--steps", type=int, default=50000, help="train until this many steps in all")
+    spatial.add_argument("--crop", type=int, default=128, help="side of the random training crops")
+    spatial.add_argument("--filters", type=int, default=None, help="channels of the hidden layers (N, default 64)")
+    spatial.add_argument("--latent-channels", type=int, default=None, help="latent channels (M, default 96)")
+    spatial.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    spatial.add_argument("--checkpoint-dir", help="checkpoints and history (default: <model-dir>-checkpoints)")
+    spatial.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    spatial.add_argument("--validate-every", type=int, default=2500, help="steps between held-out validations")
+    spatial.add_argument("--init-from", help="start from another run's checkpoint weights (e.g. a new --quality)")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"images per training step (default: {defaults.batch_size} for conv, 256 for mlp)")
     p.add_argument("--learning-rate", type=float, default=None,
@@ -156,6 +167,12 @@ def train_autoencoder(config: TrainConfig, train_x: np.ndarray, val_x: np.ndarra
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    if args.arch == "spatial":
+        from training import spatial
+        if not args.input:
+            from pipeline.errors import LatentpackError
+            raise LatentpackError("--arch spatial needs --input (photos: images, parquet, tfrecord or webdataset)")
+        return spatial.main(args)
     # The mlp arch reproduces the reference tutorial's settings unless told otherwise.
     reference = args.arch == "mlp"
     lmbda, latent_dim, width = args.lmbda, args.latent_dim, args.width

@@ -1,0 +1,74 @@
+"""What every model family provides: the columns it stores, compress and decompress."""
+from __future__ import annotations
+
+from typing import Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.images import DeadLetter, ImageBatch
+
+LATENT_FORMATS = ("code", "int")
+
+
+class ModelCodec:
+    """A loaded model artifact. Subclasses set `family` and implement the four methods below.
+
+    `compress(batch, latent_format)` returns the dataset's value columns for a batch of
+    same-shaped images (name -> Arrow array, in `fields` order); `decompress(table)` turns
+    rows back into ImageBatches of same-shaped images, and a row whose value cannot be
+    decoded into a DeadLetter, never an exception.
+    """
+
+    family = ""
+
+    def __init__(self, model_dir: str, spec):
+        import tensorflow as tf
+
+        self.model_dir, self.spec, self.fingerprint = model_dir, spec, spec.fingerprint
+        # TensorFlow's own loader: no pickle, no Keras deserialization of Python code.
+        self._model = tf.saved_model.load(model_dir)
+        self._encode = self._model.signatures["encode"]
+        self._decode = self._model.signatures["decode"]
+
+    # --- what the dataset stores -------------------------------------------------------------
+    @classmethod
+    def fields(cls, spec, latent_format: str) -> List[pa.Field]:
+        """The per-row columns this family writes (besides `key` and `label`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def default_latent_format(cls, spec) -> str:
+        return "code" if spec.entropy_coded else "int"
+
+    @classmethod
+    def check_latent_format(cls, spec, latent_format: str) -> Optional[str]:
+        """None if the model can write/read `latent_format`, else why not."""
+        if latent_format not in LATENT_FORMATS:
+            return f"unknown latent format {latent_format!r}"
+        if latent_format == "code" and not spec.entropy_coded:
+            return "--latent-format code needs a model trained with --quality or --lambda (it has no entropy model)"
+        return None
+
+    @classmethod
+    def image_shape(cls, spec) -> Optional[Tuple[int, int, int]]:
+        """The one (H, W, C) the model takes, or None when it takes any size."""
+        return None
+
+    @classmethod
+    def metadata(cls, spec) -> dict:
+        """Codec facts recorded in each Parquet part's schema metadata."""
+        return {"family": spec.family, "arch": spec.arch}
+
+    # --- the pair the jobs call ----------------------------------------------------------------
+    def compress(self, batch: ImageBatch, latent_format: str) -> dict:
+        raise NotImplementedError
+
+    def decompress(self, table) -> Iterator[Union[ImageBatch, DeadLetter]]:
+        raise NotImplementedError
+
+
+def row_labels(table) -> Tuple[np.ndarray, np.ndarray]:
+    """(labels with -1 where null, has_label) of a table or record batch."""
+    label = table.column("label")
+    return label.fill_null(-1).to_numpy().astype(np.int64), label.is_valid().to_numpy(zero_copy_only=False)

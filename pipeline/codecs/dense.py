@@ -1,0 +1,100 @@
+"""The dense family (format 1's only one): a fixed image shape, one latent vector per image.
+
+Columns: `code` (binary, entropy-coded with the frozen factorized prior) or `latent`
+(fixed-size list of int8/int16). The quantizer is baked into the SavedModel signatures.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.codecs import register
+from pipeline.codecs.base import ModelCodec, row_labels
+from pipeline.entropy import EntropyCoder
+from pipeline.images import DeadLetter, ImageBatch
+
+DTYPES = {"int8": (np.int8, pa.int8()), "int16": (np.int16, pa.int16())}
+# A row group can hold many thousands of rows: decode it in slices of bounded memory.
+DECODE_ROWS = 1024
+
+
+@register
+class DenseCodec(ModelCodec):
+    family = "dense"
+
+    def __init__(self, model_dir, spec):
+        super().__init__(model_dir, spec)
+        self.entropy = EntropyCoder(spec.entropy_model) if spec.entropy_coded else None
+        self.latent_dtype = DTYPES[spec.latent_dtype][0]
+        self.low = np.asarray(spec.quantization["min"], np.int64)
+        self.high = np.asarray(spec.quantization["max"], np.int64)
+
+    @classmethod
+    def fields(cls, spec, latent_format) -> List[pa.Field]:
+        if latent_format == "code":
+            return [pa.field("code", pa.binary(), nullable=False)]
+        return [pa.field("latent", pa.list_(DTYPES[spec.latent_dtype][1], spec.latent_dim), nullable=False)]
+
+    @classmethod
+    def image_shape(cls, spec):
+        return tuple(spec.image_shape)
+
+    @classmethod
+    def metadata(cls, spec):
+        return dict(super().metadata(spec), image_shape=list(spec.image_shape), latent_dim=spec.latent_dim,
+                    latent_dtype=spec.latent_dtype, quantization_bits=spec.quantization["bits"])
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N,H,W,C] -> integer latents [N,D]."""
+        if len(images) == 0:
+            return np.zeros((0, self.spec.latent_dim), self.latent_dtype)
+        return self._encode(images=images)["latent"].numpy()
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """integer latents [N,D] -> uint8 [N,H,W,C]."""
+        if len(latents) == 0:
+            return np.zeros((0,) + tuple(self.spec.image_shape), np.uint8)
+        return self._decode(latent=np.asarray(latents, self.latent_dtype))["image"].numpy()
+
+    def compress(self, batch, latent_format):
+        latent = self.encode(batch.images)
+        if latent_format == "code":
+            return {"code": pa.array(self.entropy.encode(latent), pa.binary())}
+        flat = pa.array(np.ascontiguousarray(latent).reshape(-1))
+        return {"latent": pa.FixedSizeListArray.from_arrays(flat, latent.shape[1])}
+
+    def decompress(self, table):
+        for start in range(0, table.num_rows, DECODE_ROWS):
+            part = table.slice(start, DECODE_ROWS)
+            keys = part.column("key").to_pylist()
+            labels, has_label = row_labels(part)
+            latent, ok = self._latents(part, keys)
+            for i in np.nonzero(~ok)[0]:
+                yield DeadLetter(keys[i], "", start + int(i), *self._why[i])
+            rows = np.nonzero(ok)[0]
+            if len(rows):
+                images = self.decode(latent[rows])
+                yield ImageBatch([keys[i] for i in rows], images, labels[rows], has_label[rows])
+
+    def _latents(self, part, keys):
+        """(latents [N, D], ok [N]); a row that does not decode gets ok False and a reason in `_why`."""
+        n, dim = part.num_rows, self.spec.latent_dim
+        latent = np.zeros((n, dim), np.int64)
+        ok = np.ones(n, bool)
+        self._why = {}
+        if "code" in part.column_names:
+            for i, code in enumerate(part.column("code").to_pylist()):
+                try:
+                    latent[i] = self.entropy.decode([code])[0]
+                except Exception as e:  # constriction reports a bad stream in several ways
+                    ok[i], self._why[i] = False, ("bad_code", f"entropy code does not decode: {e}")
+        else:
+            column = part.column("latent")
+            column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+            latent = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.int64)
+        out_of_range = ok & ((latent < self.low) | (latent > self.high)).any(axis=1)
+        for i in np.nonzero(out_of_range)[0]:
+            ok[i], self._why[i] = False, ("bad_latent", "latent values outside the model's quantizer range")
+        return latent, ok

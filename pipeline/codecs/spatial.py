@@ -1,0 +1,148 @@
+"""The spatial family: fully convolutional, any image size, latents [ceil(H/16), ceil(W/16), M].
+
+Each image is edge-padded to a multiple of the stride, transformed, and its latents
+coded channel by channel with the artifact's integer tables into one byte string. Rows
+record `height`, `width` (exact: the decoder crops back to them), `channels` (1 for grey
+sources, coded as RGB and returned as grey) and `mode` (the source's pixel mode, e.g.
+CMYK or I;16, before conversion to 8-bit grey or RGB). Large images go through the
+transforms in overlapping tiles so memory stays bounded (a 24-megapixel photo fits in
+well under 3 GB).
+"""
+from __future__ import annotations
+
+from typing import List
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.codecs import register
+from pipeline.codecs.base import ModelCodec, row_labels
+from pipeline.entropy import ChannelCoder
+from pipeline.images import DeadLetter, ImageBatch
+
+# Images above this many pixels go through the transforms in tiles of TILE pixels a side,
+# each with MARGIN pixels of context on every side (more than the transforms' reach, so
+# the result matches the whole-image transform up to float rounding).
+TILE_ABOVE = 1536 * 1536
+TILE = 1024
+MARGIN = 64
+
+
+@register
+class SpatialCodec(ModelCodec):
+    family = "spatial"
+
+    def __init__(self, model_dir, spec):
+        super().__init__(model_dir, spec)
+        self.stride = spec.stride
+        self.coder = ChannelCoder(spec.entropy_model)
+
+    @classmethod
+    def fields(cls, spec, latent_format) -> List[pa.Field]:
+        value = (pa.field("code", pa.binary(), nullable=False) if latent_format == "code" else
+                 pa.field("latent", pa.list_(pa.int16()), nullable=False))
+        return [value,
+                pa.field("height", pa.int32(), nullable=False),
+                pa.field("width", pa.int32(), nullable=False),
+                pa.field("channels", pa.int8(), nullable=False),
+                pa.field("mode", pa.string(), nullable=False)]
+
+    @classmethod
+    def metadata(cls, spec):
+        return dict(super().metadata(spec), stride=spec.stride, latent_channels=spec.latent_channels,
+                    latent_dtype=spec.latent_dtype)
+
+    # --- transforms ---------------------------------------------------------------------------
+    def analysis(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] (any H, W) -> int16 latents [N, ceil(H/s), ceil(W/s), M]."""
+        padded = pad_to_multiple(images, self.stride)
+        if padded.shape[1] * padded.shape[2] <= TILE_ABOVE:
+            return self._encode(images=padded)["latent"].numpy()
+        return np.concatenate([self._tiled(lambda x: self._encode(images=x)["latent"].numpy(), image[None],
+                                           1.0 / self.stride) for image in padded])
+
+    def synthesis(self, latent: np.ndarray) -> np.ndarray:
+        """int16 latents [N, h, w, M] -> uint8 [N, h*s, w*s, 3]."""
+        latent = np.asarray(latent, np.int16)
+        if latent.shape[1] * latent.shape[2] * self.stride ** 2 <= TILE_ABOVE:
+            return self._decode(latent=latent)["image"].numpy()
+        return np.concatenate([self._tiled(lambda z: self._decode(latent=z)["image"].numpy(), z[None],
+                                           float(self.stride)) for z in latent])
+
+    def _tiled(self, fn, x: np.ndarray, scale: float) -> np.ndarray:
+        """Apply a transform to one [1, H, W, C] input tile by tile; `scale` = output/input size."""
+        # Tile edges are multiples of the stride, so every tile sees the same grid as the whole image.
+        tile, margin = (TILE, MARGIN) if scale < 1 else (TILE // self.stride, MARGIN // self.stride)
+        _, height, width, _ = x.shape
+        out = None
+        for y0 in range(0, height, tile):
+            for x0 in range(0, width, tile):
+                y1, x1 = min(y0 + tile, height), min(x0 + tile, width)
+                ya, xa = max(0, y0 - margin), max(0, x0 - margin)
+                yb, xb = min(height, y1 + margin), min(width, x1 + margin)
+                piece = fn(np.ascontiguousarray(x[:, ya:yb, xa:xb]))
+                if out is None:
+                    out = np.empty((1, round(height * scale), round(width * scale), piece.shape[-1]), piece.dtype)
+                s = lambda v: round(v * scale)  # noqa: E731
+                out[:, s(y0):s(y1), s(x0):s(x1)] = piece[:, s(y0 - ya):s(y1 - ya), s(x0 - xa):s(x1 - xa)]
+        return out
+
+    # --- the pair the jobs call ----------------------------------------------------------------
+    def compress(self, batch, latent_format):
+        n, height, width, channels = batch.images.shape
+        rgb = batch.images if channels == 3 else np.repeat(batch.images, 3, axis=-1)
+        latent = self.analysis(rgb)
+        if latent_format == "code":
+            value = pa.array([self.coder.encode(z) for z in latent], pa.binary())
+        else:
+            value = pa.array([z.reshape(-1) for z in latent], pa.list_(pa.int16()))
+        modes = batch.modes or [("L" if channels == 1 else "RGB")] * n
+        return {"code" if latent_format == "code" else "latent": value,
+                "height": pa.array(np.full(n, height, np.int32)),
+                "width": pa.array(np.full(n, width, np.int32)),
+                "channels": pa.array(np.full(n, channels, np.int8)),
+                "mode": pa.array(modes, pa.string())}
+
+    def decompress(self, table):
+        keys = table.column("key").to_pylist()
+        labels, has_label = row_labels(table)
+        heights = table.column("height").to_numpy(zero_copy_only=False)
+        widths = table.column("width").to_numpy(zero_copy_only=False)
+        channels = table.column("channels").to_numpy(zero_copy_only=False)
+        modes = table.column("mode").to_pylist()
+        coded = "code" in table.column_names
+        values = table.column("code" if coded else "latent")
+        groups = {}
+        for i in range(table.num_rows):
+            h, w, c = int(heights[i]), int(widths[i]), int(channels[i])
+            if not (0 < h <= 1 << 16 and 0 < w <= 1 << 16 and c in (1, 3)):
+                yield DeadLetter(keys[i], "", i, "bad_row", f"invalid image size {h}x{w}x{c}")
+                continue
+            grid = (-(-h // self.stride), -(-w // self.stride))
+            try:
+                if coded:
+                    latent = self.coder.decode(values[i].as_py(), *grid)
+                else:
+                    flat = values[i].values.to_numpy(zero_copy_only=False)
+                    latent = flat.reshape(grid + (self.spec.latent_channels,))
+            except Exception as e:  # a damaged code or a latent list of the wrong length
+                yield DeadLetter(keys[i], "", i, "bad_code", f"latents do not decode: {type(e).__name__}: {e}")
+                continue
+            groups.setdefault((h, w, c), []).append((i, latent))
+        for (h, w, c), rows in groups.items():
+            for start in range(0, len(rows), 16):
+                chunk = rows[start:start + 16]
+                images = self.synthesis(np.stack([z for _, z in chunk]))[:, :h, :w]
+                if c == 1:
+                    images = np.round(images.astype(np.float32).mean(axis=-1, keepdims=True)).astype(np.uint8)
+                idx = [i for i, _ in chunk]
+                yield ImageBatch([keys[i] for i in idx], np.ascontiguousarray(images), labels[idx], has_label[idx],
+                                 modes=[modes[i] for i in idx])
+
+
+def pad_to_multiple(images: np.ndarray, multiple: int) -> np.ndarray:
+    """Edge-pad [N, H, W, C] on the bottom and right to multiples of `multiple`."""
+    h, w = images.shape[1:3]
+    if h % multiple == 0 and w % multiple == 0:
+        return images
+    return np.pad(images, ((0, 0), (0, -h % multiple), (0, -w % multiple), (0, 0)), mode="edge")

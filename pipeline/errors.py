@@ -1,0 +1,19 @@
+"""The error types every layer shares.
+
+`LatentpackError` is a mistake about the whole job (a bad flag, a missing model, an
+incomplete dataset): the command line prints it as one `latentpack: error:` line and
+exits with status 2. `BadImage` is one input that cannot be used: it becomes a dead
+letter with its `reason`, and the job goes on.
+"""
+
+
+class LatentpackError(Exception):
+    """A user-facing error: printed as one line, exit status 2, no traceback."""
+
+
+class BadImage(ValueError):
+    """One image that cannot be used; `reason` is a short machine-readable tag."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason

@@ -1,0 +1,412 @@
+"""The spatial photo codec (Ballé et al. 2017, "bls2017"): training on streamed crops, and export.
+
+    latentpack train --arch spatial --input 'photos/*.jpg' --input-format images \
+        --quality 4 --steps 60000 --model-dir photo-q4/ [--resume]
+
+Analysis: four stride-2 5x5 convolutions with GDN between them, down to latents of
+shape [H/16, W/16, M]; synthesis: the mirror image with IGDN and transposed
+convolutions. The rate is modelled by a per-channel non-parametric density
+(`training.prior.DeepFactorizedPrior`), frozen into integer tables at export.
+Loss = lambda * 255^2 * MSE + bits per pixel (CompressAI's convention, so its lambdas
+carry over). Training is step-based from random crops of variable-size images read
+through the pipeline's readers, with checkpoints every few hundred steps so a run of
+hours survives interruption and continues with `--resume`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+import zlib
+from typing import Iterator, List, Optional
+
+import numpy as np
+
+# --quality 1..8 -> lambda, as CompressAI's bmshj2018-factorized presets.
+QUALITY_LAMBDAS = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.0130, 5: 0.0250, 6: 0.0483, 7: 0.0932, 8: 0.1800}
+STRIDE = 16
+
+
+@dataclasses.dataclass
+class SpatialConfig:
+    """Every setting that shapes a spatial model and its training; stored in codec.json."""
+
+    filters: int = 64  # N: channels of the hidden layers
+    latent_channels: int = 96  # M: channels of the latent tensor
+    lmbda: float = QUALITY_LAMBDAS[4]
+    quality: Optional[int] = None
+    crop: int = 128
+    batch_size: int = 8
+    steps: int = 50000
+    learning_rate: float = 3e-4
+    clip_norm: float = 1.0
+    crops_per_image: int = 4
+    checkpoint_every: int = 500
+    validate_every: int = 2500
+    val_images: int = 24
+    holdout_every: int = 10  # keys with crc32(key) % holdout_every == 0 are never trained on
+    seed: int = 0
+
+
+def build_transforms(filters: int, latent_channels: int, channels: int = 3):
+    """(analysis, synthesis) Keras models for images of any size (a multiple of 16)."""
+    import keras
+    from keras import layers
+
+    from training.layers import GDN
+
+    def conv(n, name):
+        return layers.Conv2D(n, 5, strides=2, padding="same", name=name)
+
+    def deconv(n, name):
+        return layers.Conv2DTranspose(n, 5, strides=2, padding="same", name=name)
+
+    analysis = keras.Sequential([
+        keras.Input((None, None, channels)),
+        conv(filters, "conv0"), GDN(name="gdn0"),
+        conv(filters, "conv1"), GDN(name="gdn1"),
+        conv(filters, "conv2"), GDN(name="gdn2"),
+        conv(latent_channels, "conv3"),
+    ], name="analysis")
+    synthesis = keras.Sequential([
+        keras.Input((None, None, latent_channels)),
+        deconv(filters, "deconv0"), GDN(inverse=True, name="igdn0"),
+        deconv(filters, "deconv1"), GDN(inverse=True, name="igdn1"),
+        deconv(filters, "deconv2"), GDN(inverse=True, name="igdn2"),
+        deconv(channels, "deconv3"),
+    ], name="synthesis")
+    return analysis, synthesis
+
+
+def is_holdout(key: str, every: int) -> bool:
+    return every > 0 and zlib.crc32(key.encode()) % every == 0
+
+
+def pad_to_multiple(image: np.ndarray, multiple: int = STRIDE) -> np.ndarray:
+    """Edge-pad an (H, W, C) image on the bottom and right to a multiple of `multiple`."""
+    h, w = image.shape[:2]
+    return np.pad(image, ((0, -h % multiple), (0, -w % multiple), (0, 0)), mode="edge")
+
+
+def _photos(pattern: str, input_format: str, rng, holdout: Optional[bool], every: int) -> Iterator[tuple]:
+    """(key, uint8 RGB image) for each readable image, shards in random order; holdout None = all."""
+    from pipeline.errors import BadImage
+    from pipeline.formats import get_reader
+    from pipeline.images import decode_photo
+
+    reader = get_reader(input_format)
+    shards, root = reader.match(pattern)
+    for i in rng.permutation(len(shards)) if rng is not None else range(len(shards)):
+        for rec in reader.records(shards[i], root):
+            if rec.error is not None or (holdout is not None and is_holdout(rec.key, every) != holdout):
+                continue
+            try:
+                if rec.pixels is not None:
+                    image = np.asarray(rec.pixels, np.uint8)
+                    image = image[..., None] if image.ndim == 2 else image
+                else:
+                    image = decode_photo(rec.encoded).pixels
+            except (BadImage, ValueError):
+                continue
+            yield rec.key, (np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3])
+
+
+def random_crops(pattern: str, input_format: str, config: SpatialConfig, seed: int) -> Iterator[np.ndarray]:
+    """An endless stream of float32 [crop, crop, 3] training crops (random position and flip),
+    mixed through a shuffle buffer; never holds more than the buffer in memory."""
+    rng = np.random.default_rng(seed)
+    buffer: List[np.ndarray] = []
+    size = config.crop
+    while True:
+        found = False
+        for _, image in _photos(pattern, input_format, rng, False, config.holdout_every):
+            found = True
+            if image.shape[0] < size or image.shape[1] < size:
+                image = np.pad(image, ((0, max(0, size - image.shape[0])), (0, max(0, size - image.shape[1])),
+                                       (0, 0)), mode="reflect" if min(image.shape[:2]) > 1 else "edge")
+            for _ in range(config.crops_per_image):
+                y = rng.integers(0, image.shape[0] - size + 1)
+                x = rng.integers(0, image.shape[1] - size + 1)
+                crop = image[y:y + size, x:x + size]
+                if rng.random() < 0.5:
+                    crop = crop[:, ::-1]
+                buffer.append(crop)
+            while len(buffer) >= 256:
+                yield buffer.pop(rng.integers(len(buffer))).astype(np.float32) / 255.0
+        if not found:
+            raise ValueError(f"no training images in {pattern!r} outside the held-out split")
+
+
+class SpatialTrainer:
+    """The model's variables, optimizer and step, with checkpointing."""
+
+    def __init__(self, config: SpatialConfig):
+        import keras
+        import tensorflow as tf
+
+        from training.prior import DeepFactorizedPrior
+
+        self.config = config
+        self.analysis, self.synthesis = build_transforms(config.filters, config.latent_channels)
+        self.prior = DeepFactorizedPrior(config.latent_channels)
+        self.variables = (self.analysis.trainable_variables + self.synthesis.trainable_variables
+                          + self.prior.trainable_variables)
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
+        self.optimizer.build(self.variables)
+        self.checkpoint = tf.train.Checkpoint(step=self.step, optimizer=self.optimizer, analysis=self.analysis,
+                                              synthesis=self.synthesis, prior=self.prior)
+        lmbda = tf.constant(config.lmbda * 255.0 ** 2, tf.float32)
+
+        @tf.function
+        def train_step(x):
+            with tf.GradientTape() as tape:
+                y = self.analysis(x, training=True)
+                noisy = y + tf.random.uniform(tf.shape(y), -0.5, 0.5)
+                # The decoder sees the rounded latents it will get at inference (straight-through).
+                rounded = y + tf.stop_gradient(tf.round(y) - y)
+                x_hat = self.synthesis(rounded, training=True)
+                mse = tf.reduce_mean(tf.square(x - x_hat))
+                pixels = tf.cast(tf.reduce_prod(tf.shape(x)[1:3]), tf.float32)
+                bpp = tf.reduce_mean(self.prior.bits(noisy)) / pixels
+                loss = lmbda * mse + bpp
+            grads = tape.gradient(loss, self.variables)
+            grads, _ = tf.clip_by_global_norm(grads, config.clip_norm)
+            self.optimizer.apply_gradients(zip(grads, self.variables))
+            self.step.assign_add(1)
+            return loss, mse, bpp
+
+        self.train_step = train_step
+
+    def schedule(self, step: int) -> float:
+        """Constant, then the last 15% of --steps anneals linearly to 1/10 of the rate."""
+        start = 0.85 * self.config.steps
+        if step < start:
+            return self.config.learning_rate
+        frac = min(1.0, (step - start) / max(1.0, self.config.steps - start))
+        return self.config.learning_rate * (1.0 - 0.9 * frac)
+
+    def evaluate(self, images: List[np.ndarray]) -> dict:
+        """Validation on whole images (padded, cropped back): PSNR and estimated bits per pixel."""
+        import tensorflow as tf
+
+        psnrs, bpps = [], []
+        for image in images:
+            padded = pad_to_multiple(image)[None].astype(np.float32) / 255.0
+            y = tf.round(self.analysis(padded, training=False))
+            x_hat = self.synthesis(y, training=False).numpy()[0, :image.shape[0], :image.shape[1]]
+            recon = np.round(np.clip(x_hat, 0, 1) * 255.0)
+            mse = np.mean((recon - image.astype(np.float64)) ** 2)
+            psnrs.append(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+            bpps.append(float(self.prior.bits(y).numpy()[0]) / (image.shape[0] * image.shape[1]))
+        return {"val_psnr": float(np.mean(psnrs)), "val_bpp": float(np.mean(bpps))}
+
+
+def load_holdout(pattern: str, input_format: str, config: SpatialConfig) -> List[np.ndarray]:
+    images = []
+    for _, image in _photos(pattern, input_format, None, True, config.holdout_every):
+        images.append(image)
+        if len(images) >= config.val_images:
+            break
+    return images
+
+
+def save_curves(history: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    log = history.get("train", [])
+    if log:
+        steps = [r["step"] for r in log]
+        axes[0].plot(steps, [r["loss"] for r in log], label="train loss")
+        axes[0].set_yscale("log")
+    val = history.get("val", [])
+    if val:
+        ax = axes[1]
+        ax.plot([r["step"] for r in val], [r["val_psnr"] for r in val], "o-", label="PSNR (dB)")
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in val], [r["val_bpp"] for r in val], "s--", color="C1", label="bpp")
+        ax2.set_ylabel("bits per pixel")
+        ax.set_ylabel("held-out PSNR (dB)")
+        ax.set_xlabel("step")
+    axes[0].set_xlabel("step")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str, checkpoint_dir: str,
+          resume: bool = False, init_from: Optional[str] = None, extra: Optional[dict] = None) -> dict:
+    """Train (or continue) and export the artifact; returns its codec spec."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(config.seed)
+    trainer = SpatialTrainer(config)
+    manager = tf.train.CheckpointManager(trainer.checkpoint, checkpoint_dir, max_to_keep=2)
+    history_path = os.path.join(checkpoint_dir, "history.json")
+    history = {"train": [], "val": [], "seconds": 0.0}
+    if resume and manager.latest_checkpoint:
+        trainer.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        if os.path.exists(history_path):
+            with open(history_path) as f:
+                history = json.load(f)
+        logging.info("resumed from %s at step %d", manager.latest_checkpoint, int(trainer.step))
+    elif init_from:
+        # Weights only (a new lambda, a fresh optimizer): how the other quality levels start.
+        source = tf.train.Checkpoint(analysis=trainer.analysis, synthesis=trainer.synthesis, prior=trainer.prior)
+        latest = tf.train.latest_checkpoint(init_from) or init_from
+        source.restore(latest).expect_partial()
+        logging.info("initialized weights from %s", latest)
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    holdout = load_holdout(pattern, input_format, config)
+    logging.info("spatial model N=%d M=%d lambda=%g: %d held-out validation images, crops %d, batch %d, to step %d",
+                 config.filters, config.latent_channels, config.lmbda, len(holdout), config.crop,
+                 config.batch_size, config.steps)
+    crops = tf.data.Dataset.from_generator(
+        lambda: random_crops(pattern, input_format, config, config.seed + int(trainer.step)),
+        output_signature=tf.TensorSpec([config.crop, config.crop, 3], tf.float32))
+    batches = iter(crops.batch(config.batch_size).prefetch(4))
+    started, window_start, window_steps = time.time(), time.time(), 0
+    sums = np.zeros(3)
+    step = int(trainer.step)
+    while step < config.steps:
+        trainer.optimizer.learning_rate.assign(trainer.schedule(step))
+        values = [float(t) for t in trainer.train_step(next(batches))]
+        if not np.isfinite(values[0]):
+            raise ValueError(f"loss is {values[0]} at step {step + 1}: training diverged; resume from the last "
+                             f"checkpoint in {checkpoint_dir} with a lower --learning-rate")
+        sums += values
+        step += 1
+        window_steps += 1
+        if step % 100 == 0 or step == config.steps:
+            rate = window_steps / max(time.time() - window_start, 1e-9)
+            loss, mse, bpp = sums / window_steps
+            history["train"].append({"step": step, "loss": loss, "psnr": float(10 * np.log10(1 / max(mse, 1e-10))),
+                                     "bpp": bpp})
+            eta = (config.steps - step) / max(rate, 1e-9)
+            print(f"step {step}/{config.steps}: loss {loss:.4f}, train PSNR {10 * np.log10(1 / max(mse, 1e-10)):.2f} dB "
+                  f"at {bpp:.3f} bpp; {rate:.1f} steps/s, ETA {eta / 60:.0f} min", flush=True)
+            history["seconds"] += time.time() - window_start
+            sums, window_steps, window_start = np.zeros(3), 0, time.time()
+        if holdout and (step % config.validate_every == 0 or step == config.steps):
+            metrics = dict(trainer.evaluate(holdout), step=step)
+            history["val"].append(metrics)
+            print(f"  validation at step {step}: {metrics['val_psnr']:.2f} dB at {metrics['val_bpp']:.3f} bpp "
+                  f"(estimated) on {len(holdout)} held-out images", flush=True)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            manager.save(checkpoint_number=step)
+            with open(history_path + ".tmp", "w") as f:
+                json.dump(history, f)
+            os.replace(history_path + ".tmp", history_path)
+    logging.info("trained to step %d in %.0f s this run", step, time.time() - started)
+    return export(trainer, model_dir, holdout, history,
+                  dict(extra or {}, input=pattern, input_format=input_format))
+
+
+def export(trainer: SpatialTrainer, model_dir: str, holdout, history: dict, extra: dict) -> dict:
+    """Freeze the prior to integer tables, write the SavedModel and codec.json (format 2)."""
+    import tensorflow as tf
+
+    from training import export as artifact_export
+    from training.prior import freeze_channels
+
+    entropy_model = freeze_channels(trainer.prior)
+    module = SpatialModule(trainer.analysis, trainer.synthesis, trainer.config.latent_channels)
+    metrics = measure(module, entropy_model, holdout)
+    config = trainer.config
+    spec = {
+        "family": "spatial",
+        "stride": STRIDE,
+        "channels": 3,
+        "latent_channels": config.latent_channels,
+        "latent_dtype": "int16",
+        "architecture": {"arch": "spatial", "filters": config.filters, "latent_channels": config.latent_channels,
+                         "transform": "bls2017-gdn", "prior": "deep-factorized-per-channel"},
+        "training": dict(dataclasses.asdict(config), steps_done=int(trainer.step),
+                         seconds=round(history.get("seconds", 0.0), 1), **extra),
+        "entropy_model": entropy_model,
+        "metrics": metrics,
+    }
+    os.makedirs(model_dir, exist_ok=True)
+    save_curves(history, os.path.join(model_dir, "loss.png"))
+    with open(os.path.join(model_dir, "history.json"), "w") as f:
+        json.dump(history, f)
+    tf.saved_model.save(module, model_dir, signatures={"encode": module.encode, "decode": module.decode})
+    return artifact_export.write_codec_json(model_dir, spec)
+
+
+def measure(module, entropy_model: dict, images) -> dict:
+    """Held-out PSNR and the exact ideal code length from the frozen integer tables."""
+    if not images:
+        return {}
+    offsets = np.asarray(entropy_model["offsets"])
+    tables = entropy_model["frequencies"]
+    logp = [np.log2(np.asarray(t, np.float64) / (1 << entropy_model["precision"])) for t in tables]
+    psnrs, bpps = [], []
+    for image in images:
+        h, w = image.shape[:2]
+        latent = module.encode(pad_to_multiple(image)[None])["latent"].numpy()[0]
+        recon = module.decode(latent[None])["image"].numpy()[0, :h, :w]
+        bits = 0.0
+        for c in range(latent.shape[-1]):
+            symbols = np.clip(latent[..., c].astype(np.int64) - offsets[c], 0, len(tables[c]) - 1)
+            bits -= logp[c][symbols].sum()
+        mse = np.mean((recon.astype(np.float64) - image) ** 2)
+        psnrs.append(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+        bpps.append(bits / (h * w))
+    return {"val_psnr": float(np.mean(psnrs)), "val_bpp": float(np.mean(bpps)), "val_images": len(images)}
+
+
+def SpatialModule(analysis, synthesis, latent_channels: int):
+    """A tf.Module whose `encode`/`decode` signatures are the artifact's file format:
+    uint8 images [N, H, W, 3] (H, W multiples of 16) <-> int16 latents [N, H/16, W/16, M]."""
+    import tensorflow as tf
+
+    class _Module(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.analysis, self.synthesis = analysis, synthesis
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+        def encode(self, images):
+            y = self.analysis(tf.cast(images, tf.float32) / 255.0, training=False)
+            return {"latent": tf.cast(tf.clip_by_value(tf.round(y), -32767.0, 32767.0), tf.int16)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, latent_channels], tf.int16, name="latent")])
+        def decode(self, latent):
+            x = self.synthesis(tf.cast(latent, tf.float32), training=False)
+            return {"image": tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)}
+
+    return _Module()
+
+
+def main(args) -> int:
+    """`latentpack train --arch spatial ...` (arguments parsed by training.train)."""
+    defaults = SpatialConfig()
+    lmbda = args.lmbda if args.lmbda is not None else QUALITY_LAMBDAS[args.quality or 4]
+    config = SpatialConfig(
+        filters=args.filters or defaults.filters, latent_channels=args.latent_channels or defaults.latent_channels,
+        lmbda=lmbda, quality=args.quality if args.lmbda is None else None, crop=args.crop,
+        batch_size=args.batch_size or defaults.batch_size, steps=args.steps,
+        learning_rate=args.learning_rate or defaults.learning_rate, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, validate_every=args.validate_every)
+    checkpoint_dir = args.checkpoint_dir or args.model_dir.rstrip("/") + "-checkpoints"
+    spec = train(config, args.input, args.input_format, args.model_dir, checkpoint_dir,
+                 resume=args.resume, init_from=args.init_from)
+    m = spec["metrics"]
+    print(f"model written to {args.model_dir}: spatial, {config.latent_channels} latent channels, "
+          f"held-out {m.get('val_psnr', float('nan')):.2f} dB at {m.get('val_bpp', float('nan')):.3f} bpp "
+          f"on {m.get('val_images', 0)} images; fingerprint {spec['fingerprint'][:19]}…")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run it as: latentpack train --arch spatial ...")
