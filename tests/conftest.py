@@ -67,3 +67,37 @@ def rd_model_dir(tmp_path_factory, mnist):
     train(TrainConfig(arch="conv", latent_dim=16, epochs=3, batch_size=64, seed=0, lmbda=0.02),
           mnist[0][1000:2500], out)
     return out
+
+
+def smooth_photos(rng, n, sizes=((48, 64), (37, 53), (64, 40))):
+    """Smooth colour images of several sizes (learnable, unlike noise)."""
+    out = []
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        base = rng.integers(0, 256, (h // 8 + 2, w // 8 + 2, 3)).astype(np.float32)
+        big = np.kron(base, np.ones((8, 8, 1), np.float32))[:h, :w]
+        out.append(np.clip(big + rng.normal(0, 4, big.shape), 0, 255).astype(np.uint8))
+    return out
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory):
+    """A folder of 24 PNG photos of three sizes."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    for i, image in enumerate(smooth_photos(np.random.default_rng(0), 24)):
+        Image.fromarray(image).save(folder / f"img{i:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def spatial_model_dir(tmp_path_factory, photo_folder):
+    """A tiny spatial (GDN, per-channel prior) artifact trained for 40 steps on the photo folder."""
+    from training.spatial import SpatialConfig, train
+
+    out = tmp_path_factory.mktemp("spatial")
+    config = SpatialConfig(filters=16, latent_channels=8, crop=32, batch_size=4, steps=40, learning_rate=1e-3,
+                           checkpoint_every=20, validate_every=40, val_images=2, holdout_every=6)
+    train(config, str(photo_folder / "*.png"), "images", str(out / "artifact"), str(out / "checkpoints"))
+    return str(out / "artifact")

@@ -1,0 +1,238 @@
+"""The spatial photo codec: GDN, padding and cropping, tiles, mixed sizes and modes through the
+jobs, resumable training, and decoding identical on another process with other TF settings."""
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import BEAM_TEST_ARGS, smooth_photos
+from pipeline import completion, decode, encode, latents
+from pipeline.artifact import read_spec
+from pipeline.codecs import load_codec
+from pipeline.codecs import spatial as spatial_codec
+from pipeline.images import ImageBatch, SourceRecord, batch_photos, decode_photo, encode_png
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gdn_matches_its_formula_and_keeps_parameters_positive():
+    import tensorflow as tf
+
+    from training.layers import GDN
+
+    layer = GDN()
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    layer.build(x.shape)
+    layer.gamma_v.assign(np.abs(layer.gamma_v.numpy()) + 0.1)
+    beta, gamma = layer.beta.numpy(), layer.gamma.numpy()
+    expected = x / np.sqrt(beta + np.einsum("...j,ij->...i", x ** 2, gamma))
+    assert np.allclose(layer(x).numpy(), expected, rtol=1e-5)
+    inverse = GDN(inverse=True)
+    inverse.build(x.shape)
+    assert np.allclose(inverse(x).numpy(), x * np.sqrt(inverse.beta.numpy() + np.einsum(
+        "...j,ij->...i", x ** 2, inverse.gamma.numpy())), rtol=1e-5)
+    # Reparameterized: whatever the raw variables become, beta stays > 0 and gamma >= 0.
+    layer.beta_v.assign(-tf.ones_like(layer.beta_v))
+    layer.gamma_v.assign(-tf.ones_like(layer.gamma_v))
+    assert layer.beta.numpy().min() > 0 and layer.gamma.numpy().min() >= 0
+    assert np.isfinite(layer(x).numpy()).all()
+
+
+def test_artifact_is_format_2_spatial(spatial_model_dir):
+    spec = read_spec(spatial_model_dir)
+    assert (spec.format_version, spec.family, spec.stride, spec.latent_channels) == (2, "spatial", 16, 8)
+    assert spec.arch == "spatial" and spec.training["steps_done"] == 40
+    assert len(spec.entropy_model["frequencies"]) == 8
+    assert spec.metrics["val_bpp"] > 0 and spec.metrics["val_psnr"] > 5
+    assert os.path.exists(os.path.join(spatial_model_dir, "loss.png"))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (17, 33), (16, 16), (45, 7)])
+def test_compress_pads_and_decompress_crops_back_to_the_exact_size(spatial_model_dir, size):
+    codec = load_codec(spatial_model_dir)
+    images = np.stack(smooth_photos(np.random.default_rng(1), 2, sizes=[size]))
+    for latent_format in ("code", "int"):
+        columns = codec.compress(ImageBatch(["a", "b"], images, np.array([3, -1]), np.array([True, False])),
+                                 latent_format)
+        schema = latents.schema(codec.spec, latent_format)
+        table = latents.to_table(["a", "b"], columns, np.array([3, -1]), np.array([True, False]), schema)
+        assert table.column("height").to_pylist() == [size[0]] * 2 and table.column("width").to_pylist() == [size[1]] * 2
+        (batch,) = list(codec.decompress(table))
+        assert batch.images.shape == (2,) + size + (3,) and batch.keys == ["a", "b"]
+        assert batch.labels.tolist() == [3, -1] and batch.has_label.tolist() == [True, False]
+
+
+def test_tiled_transforms_match_the_whole_image(spatial_model_dir, monkeypatch):
+    codec = load_codec(spatial_model_dir)
+    image = np.stack(smooth_photos(np.random.default_rng(2), 1, sizes=[(160, 208)]))
+    whole_latent, whole = codec.analysis(image), None
+    whole = codec.synthesis(whole_latent)
+    monkeypatch.setattr(spatial_codec, "TILE_ABOVE", 32 * 32)
+    monkeypatch.setattr(spatial_codec, "TILE", 64)
+    monkeypatch.setattr(spatial_codec, "MARGIN", 64)
+    tiled_latent = codec.analysis(image)
+    assert tiled_latent.shape == whole_latent.shape
+    # Tiles see the same pixels as the whole image within their margin: at most float rounding differs.
+    assert np.mean(tiled_latent == whole_latent) > 0.999
+    tiled = codec.synthesis(whole_latent)
+    assert tiled.shape == whole.shape and np.abs(tiled.astype(int) - whole).max() <= 1
+
+
+def test_batch_photos_groups_same_shapes_and_bounds_batches():
+    rng = np.random.default_rng(3)
+    images = smooth_photos(rng, 9, sizes=[(20, 30), (30, 20), (20, 30)])
+    records = [SourceRecord(f"k{i}", "s", i, encoded=encode_png(x), label=i) for i, x in enumerate(images)]
+    records.append(SourceRecord("bad", "s", 9, encoded=b"not an image"))
+    out = list(batch_photos(records, batch_size=2))
+    letters = [o for o in out if not isinstance(o, ImageBatch)]
+    batches = [o for o in out if isinstance(o, ImageBatch)]
+    assert [(d.key, d.reason) for d in letters] == [("bad", "undecodable")]
+    assert sorted(k for b in batches for k in b.keys) == sorted(f"k{i}" for i in range(9))
+    for b in batches:
+        assert len(b) <= 2 and all(np.array_equal(images[int(k[1:])], x) for k, x in zip(b.keys, b.images))
+        assert b.labels.tolist() == [int(k[1:]) for k in b.keys]
+    # A pixel budget: a large photo travels alone.
+    big = [SourceRecord(f"b{i}", "s", i, pixels=np.zeros((100, 100, 3), np.uint8)) for i in range(3)]
+    assert [len(b) for b in batch_photos(big, batch_size=8, batch_pixels=15000)] == [2, 1]
+
+
+def _modes_folder(folder):
+    """Photos of mixed sizes, orientations and pixel modes, as users have them."""
+    rng = np.random.default_rng(4)
+    rgb = smooth_photos(rng, 4, sizes=[(40, 56), (56, 40), (23, 71), (33, 33)])
+    for i, x in enumerate(rgb):
+        Image.fromarray(x).save(folder / f"rgb{i}.png")
+    base = Image.fromarray(rgb[0])
+    base.convert("L").save(folder / "grey.png")
+    base.convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    base.convert("P", palette=Image.ADAPTIVE).save(folder / "palette.png")
+    Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257).save(folder / "sixteen.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees
+    base.save(folder / "rotated.jpg", exif=exif, quality=95)
+    Image.new("RGBA", (30, 20), (1, 2, 3, 100)).save(folder / "transparent.png")
+    Image.new("RGBA", (30, 20), (1, 2, 3, 255)).save(folder / "opaque_alpha.png")
+    Image.fromarray(np.zeros((10, 10), np.float32), "F").save(folder / "float.tiff")
+    return rgb
+
+
+def test_mixed_sizes_and_modes_round_trip_through_the_jobs(spatial_model_dir, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rgb = _modes_folder(photos)
+    lat, out = str(tmp_path / "lat"), str(tmp_path / "out")
+    manifest = encode.run(["--input", str(photos / "*"), "--input-format", "images", "--model-dir", spatial_model_dir,
+                           "--output", lat, "--max-bad-fraction", "0.5"] + BEAM_TEST_ARGS)
+    c = manifest["counts"]
+    assert (c["read"], c["written"]) == (12, 10)
+    assert c["dead_lettered_by_reason"] == {"transparent": 1, "wrong_mode": 1}
+    table = pq.ParquetDataset(latents.part_paths(lat, manifest)).read().sort_by("key")
+    modes = dict(zip(table.column("key").to_pylist(), table.column("mode").to_pylist()))
+    assert modes["cmyk"] == "CMYK" and modes["sixteen"] == "I;16" and modes["palette"] == "P"
+    assert modes["grey"] == "L" and modes["opaque_alpha"] == "RGBA"
+    channels = dict(zip(table.column("key").to_pylist(), table.column("channels").to_pylist()))
+    assert channels["grey"] == 1 and channels["sixteen"] == 1 and channels["cmyk"] == 3
+
+    decode.run(["--input", lat, "--model-dir", spatial_model_dir, "--output", out] + BEAM_TEST_ARGS)
+    for i, x in enumerate(rgb):
+        back = np.asarray(Image.open(os.path.join(out, f"rgb{i}.png")))
+        assert back.shape == x.shape
+    assert Image.open(os.path.join(out, "grey.png")).mode == "L"
+    assert Image.open(os.path.join(out, "sixteen.png")).mode == "L"
+    # EXIF orientation applied: stored 40x56 landscape-rotated, shown (and decoded) as 56 wide, 40 high, turned.
+    assert Image.open(os.path.join(out, "rotated.png")).size == (40, 56)
+    assert not os.path.exists(os.path.join(out, "transparent.png"))
+
+
+def test_decode_photo_conversions():
+    rgb = smooth_photos(np.random.default_rng(5), 1, sizes=[(12, 20)])[0]
+
+    def as_bytes(img, fmt="PNG", **kw):
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    grey = decode_photo(as_bytes(Image.fromarray(rgb).convert("L")))
+    assert grey.pixels.shape == (12, 20, 1) and grey.mode == "L"
+    sixteen = decode_photo(as_bytes(Image.fromarray(np.full((4, 5), 0xABCD, np.uint16))))
+    assert sixteen.mode == "I;16" and (sixteen.pixels == 0xAB).all()
+    palette = decode_photo(as_bytes(Image.fromarray(rgb).convert("L").convert("P")))
+    assert palette.pixels.shape[-1] == 1 and palette.mode == "P"
+    cmyk = decode_photo(as_bytes(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95))
+    assert cmyk.pixels.shape == (12, 20, 3) and cmyk.mode == "CMYK"
+
+
+def test_training_resumes_from_its_checkpoint(tmp_path, photo_folder):
+    from training.spatial import SpatialConfig, train
+
+    config = SpatialConfig(filters=8, latent_channels=4, crop=32, batch_size=2, steps=6, checkpoint_every=3,
+                           validate_every=6, val_images=1, holdout_every=6)
+    ckpt = str(tmp_path / "ck")
+    first = train(config, str(photo_folder / "*.png"), "images", str(tmp_path / "a"), ckpt)
+    assert first["training"]["steps_done"] == 6
+    history = json.load(open(os.path.join(ckpt, "history.json")))
+    assert [r["step"] for r in history["val"]] == [6]
+    longer = SpatialConfig(**dict(config.__dict__, steps=9))
+    second = train(longer, str(photo_folder / "*.png"), "images", str(tmp_path / "b"), ckpt, resume=True)
+    assert second["training"]["steps_done"] == 9
+    assert [r["step"] for r in json.load(open(os.path.join(ckpt, "history.json")))["val"]] == [6, 9]
+
+
+def test_training_never_sees_held_out_images(photo_folder):
+    from training.spatial import SpatialConfig, _photos, is_holdout
+
+    config = SpatialConfig(holdout_every=3)
+    train_keys = {k for k, _ in _photos(str(photo_folder / "*.png"), "images", None, False, 3)}
+    held = {k for k, _ in _photos(str(photo_folder / "*.png"), "images", None, True, 3)}
+    assert train_keys and held and not train_keys & held
+    assert all(is_holdout(k, config.holdout_every) for k in held)
+
+
+DECODE_ELSEWHERE = """
+import json, sys
+import numpy as np, pyarrow.parquet as pq
+from pipeline.codecs import load_codec
+codec = load_codec(sys.argv[1])
+table = pq.read_table(sys.argv[2]).sort_by("key")
+out = {}
+for batch in codec.decompress(table):
+    for key, image in zip(batch.keys, batch.images):
+        out[key] = image
+np.savez(sys.argv[3], **out)
+"""
+
+
+def test_codes_decode_identically_in_another_process_with_other_settings(spatial_model_dir, photo_folder, tmp_path):
+    """Integer tables make the latents exact; the decoded pixels must match too, with oneDNN
+    off and one thread instead of the default."""
+    lat = str(tmp_path / "lat")
+    manifest = encode.run(["--input", str(photo_folder / "*.png"), "--input-format", "images",
+                           "--model-dir", spatial_model_dir, "--output", lat] + BEAM_TEST_ARGS)
+    (part,) = latents.part_paths(lat, manifest)
+    here = str(tmp_path / "here.npz")
+    there = str(tmp_path / "there.npz")
+    script = str(tmp_path / "decode_elsewhere.py")
+    with open(script, "w") as f:
+        f.write(DECODE_ELSEWHERE)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    subprocess.run([sys.executable, script, spatial_model_dir, part, here], env=env, check=True, capture_output=True)
+    env.update(TF_ENABLE_ONEDNN_OPTS="0", OMP_NUM_THREADS="1", TF_NUM_INTRAOP_THREADS="1",
+               TF_NUM_INTEROP_THREADS="1")
+    subprocess.run([sys.executable, script, spatial_model_dir, part, there], env=env, check=True, capture_output=True)
+    a, b = np.load(here), np.load(there)
+    assert sorted(a.files) == sorted(b.files) and len(a.files) == 24
+    for key in a.files:
+        assert np.array_equal(a[key], b[key]), key
+    # And the codes themselves are the same bytes when the same images are encoded again.
+    again = str(tmp_path / "again")
+    encode.run(["--input", str(photo_folder / "*.png"), "--input-format", "images",
+                "--model-dir", spatial_model_dir, "--output", again] + BEAM_TEST_ARGS)
+    first = pq.read_table(part).sort_by("key").column("code").to_pylist()
+    second = pq.ParquetDataset(latents.part_paths(again, completion.read_manifest(again))).read().sort_by("key")
+    assert first == second.column("code").to_pylist()
