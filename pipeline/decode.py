@@ -8,6 +8,7 @@ different model (fingerprint mismatch) or one that is incomplete (no manifest).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import posixpath
 import sys
@@ -108,45 +109,67 @@ class WriteDecodeManifest(beam.DoFn):
         yield payload
 
 
-def parse_args(argv):
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """The decode job's own settings (Beam's options travel separately)."""
+
+    input: str
+    model_dir: str
+    output: str
+    output_format: str = "png"
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
+
+
+def parse_args(argv) -> tuple:
+    """argv -> (DecodeOptions, Beam's arguments)."""
     p = argparse.ArgumentParser(prog="latentpack decode", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="Any other option is passed to Beam (--runner, --direct_num_workers, ...).")
     p.add_argument("--input", required=True, help="latent dataset directory (from latentpack encode)")
-    p.add_argument("--model-dir", required=True, help="the model artifact that encoded the dataset")
+    p.add_argument("--model-dir", required=True,
+                   help="the model artifact that encoded the dataset, or a shipped model: photo:<1-8>")
     p.add_argument("--output", required=True, help="directory for the decoded images")
     p.add_argument("--output-format", default="png", choices=sorted(WRITERS), help="how to write the images")
     p.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
                    help="fail the job, leaving the output unmarked, if more than this fraction of rows is bad")
-    return p.parse_known_args(argv)
+    args, beam_args = p.parse_known_args(argv)
+    return DecodeOptions(**vars(args)), beam_args
 
 
 def run(argv=None, test_pipeline=None):
+    """Parse argv and run the decode job; returns the output manifest dict."""
+    options, beam_args = parse_args(argv)
+    return run_job(options, beam_args, test_pipeline)
+
+
+def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     """Build and run the decode job; returns the output manifest dict."""
-    args, beam_args = parse_args(argv)
     from pipeline import models
-    model_dir = models.resolve(args.model_dir)
+    model_dir = models.resolve(options.model_dir)
     spec = read_spec(model_dir)
-    dataset = args.input.rstrip("/")
+    dataset = options.input.rstrip("/")
     paths = check_dataset(dataset, spec)
-    output = args.output.rstrip("/")
+    output = options.output.rstrip("/")
     # PNG files are one per key and are overwritten in place; shard files are replaced.
     clear_previous(output, [f"images-*.{ext}" for ext in ("tfrecord", "npz", "parquet", "npz.tmp")])
-    extra = {"source": dataset, "output_format": args.output_format, "model_fingerprint": spec.fingerprint}
-    p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
+    extra = {"source": dataset, "output_format": options.output_format, "model_fingerprint": spec.fingerprint}
+    p = test_pipeline or beam.Pipeline(options=PipelineOptions(list(beam_args)))
     batches = (p
                | "ListParts" >> beam.Create(paths)
                | "SpreadParts" >> beam.Reshuffle()
                | "ReadLatentParquet" >> beam.io.ReadAllFromParquetBatched()
-               | "DecodeLatents" >> beam.ParDo(DecodeTable(model_dir, spec)).with_outputs(DEAD_LETTER_TAG, main="images"))
-    written, dead, files = batches.images | f"Write{args.output_format.upper()}" >> WRITERS[args.output_format](output)
+               | "DecodeLatents" >> beam.ParDo(DecodeTable(model_dir, spec)).with_outputs(DEAD_LETTER_TAG,
+                                                                                           main="images"))
+    writer = WRITERS[options.output_format](output)
+    written, dead, files = batches.images | f"Write{options.output_format.upper()}" >> writer
     dead = (dead, batches[DEAD_LETTER_TAG]) | "AllDeadLetters" >> beam.Flatten()
     reasons, dead_files = dead | "WriteDeadLetters" >> WriteDeadLetters(output, NAMESPACE)
     total = written | "SumWritten" >> beam.CombineGlobally(sum)
     side = beam.pvalue
     (p | "Once" >> beam.Create([None])
-       | "WriteManifest" >> beam.ParDo(WriteDecodeManifest(output, extra, args.max_bad_fraction), side.AsSingleton(total),
-                                       side.AsSingleton(reasons), side.AsList(files), side.AsList(dead_files)))
+       | "WriteManifest" >> beam.ParDo(WriteDecodeManifest(output, extra, options.max_bad_fraction),
+                                       side.AsSingleton(total), side.AsSingleton(reasons), side.AsList(files),
+                                       side.AsList(dead_files)))
     return run_to_completion(p, output, "decoded output")
 
 

@@ -1,13 +1,17 @@
-"""Rate-distortion evaluation: latentpack models against PNG, JPEG and WebP on the same images.
+"""Rate-distortion evaluation: latentpack models against PNG, JPEG, WebP and AVIF on the same images.
 
-    latentpack evaluate --input val.npz --input-format npz \
-        --model-dir models/q1 --model-dir models/q4 --output rd-out/
+    latentpack evaluate --input 'photos/*.png' --input-format images \
+        --model-dir photo:2 --model-dir photo:4 --output rd-out/
 
-Each model runs through the real encode and decode jobs; its bytes are all the
-bytes of the Parquet files the encode job writes, divided by images. Classical
-codecs (Pillow) are counted as encoded file bytes, and beside that as the same bytes
-in a zstd Parquet binary column with their keys, like for like. Writes rd.json,
-rd.md and rd.png.
+Images may be of any size. Each model runs through the real encode and decode jobs.
+Rates are bits per pixel per image, averaged over images (the field's convention): for
+a model, its code bytes; beside that, every byte of the Parquet files the encode job
+wrote (keys, sizes and footers included) over all pixels. Classical codecs (Pillow) are
+counted as encoded file bytes, and beside that as the same bytes in a zstd Parquet binary
+column with their keys. Distortion: RGB PSNR per image, and MS-SSIM (TensorFlow's) when
+every image is at least 161 pixels a side, SSIM otherwise. BD-rate (Bjøntegaard, piecewise
+linear in log-rate over the overlapping PSNR range) of each model family against WebP and
+JPEG. Writes rd.json, rd.md and rd.png.
 """
 from __future__ import annotations
 
@@ -15,34 +19,59 @@ import argparse
 import io
 import json
 import logging
-import math
 import os
 import shutil
 import sys
 import time
+from typing import List, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline import decode, encode
+from pipeline import decode, encode, latents
 from pipeline.artifact import read_spec
-from pipeline.formats import READERS, load_images
 from pipeline.errors import LatentpackError
-from pipeline.images import psnr
+from pipeline.formats import READERS, get_reader
+from pipeline.images import ImageBatch, batch_photos, psnr
 
 JPEG_QUALITIES = (5, 10, 20, 30, 50, 70, 90)
 WEBP_QUALITIES = (0, 5, 10, 20, 40, 60, 80, 95)
+AVIF_QUALITIES = (10, 20, 30, 40, 50, 60, 75, 90)
+MS_SSIM_MIN_SIDE = 161  # five scales of an 11-pixel window
 
 
-def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image SSIM (TensorFlow's implementation, 11x11 Gaussian window or the image size)."""
+def load_eval_images(pattern: str, input_format: str, limit: Optional[int] = None):
+    """(keys, images): every readable image of the input, any size, in key order."""
+    reader = get_reader(input_format)
+    shards, root = reader.match(pattern)
+    found = {}
+    for shard in shards:
+        for item in batch_photos(reader.records(shard, root), batch_size=64):
+            if isinstance(item, ImageBatch):
+                found.update(zip(item.keys, item.images))
+    if not found:
+        raise LatentpackError(f"no readable images in --input {pattern!r} ({input_format})")
+    keys = sorted(found)[:limit] if limit else sorted(found)
+    return keys, [found[k] for k in keys]
+
+
+def structural_similarity(a: List[np.ndarray], b: List[np.ndarray]) -> tuple:
+    """("ms_ssim" or "ssim", per-image values): MS-SSIM when every image is large enough."""
     import tensorflow as tf
 
-    size = min(11, a.shape[1], a.shape[2])
-    size -= 1 - size % 2
-    return tf.image.ssim(tf.constant(a), tf.constant(b), max_val=255, filter_size=size).numpy()
+    multi = min(min(x.shape[:2]) for x in a) >= MS_SSIM_MIN_SIDE
+    values = []
+    for x, y in zip(a, b):
+        x, y = tf.constant(x[None]), tf.constant(y[None])
+        if multi:
+            values.append(float(tf.image.ssim_multiscale(x, y, max_val=255)[0]))
+        else:
+            size = min(11, *x.shape[1:3])
+            size -= 1 - size % 2
+            values.append(float(tf.image.ssim(x, y, max_val=255, filter_size=size)[0]))
+    return ("ms_ssim" if multi else "ssim"), np.array(values)
 
 
 def container_bytes(keys, payloads) -> int:
@@ -53,109 +82,172 @@ def container_bytes(keys, payloads) -> int:
     return len(buf.getvalue())
 
 
-def classical_points(keys, images):
-    """PNG (lossless), JPEG and WebP over their quality sweeps, with Pillow's codecs."""
-    mode = "L" if images.shape[-1] == 1 else "RGB"
-    plain = images[..., 0] if mode == "L" else images
-    sweeps = [("png", None)] + [("jpeg", q) for q in JPEG_QUALITIES] + [("webp", q) for q in WEBP_QUALITIES]
-    for codec, quality in sweeps:
-        started = time.time()
-        payloads, recon = [], np.empty_like(images)
-        for i, image in enumerate(plain):
-            out = io.BytesIO()
-            img = Image.fromarray(image, mode)
-            if codec == "png":
-                img.save(out, format="PNG", optimize=True)
-            elif codec == "jpeg":
-                img.save(out, format="JPEG", quality=quality)
-            else:
-                img.save(out, format="WEBP", quality=quality, method=6)
-            payloads.append(out.getvalue())
-            back = np.asarray(Image.open(io.BytesIO(payloads[-1])).convert(mode))
-            recon[i] = back.reshape(images.shape[1:])
-        n = len(images)
-        yield point(f"{codec}" + (f" q{quality}" if quality is not None else ""), codec,
-                    sum(len(p) for p in payloads) / n, images, recon,
-                    container_bytes_per_image=container_bytes(keys, payloads) / n, seconds=time.time() - started)
+def classical_encode(image: np.ndarray, codec: str, quality: Optional[int]) -> bytes:
+    """One image through Pillow's codec: PNG (lossless), JPEG, WebP (method 6) or AVIF (speed 6)."""
+    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    out = io.BytesIO()
+    if codec == "png":
+        img.save(out, format="PNG", optimize=True)
+    elif codec == "jpeg":
+        img.save(out, format="JPEG", quality=quality)
+    elif codec == "webp":
+        img.save(out, format="WEBP", quality=quality, method=6)
+    else:
+        img.save(out, format="AVIF", quality=quality, speed=6)
+    return out.getvalue()
 
 
-def point(name, family, bytes_per_image, images, recon, **extra):
-    pixels = math.prod(images.shape[1:3])
-    scores = psnr(images, recon)
-    return dict({"name": name, "family": family, "bytes_per_image": bytes_per_image,
-                 "bpp": bytes_per_image * 8 / pixels, "psnr": float(scores.mean()),
-                 "psnr_min": float(scores.min()), "ssim": float(ssim(images, recon).mean())}, **extra)
+def classical_decode(data: bytes, like: np.ndarray) -> np.ndarray:
+    img = Image.open(io.BytesIO(data)).convert("L" if like.shape[-1] == 1 else "RGB")
+    return np.asarray(img).reshape(like.shape)
 
 
-def model_point(model_dir, args, beam_args, keys, images, index):
-    spec = read_spec(model_dir)
-    work = os.path.join(args.output, f"model-{index}")
+def classical_points(keys, images, codecs=("png", "jpeg", "webp", "avif")):
+    """Each classical codec over its quality sweep, with Pillow's codecs."""
+    sweeps = {"png": [None], "jpeg": JPEG_QUALITIES, "webp": WEBP_QUALITIES, "avif": AVIF_QUALITIES}
+    for codec in codecs:
+        for quality in sweeps[codec]:
+            started = time.time()
+            payloads = [classical_encode(x, codec, quality) for x in images]
+            encode_s = time.time() - started
+            started = time.time()
+            recon = [classical_decode(p, x) for p, x in zip(payloads, images)]
+            decode_s = time.time() - started
+            yield point(codec + (f" q{quality}" if quality is not None else ""), codec, [len(p) for p in payloads],
+                        images, recon, container_bytes=container_bytes(keys, payloads),
+                        encode_seconds=encode_s, decode_seconds=decode_s, quality=quality)
+
+
+def point(name, family, code_bytes, images, recon, container_bytes=None, **extra):
+    """One rate-distortion point: per-image rates and qualities, and their means."""
+    pixels = np.array([x.shape[0] * x.shape[1] for x in images], np.float64)
+    scores = np.array([psnr(x[None], y[None])[0] for x, y in zip(images, recon)])
+    kind, structure = structural_similarity(images, recon)
+    bpp = np.asarray(code_bytes, np.float64) * 8 / pixels
+    out = {"name": name, "family": family, "images": len(images), "megapixels": float(pixels.sum() / 1e6),
+           "bytes_per_image": float(np.mean(code_bytes)), "bpp": float(bpp.mean()),
+           "psnr": float(scores.mean()), "psnr_min": float(scores.min()), kind: float(structure.mean()),
+           "per_image": {"bpp": bpp.round(5).tolist(), "psnr": scores.round(3).tolist()}}
+    if container_bytes is not None:
+        out["stored_bytes"] = int(container_bytes)
+        out["stored_bpp"] = float(container_bytes * 8 / pixels.sum())
+    return dict(out, **extra)
+
+
+def model_point(model_dir, output, input_pattern, input_format, beam_args, keys, images, index):
+    from pipeline import models
+
+    spec = read_spec(models.resolve(model_dir))
+    work = os.path.join(output, f"model-{index}")
     shutil.rmtree(work, ignore_errors=True)  # nothing from an earlier evaluation may be counted
+    lat, dec = os.path.join(work, "latents"), os.path.join(work, "decoded")
     started = time.time()
-    manifest = encode.run(["--input", args.input, "--input-format", args.input_format, "--model-dir", model_dir,
-                           "--output", os.path.join(work, "latents"), "--max-bad-fraction", "1"] + beam_args)
-    decode.run(["--input", os.path.join(work, "latents"), "--model-dir", model_dir,
-                "--output", os.path.join(work, "decoded"), "--output-format", "npz"] + beam_args)
-    by_key = {}
-    for name in os.listdir(os.path.join(work, "decoded")):
+    manifest = encode.run_job(encode.EncodeOptions(input=input_pattern, input_format=input_format,
+                                                   model_dir=model_dir, output=lat, max_bad_fraction=1.0),
+                              beam_args)
+    encode_s = time.time() - started
+    started = time.time()
+    decode.run_job(decode.DecodeOptions(input=lat, model_dir=model_dir, output=dec, output_format="npz"), beam_args)
+    decode_s = time.time() - started
+    table = pq.ParquetDataset(latents.part_paths(lat, manifest)).read()
+    value = "code" if "code" in table.column_names else "latent"
+    sizes = dict(zip(table.column("key").to_pylist(),
+                     [len(v) if value == "code" else None for v in table.column(value).to_pylist()]))
+    recon = {}
+    for name in os.listdir(dec):
         if name.endswith(".npz"):
-            with np.load(os.path.join(work, "decoded", name)) as npz:
-                by_key.update(zip(npz["keys"].tolist(), npz["images"]))
-    recon = np.stack([by_key[k] for k in keys])
+            with np.load(os.path.join(dec, name)) as npz:
+                recon.update(zip(npz["keys"].tolist(), npz["images"]))
+    missing = [k for k in keys if k not in recon]
+    if missing:
+        raise LatentpackError(f"{model_dir}: {len(missing)} evaluation images did not round-trip "
+                              f"(e.g. {missing[0]!r}); see {lat}/dead_letter and {dec}/dead_letter")
+    total = manifest["total_bytes"]
+    code_bytes = [sizes[k] if sizes[k] is not None else total / len(keys) for k in keys]
     training = spec.training
-    label = (f"latentpack q{training['quality']}" if training.get("quality") else
-             f"latentpack λ={training['lmbda']}" if training.get("lmbda") is not None else
+    quality = training.get("quality")
+    label = (f"latentpack {spec.family} q{quality}" if quality else
+             f"latentpack {spec.family} λ={training['lmbda']}" if training.get("lmbda") is not None else
              f"{spec.arch} autoencoder")
-    family = "latentpack" if training.get("lmbda") is not None else f"{spec.arch}-ae"
-    return point(label, family, manifest["total_bytes"] / manifest["images"], images, recon,
+    family = f"latentpack-{spec.family}" if spec.entropy_coded else f"{spec.arch}-ae"
+    return point(label, family, code_bytes, images, [recon[k] for k in keys], container_bytes=total,
                  model_dir=model_dir, fingerprint=spec.fingerprint, latent_format=manifest["latent_format"],
-                 seconds=time.time() - started)
+                 encode_seconds=encode_s, decode_seconds=decode_s)
 
 
-def markdown(points) -> str:
-    rows = ["| codec | bytes/image | in zstd Parquet | bits/pixel | PSNR dB (mean) | PSNR worst | SSIM |",
+def bd_rate(anchor: list, test: list) -> Optional[float]:
+    """Bjøntegaard delta rate of `test` against `anchor` in percent (negative: fewer bits for the
+    same PSNR), over the PSNR range both curves cover; log-rate interpolated piecewise linearly
+    (monotone, and defined for two points or more). None when the ranges do not overlap."""
+    def curve(points):
+        pts = sorted((p["psnr"], np.log(p["bpp"])) for p in points if p["bpp"] > 0 and p["psnr"] < 99)
+        q = np.array([a for a, _ in pts])
+        r = np.maximum.accumulate(np.array([b for _, b in pts]))  # rate never falls as quality rises
+        return q, r
+
+    qa, ra = curve(anchor)
+    qt, rt = curve(test)
+    if len(qa) < 2 or len(qt) < 2:
+        return None
+    lo, hi = max(qa.min(), qt.min()), min(qa.max(), qt.max())
+    if hi - lo < 1e-6:
+        return None
+    grid = np.linspace(lo, hi, 200)
+    diff = np.mean(np.interp(grid, qt, rt) - np.interp(grid, qa, ra))
+    return float((np.exp(diff) - 1) * 100)
+
+
+def bd_rates(points) -> dict:
+    """{model family: {"webp": %, "jpeg": %, "avif": %}} for each latentpack family with 2+ points."""
+    families = {p["family"] for p in points if p["family"].startswith("latentpack")}
+    out = {}
+    for family in sorted(families):
+        mine = [p for p in points if p["family"] == family]
+        out[family] = {a: bd_rate([p for p in points if p["family"] == a], mine) for a in ("webp", "jpeg", "avif")
+                       if any(p["family"] == a for p in points)}
+    return out
+
+
+def markdown(points, bd: dict) -> str:
+    kind = "ms_ssim" if any("ms_ssim" in p for p in points) else "ssim"
+    rows = [f"| codec | bits/pixel | stored bits/pixel | bytes/image | PSNR dB (mean) | PSNR worst | "
+            f"{'MS-SSIM' if kind == 'ms_ssim' else 'SSIM'} |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for p in points:
         lossless = p["psnr"] >= 99.9
         quality = "lossless | " if lossless else f"{p['psnr']:.2f} | {p['psnr_min']:.2f}"
-        rows.append(f"| {p['name']} | {p['bytes_per_image']:.1f} | "
-                    f"{p.get('container_bytes_per_image', p['bytes_per_image']):.1f} | {p['bpp']:.3f} | "
-                    f"{quality} | {p['ssim']:.4f} |")
+        rows.append(f"| {p['name']} | {p['bpp']:.3f} | {p.get('stored_bpp', p['bpp']):.3f} | "
+                    f"{p['bytes_per_image']:.1f} | {quality} | {p.get(kind, float('nan')):.4f} |")
+    for family, against in bd.items():
+        parts = [f"{a}: {v:+.1f}%" if v is not None else f"{a}: no overlap" for a, v in against.items()]
+        rows.append(f"\nBD-rate of {family} (negative = fewer bits at equal PSNR): {', '.join(parts)}")
     return "\n".join(rows)
 
 
 def plot(points, path: str) -> None:
-    """Rate-distortion curves: bytes per image (log) against PSNR, one line per codec family.
-    Classical codecs also get a dashed line for their bytes inside a zstd Parquet column."""
+    """Rate-distortion curves: bits per pixel against PSNR, one line per codec family."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    styles = {"latentpack": ("o-", "C3"), "jpeg": ("s-", "C0"), "webp": ("^-", "C2"), "mlp-ae": ("D", "C4"),
-              "conv-ae": ("v", "C1")}
+    styles = {"jpeg": ("s-", "C0"), "webp": ("^-", "C2"), "avif": ("v-", "C4"), "latentpack-spatial": ("o-", "C3"),
+              "latentpack-dense": ("o-", "C1"), "mlp-ae": ("D", "C5"), "conv-ae": ("v", "C6")}
     for family in dict.fromkeys(p["family"] for p in points):
-        pts = sorted((p for p in points if p["family"] == family and p["psnr"] < 99.9),
-                     key=lambda p: p["bytes_per_image"])
+        pts = sorted((p for p in points if p["family"] == family and p["psnr"] < 99.9), key=lambda p: p["bpp"])
         if not pts:
             continue
         marker, color = styles.get(family, ("x-", "k"))
-        ax.plot([p["bytes_per_image"] for p in pts], [p["psnr"] for p in pts], marker, color=color, label=family)
-        if "container_bytes_per_image" in pts[0]:
-            ax.plot([p["container_bytes_per_image"] for p in pts], [p["psnr"] for p in pts], marker[0] + "--",
-                    color=color, alpha=0.45, label=f"{family} in zstd Parquet")
+        ax.plot([p["bpp"] for p in pts], [p["psnr"] for p in pts], marker, color=color, label=family)
     for p in points:
         if p["family"] == "png":
-            ax.axvline(p["bytes_per_image"], color="gray", ls=":", label="png (lossless)")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xticks([t for t in (5, 10, 20, 50, 100, 200, 500, 1000, 2000)
-                   if min(p["bytes_per_image"] for p in points) / 2 <= t <= 2 * max(p["bytes_per_image"] for p in points)])
-    ax.set_xlabel("bytes per image (all stored bytes / images)")
-    ax.set_ylabel("PSNR (dB)")
-    ax.grid(alpha=0.3, which="both")
+            ax.axvline(p["bpp"], color="gray", ls=":", label=f"png (lossless, {p['bpp']:.2f} bpp)")
+    lossy = [p["bpp"] for p in points if p["psnr"] < 99.9]
+    if lossy:
+        ax.set_xlim(0, min(max(lossy), 3.0) * 1.05)
+    ax.set_xlabel("bits per pixel (mean over images)")
+    ax.set_ylabel("RGB PSNR (dB, mean over images)")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -168,40 +260,58 @@ def parse_args(argv):
                                 epilog="Any other option is passed to Beam for the encode and decode jobs.")
     p.add_argument("--input", required=True, help="glob of the evaluation images")
     p.add_argument("--input-format", default="tfrecord", choices=sorted(READERS), help="format of --input")
-    p.add_argument("--model-dir", action="append", default=[], help="a model artifact; repeat for several")
+    p.add_argument("--model-dir", action="append", default=[],
+                   help="a model artifact (or a shipped model, photo:<q>); repeat for several")
     p.add_argument("--output", required=True, help="folder for rd.json, rd.md, rd.png and the jobs' outputs")
-    p.add_argument("--no-classical", action="store_true", help="skip PNG, JPEG and WebP")
+    p.add_argument("--classical", nargs="*", default=["png", "jpeg", "webp", "avif"],
+                   choices=["png", "jpeg", "webp", "avif"], help="classical codecs to sweep (none: only models)")
+    p.add_argument("--limit", type=int, help="evaluate on at most this many images (first keys)")
     return p.parse_known_args(argv)
 
 
-def run(argv=None) -> list:
+def run(argv=None) -> dict:
     args, beam_args = parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
-    keys, images, _, _ = load_images(args.input, args.input_format)
-    if len(set(keys)) != len(keys):
-        raise LatentpackError("evaluation images need unique keys")
-    logging.info("evaluating on %d images %s", len(images), images.shape[1:])
+    keys, images = load_eval_images(args.input, args.input_format, args.limit)
+    logging.info("evaluating on %d images", len(images))
+    pattern = args.input
+    if args.limit:
+        # The jobs read exactly the evaluated images: write them as one npz per shape.
+        pattern = write_subset(os.path.join(args.output, "subset"), keys, images)
+        args.input_format = "npz"
     points = []
     for i, model_dir in enumerate(args.model_dir):
-        points.append(model_point(model_dir, args, beam_args, keys, images, i))
-        print(f"  {points[-1]['name']}: {points[-1]['bytes_per_image']:.1f} bytes/image, "
-              f"{points[-1]['psnr']:.2f} dB", flush=True)
-    if not args.no_classical:
-        for p in classical_points(keys, images):
-            points.append(p)
-            print(f"  {p['name']}: {p['bytes_per_image']:.1f} bytes/image, {p['psnr']:.2f} dB", flush=True)
+        points.append(model_point(model_dir, args.output, pattern, args.input_format, beam_args, keys, images, i))
+        print(f"  {points[-1]['name']}: {points[-1]['bpp']:.3f} bpp, {points[-1]['psnr']:.2f} dB", flush=True)
+    for p in classical_points(keys, images, args.classical):
+        points.append(p)
+        print(f"  {p['name']}: {p['bpp']:.3f} bpp, {p['psnr']:.2f} dB", flush=True)
+    bd = bd_rates(points)
+    report = {"images": len(images), "keys": keys, "pixels": int(sum(x.shape[0] * x.shape[1] for x in images)),
+              "sizes": sorted({f"{x.shape[1]}x{x.shape[0]}" for x in images}), "points": points, "bd_rate": bd}
     with open(os.path.join(args.output, "rd.json"), "w") as f:
-        json.dump({"images": len(images), "image_shape": list(images.shape[1:]), "points": points}, f, indent=2)
+        json.dump(report, f, indent=1)
     with open(os.path.join(args.output, "rd.md"), "w") as f:
-        f.write(markdown(points) + "\n")
+        f.write(markdown(points, bd) + "\n")
     plot(points, os.path.join(args.output, "rd.png"))
-    return points
+    return report
+
+
+def write_subset(folder: str, keys, images) -> str:
+    os.makedirs(folder, exist_ok=True)
+    by_shape = {}
+    for key, image in zip(keys, images):
+        by_shape.setdefault(image.shape, []).append((key, image))
+    for n, (shape, items) in enumerate(sorted(by_shape.items())):
+        np.savez(os.path.join(folder, f"subset-{n:04d}.npz"), images=np.stack([x for _, x in items]),
+                 keys=np.array([k for k, _ in items]))
+    return os.path.join(folder, "subset-*.npz")
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    points = run(argv)
-    print(markdown(points))
+    report = run(argv)
+    print(markdown(report["points"], report["bd_rate"]))
     return 0
 
 

@@ -5,28 +5,48 @@ import numpy as np
 from PIL import Image
 
 from conftest import BEAM_TEST_ARGS
-from pipeline import cli
+from pipeline import cli, evaluate
 
 
 def test_evaluate_models_and_classical_codecs(tmp_path, mnist, model_dir, rd_model_dir, capsys):
-    np.savez(tmp_path / "val.npz", images=mnist[0][4900:4940], keys=np.array([f"v/{i}" for i in range(40)]))
+    np.savez(tmp_path / "val.npz", images=mnist[0][4900:4940], keys=np.array([f"v/{i:02d}" for i in range(40)]))
     out = str(tmp_path / "rd")
     assert cli.main(["evaluate", "--input", str(tmp_path / "val.npz"), "--input-format", "npz",
                      "--model-dir", rd_model_dir, "--model-dir", model_dir, "--output", out] + BEAM_TEST_ARGS) == 0
     report = json.load(open(os.path.join(out, "rd.json")))
     points = {p["name"]: p for p in report["points"]}
-    assert report["images"] == 40
-    rd, ae = points["latentpack λ=0.02"], points["conv autoencoder"]
+    assert report["images"] == 40 and report["sizes"] == ["28x28"]
+    rd, ae = points["latentpack dense λ=0.02"], points["conv autoencoder"]
     assert rd["latent_format"] == "code" and ae["latent_format"] == "int"
-    # Bytes are the encode job's Parquet bytes per image.
+    # Stored bytes are the encode job's Parquet bytes; the rate is the codes alone.
     parts = [f for f in os.listdir(os.path.join(out, "model-0", "latents")) if f.endswith(".parquet")]
     total = sum(os.path.getsize(os.path.join(out, "model-0", "latents", f)) for f in parts)
-    assert abs(rd["bytes_per_image"] - total / 40) < 1e-9
+    assert rd["stored_bytes"] == total and abs(rd["stored_bpp"] - total * 8 / (40 * 784)) < 1e-9
+    assert rd["bytes_per_image"] < total / 40
     assert points["png"]["psnr"] == 100.0 and points["png"]["ssim"] > 0.999
-    jpeg = [points[f"jpeg q{q}"] for q in (5, 50, 90)]
-    assert jpeg[0]["bytes_per_image"] < jpeg[1]["bytes_per_image"] < jpeg[2]["bytes_per_image"]
-    assert jpeg[0]["psnr"] < jpeg[1]["psnr"] < jpeg[2]["psnr"]
-    assert all(0 < p["ssim"] <= 1 and p["container_bytes_per_image"] > 0
-               for p in report["points"] if p["family"] in ("jpeg", "webp", "png"))
+    for family in ("jpeg", "webp", "avif"):
+        sweep = sorted((p for p in report["points"] if p["family"] == family), key=lambda p: p["quality"])
+        assert len(sweep) >= 7
+        assert sweep[0]["bpp"] < sweep[-1]["bpp"] and sweep[0]["psnr"] < sweep[-1]["psnr"]
+        assert all(len(p["per_image"]["psnr"]) == 40 for p in sweep)
     assert "| webp q0 |" in open(os.path.join(out, "rd.md")).read()
     assert Image.open(os.path.join(out, "rd.png")).size[0] > 300
+
+
+def test_evaluate_photos_of_mixed_sizes(tmp_path, photo_folder, spatial_model_dir):
+    out = str(tmp_path / "rd")
+    report = evaluate.run(["--input", str(photo_folder / "*.png"), "--input-format", "images",
+                           "--model-dir", spatial_model_dir, "--output", out, "--classical", "jpeg", "webp",
+                           "--limit", "9"] + BEAM_TEST_ARGS)
+    assert report["images"] == 9 and len(report["sizes"]) == 3
+    (model,) = [p for p in report["points"] if p["family"] == "latentpack-spatial"]
+    assert model["images"] == 9 and 0 < model["bpp"] < model["stored_bpp"] and model["psnr"] > 5
+    assert report["bd_rate"] == {"latentpack-spatial": {"webp": None, "jpeg": None}}  # one point: no curve
+
+
+def test_bd_rate_of_a_curve_against_itself_and_a_cheaper_one():
+    anchor = [{"bpp": b, "psnr": q} for b, q in ((0.25, 28.0), (0.5, 31.0), (1.0, 34.0))]
+    half = [{"bpp": p["bpp"] / 2, "psnr": p["psnr"]} for p in anchor]
+    assert abs(evaluate.bd_rate(anchor, anchor)) < 1e-9
+    assert abs(evaluate.bd_rate(anchor, half) - (-50.0)) < 1e-6
+    assert evaluate.bd_rate(anchor, [{"bpp": 1, "psnr": 50}, {"bpp": 2, "psnr": 60}]) is None
