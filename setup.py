@@ -36,6 +36,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "pandas>=2", "duckdb>=1.0"],
+        # `make demo`'s photographs: the ones scikit-image's wheel bundles in skimage/data.
+        "demo": ["scikit-image>=0.22"],
     },
-    entry_points={"console_scripts": ["latentpack=pipeline.cli:main"]},
+    entry_points={"console_scripts": ["latentpack=pipeline.cli:console"]},
 )

@@ -11,8 +11,11 @@ import `training/`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import logging
+import re
 import sys
 
 from pipeline.errors import LatentpackError
@@ -42,13 +45,65 @@ def guarded(main):
 
 
 def usage() -> str:
-    lines = ["usage: latentpack COMMAND [options]   (latentpack COMMAND --help for its options)", "", "commands:"]
+    lines = ["usage: latentpack COMMAND [options] [--verbose]   (latentpack COMMAND --help for its options)", "",
+             "  --verbose  also show TensorFlow's and Beam's own start-up logs", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
+# Lines TensorFlow's native code prints on every start on a machine without a GPU: informational
+# (I/W), the CUDA probe's failure (E ... cuInit / cuda), and absl's note about its own start.
+_NATIVE_NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\)|[IW]\d{4} |"
+                           rb"E\d{4} .*(cuda|cuInit|CUDA))")
+
+
+def quiet_native_logs() -> None:
+    """Keep TensorFlow's native start-up chatter off the terminal (`--verbose` shows it).
+
+    fd 2 becomes a pipe read by a thread that forwards every line except the known noise,
+    so real native errors still reach the terminal; Python's own stderr (our messages,
+    logging, tracebacks) keeps writing to the terminal directly.
+    """
+    import os
+    import threading
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        real = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+    except OSError:
+        return
+    sys.stderr.flush()
+    sys.stderr = open(os.dup(real), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
+                      errors="backslashreplace")
+
+    def forward():
+        with os.fdopen(read, "rb") as pipe:
+            for line in pipe:
+                if not _NATIVE_NOISE.match(line):
+                    os.write(real, line)
+
+    threading.Thread(target=forward, name="latentpack-stderr", daemon=True).start()
+
+
+@contextlib.contextmanager
+def quiet_python_warnings():
+    """Beam warns at import about optional cloud client libraries; not the user's concern."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
@@ -56,9 +111,20 @@ def main(argv=None) -> int:
     if command not in COMMANDS:
         print(f"latentpack: error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
+    if verbose:
+        module = importlib.import_module(COMMANDS[command][0])
+    else:
+        with quiet_python_warnings():
+            module = importlib.import_module(COMMANDS[command][0])
     return guarded(module.main)(rest) or 0
 
 
+def console() -> int:
+    """The `latentpack` executable: `main`, with TensorFlow's native start-up logs filtered."""
+    if "--verbose" not in sys.argv:
+        quiet_native_logs()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

