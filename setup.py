@@ -10,7 +10,7 @@ setup(
     name="latentpack",
     version="0.1.0",
     description="Compress image datasets with a learned autoencoder, as Apache Beam batch jobs.",
-    packages=["pipeline", "pipeline.codecs", "training", "models"],
+    packages=["latentpack", "pipeline", "pipeline.codecs", "training", "models"],
     # The shipped photo models (SavedModel + codec.json per quality level, a few MB in all).
     package_data={"models": ["README.md", "*/*.json", "*/*.pb", "*/*.png", "*/variables/*"]},
     include_package_data=False,
@@ -39,5 +39,5 @@ setup(
         # `make demo`'s photographs: the ones scikit-image's wheel bundles in skimage/data.
         "demo": ["scikit-image>=0.22"],
     },
-    entry_points={"console_scripts": ["latentpack=pipeline.cli:console"]},
+    entry_points={"console_scripts": ["latentpack=latentpack.cli:console"]},
 )

@@ -254,5 +254,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import guarded
+    from pipeline.errors import guarded
     sys.exit(guarded(main)())

@@ -42,6 +42,53 @@ def glob_root(pattern: str) -> str:
     return fixed.rsplit("/", 1)[0] if "/" in fixed else ""
 
 
+def relative_name(shard: str, root: str) -> str:
+    """A shard's path relative to the glob's fixed folder (its base name when outside it), so that
+    keys built from it stay distinct for files of the same name in different folders."""
+    if root and shard.startswith(root.rstrip("/") + "/"):
+        return shard[len(root.rstrip("/")) + 1:]
+    return posixpath.basename(shard)
+
+
+def _stem(shard: str, root: str) -> str:
+    rel = relative_name(shard, root)
+    return posixpath.join(posixpath.dirname(rel), posixpath.splitext(posixpath.basename(rel))[0])
+
+
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def parse_label(value):
+    """A label as an int64, or BadImage: floats must be whole, text must be an integer, and
+    everything must fit in int64 (no silent truncation or overflow)."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, (bytes, str)):
+            text = value.decode() if isinstance(value, bytes) else value
+            number = int(text.strip())
+        elif isinstance(value, (float, np.floating)):
+            if not float(value).is_integer():
+                raise ValueError(f"{value!r} is not a whole number")
+            number = int(value)
+        else:
+            number = int(value)
+    except (ValueError, TypeError, UnicodeDecodeError, OverflowError) as e:
+        raise BadImage("bad_label", f"label {str(value)[:40]!r} is not an integer: {e}") from None
+    if not INT64[0] <= number <= INT64[1]:
+        raise BadImage("bad_label", f"label {number} does not fit in a 64-bit integer")
+    return number
+
+
+def parse_key(value) -> str:
+    """A key as text: bytes are UTF-8; anything that is not valid Unicode text is refused."""
+    if isinstance(value, (bytes, np.bytes_)):
+        value = bytes(value).decode("utf-8")
+    key = str(value)
+    key.encode("utf-8")  # raises on lone surrogates
+    return key
+
+
 class Reader:
     """Interface: `match(pattern) -> (shards, root)`, `read(shard, root) -> SourceRecords`."""
 
@@ -70,7 +117,7 @@ class Reader:
                 index = rec.index
                 yield rec
         except Exception as e:  # a corrupt or unreadable file must not end the job
-            yield SourceRecord(f"{posixpath.basename(shard)}:{index + 1}", shard, index + 1,
+            yield SourceRecord(f"{relative_name(shard, root)}:{index + 1}", shard, index + 1,
                                error=BadImage("bad_file", f"{type(e).__name__}: {e}"))
 
 
@@ -126,7 +173,7 @@ class TFRecordReader(Reader):
     name = "tfrecord"
 
     def read(self, shard, root):
-        base = posixpath.basename(shard)
+        base = relative_name(shard, root)
         with FileSystems.open(shard) as f:
             for index, record in tfrecord.read_records(f):
                 fallback_key = f"{base}:{index}"
@@ -159,10 +206,24 @@ class ImageFolderReader(Reader):
 
 
 def _array_records(images, labels, keys, shard, key_prefix) -> Iterator[SourceRecord]:
+    """Records of an images array with optional parallel labels and keys arrays; an entry whose
+    key or label is unusable, or that has no key or label while others do, is a bad record."""
     for i in range(len(images)):
-        key = str(keys[i]) if keys is not None else f"{key_prefix}:{i}"
-        label = int(labels[i]) if labels is not None else None
-        yield SourceRecord(key, shard, i, pixels=images[i], label=label)
+        error, key, label = None, f"{key_prefix}:{i}", None
+        try:
+            if keys is not None:
+                if i >= len(keys):
+                    raise BadImage("bad_key", f"the keys array has {len(keys)} entries for {len(images)} images")
+                key = parse_key(keys[i])
+            if labels is not None:
+                if i >= len(labels):
+                    raise BadImage("bad_label", f"the labels array has {len(labels)} entries for {len(images)} images")
+                label = parse_label(labels[i])
+        except BadImage as e:
+            error = e
+        except (UnicodeError, ValueError) as e:
+            error = BadImage("bad_key", f"key is not valid UTF-8 text: {e}")
+        yield SourceRecord(key, shard, i, pixels=None if error else images[i], label=label, error=error)
 
 
 @register
@@ -214,8 +275,10 @@ class IdxReader(Reader):
         if label_path != shard and FileSystems.exists(label_path):
             labels = read_idx(_read_bytes(label_path))
             if len(labels) != len(images):
-                labels = None
-        stem = posixpath.basename(shard).split(".")[0]
+                raise LatentpackError(f"{label_path} holds {len(labels)} labels for the {len(images)} images of "
+                                      f"{shard}")
+        rel = relative_name(shard, root)
+        stem = posixpath.join(posixpath.dirname(rel), posixpath.basename(rel).split(".")[0])
         yield from _array_records(images, labels, None, shard, stem)
 
 
@@ -232,8 +295,7 @@ class NpzReader(Reader):
             images = npz["images"]
             labels = npz["labels"] if "labels" in npz else None
             keys = npz["keys"] if "keys" in npz else None
-        stem = posixpath.splitext(posixpath.basename(shard))[0]
-        yield from _array_records(images, labels, keys, shard, stem)
+        yield from _array_records(images, labels, keys, shard, _stem(shard, root))
 
 
 @register
@@ -244,8 +306,7 @@ class NpyReader(Reader):
 
     def read(self, shard, root):
         images = np.load(io.BytesIO(_read_bytes(shard)), allow_pickle=False)
-        stem = posixpath.splitext(posixpath.basename(shard))[0]
-        yield from _array_records(images, None, None, shard, stem)
+        yield from _array_records(images, None, None, shard, _stem(shard, root))
 
 
 
@@ -279,7 +340,7 @@ class ParquetImagesReader(Reader):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        stem = posixpath.splitext(posixpath.basename(shard))[0]
+        stem = _stem(shard, root)
         with FileSystems.open(shard) as f:
             try:
                 pf = pq.ParquetFile(f)
@@ -291,7 +352,9 @@ class ParquetImagesReader(Reader):
                 return
             names = pf.schema_arrow.names
             key_col = next((k for k in ("key", "__key__") if k in names), None)
-            label_col = "label" if "label" in names and pa.types.is_integer(pf.schema_arrow.field("label").type) else None
+            label_type = pf.schema_arrow.field("label").type if "label" in names else None
+            label_col = "label" if label_type is not None and (
+                pa.types.is_integer(label_type) or pa.types.is_floating(label_type)) else None
             index = 0
             for rb in pf.iter_batches(batch_size=1024, columns=[c for c in (column, key_col, label_col) if c]):
                 images = rb.column(column)
@@ -300,9 +363,18 @@ class ParquetImagesReader(Reader):
                 keys = rb.column(key_col).to_pylist() if key_col else None
                 labels = rb.column(label_col).to_pylist() if label_col else None
                 for i, data in enumerate(images.to_pylist()):
-                    key = str(keys[i]) if keys and keys[i] is not None else f"{stem}:{index}"
-                    yield SourceRecord(key, shard, index, encoded=data, label=labels[i] if labels else None,
-                                       error=None if data else BadImage("missing_image", "null image bytes"))
+                    key, label, error = f"{stem}:{index}", None, None
+                    try:
+                        if keys and keys[i] is not None:
+                            key = parse_key(keys[i])
+                        label = parse_label(labels[i]) if labels else None
+                        if not data:
+                            raise BadImage("missing_image", "null image bytes")
+                    except BadImage as e:
+                        error = e
+                    except (UnicodeError, ValueError) as e:
+                        error = BadImage("bad_key", f"key is not valid UTF-8 text: {e}")
+                    yield SourceRecord(key, shard, index, encoded=None if error else data, label=label, error=error)
                     index += 1
 
 
@@ -322,9 +394,19 @@ class WebDatasetReader(Reader):
                 pending, index = {}, 0
                 with tarfile.open(fileobj=f, mode="r|*") as tar:
                     for member in tar:
-                        if not member.isfile():
+                        if member.isdir():
                             continue
-                        key, _, ext = member.name.partition(".")
+                        key, ext = self.split_name(member.name)
+                        if not member.isfile():
+                            # A link or device is no sample file; say so instead of dropping it.
+                            if pending:
+                                yield self._record(pending, shard, index)
+                                index, pending = index + 1, {}
+                            yield SourceRecord(key or member.name, shard, index, error=BadImage(
+                                "unsupported_member", f"tar member {member.name!r} is a link or special file, "
+                                                      "not a regular file"))
+                            index += 1
+                            continue
                         if pending and pending["key"] != key:
                             yield self._record(pending, shard, index)
                             index += 1
@@ -334,16 +416,30 @@ class WebDatasetReader(Reader):
                 if pending:
                     yield self._record(pending, shard, index)
             except (tarfile.TarError, EOFError, OSError) as e:
-                yield SourceRecord(f"{posixpath.basename(shard)}:{index}", shard, index,
+                yield SourceRecord(f"{relative_name(shard, root)}:{index}", shard, index,
                                    error=BadImage("truncated", f"unreadable tar shard: {e}"))
+
+    @staticmethod
+    def split_name(name: str):
+        """WebDataset's rule: the key is the member path up to the first dot of its base name
+        (folders may contain dots); a leading './' is not part of the key."""
+        while name.startswith("./"):
+            name = name[2:]
+        folder, base = posixpath.split(name)
+        stem, _, ext = base.partition(".")
+        return posixpath.join(folder, stem) if folder else stem, ext
 
     def _record(self, sample, shard, index):
         encoded = next((sample[e] for e in self.IMAGE_EXTS if e in sample), None)
-        label = None
-        if ".cls" in sample:
-            try:
-                label = int(sample[".cls"].decode().strip())
-            except ValueError:
-                pass
-        error = None if encoded is not None else BadImage("missing_image", "sample has no .png/.jpg member")
+        if encoded is None:  # e.g. "seg.png": WebDataset decodes by the last part of the extension
+            encoded = next((v for e, v in sample.items() if e != "key" and "." + e.rsplit(".", 1)[-1]
+                            in self.IMAGE_EXTS), None)
+        label, error = None, None
+        try:
+            if ".cls" in sample:
+                label = parse_label(sample[".cls"])
+            if encoded is None:
+                raise BadImage("missing_image", "sample has no .png/.jpg member")
+        except BadImage as e:
+            error, encoded = e, None
         return SourceRecord(sample["key"], shard, index, encoded=encoded, label=label, error=error)

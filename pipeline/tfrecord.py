@@ -101,7 +101,10 @@ def parse_example(record: bytes) -> Tuple[bytes, Optional[str], Optional[int]]:
     if feature is not None:
         values = feature.bytes_list.value
         if values:
-            key = values[0].decode("utf-8", "replace")
+            try:
+                key = values[0].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BadImage("bad_key", f"image/key is not UTF-8 text: {e}") from None
     feature = feat.get("image/class/label")
     if feature is not None:
         values = feature.int64_list.value

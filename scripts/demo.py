@@ -22,7 +22,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from pipeline import cli
+from latentpack import cli
 from pipeline.formats import load_mnist_sample
 from pipeline.images import encode_png
 from pipeline.tfrecord import frame, make_example

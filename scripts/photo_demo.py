@@ -81,7 +81,8 @@ def side_by_side(panels, path: str, height: int = 300) -> None:
 def run(out: str, model: str, beam_args=()) -> dict:
     import pyarrow.parquet as pq
 
-    from pipeline import cli, latents
+    from latentpack import cli
+    from pipeline import latents
     from pipeline.completion import read_manifest
 
     files = photo_files()

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     if not os.path.exists(MNIST):
         sys.exit(f"rd: {MNIST} is missing; this benchmark needs the MNIST training set in ../shared/data/mnist")
 
-    from pipeline import cli
+    from latentpack import cli
     from pipeline.formats import load_images
     from training.train import TrainConfig, train
     from training.rd import QUALITY_PRESETS

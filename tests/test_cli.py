@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from pipeline import cli
+from latentpack import cli
 
 
 @pytest.mark.parametrize("command", ["train", "encode", "decode"])

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from conftest import BEAM_TEST_ARGS
-from pipeline import cli, decode, encode, latents
+from latentpack import cli
+from pipeline import decode, encode, latents
 from pipeline.codecs import load_codec
 from pipeline.formats import get_reader
 from pipeline.errors import LatentpackError

@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import BEAM_TEST_ARGS, write_tfrecord
-from pipeline import cli
+from latentpack import cli
 
 
 def test_train_encode_decode(tmp_path, mnist):

@@ -5,7 +5,8 @@ import numpy as np
 from PIL import Image
 
 from conftest import BEAM_TEST_ARGS
-from pipeline import cli, evaluate
+from latentpack import cli
+from pipeline import evaluate
 
 
 def test_evaluate_models_and_classical_codecs(tmp_path, mnist, model_dir, rd_model_dir, capsys):

@@ -76,3 +76,81 @@ def test_empty_glob_is_a_clear_error(tmp_path):
 def test_unknown_format_is_a_clear_error():
     with pytest.raises(LatentpackError, match="unknown input format"):
         get_reader("bmp-archive")
+
+
+def records(fmt, pattern):
+    reader = get_reader(fmt)
+    shards, root = reader.match(pattern)
+    return [rec for shard in shards for rec in reader.records(shard, root)]
+
+
+def test_fallback_keys_stay_distinct_across_folders(tmp_path, mnist):
+    for year in ("2020", "2021"):
+        (tmp_path / year).mkdir()
+        np.savez(tmp_path / year / "images.npz", images=mnist[0][:2])
+        write_tfrecord(tmp_path / year / "part.tfrecord", mnist[0][:2])
+    npz = records("npz", str(tmp_path / "*" / "images.npz"))
+    assert [r.key for r in npz] == ["2020/images:0", "2020/images:1", "2021/images:0", "2021/images:1"]
+    tfr = records("tfrecord", str(tmp_path / "*" / "part.tfrecord"))
+    assert len({r.key for r in tfr}) == 4 and tfr[0].key == "2020/part.tfrecord:0"
+
+
+def test_npz_keys_and_labels_are_checked_not_dropped_or_mangled(tmp_path, mnist):
+    images = mnist[0][:4]
+    np.savez(tmp_path / "short.npz", images=images, keys=np.array(["a", "b"]))
+    np.savez(tmp_path / "bytes.npz", images=images[:2], keys=np.array([b"k1", b"k2"]))
+    np.savez(tmp_path / "float.npz", images=images[:3], labels=np.array([1.0, 2.5, 3.0]))
+    np.savez(tmp_path / "wide.npz", images=images[:1], labels=np.array([2 ** 64 - 1], np.uint64))
+    short = records("npz", str(tmp_path / "short.npz"))
+    assert [(r.key, r.error.reason if r.error else None) for r in short] == [
+        ("a", None), ("b", None), ("short:2", "bad_key"), ("short:3", "bad_key")]
+    assert [r.key for r in records("npz", str(tmp_path / "bytes.npz"))] == ["k1", "k2"]
+    floats = records("npz", str(tmp_path / "float.npz"))
+    assert [(r.label, r.error.reason if r.error else None) for r in floats] == [(1, None), (None, "bad_label"),
+                                                                               (3, None)]
+    (wide,) = records("npz", str(tmp_path / "wide.npz"))
+    assert wide.error.reason == "bad_label"
+
+
+def test_webdataset_keys_follow_webdataset_rules_and_links_are_counted(tmp_path, mnist):
+    import io
+    import tarfile
+
+    png = encode_png(mnist[0][0])
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        add("./000.png", png)
+        add("./000.cls", b"7")
+        add("set.v2/001.png", png)
+        add("set.v2/001.cls", b"123456789012345678901")  # does not fit int64
+        add("set.v2/002.seg.png", png)
+        link = tarfile.TarInfo("set.v2/003.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "001.png"
+        tar.addfile(link)
+    recs = records("webdataset", str(shard))
+    assert [(r.key, r.label, r.error.reason if r.error else None) for r in recs] == [
+        ("000", 7, None), ("set.v2/001", None, "bad_label"), ("set.v2/002", None, None),
+        ("set.v2/003", None, "unsupported_member")]
+
+
+def test_parquet_float_labels_and_idx_label_mismatch(tmp_path, mnist):
+    import gzip as gz
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    png = encode_png(mnist[0][0])
+    pq.write_table(pa.table({"image": [png, png], "label": [1.0, 1.5]}), tmp_path / "t.parquet")
+    recs = records("parquet", str(tmp_path / "t.parquet"))
+    assert [(r.label, r.error.reason if r.error else None) for r in recs] == [(1, None), (None, "bad_label")]
+    images = mnist[0][:3, ..., 0]
+    with gz.open(tmp_path / "x-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">HBB3I", 0, 8, 3, 3, 28, 28) + images.tobytes())
+    with gz.open(tmp_path / "x-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">HBBI", 0, 8, 1, 2) + bytes([1, 2]))
+    (bad,) = records("idx", str(tmp_path / "x-images-idx3-ubyte.gz"))
+    assert bad.error.reason == "bad_file" and "2 labels for the 3 images" in str(bad.error)

@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from conftest import BEAM_TEST_ARGS
-from pipeline import completion, cli, encode, latents
+from latentpack import cli
+from pipeline import completion, encode, latents
 
 
 @pytest.fixture

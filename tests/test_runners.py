@@ -31,9 +31,10 @@ def test_sdist_for_setup_file_holds_both_packages_and_the_command(tmp_path):
     with tarfile.open(tmp_path / sdist) as tar:
         names = tar.getnames()
         setup_py = tar.extractfile(next(n for n in names if n.endswith("/setup.py"))).read().decode()
-    for module in ("pipeline/encode.py", "pipeline/decode.py", "pipeline/formats.py", "training/train.py"):
+    for module in ("latentpack/cli.py", "pipeline/encode.py", "pipeline/decode.py", "pipeline/formats.py",
+                   "pipeline/codecs/spatial.py", "training/train.py", "training/spatial.py", "models/__init__.py"):
         assert any(n.endswith(module) for n in names), module
-    assert "latentpack=pipeline.cli:console" in setup_py
+    assert "latentpack=latentpack.cli:console" in setup_py
 
 
 def test_encode_with_setup_file_on_the_direct_runner(shards, model_dir, tmp_path):

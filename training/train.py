@@ -201,5 +201,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import guarded
+    from pipeline.errors import guarded
     sys.exit(guarded(main)())

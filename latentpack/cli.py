@@ -6,8 +6,9 @@
     latentpack inspect ...  (pipeline.inspection)
     latentpack evaluate ... (pipeline.evaluate)
 
-Subcommands are imported by name only when asked for, so the Beam jobs never
-import `training/`.
+This package sits above `training/` and `pipeline/`: neither imports it. Subcommands are
+imported by name only when asked for, so a Beam job never loads `training/`, and each
+job's options are parsed here, at the edge, by its own `parse_args`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import logging
 import re
 import sys
 
-from pipeline.errors import LatentpackError
+from pipeline.errors import guarded
 
 COMMANDS = {
     "train": ("training.train", "train an autoencoder and export a model artifact"),
@@ -27,21 +28,6 @@ COMMANDS = {
     "inspect": ("pipeline.inspection", "summarize a latent dataset; decode samples into a picture"),
     "evaluate": ("pipeline.evaluate", "rate-distortion of models against PNG, JPEG and WebP on the same images"),
 }
-
-
-def guarded(main):
-    """Wrap an entry point so user mistakes print one clear line and exit 2, not a traceback."""
-    @functools.wraps(main)
-    def run(argv=None):
-        try:
-            return main(argv)
-        except LatentpackError as e:
-            print(f"latentpack: error: {e}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("latentpack: interrupted", file=sys.stderr)
-            return 130
-    return run
 
 
 def usage() -> str:
