@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench rd env clean
+.PHONY: demo test bench rd photo-rd photo-bench env clean
 
 env: $(STAMP)
 
@@ -31,5 +31,14 @@ RD_ARGS ?=
 rd: $(STAMP)
 	$(PY) scripts/rd.py --out rd-out $(RD_ARGS)
 
+# Photo models on held-out BSDS500 photos against JPEG, WebP and AVIF (BD-rate, plot), recorded in BENCHMARKS.md.
+PHOTO_RD_ARGS ?= --record
+photo-rd: $(STAMP)
+	$(PY) scripts/photo_rd.py --out rd-photos $(PHOTO_RD_ARGS)
+
+# Photo encode/decode speed beside Pillow's codecs, and the peak memory of a 24-megapixel photo.
+photo-bench: $(STAMP)
+	$(PY) scripts/photo_bench.py --out bench-out/photos --record
+
 clean:
-	rm -rf demo-out bench-out build *.egg-info .pytest_cache
+	rm -rf demo-out bench-out rd-photos build *.egg-info .pytest_cache

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         shape = (f"{meta['latent_dim']} x {meta['latent_dtype']}, {meta['quantization_bits']}-bit, "
                  f"images {'x'.join(map(str, meta['image_shape']))}")
     else:
-        shape = f"{meta.get('family')}, {meta.get('latent_channels')} latent channels, any image size"
+        shape = f"{meta.get('latent_channels')} latent channels, any image size"
     print(f"model        {meta['model_fingerprint']} ({meta.get('arch')}, {shape})")
     if images:
         print(f"images       {images:,} in {len(paths)} part(s), {manifest['total_bytes']:,} bytes, "

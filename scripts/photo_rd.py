@@ -1,0 +1,91 @@
+"""Rate-distortion of the photo models on held-out photographs, beside JPEG, WebP and AVIF.
+
+    python scripts/photo_rd.py --out rd-photos [--models photo:2 photo:4 photo:6] [--record]
+    (what `make photo-rd` runs)
+
+The evaluation photos are the BSDS500 images of ../shared/data/bsds500 that training
+holds out (crc32 of the key divisible by 10, `training.spatial.is_holdout`): the photo
+models never saw them, and no public benchmark set (Kodak, CLIC, Tecnick) is used for
+anything. They are written losslessly as PNG into the work folder and run through
+`latentpack evaluate` (the real encode and decode jobs). With --record, the table, the
+BD-rates and the plot go into BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BSDS = os.path.join(ROOT, "..", "shared", "data", "bsds500")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="rd-photos", help="work folder")
+    p.add_argument("--models", nargs="+", default=["photo:2", "photo:4", "photo:6"], help="models to evaluate")
+    p.add_argument("--limit", type=int, help="at most this many held-out photos")
+    p.add_argument("--record", action="store_true", help="write the results into BENCHMARKS.md")
+    args = p.parse_args(argv)
+    if not os.path.isdir(BSDS):
+        sys.exit(f"photo_rd: {BSDS} is missing; this benchmark needs ../shared/data/bsds500")
+    sys.path.insert(0, ROOT)
+    from latentpack import cli
+    from training.spatial import SpatialConfig, is_holdout
+
+    every = SpatialConfig().holdout_every
+    names = sorted(n for n in os.listdir(BSDS) if n.endswith(".jpg") and is_holdout(n[:-4], every))
+    names = names[:args.limit] if args.limit else names
+    photos = os.path.join(args.out, "holdout")
+    shutil.rmtree(photos, ignore_errors=True)
+    os.makedirs(photos)
+    for name in names:
+        Image.open(os.path.join(BSDS, name)).convert("RGB").save(os.path.join(photos, name[:-4] + ".png"))
+    print(f"photo_rd: {len(names)} held-out BSDS500 photos", flush=True)
+    argv_eval = ["evaluate", "--input", os.path.join(photos, "*.png"), "--input-format", "images",
+                 "--output", args.out, "--runner=FnApiRunner"]
+    for model in args.models:
+        argv_eval += ["--model-dir", model]
+    if cli.main(argv_eval):
+        return 1
+    if args.record:
+        record(args, argv, len(names))
+    return 0
+
+
+def at_bpp(points, family, bpp):
+    """PSNR of a family's curve at `bpp`, interpolated (None outside its range)."""
+    pts = sorted((p["bpp"], p["psnr"]) for p in points if p["family"] == family)
+    if not pts or not pts[0][0] <= bpp <= pts[-1][0]:
+        return None
+    return float(np.interp(bpp, [a for a, _ in pts], [b for _, b in pts]))
+
+
+def record(args, argv, n) -> None:
+    import json
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from record import BENCHMARKS, replace_section
+
+    report = json.load(open(os.path.join(args.out, "rd.json")))
+    table = open(os.path.join(args.out, "rd.md")).read().strip()
+    rows = ["| bits/pixel | latentpack | JPEG | WebP | AVIF |", "|---:|---:|---:|---:|---:|"]
+    for bpp in (0.25, 0.5, 1.0):
+        cells = [at_bpp(report["points"], f, bpp) for f in ("latentpack-spatial", "jpeg", "webp", "avif")]
+        rows.append(f"| {bpp} | " + " | ".join("—" if c is None else f"{c:.2f}" for c in cells) + " |")
+    command = " ".join(["python scripts/photo_rd.py"] + (argv if argv is not None else sys.argv[1:]))
+    replace_section("photo-rd", f"Measured with `{command}` ({time.strftime('%Y-%m-%d')}) on {n} held-out "
+                                f"BSDS500 photographs ({', '.join(report['sizes'])}), never used in training.\n\n"
+                                f"PSNR (dB) at fixed rates, interpolated along each curve (— outside it):\n\n"
+                                + "\n".join(rows) + f"\n\nEvery point:\n\n{table}\n\n![photo rate-distortion](rd-photos.png)")
+    shutil.copy(os.path.join(args.out, "rd.png"), os.path.join(os.path.dirname(BENCHMARKS), "rd-photos.png"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
