@@ -4,6 +4,7 @@
     latentpack encode ...   (pipeline.encode)
     latentpack decode ...   (pipeline.decode)
     latentpack inspect ...  (pipeline.inspection)
+    latentpack verify ...   (pipeline.verify)
     latentpack evaluate ... (pipeline.evaluate)
 
 This package sits above `training/` and `pipeline/`: neither imports it. Subcommands are
@@ -26,6 +27,7 @@ COMMANDS = {
     "encode": ("pipeline.encode", "encode image shards into a latent Parquet dataset (Beam job)"),
     "decode": ("pipeline.decode", "decode a latent dataset back into images (Beam job)"),
     "inspect": ("pipeline.inspection", "summarize a latent dataset; decode samples into a picture"),
+    "verify": ("pipeline.verify", "check a latent dataset's parts against its sealed manifest, without decoding"),
     "evaluate": ("pipeline.evaluate", "rate-distortion of models against PNG, JPEG and WebP on the same images"),
 }
 

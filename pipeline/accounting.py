@@ -14,7 +14,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from pipeline.completion import (DEAD_LETTER_DIR, FAILED, MANIFEST, clear_previous, raise_if_failed,  # noqa: F401
-                                  run_to_completion, unmark, write_json)
+                                  run_to_completion, seal, unmark, write_json)
 from pipeline.images import DeadLetter
 
 DEAD_LETTER_TAG = "dead_letter"
@@ -93,7 +93,7 @@ def finish(output: str, payload: dict, max_bad_fraction: float, fatal_reasons=()
     if failure:
         write_json(posixpath.join(output, FAILED), dict(payload, complete=False, failure=failure))
     else:
-        write_json(posixpath.join(output, MANIFEST), payload)
+        write_json(posixpath.join(output, MANIFEST), seal(payload))
 
 
 def summary(manifest: dict, done: str) -> str:

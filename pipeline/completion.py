@@ -1,16 +1,25 @@
 """The completion protocol shared by every job's output folder.
 
 A job's output is complete only when its marker `_manifest.json` exists, written last
-through a temporary name and a rename; a job that fails writes `_failed.json` instead.
-A re-run first removes both markers (so the folder never looks complete early), then
-only the files that an earlier run of the same job wrote (the patterns its job names),
-and Beam's temporary folders. Nothing else in the folder is touched.
+through a temporary name and a rename (and sealed with a checksum of its own content); a
+job that fails writes `_failed.json` instead. While it runs, a job holds `_lock.json`
+(job, host, pid, start time): a second job on the same folder is refused, and a lock
+left by a killed job is recognised as stale (its process is gone) and taken over.
+
+A job writes only into a folder that is empty or that an earlier run of the same job
+wrote (its manifest, failed marker or stale lock is there): files it did not write are
+never overwritten or deleted. A re-run first removes the markers (so the folder never
+looks complete early), then the files matching the patterns its job names, and Beam's
+temporary folders.
 """
 from __future__ import annotations
 
 import glob
 import json
+import os
 import posixpath
+import socket
+import time
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -18,7 +27,23 @@ from pipeline.errors import LatentpackError
 
 MANIFEST = "_manifest.json"
 FAILED = "_failed.json"
+LOCK = "_lock.json"
 DEAD_LETTER_DIR = "dead_letter"
+# What a job leaves in its folder besides the files its patterns name.
+_OURS = (MANIFEST, FAILED, LOCK, DEAD_LETTER_DIR)
+
+
+SEAL = "manifest_sha256"
+
+
+def seal(manifest: dict) -> dict:
+    """The manifest with a SHA-256 of its own canonical JSON (without this field), so that an
+    edited manifest is noticed."""
+    import hashlib
+
+    body = {k: v for k, v in manifest.items() if k != SEAL}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return dict(body, **{SEAL: digest})
 
 
 def write_json(path: str, payload: dict) -> None:
@@ -43,6 +68,9 @@ def read_manifest(folder: str, what: str = "latent dataset") -> dict:
         raise LatentpackError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
         raise LatentpackError(f"{path}: not a latentpack manifest")
+    if SEAL in manifest and seal(manifest)[SEAL] != manifest[SEAL]:
+        raise LatentpackError(f"{path}: the manifest was modified after the job wrote it (its {SEAL} does not "
+                              "match its content)")
     return manifest
 
 
@@ -64,6 +92,98 @@ def unmark(output: str) -> None:
             FileSystems.delete([path])
 
 
+def _read_json(path: str):
+    try:
+        with FileSystems.open(path) as f:
+            value = json.loads(f.read())
+        return value if isinstance(value, dict) else None
+    except Exception:
+        return None
+
+
+def _alive(lock: dict) -> bool:
+    """Whether the process that holds a lock may still run (unknown on another host: assume so)."""
+    if lock.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(lock.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True
+    return True
+
+
+class OutputFolder:
+    """One job's claim on its output folder: `claim()` before the pipeline runs, `release()` after."""
+
+    def __init__(self, output: str, job: str):
+        self.output, self.job = output.rstrip("/"), job
+        self.lock_path = posixpath.join(self.output, LOCK)
+        self.held = False
+
+    def _previous_run_of_this_job(self) -> bool:
+        for marker in (MANIFEST, FAILED):
+            found = _read_json(posixpath.join(self.output, marker))
+            if found is not None and found.get("job", self._format_job(found)) == self.job:
+                return True
+        return False
+
+    @staticmethod
+    def _format_job(marker: dict):
+        # Markers written before `job` was recorded: tell the job by the manifest's format.
+        return {"latentpack-dataset": "encode", "latentpack-decoded": "decode"}.get(marker.get("format"))
+
+    def _foreign_entries(self) -> list:
+        """Entries of the folder that no latentpack job of this kind wrote (first few only)."""
+        if "://" in self.output:
+            found = FileSystems.match([posixpath.join(self.output, "*")])[0].metadata_list
+            names = [m.path[len(self.output) + 1:] for m in found]
+        else:
+            names = []
+            with os.scandir(self.output) as entries:
+                for entry in entries:
+                    names.append(entry.name)
+                    if len(names) > 1000:
+                        break
+        return [n for n in names if n not in _OURS and not n.startswith("beam-temp-")][:5]
+
+    def claim(self) -> None:
+        """Refuse a folder that is a file, another job's, or holds files no run of this job wrote;
+        then take the lock."""
+        if "://" not in self.output and os.path.exists(self.output) and not os.path.isdir(self.output):
+            raise LatentpackError(f"--output {self.output} exists and is not a folder")
+        if not FileSystems.exists(self.output):
+            FileSystems.mkdirs(self.output)
+        lock = _read_json(self.lock_path) if FileSystems.exists(self.lock_path) else None
+        stale = False
+        if lock is not None:
+            if _alive(lock):
+                raise LatentpackError(
+                    f"another latentpack {lock.get('job')} job is writing {self.output} (pid {lock.get('pid')} on "
+                    f"{lock.get('host')}, since {lock.get('started')}); if it is no longer running, delete "
+                    f"{self.lock_path}")
+            stale = lock.get("job") == self.job
+            import logging
+            logging.warning("found a stale lock in %s (pid %s on %s, since %s, no longer running); taking over",
+                            self.output, lock.get("pid"), lock.get("host"), lock.get("started"))
+        if not stale and not self._previous_run_of_this_job():
+            foreign = self._foreign_entries()
+            if foreign:
+                raise LatentpackError(
+                    f"--output {self.output} is not empty and was not written by an earlier latentpack {self.job} "
+                    f"(it holds {', '.join(foreign)}…); choose an empty or new folder, so that no file of yours "
+                    "is overwritten or deleted")
+        write_json(self.lock_path, {"job": self.job, "host": socket.gethostname(), "pid": os.getpid(),
+                                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        self.held = True
+
+    def release(self) -> None:
+        if self.held and FileSystems.exists(self.lock_path):
+            FileSystems.delete([self.lock_path])
+        self.held = False
+
+
 def clear_previous(output: str, patterns) -> None:
     """Unmark `output`, then remove an earlier run's files matching `patterns` and the temporary
     folders of a run killed before Beam finalized it. Nothing else in the folder is touched."""
@@ -80,8 +200,13 @@ def clear_previous(output: str, patterns) -> None:
         FileSystems.delete(sorted(stale) + sorted(temp_dirs))
 
 
-def run_to_completion(pipeline, output: str, what: str = "latent dataset") -> dict:
-    """Run a job, turn a failure marker into a clear error, and return its manifest."""
-    pipeline.run().wait_until_finish()
+def run_to_completion(pipeline, output: str, what: str = "latent dataset", claim: "OutputFolder" = None) -> dict:
+    """Run a job, turn a failure marker into a clear error, and return its manifest; the folder's
+    lock is released however the job ends (an interrupted job leaves its output unmarked)."""
+    try:
+        pipeline.run().wait_until_finish()
+    finally:
+        if claim is not None:
+            claim.release()
     raise_if_failed(output)
     return read_manifest(output, what)

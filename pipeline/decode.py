@@ -14,6 +14,7 @@ import posixpath
 import sys
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
@@ -24,7 +25,7 @@ from pipeline.accounting import (DEAD_LETTER_TAG, DEFAULT_MAX_BAD_FRACTION, Prog
                                  finish, summary)
 from pipeline.artifact import read_spec
 from pipeline.codecs import codec_class, load_codec
-from pipeline.completion import MANIFEST, clear_previous, read_manifest, run_to_completion
+from pipeline.completion import MANIFEST, OutputFolder, clear_previous, read_manifest, run_to_completion
 from pipeline.errors import LatentpackError
 from pipeline.images import DeadLetter
 from pipeline.outputs import WRITERS
@@ -40,6 +41,12 @@ def check_dataset(dataset_dir: str, spec) -> list:
     check_fingerprint(posixpath.join(dataset_dir, MANIFEST), manifest.get("model_fingerprint"), spec)
     paths = latents.part_paths(dataset_dir, manifest)
     family = codec_class(spec)
+    for path, expected in zip(paths, manifest["files"]):
+        # Sizes and row counts here, before anything is written; checksums in the workers.
+        problem = latents.check_part(path, {k: v for k, v in expected.items() if k != "crc32c"})
+        if problem:
+            raise LatentpackError(f"{path} {problem}; the dataset is damaged (latentpack verify "
+                                  f"{dataset_dir} lists every problem)")
     for path in paths:
         try:
             with FileSystems.open(path) as f:
@@ -74,6 +81,27 @@ def check_fingerprint(path: str, fingerprint: str, spec) -> None:
             "a different model; decode it with the model that encoded it")
 
 
+class ReadVerifiedParts(beam.DoFn):
+    """(path, manifest entry) -> the part's rows as Arrow tables of at most BATCH_ROWS rows, after
+    checking its bytes against the manifest's CRC32C. A part that fails the check becomes one
+    `damaged_part` dead letter per row the manifest gives it; its rows are never decoded."""
+
+    BATCH_ROWS = 1024
+
+    def process(self, element):
+        path, expected = element
+        problem = latents.check_part(path, expected)
+        if problem:
+            name = posixpath.basename(path)
+            for i in range(int(expected.get("rows", 1))):
+                yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(
+                    f"{name}:{i}", path, i, "damaged_part", f"{name} {problem}"))
+            return
+        with FileSystems.open(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=self.BATCH_ROWS):
+                yield pa.Table.from_batches([batch])
+
+
 class DecodeTable(beam.DoFn):
     """Arrow table of rows -> ImageBatches of same-shaped images (and a dead letter per row that
     does not decode), with the model loaded once per worker and called only through `decompress`."""
@@ -97,15 +125,16 @@ class DecodeTable(beam.DoFn):
 
 
 class WriteDecodeManifest(beam.DoFn):
-    def __init__(self, output: str, extra: dict, max_bad_fraction: float):
+    def __init__(self, output: str, extra: dict, max_bad_fraction: float, fatal_reasons=()):
         self.output, self.extra, self.max_bad_fraction = output, extra, max_bad_fraction
+        self.fatal_reasons = tuple(fatal_reasons)
 
     def process(self, _, written, reasons, files, dead_letter_files):
         payload = dict(self.extra, format="latentpack-decoded", complete=True, images=written,
                        counts=counts(written, reasons),
                        files=sorted(posixpath.relpath(p, self.output) for p in files),
                        dead_letter_files=sorted(posixpath.relpath(p, self.output) for p in dead_letter_files))
-        finish(self.output, payload, self.max_bad_fraction)
+        finish(self.output, payload, self.max_bad_fraction, self.fatal_reasons)
         yield payload
 
 
@@ -118,6 +147,7 @@ class DecodeOptions:
     output: str
     output_format: str = "png"
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
+    allow_damaged: bool = False
 
 
 def parse_args(argv) -> tuple:
@@ -132,6 +162,9 @@ def parse_args(argv) -> tuple:
     p.add_argument("--output-format", default="png", choices=sorted(WRITERS), help="how to write the images")
     p.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
                    help="fail the job, leaving the output unmarked, if more than this fraction of rows is bad")
+    p.add_argument("--allow-damaged", action="store_true",
+                   help="decode what is intact: the rows of a part whose checksum fails become `damaged_part` dead "
+                        "letters (subject to --max-bad-fraction) instead of failing the job")
     args, beam_args = p.parse_known_args(argv)
     return DecodeOptions(**vars(args)), beam_args
 
@@ -150,27 +183,41 @@ def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     dataset = options.input.rstrip("/")
     paths = check_dataset(dataset, spec)
     output = options.output.rstrip("/")
+    if (output + "/").startswith(dataset + "/"):
+        raise LatentpackError(f"--output {output} is, or is inside, the --input dataset {dataset}; decoding there "
+                              "would replace the dataset's own manifest and dead letters: choose another folder")
+    claim = OutputFolder(output, "decode")
+    claim.claim()
+    try:
+        return _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, paths, output, claim)
+    finally:
+        claim.release()
+
+
+def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, paths, output, claim):
     # PNG files are one per key and are overwritten in place; shard files are replaced.
     clear_previous(output, [f"images-*.{ext}" for ext in ("tfrecord", "npz", "parquet", "npz.tmp")])
-    extra = {"source": dataset, "output_format": options.output_format, "model_fingerprint": spec.fingerprint}
+    extra = {"job": "decode", "source": dataset, "output_format": options.output_format, "model_fingerprint": spec.fingerprint}
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(list(beam_args)))
-    batches = (p
-               | "ListParts" >> beam.Create(paths)
-               | "SpreadParts" >> beam.Reshuffle()
-               | "ReadLatentParquet" >> beam.io.ReadAllFromParquetBatched()
-               | "DecodeLatents" >> beam.ParDo(DecodeTable(model_dir, spec)).with_outputs(DEAD_LETTER_TAG,
-                                                                                           main="images"))
+    entries = read_manifest(dataset)["files"]
+    parts = (p
+             | "ListParts" >> beam.Create(list(zip(paths, entries)))
+             | "SpreadParts" >> beam.Reshuffle()
+             | "ReadLatentParquet" >> beam.ParDo(ReadVerifiedParts()).with_outputs(DEAD_LETTER_TAG, main="tables"))
+    batches = parts.tables | "DecodeLatents" >> beam.ParDo(DecodeTable(model_dir, spec)).with_outputs(
+        DEAD_LETTER_TAG, main="images")
     writer = WRITERS[options.output_format](output)
     written, dead, files = batches.images | f"Write{options.output_format.upper()}" >> writer
-    dead = (dead, batches[DEAD_LETTER_TAG]) | "AllDeadLetters" >> beam.Flatten()
+    dead = (dead, batches[DEAD_LETTER_TAG], parts[DEAD_LETTER_TAG]) | "AllDeadLetters" >> beam.Flatten()
     reasons, dead_files = dead | "WriteDeadLetters" >> WriteDeadLetters(output, NAMESPACE)
     total = written | "SumWritten" >> beam.CombineGlobally(sum)
     side = beam.pvalue
     (p | "Once" >> beam.Create([None])
-       | "WriteManifest" >> beam.ParDo(WriteDecodeManifest(output, extra, options.max_bad_fraction),
+       | "WriteManifest" >> beam.ParDo(WriteDecodeManifest(output, extra, options.max_bad_fraction,
+                                                         () if options.allow_damaged else ("damaged_part",)),
                                        side.AsSingleton(total), side.AsSingleton(reasons), side.AsList(files),
                                        side.AsList(dead_files)))
-    return run_to_completion(p, output, "decoded output")
+    return run_to_completion(p, output, "decoded output", claim)
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,6 @@ import zlib
 from typing import List, Optional
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -26,7 +25,7 @@ from pipeline import latents, sinks
 from pipeline.accounting import DEAD_LETTER_TAG, DEFAULT_MAX_BAD_FRACTION, Progress, summary
 from pipeline.artifact import read_spec
 from pipeline.codecs import codec_class, load_codec
-from pipeline.completion import run_to_completion
+from pipeline.completion import OutputFolder, run_to_completion
 from pipeline.errors import BadImage, LatentpackError
 from pipeline.formats import READERS, get_reader
 from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, batch_records
@@ -219,17 +218,26 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
     reader = get_reader(options.input_format)
     shards, root = reader.match(options.input)
     output = options.output.rstrip("/")
-    if FileSystems.exists(output) and "://" not in output:
-        import os
-        if not os.path.isdir(output):
-            raise LatentpackError(f"--output {output} exists and is not a folder")
-    if not FileSystems.exists(output):
-        FileSystems.mkdirs(output)
+    inside = [shard for shard in shards if shard.startswith(output + "/")]
+    if inside:
+        raise LatentpackError(f"--input matches files inside --output {output} (e.g. {inside[0]}); the job would read "
+                              "its own output: choose another --output or a narrower --input")
+    claim = OutputFolder(output, "encode")
+    claim.claim()
     logging.info("encoding %d shard(s) of %s with model %s", len(shards), options.input_format, spec.fingerprint[:19])
-    extra = {"input": options.input, "input_format": options.input_format, "shards": len(shards),
+    extra = {"job": "encode", "input": options.input, "input_format": options.input_format, "shards": len(shards),
              "latent_format": latent_format, "duplicate_keys": options.duplicate_keys,
              "codec": latents.metadata_of(latents.schema(spec, latent_format))}
     fatal = ("duplicate_key",) if options.duplicate_keys == "fail" else ()
+    try:
+        return _build_and_run(options, beam_args, test_pipeline, spec, family, model_dir, latent_format, shards, root,
+                              output, extra, fatal, claim)
+    finally:
+        claim.release()
+
+
+def _build_and_run(options, beam_args, test_pipeline, spec, family, model_dir, latent_format, shards, root, output,
+                   extra, fatal, claim):
     if options.skip_existing:
         sink = sinks.WritePartPerShard(output, spec, latent_format, extra, options.max_bad_fraction, fatal)
         shards = sink.prepare(shards)
@@ -242,7 +250,7 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
         shards, options.input_format, root, family.image_shape(spec), options.batch_size, options.max_pixels)
     tables = read.images | "EncodeImages" >> beam.ParDo(EncodeBatch(model_dir, spec, latent_format))
     (tables, read[DEAD_LETTER_TAG]) | "WriteLatentDataset" >> sink
-    return run_to_completion(p, output)
+    return run_to_completion(p, output, claim=claim)
 
 
 def main(argv=None) -> int:

@@ -65,6 +65,8 @@ def latents_of(table) -> np.ndarray:
 
 
 ROW_GROUP_ROWS = 65536
+# ... or fewer when rows are large (photo codes): a row group holds at most this many bytes.
+ROW_GROUP_BYTES = 64 << 20
 
 
 def writer_options(schema_: pa.Schema, latent_format: str) -> dict:
@@ -80,7 +82,7 @@ def writer_options(schema_: pa.Schema, latent_format: str) -> dict:
 
 class LatentParquetSink(filebasedsink.FileBasedSink):
     """Beam file sink for Arrow tables of one dataset: temp files, then an atomic rename at
-    finalize. Tables are gathered into row groups of ROW_GROUP_ROWS rows."""
+    finalize. Tables are gathered into row groups of ROW_GROUP_ROWS rows or ROW_GROUP_BYTES."""
 
     def __init__(self, file_path_prefix: str, schema_: pa.Schema, latent_format: str, num_shards: int = 0):
         super().__init__(file_path_prefix, coder=None, file_name_suffix=".parquet",
@@ -92,12 +94,13 @@ class LatentParquetSink(filebasedsink.FileBasedSink):
     def open(self, temp_path):
         handle = super().open(temp_path)
         return {"handle": handle, "writer": pq.ParquetWriter(handle, self.schema, **writer_options(self.schema, self.latent_format)),
-                "pending": [], "rows": 0}
+                "pending": [], "rows": 0, "bytes": 0}
 
     def write_record(self, state, table):
         state["pending"].append(table)
         state["rows"] += table.num_rows
-        if state["rows"] >= ROW_GROUP_ROWS:
+        state["bytes"] += table.nbytes
+        if state["rows"] >= ROW_GROUP_ROWS or state["bytes"] >= ROW_GROUP_BYTES:
             self._flush(state)
 
     def _flush(self, state):
@@ -105,7 +108,7 @@ class LatentParquetSink(filebasedsink.FileBasedSink):
             # Sorted keys share prefixes, which the key column's delta encoding turns into bytes saved.
             table = pa.concat_tables(state["pending"]).sort_by("key")
             state["writer"].write_table(table, row_group_size=ROW_GROUP_ROWS)
-        state["pending"], state["rows"] = [], 0
+        state["pending"], state["rows"], state["bytes"] = [], 0, 0
 
     def close(self, state):
         self._flush(state)
@@ -121,18 +124,68 @@ def metadata_of(schema_: pa.Schema) -> dict:
 
 
 def part_paths(dataset_dir: str, manifest: dict) -> list:
-    return [posixpath.join(dataset_dir, part["name"]) for part in manifest["files"]]
+    """The dataset's part files, as the manifest lists them; a name that is not a plain file name
+    inside the dataset folder (`../x`, `/abs`, `a/b`) is refused, never followed."""
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        raise LatentpackError(f"{dataset_dir}: the manifest has no list of files")
+    paths = []
+    for part in files:
+        name = part.get("name") if isinstance(part, dict) else None
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") \
+                or not name.endswith(".parquet"):
+            raise LatentpackError(f"{dataset_dir}: the manifest lists {str(name)[:80]!r}, which is not a part file "
+                                  "inside the dataset folder; refusing to follow it")
+        paths.append(posixpath.join(dataset_dir, name))
+    return paths
+
+
+def file_crc32c(path: str) -> str:
+    """CRC32C of a file's bytes (hex), read in 16 MB pieces."""
+    import google_crc32c
+
+    checksum = google_crc32c.Checksum()
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        while True:
+            chunk = f.read(1 << 24)
+            if not chunk:
+                break
+            checksum.update(chunk)
+    return checksum.digest().hex()
 
 
 def describe_parts(paths) -> list:
-    """Name, bytes and rows of each written part, from file sizes and Parquet footers."""
+    """Name, bytes, rows and CRC32C of each written part, from file sizes, Parquet footers and
+    the bytes themselves: what `decode`, `inspect` and `verify` check before trusting a part."""
     parts = []
     for path in sorted(paths):
         size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
         with FileSystems.open(path) as f:
             rows = pq.ParquetFile(f).metadata.num_rows
-        parts.append({"name": posixpath.basename(path), "bytes": size, "rows": rows})
+        parts.append({"name": posixpath.basename(path), "bytes": size, "rows": rows, "crc32c": file_crc32c(path)})
     return parts
+
+
+def check_part(path: str, expected: dict) -> Optional[str]:
+    """None if the part has the manifest's bytes, rows and checksum, else what differs."""
+    try:
+        size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+    except Exception as e:
+        return f"cannot be read ({type(e).__name__}: {e})"
+    if "bytes" in expected and size != expected["bytes"]:
+        return f"has {size} bytes, the manifest says {expected['bytes']}"
+    if "crc32c" in expected:
+        actual = file_crc32c(path)
+        if actual != expected["crc32c"]:
+            return f"has CRC32C {actual}, the manifest says {expected['crc32c']} (the file was altered)"
+    try:
+        with FileSystems.open(path) as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+    except Exception as e:
+        return f"is not a readable Parquet file ({type(e).__name__}: {e})"
+    if "rows" in expected and rows != expected["rows"]:
+        return f"has {rows} rows, the manifest says {expected['rows']}"
+    return None
 
 
 def manifest(parts: list, counts: dict, model_fingerprint: str, extra: Optional[dict] = None) -> dict:

@@ -57,6 +57,10 @@ def test_a_future_dataset_version_is_refused(tmp_path):
     meta = latents.metadata_of(table.schema)
     meta["format_version"] = 99
     pq.write_table(table.replace_schema_metadata({latents.METADATA_KEY: json.dumps(meta).encode()}), part)
+    manifest_path = os.path.join(dataset, "_manifest.json")
+    manifest = json.load(open(manifest_path))  # version 1 manifests carry sizes, not checksums or a seal
+    manifest["files"][0]["bytes"] = os.path.getsize(part)
+    json.dump(manifest, open(manifest_path, "w"))
     with pytest.raises(LatentpackError, match="version 99"):
         decode.run(["--input", dataset, "--model-dir", os.path.join(V1, "model"), "--output",
                     str(tmp_path / "out")] + BEAM_TEST_ARGS)

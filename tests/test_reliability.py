@@ -64,23 +64,43 @@ def test_decode_refuses_foreign_parquet(tmp_path, model_dir, shards):
     (part,) = latents.part_paths(out, completion.read_manifest(out))
     table = pq.read_table(part)
     args = ["--input", out, "--model-dir", model_dir, "--output", str(tmp_path / "dec")]
-    # A plain Parquet file under the same name: no latentpack metadata.
+
+    def replace_part(write):
+        """Replace the part and make the manifest agree, as a dataset assembled by hand would."""
+        write()
+        manifest = json.load(open(os.path.join(out, "_manifest.json")))
+        manifest["files"] = latents.describe_parts([part]) if pq_readable(part) else [
+            {"name": os.path.basename(part), "bytes": os.path.getsize(part)}]
+        json.dump(completion.seal(manifest), open(os.path.join(out, "_manifest.json"), "w"))
+
+    # A replaced part that the manifest does not describe is damage, found before decoding.
     pq.write_table(table.replace_schema_metadata(None), part)
+    with pytest.raises(LatentpackError, match="the dataset is damaged"):
+        decode.run(args)
+    # A plain Parquet file under the same name: no latentpack metadata.
+    replace_part(lambda: pq.write_table(table.replace_schema_metadata(None), part))
     with pytest.raises(LatentpackError, match="not a latentpack dataset part"):
         decode.run(args)
     # The right metadata but a missing column.
-    pq.write_table(table.drop_columns(["latent"]), part)
+    replace_part(lambda: pq.write_table(table.drop_columns(["latent"]), part))
     with pytest.raises(LatentpackError, match="lacks the 'latent' column"):
         decode.run(args)
     # Latents of the wrong length.
     short = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(120 * 8, np.int8)), 8)
-    pq.write_table(table.set_column(1, pa.field("latent", short.type), short), part)
+    replace_part(lambda: pq.write_table(table.set_column(1, pa.field("latent", short.type), short), part))
     with pytest.raises(LatentpackError, match=r"column 'latent' is fixed_size_list<\w+: int8>\[8\], the model needs"):
         decode.run(args)
-    with open(part, "wb") as f:
-        f.write(b"PAR1 not really")
+    replace_part(lambda: open(part, "wb").write(b"PAR1 not really"))
     with pytest.raises(LatentpackError, match="not a readable Parquet file"):
         decode.run(args)
+
+
+def pq_readable(path):
+    try:
+        pq.ParquetFile(path)
+        return True
+    except Exception:
+        return False
 
 
 def test_a_broken_file_in_any_format_is_a_dead_letter(tmp_path):
