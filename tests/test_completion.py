@@ -1,0 +1,99 @@
+"""Output folders: a job touches only what it wrote, one job at a time, and an interrupted job says so."""
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import BEAM_TEST_ARGS
+from pipeline import completion, decode, encode
+from pipeline.errors import LatentpackError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def snapshot(folder):
+    return {p: open(p, "rb").read() for p in glob.glob(os.path.join(folder, "**"), recursive=True)
+            if os.path.isfile(p)}
+
+
+def test_decode_never_deletes_or_overwrites_files_it_did_not_write(tmp_path, shards, model_dir):
+    lat = str(tmp_path / "lat")
+    encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", lat] + BEAM_TEST_ARGS)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "images-00000-of-00001.tfrecord").write_bytes(b"a user's own shard")
+    (mine / "notes.txt").write_text("keep me")
+    before = snapshot(str(mine))
+    with pytest.raises(LatentpackError, match="not empty and was not written by an earlier latentpack decode"):
+        decode.run(["--input", lat, "--model-dir", model_dir, "--output", str(mine), "--output-format", "tfrecord"]
+                   + BEAM_TEST_ARGS)
+    assert snapshot(str(mine)) == before
+
+
+def test_decode_into_its_own_dataset_is_refused(tmp_path, shards, model_dir):
+    lat = str(tmp_path / "lat")
+    encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", lat] + BEAM_TEST_ARGS)
+    before = snapshot(lat)
+    for target in (lat, os.path.join(lat, "decoded")):
+        with pytest.raises(LatentpackError, match="is, or is inside, the --input dataset"):
+            decode.run(["--input", lat, "--model-dir", model_dir, "--output", target] + BEAM_TEST_ARGS)
+    assert snapshot(lat) == before
+
+
+def test_encode_refuses_an_output_its_input_reads_and_an_output_that_is_a_file(tmp_path, shards, model_dir):
+    with pytest.raises(LatentpackError, match="matches files inside --output"):
+        encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output",
+                    os.path.dirname(shards.pattern)] + BEAM_TEST_ARGS)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(LatentpackError, match="is not a folder"):
+        encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", str(tmp_path / "afile")]
+                   + BEAM_TEST_ARGS)
+    with pytest.raises(LatentpackError, match="--batch-size must be at least 1"):
+        encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", str(tmp_path / "o"),
+                    "--batch-size", "0"] + BEAM_TEST_ARGS)
+
+
+def test_a_second_job_on_the_same_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path, shards, model_dir):
+    out = tmp_path / "lat"
+    out.mkdir()
+    args = ["--input", shards.pattern, "--model-dir", model_dir, "--output", str(out)] + BEAM_TEST_ARGS
+    live = {"job": "encode", "host": socket.gethostname(), "pid": os.getpid(), "started": "2026-01-01T00:00:00Z"}
+    (out / completion.LOCK).write_text(json.dumps(live))
+    with pytest.raises(LatentpackError, match=f"another latentpack encode job is writing .*pid {os.getpid()}"):
+        encode.run(args)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / completion.LOCK).write_text(json.dumps(dict(live, pid=dead.pid)))
+    manifest = encode.run(args)
+    assert manifest["images"] == 120 and not (out / completion.LOCK).exists()
+
+
+def test_an_interrupted_job_exits_130_unmarked_and_unlocked(tmp_path, mnist, model_dir):
+    from conftest import write_tfrecord
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for s in range(4):
+        write_tfrecord(folder / f"p{s}.tfrecord", mnist[0][s * 500:(s + 1) * 500])
+    out = str(tmp_path / "lat")
+    proc = subprocess.Popen([sys.executable, "-m", "latentpack.cli", "encode", "--input", str(folder / "*.tfrecord"),
+                             "--model-dir", model_dir, "--output", out] + BEAM_TEST_ARGS, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out, completion.LOCK)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the job finished before the interrupt arrived")
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "latentpack: interrupted" and "Traceback" not in err
+    assert not os.path.exists(os.path.join(out, completion.MANIFEST))
+    assert not os.path.exists(os.path.join(out, completion.LOCK))
