@@ -108,9 +108,12 @@ def main(argv=None) -> int:
 
 
 def console() -> int:
-    """The `latentpack` executable: `main`, with TensorFlow's native start-up logs filtered."""
+    """The `latentpack` executable: `main`, with TensorFlow's native start-up logs filtered, and
+    Beam's own report of a failing step (a traceback logged before it re-raises) left to the one
+    error line or traceback that follows it."""
     if "--verbose" not in sys.argv:
         quiet_native_logs()
+        logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
     return main()
 
 

@@ -23,6 +23,24 @@ class BadImage(ValueError):
         self.reason = reason
 
 
+# Errors of the machine rather than of the data: no space, quota, read-only or forbidden folder.
+_ENVIRONMENT_ERRNOS = {28: "no space left on the device", 122: "disk quota exceeded",
+                       30: "read-only file system", 13: "permission denied"}
+
+
+def environment_error(e: BaseException):
+    """One line for an OSError of the machine (also when Beam re-raised it from a worker), or None."""
+    import re
+
+    if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
+        return _ENVIRONMENT_ERRNOS[e.errno] + (f" writing {e.filename}" if e.filename else "")
+    m = re.search(r"OSError: \[Errno (\d+)\] ([^\[\n]*)", str(e))
+    if m and int(m.group(1)) in _ENVIRONMENT_ERRNOS:
+        path = re.search(r"'([^']+)'", m.group(2))
+        return _ENVIRONMENT_ERRNOS[int(m.group(1))] + (f" writing {path.group(1)}" if path else "")
+    return None
+
+
 def guarded(main):
     """Wrap an entry point so user mistakes print one clear line and exit 2, and an interrupt
     exits 130, never with a traceback."""
@@ -36,4 +54,10 @@ def guarded(main):
         except KeyboardInterrupt:
             print("latentpack: interrupted", file=sys.stderr)
             return 130
+        except Exception as e:
+            line = environment_error(e)
+            if line is None:
+                raise
+            print(f"latentpack: error: {line}; the output is not marked complete", file=sys.stderr)
+            return 2
     return run

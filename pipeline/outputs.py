@@ -85,8 +85,11 @@ class WritePngFn(BackgroundDoFn):
 
     def _write(self, paths, images):
         for path, image in zip(paths, images):
-            with FileSystems.create(path) as f:
-                f.write(encode_png(image))
+            try:
+                with FileSystems.create(path) as f:
+                    f.write(encode_png(image))
+            except OSError as e:  # name the file: "no space left" alone does not say where
+                raise OSError(e.errno, e.strerror, path) from None
         return len(paths)
 
     def process(self, batch):

@@ -97,3 +97,22 @@ def test_an_interrupted_job_exits_130_unmarked_and_unlocked(tmp_path, mnist, mod
     assert err.strip().splitlines()[-1] == "latentpack: interrupted" and "Traceback" not in err
     assert not os.path.exists(os.path.join(out, completion.MANIFEST))
     assert not os.path.exists(os.path.join(out, completion.LOCK))
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, shards, model_dir):
+    lat = str(tmp_path / "lat")
+    encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", lat] + BEAM_TEST_ARGS)
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "latentpack.cli", "decode", "--input", lat, "--model-dir",
+                               model_dir, "--output", str(small / "out")] + BEAM_TEST_ARGS, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("latentpack: error: no space left on the device writing ") and str(small) in last
+    assert "Traceback" not in proc.stderr
