@@ -261,3 +261,56 @@ def test_skip_existing_encodes_only_new_shards(tmp_path, mnist, model_dir):
     manifest = decode.run(["--input", out, "--model-dir", model_dir, "--output", str(tmp_path / "png")]
                           + BEAM_TEST_ARGS)
     assert manifest["counts"]["written"] == 80
+
+
+def _decompress_all(codec, table):
+    out = list(codec.decompress(table))
+    assert all(isinstance(o, (ImageBatch, DeadLetter)) for o in out)
+    assert sum(len(o) if isinstance(o, ImageBatch) else 1 for o in out) == table.num_rows
+    return out
+
+
+@FUZZ
+@given(codes=st.lists(st.binary(max_size=64), min_size=1, max_size=6),
+       keys=st.lists(st.text(min_size=1, max_size=12), min_size=6, max_size=6, unique=True))
+def test_fuzz_decode_side_random_codes_dense(rd_model_dir, codes, keys):
+    """Random code bytes: every row is an image or a `bad_code` dead letter, never an exception."""
+    from pipeline.artifact import read_spec
+    from pipeline.codecs import load_codec
+
+    codec = _codec_cache(rd_model_dir)
+    n = len(codes)
+    table = latents.to_table(keys[:n], {"code": pa.array(codes, pa.binary())}, np.full(n, -1), np.zeros(n, bool),
+                             latents.schema(read_spec(rd_model_dir), "code"))
+    _decompress_all(codec, table)
+
+
+@FUZZ
+@given(codes=st.lists(st.binary(max_size=200), min_size=1, max_size=4),
+       sizes=st.lists(st.tuples(st.integers(-3, 70), st.integers(-3, 70), st.sampled_from([0, 1, 3, 4])),
+                      min_size=4, max_size=4))
+def test_fuzz_decode_side_random_codes_and_sizes_spatial(spatial_model_dir, codes, sizes):
+    codec = _codec_cache(spatial_model_dir)
+    n = len(codes)
+    columns = {"code": pa.array(codes, pa.binary()),
+               "height": pa.array([s[0] for s in sizes[:n]], pa.int32()),
+               "width": pa.array([s[1] for s in sizes[:n]], pa.int32()),
+               "channels": pa.array([s[2] for s in sizes[:n]], pa.int8()),
+               "mode": pa.array(["RGB"] * n)}
+    table = latents.to_table([f"k{i}" for i in range(n)], columns, np.full(n, -1), np.zeros(n, bool),
+                             latents.schema(codec.spec, "code"))
+    for item in _decompress_all(codec, table):
+        if isinstance(item, ImageBatch):
+            h, w = item.images.shape[1:3]
+            assert 0 < h <= 70 and 0 < w <= 70
+
+
+_CODECS = {}
+
+
+def _codec_cache(model_dir):
+    from pipeline.codecs import load_codec
+
+    if model_dir not in _CODECS:
+        _CODECS[model_dir] = load_codec(model_dir)
+    return _CODECS[model_dir]
