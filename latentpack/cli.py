@@ -14,7 +14,6 @@ job's options are parsed here, at the edge, by its own `parse_args`.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import logging
 import re

@@ -13,8 +13,7 @@ import time
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline.completion import (DEAD_LETTER_DIR, FAILED, MANIFEST, clear_previous, raise_if_failed,  # noqa: F401
-                                  run_to_completion, seal, unmark, write_json)
+from pipeline.completion import DEAD_LETTER_DIR, FAILED, MANIFEST, seal, write_json
 from pipeline.images import DeadLetter
 
 DEAD_LETTER_TAG = "dead_letter"

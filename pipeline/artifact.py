@@ -15,7 +15,7 @@ import posixpath
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import LatentpackError
-from pipeline.spec import FORMAT, FORMAT_VERSION, CodecSpec  # noqa: F401  (re-exported for training/)
+from pipeline.spec import FORMAT, FORMAT_VERSION, CodecSpec  # noqa: F401  (training/export.py writes them)
 
 CODEC_FILE = "codec.json"
 

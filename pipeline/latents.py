@@ -21,7 +21,7 @@ from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.completion import DEAD_LETTER_DIR, MANIFEST, read_manifest, write_json  # noqa: F401
+from pipeline.completion import MANIFEST  # noqa: F401  (the dataset's completion marker, for callers)
 from pipeline.errors import LatentpackError
 
 METADATA_KEY = b"latentpack"
@@ -31,7 +31,7 @@ READABLE_VERSIONS = (1, 2)
 PART_PREFIX = "latents"
 
 
-from pipeline.codecs.base import LATENT_FORMATS  # noqa: E402,F401
+from pipeline.codecs.base import LATENT_FORMATS  # noqa: E402,F401  (for the encode job's flag)
 
 
 def schema(spec, latent_format: str = "int") -> pa.Schema:

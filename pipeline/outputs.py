@@ -75,15 +75,32 @@ class BackgroundDoFn(beam.DoFn):
         self.pool.shutdown(wait=True)
 
 
-class WritePngFn(BackgroundDoFn):
-    """One PNG file per image, written in the background (creating a file costs the kernel 30-400
-    microseconds here, about as much as decoding and compressing the image); yields counts."""
+# ---------------------------------------------------------------- plain writers (no runner)
+# The file formats themselves, as classes with `write(batch)` and `close()`: the Beam transforms
+# below wrap them, and a plain loop (scripts/benchkit, a notebook) uses them directly.
 
-    def __init__(self, output: str, max_pending: int = 2):
-        super().__init__(max_pending)
+class PngFiles:
+    """`<output>/<key>.png` per image. `plan(batch)` splits a batch into the paths to write and
+    the dead letters of keys that are not safe relative paths; `write_files` writes them."""
+
+    def __init__(self, output: str):
         self.output = output
 
-    def _write(self, paths, images):
+    def plan(self, batch):
+        paths, rows, letters = [], [], []
+        for i, key in enumerate(batch.keys):
+            try:
+                rel = safe_relative_path(key)
+            except ValueError as e:
+                letters.append(DeadLetter(key, "", i, "unsafe_key", str(e)))
+                continue
+            paths.append(posixpath.join(self.output, rel + ".png"))
+            rows.append(i)
+        images = batch.images if len(rows) == len(batch) else batch.images[rows]
+        return paths, images, letters
+
+    @staticmethod
+    def write_files(paths, images) -> int:
         for path, image in zip(paths, images):
             try:
                 with FileSystems.create(path) as f:
@@ -92,18 +109,49 @@ class WritePngFn(BackgroundDoFn):
                 raise OSError(e.errno, e.strerror, path) from None
         return len(paths)
 
+    def write(self, batch):
+        """(images written, dead letters)."""
+        paths, images, letters = self.plan(batch)
+        return self.write_files(paths, images), letters
+
+    def close(self) -> list:
+        return []
+
+
+class TFRecordShard:
+    """One TFRecord file of PNG Examples, in the schema the encoder reads."""
+
+    def __init__(self, path: str):
+        self.path, self.handle = path, FileSystems.create(path)
+
+    def write(self, batch):
+        self.handle.write(frame_examples(batch))
+        return len(batch), []
+
+    def close(self) -> list:
+        self.handle.close()
+        return [self.path]
+
+
+# ---------------------------------------------------------------- Beam transforms
+
+class WritePngFn(BackgroundDoFn):
+    """One PNG file per image, written in the background (creating a file costs the kernel 30-400
+    microseconds here, about as much as decoding and compressing the image); yields counts."""
+
+    def __init__(self, output: str, max_pending: int = 2):
+        super().__init__(max_pending)
+        self.output = output
+
+    def setup(self):
+        super().setup()
+        self.files = PngFiles(self.output)
+
     def process(self, batch):
-        paths, rows = [], []
-        for i, key in enumerate(batch.keys):
-            try:
-                rel = safe_relative_path(key)
-            except ValueError as e:
-                yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(key, "", i, "unsafe_key", str(e)))
-                continue
-            paths.append(posixpath.join(self.output, rel + ".png"))
-            rows.append(i)
-        images = batch.images if len(rows) == len(batch) else batch.images[rows]
-        yield from self.submit(self._write, paths, images)
+        paths, images, letters = self.files.plan(batch)
+        for letter in letters:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, letter)
+        yield from self.submit(self.files.write_files, paths, images)
 
 
 class InBackground(BackgroundDoFn):

@@ -111,3 +111,21 @@ def parse_example(record: bytes) -> Tuple[bytes, Optional[str], Optional[int]]:
         if values:
             label = int(values[0])
     return encoded, key, label
+
+
+def write_shard(path: str, images, keys=None, labels=None, extra_records=()) -> str:
+    """A TFRecord shard of PNG Examples: `images` are uint8 arrays or already-encoded bytes; keys
+    and labels optional (None entries left out). Used by the demo, the benchmarks and the tests."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipeline.images import encode_png
+
+    with FileSystems.create(path) as f:
+        for i, image in enumerate(images):
+            encoded = image if isinstance(image, (bytes, bytearray)) else encode_png(image)
+            key = None if keys is None else keys[i]
+            label = None if labels is None or labels[i] is None else int(labels[i])
+            f.write(frame(make_example(bytes(encoded), key, label)))
+        for record in extra_records:
+            f.write(frame(record))
+    return path

@@ -25,7 +25,7 @@ from PIL import Image
 from latentpack import cli
 from pipeline.formats import load_mnist_sample
 from pipeline.images import encode_png
-from pipeline.tfrecord import frame, make_example
+from pipeline.tfrecord import write_shard
 
 # The quality floor the default demo must meet (issue: end-to-end).
 FLOOR_PSNR_MEAN = 19.0
@@ -35,9 +35,8 @@ CEILING_BYTES_PER_IMAGE = 40.0
 def write_shards(folder: str, name: str, images, labels, ids, shards: int) -> None:
     os.makedirs(folder, exist_ok=True)
     for s, part in enumerate(np.array_split(np.arange(len(images)), shards)):
-        with open(os.path.join(folder, f"{name}-{s:05d}-of-{shards:05d}.tfrecord"), "wb") as f:
-            for i in part:
-                f.write(frame(make_example(encode_png(images[i]), f"mnist-sample/{ids[i]:05d}", int(labels[i]))))
+        write_shard(os.path.join(folder, f"{name}-{s:05d}-of-{shards:05d}.tfrecord"), images[part],
+                    [f"mnist-sample/{ids[i]:05d}" for i in part], labels[part])
 
 
 def comparison_picture(originals, reconstructions, path: str, columns: int = 16, scale: int = 3) -> None:

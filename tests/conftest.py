@@ -8,8 +8,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pipeline.formats import load_mnist_sample  # noqa: E402
-from pipeline.images import encode_png  # noqa: E402
-from pipeline.tfrecord import frame, make_example  # noqa: E402
+from pipeline.tfrecord import write_shard  # noqa: E402
 
 # In-process runner that needs no download (the default DirectRunner may try to fetch Prism).
 BEAM_TEST_ARGS = ["--runner=FnApiRunner"]
@@ -25,14 +24,7 @@ def mnist():
 
 def write_tfrecord(path, images, labels=None, keys=None, extra_records=()):
     """A TFRecord shard of PNG Examples (+ any raw framed records appended)."""
-    with open(path, "wb") as f:
-        for i, image in enumerate(images):
-            key = None if keys is None else keys[i]
-            label = None if labels is None else int(labels[i])
-            f.write(frame(make_example(encode_png(image), key, label)))
-        for record in extra_records:
-            f.write(frame(record))
-    return str(path)
+    return write_shard(str(path), images, keys, labels, extra_records)
 
 
 @pytest.fixture

@@ -276,7 +276,6 @@ def _decompress_all(codec, table):
 def test_fuzz_decode_side_random_codes_dense(rd_model_dir, codes, keys):
     """Random code bytes: every row is an image or a `bad_code` dead letter, never an exception."""
     from pipeline.artifact import read_spec
-    from pipeline.codecs import load_codec
 
     codec = _codec_cache(rd_model_dir)
     n = len(codes)

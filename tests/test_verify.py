@@ -1,9 +1,7 @@
 """Damaged datasets are noticed: sealed manifests, per-part checksums, `latentpack verify`."""
 import json
 import os
-import shutil
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
