@@ -38,7 +38,6 @@ def main(argv=None) -> int:
     from latentpack import cli
     from pipeline.formats import load_images
     from training.train import TrainConfig, train
-    from training.rd import QUALITY_PRESETS
 
     _, images, labels, _ = load_images(MNIST, "idx")
     order = np.random.default_rng(0).permutation(len(images))
@@ -53,8 +52,7 @@ def main(argv=None) -> int:
     train_x = images[train_idx]
     print(f"rd: {len(train_x)} training images, {len(eval_idx)} held-out evaluation images")
 
-    jobs = [(f"q{q}", TrainConfig(lmbda=QUALITY_PRESETS[q][0], latent_dim=QUALITY_PRESETS[q][1],
-                                  width=QUALITY_PRESETS[q][2], quality=q, epochs=args.epochs, val_fraction=0.02))
+    jobs = [(f"q{q}", TrainConfig.from_quality(q, epochs=args.epochs, val_fraction=0.02))
             for q in args.qualities]
     jobs.append(("mlp", TrainConfig(arch="mlp", latent_dim=32, latent_bits=8, epochs=args.mlp_epochs,
                                     batch_size=256, learning_rate=1e-3, val_fraction=0.02)))

@@ -36,6 +36,14 @@ class TrainConfig:
     lmbda: Optional[float] = None
     quality: Optional[int] = None
 
+    @classmethod
+    def from_quality(cls, quality: int, **settings) -> "TrainConfig":
+        """The one place a dense `--quality` preset becomes settings (lambda, latent size, width)."""
+        from training.rd import QUALITY_PRESETS
+
+        lmbda, latent_dim, width = QUALITY_PRESETS[quality]
+        return cls(**dict(settings, lmbda=lmbda, latent_dim=latent_dim, width=width, quality=quality))
+
 
 def parse_args(argv=None):
     defaults = TrainConfig()
@@ -175,15 +183,13 @@ def main(argv=None) -> int:
         return spatial.main(args)
     # The mlp arch reproduces the reference tutorial's settings unless told otherwise.
     reference = args.arch == "mlp"
-    lmbda, latent_dim, width = args.lmbda, args.latent_dim, args.width
-    if args.quality is not None:
-        from training.rd import QUALITY_PRESETS
-        lmbda, latent_dim, width = QUALITY_PRESETS[args.quality]
-    config = TrainConfig(
-        arch=args.arch, latent_dim=latent_dim, width=width, latent_bits=args.latent_bits, epochs=args.epochs,
+    settings = dict(
+        arch=args.arch, latent_bits=args.latent_bits, epochs=args.epochs,
         batch_size=args.batch_size or (256 if reference else TrainConfig.batch_size),
         learning_rate=args.learning_rate or (1e-3 if reference else TrainConfig.learning_rate),
-        val_fraction=args.val_fraction, seed=args.seed, lmbda=lmbda, quality=args.quality)
+        val_fraction=args.val_fraction, seed=args.seed)
+    config = (TrainConfig.from_quality(args.quality, **settings) if args.quality is not None else
+              TrainConfig(latent_dim=args.latent_dim, width=args.width, lmbda=args.lmbda, **settings))
     from pipeline.formats import load_images
 
     _, images, _, bad = load_images(args.input, args.input_format, args.limit)
