@@ -37,3 +37,18 @@ def test_train_rgb_32x32_exports_a_working_artifact(tmp_path):
     assert spec["image_shape"] == [32, 32, 3]
     codec = load_codec(str(tmp_path / "m"))
     assert codec.decode(codec.encode(images[:5])).shape == (5, 32, 32, 3)
+
+
+def test_quality_preset_from_the_command_line(tmp_path):
+    from latentpack import cli
+    from pipeline.artifact import read_spec
+    from training.rd import QUALITY_PRESETS
+
+    out = str(tmp_path / "q1")
+    assert cli.main(["train", "--input-format", "mnist-sample", "--quality", "1", "--epochs", "1", "--limit", "300",
+                     "--model-dir", out]) == 0
+    spec = read_spec(out)
+    lmbda, latent_dim, width = QUALITY_PRESETS[1]
+    assert (spec.training["quality"], spec.training["lmbda"], spec.latent_dim, spec.architecture["width"]) == (
+        1, lmbda, latent_dim, width)
+    assert TrainConfig.from_quality(1, epochs=3).epochs == 3
