@@ -6,7 +6,6 @@ inputs are the written files, so it runs only after every part is finalized.
 from __future__ import annotations
 
 import json
-import logging
 import posixpath
 import time
 
@@ -15,6 +14,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline.completion import DEAD_LETTER_DIR, FAILED, MANIFEST, seal, write_json
 from pipeline.images import DeadLetter
+from pipeline.errors import log
 
 DEAD_LETTER_TAG = "dead_letter"
 DEFAULT_MAX_BAD_FRACTION = 0.01
@@ -35,7 +35,7 @@ class Progress:
         if now - self.last >= self.every_s:
             self.last = now
             rate = self.done / max(now - self.started, 1e-9)
-            logging.info("%s %d images (%.0f images/s)", self.what, self.done, rate)
+            log.info("%s %d images (%.0f images/s)", self.what, self.done, rate)
 
 
 class CountDeadLetters(beam.DoFn):

@@ -24,6 +24,7 @@ import time
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import LatentpackError
+from pipeline.errors import log
 
 MANIFEST = "_manifest.json"
 FAILED = "_failed.json"
@@ -164,8 +165,7 @@ class OutputFolder:
                     f"{lock.get('host')}, since {lock.get('started')}); if it is no longer running, delete "
                     f"{self.lock_path}")
             stale = lock.get("job") == self.job
-            import logging
-            logging.warning("found a stale lock in %s (pid %s on %s, since %s, no longer running); taking over",
+            log.warning("found a stale lock in %s (pid %s on %s, since %s, no longer running); taking over",
                             self.output, lock.get("pid"), lock.get("host"), lock.get("started"))
         if not stale and not self._previous_run_of_this_job():
             foreign = self._foreign_entries()

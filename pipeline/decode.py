@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import posixpath
 import sys
 
@@ -29,6 +28,7 @@ from pipeline.completion import MANIFEST, OutputFolder, clear_previous, read_man
 from pipeline.errors import LatentpackError
 from pipeline.images import DeadLetter
 from pipeline.outputs import WRITERS
+from pipeline.errors import show_progress
 
 NAMESPACE = "latentpack.decode"
 
@@ -221,7 +221,7 @@ def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, 
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    show_progress()
     manifest = run(argv)
     print(summary(manifest, f"decoded {manifest['counts']['written']} images as {manifest['output_format']}"))
     return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 import zlib
 from typing import List, Optional
@@ -29,6 +28,7 @@ from pipeline.completion import OutputFolder, run_to_completion
 from pipeline.errors import BadImage, LatentpackError
 from pipeline.formats import READERS, get_reader
 from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, batch_records
+from pipeline.errors import log, show_progress
 
 NAMESPACE = "latentpack.encode"
 
@@ -224,7 +224,7 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
                               "its own output: choose another --output or a narrower --input")
     claim = OutputFolder(output, "encode")
     claim.claim()
-    logging.info("encoding %d shard(s) of %s with model %s", len(shards), options.input_format, spec.fingerprint[:19])
+    log.info("encoding %d shard(s) of %s with model %s", len(shards), options.input_format, spec.fingerprint[:19])
     extra = {"job": "encode", "input": options.input, "input_format": options.input_format, "shards": len(shards),
              "latent_format": latent_format, "duplicate_keys": options.duplicate_keys,
              "codec": latents.metadata_of(latents.schema(spec, latent_format))}
@@ -254,7 +254,7 @@ def _build_and_run(options, beam_args, test_pipeline, spec, family, model_dir, l
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    show_progress()
     manifest = run(argv)
     print(summary(manifest, f"encoded {manifest['images']} images into {len(manifest['files'])} part(s), "
                             f"{manifest['total_bytes'] / max(manifest['images'], 1):.1f} bytes per image"))

@@ -8,7 +8,22 @@ letter with its `reason`, and the job goes on.
 
 
 import functools
+import logging
 import sys
+
+# latentpack's own progress and notes; Beam's and TensorFlow's loggers stay at their levels.
+log = logging.getLogger("latentpack")
+
+
+def show_progress() -> None:
+    """Send latentpack's INFO lines (progress, what a job is doing) to stderr, timestamped."""
+    if not any(getattr(h, "_latentpack", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler._latentpack = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 class LatentpackError(Exception):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import os
 import shutil
 import sys
@@ -35,6 +34,7 @@ from pipeline.artifact import read_spec
 from pipeline.errors import LatentpackError
 from pipeline.formats import READERS, get_reader
 from pipeline.images import ImageBatch, batch_photos, psnr
+from pipeline.errors import log, show_progress
 
 JPEG_QUALITIES = (5, 10, 20, 30, 50, 70, 90)
 WEBP_QUALITIES = (0, 5, 10, 20, 40, 60, 80, 95)
@@ -273,7 +273,7 @@ def run(argv=None) -> dict:
     args, beam_args = parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
     keys, images = load_eval_images(args.input, args.input_format, args.limit)
-    logging.info("evaluating on %d images", len(images))
+    log.info("evaluating on %d images", len(images))
     pattern = args.input
     if args.limit:
         # The jobs read exactly the evaluated images: write them as one npz per shape.
@@ -309,7 +309,7 @@ def write_subset(folder: str, keys, images) -> str:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    show_progress()
     report = run(argv)
     print(markdown(report["points"], report["bd_rate"]))
     return 0

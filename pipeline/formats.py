@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import logging
 import posixpath
 import re
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -19,6 +18,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline import tfrecord
 from pipeline.errors import BadImage, LatentpackError
 from pipeline.images import DeadLetter, SourceRecord, batch_records, probe_shape
+from pipeline.errors import log
 
 READERS: Dict[str, "Reader"] = {}
 
@@ -149,7 +149,7 @@ def load_images(pattern: Optional[str], input_format: str, limit: Optional[int] 
         if isinstance(item, DeadLetter):
             bad += 1
             if bad <= 5:
-                logging.warning("skipping %s (%s): %s", item.key, item.reason, item.error)
+                log.warning("skipping %s (%s): %s", item.key, item.reason, item.error)
         else:
             keys += item.keys
             batches.append(item)

@@ -16,7 +16,6 @@ is final, so the encode job has one read and encode path whichever sink it uses.
 from __future__ import annotations
 
 import json
-import logging
 import posixpath
 import re
 import zlib
@@ -29,6 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline import latents
 from pipeline.accounting import CountDeadLetters, WriteDeadLetters, counts, finish
 from pipeline.completion import DEAD_LETTER_DIR, FAILED, clear_previous, write_json
+from pipeline.errors import log
 
 NAMESPACE = "latentpack.encode"
 COUNTS_KEY = b"latentpack_counts"
@@ -185,7 +185,7 @@ class WritePartPerShard(beam.PTransform):
             state = part_state(path) if FileSystems.exists(path) else None
             if not (state and state[:2] == (self.spec.fingerprint, self.latent_format)):
                 todo.append(shard)
-        logging.info("%d of %d shard(s) already have a part; encoding %d", len(shards) - len(todo), len(shards),
+        log.info("%d of %d shard(s) already have a part; encoding %d", len(shards) - len(todo), len(shards),
                      len(todo))
         self.shards = todo
         return todo

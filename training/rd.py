@@ -7,7 +7,6 @@ with a straight-through gradient for the decoder's input.
 """
 from __future__ import annotations
 
-import logging
 import math
 import sys
 import time
@@ -15,6 +14,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from pipeline.errors import log
 from training import model
 from training.prior import FactorizedPrior
 
@@ -86,5 +86,5 @@ def train_rd(config, train_x: np.ndarray, val_x: np.ndarray):
             history["val_bytes"].append(float(v_bits.mean() / 8))
             line += f"; validation {v_psnr:.2f} dB at {v_bits.mean() / 8:.1f} bytes/image (estimated)"
         print(("\r" if sys.stdout.isatty() else "") + line + f" [{time.time() - started:.0f} s]", flush=True)
-        logging.debug(line)
+        log.debug(line)
     return encoder, decoder, prior, history

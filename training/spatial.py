@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import sys
 import time
@@ -24,6 +23,8 @@ import zlib
 from typing import Iterator, List, Optional
 
 import numpy as np
+
+from pipeline.errors import log
 
 # --quality 1..8 -> lambda, as CompressAI's bmshj2018-factorized presets.
 QUALITY_LAMBDAS = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.0130, 5: 0.0250, 6: 0.0483, 7: 0.0932, 8: 0.1800}
@@ -257,16 +258,16 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
         if os.path.exists(history_path):
             with open(history_path) as f:
                 history = json.load(f)
-        logging.info("resumed from %s at step %d", manager.latest_checkpoint, int(trainer.step))
+        log.info("resumed from %s at step %d", manager.latest_checkpoint, int(trainer.step))
     elif init_from:
         # Weights only (a new lambda, a fresh optimizer): how the other quality levels start.
         source = tf.train.Checkpoint(analysis=trainer.analysis, synthesis=trainer.synthesis, prior=trainer.prior)
         latest = tf.train.latest_checkpoint(init_from) or init_from
         source.restore(latest).expect_partial()
-        logging.info("initialized weights from %s", latest)
+        log.info("initialized weights from %s", latest)
     os.makedirs(checkpoint_dir, exist_ok=True)
     holdout = load_holdout(pattern, input_format, config)
-    logging.info("spatial model N=%d M=%d lambda=%g: %d held-out validation images, crops %d, batch %d, to step %d",
+    log.info("spatial model N=%d M=%d lambda=%g: %d held-out validation images, crops %d, batch %d, to step %d",
                  config.filters, config.latent_channels, config.lmbda, len(holdout), config.crop,
                  config.batch_size, config.steps)
     crops = tf.data.Dataset.from_generator(
@@ -305,7 +306,7 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
             with open(history_path + ".tmp", "w") as f:
                 json.dump(history, f)
             os.replace(history_path + ".tmp", history_path)
-    logging.info("trained to step %d in %.0f s this run", step, time.time() - started)
+    log.info("trained to step %d in %.0f s this run", step, time.time() - started)
     return export(trainer, model_dir, holdout, history,
                   dict(extra or {}, input=pattern, input_format=input_format))
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.formats import READERS
+from pipeline.errors import log, show_progress
 
 
 @dataclasses.dataclass
@@ -121,7 +121,7 @@ def train(config: TrainConfig, images: np.ndarray, model_dir: str, extra: Option
     keras.utils.set_random_seed(config.seed)
     train_x, val_x = split(images, config.val_fraction, config.seed)
     image_shape = tuple(images.shape[1:])
-    logging.info("training %s on %d images %s, validating on %d", config.arch, len(train_x), image_shape, len(val_x))
+    log.info("training %s on %d images %s, validating on %d", config.arch, len(train_x), image_shape, len(val_x))
     started = time.time()
     if config.lmbda is None:
         encoder, decoder, history = train_autoencoder(config, train_x, val_x)
@@ -173,7 +173,7 @@ def train_autoencoder(config: TrainConfig, train_x: np.ndarray, val_x: np.ndarra
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    show_progress()
     args = parse_args(argv)
     if args.arch == "spatial":
         from training import spatial
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
 
     _, images, _, bad = load_images(args.input, args.input_format, args.limit)
     if bad:
-        logging.warning("%d input records could not be used", bad)
+        log.warning("%d input records could not be used", bad)
     spec = train(config, images, args.model_dir,
                  extra={"input": args.input, "input_format": args.input_format, "bad_inputs": bad})
     m = spec["metrics"]
