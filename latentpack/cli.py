@@ -41,7 +41,7 @@ def usage() -> str:
 # Lines TensorFlow's native code prints on every start on a machine without a GPU: informational
 # (I/W), the CUDA probe's failure (E ... cuInit / cuda), and absl's note about its own start.
 _NATIVE_NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\)|[IW]\d{4} |"
-                           rb"E\d{4} .*(cuda|cuInit|CUDA))")
+                           rb"E\d{4} .*(cuda|cuInit|CUDA|oneDNN supports DT_HALF))")
 
 
 def quiet_native_logs() -> None:

@@ -59,7 +59,8 @@ class ChannelCoder:
 
     Every channel's values are coded in raster order with that channel's table, channel
     after channel, into one range-coder stream; values beyond a table's ends are clipped
-    to them (the tables' tails hold all but ~1e-7 of the training mass).
+    to them (the tables' tails hold all but ~1e-7 of the training mass). A table of one
+    symbol (a channel the model learned to leave constant) costs no bits and writes nothing.
     """
 
     def __init__(self, model):
@@ -68,7 +69,7 @@ class ChannelCoder:
         self.sizes = np.array([len(t) for t in tables], np.int64)
         total = float(1 << model["precision"])
         self.models = [constriction.stream.model.Categorical(np.asarray(t, np.float64) / total, perfect=False)
-                       for t in tables]
+                       if len(t) > 1 else None for t in tables]
 
     def symbols(self, latent: np.ndarray) -> np.ndarray:
         """Latents [h, w, C] -> table indices, clipped to each table."""
@@ -78,7 +79,8 @@ class ChannelCoder:
         symbols = self.symbols(latent)
         coder = constriction.stream.queue.RangeEncoder()
         for c, model in enumerate(self.models):
-            coder.encode(np.ascontiguousarray(symbols[..., c]).reshape(-1), model)
+            if model is not None:
+                coder.encode(np.ascontiguousarray(symbols[..., c]).reshape(-1), model)
         data = coder.get_compressed().tobytes()
         end = len(data)
         while end > len(data) - 3 and end > 0 and data[end - 1] == 0:
@@ -89,7 +91,8 @@ class ChannelCoder:
         """One code -> latents [height, width, C] (height, width: the latent grid)."""
         padded = code + b"\0" * (-len(code) % 4)
         coder = constriction.stream.queue.RangeDecoder(np.frombuffer(padded, np.uint32))
-        out = np.empty((len(self.models), height * width), np.int64)
+        out = np.zeros((len(self.models), height * width), np.int64)
         for c, model in enumerate(self.models):
-            out[c] = coder.decode(model, height * width)
+            if model is not None:
+                out[c] = coder.decode(model, height * width)
         return (out.T.reshape(height, width, -1) + self.offsets).astype(np.int64)

@@ -109,3 +109,19 @@ def test_code_format_needs_an_entropy_model(model_dir, shards, tmp_path):
     with pytest.raises(LatentpackError, match="needs a model trained with --quality or --lambda"):
         encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", str(tmp_path / "o"),
                     "--latent-format", "code"] + BEAM_TEST_ARGS)
+
+
+def test_channel_coder_round_trip_with_a_one_symbol_channel():
+    from pipeline.entropy import ChannelCoder
+
+    model = {"precision": 16, "offsets": [-3, 5, -1],
+             "frequencies": [[1000, 30000, 30000, 4536], [65536], [16384, 32768, 16384]]}
+    coder = ChannelCoder(model)
+    rng = np.random.default_rng(0)
+    latent = np.stack([rng.integers(-3, 1, (5, 7)), np.full((5, 7), 5), rng.integers(-1, 2, (5, 7))], axis=-1)
+    code = coder.encode(latent)
+    assert np.array_equal(coder.decode(code, 5, 7), latent)
+    # Values beyond a table are clipped to its ends; the constant channel decodes to its one value.
+    wild = latent.copy()
+    wild[0, 0] = [40, -9, 7]
+    assert coder.decode(coder.encode(wild), 5, 7)[0, 0].tolist() == [0, 5, 1]
