@@ -236,3 +236,19 @@ def test_codes_decode_identically_in_another_process_with_other_settings(spatial
     first = pq.read_table(part).sort_by("key").column("code").to_pylist()
     second = pq.ParquetDataset(latents.part_paths(again, completion.read_manifest(again))).read().sort_by("key")
     assert first == second.column("code").to_pylist()
+
+
+def test_init_from_restores_transforms_and_prior(tmp_path, photo_folder):
+    from training.spatial import SpatialConfig, SpatialTrainer, init_weights_from, train
+
+    config = SpatialConfig(filters=8, latent_channels=4, crop=32, batch_size=2, steps=4, checkpoint_every=4,
+                           validate_every=4, val_images=1, holdout_every=6)
+    ckpt = str(tmp_path / "ck")
+    train(config, str(photo_folder / "*.png"), "images", str(tmp_path / "a"), ckpt)
+    resumed, fresh = SpatialTrainer(config), SpatialTrainer(config)
+    import tensorflow as tf
+    resumed.checkpoint.restore(tf.train.latest_checkpoint(ckpt)).assert_existing_objects_matched()
+    init_weights_from(fresh, ckpt)
+    for a, b in zip(resumed.variables, fresh.variables):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), a.name
+    assert int(fresh.step) == 0  # a new run: its own step count and optimizer

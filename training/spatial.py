@@ -141,6 +141,25 @@ def random_crops(pattern: str, input_format: str, config: SpatialConfig, seed: i
             raise ValueError(f"no training images in {pattern!r} outside the held-out split")
 
 
+def init_weights_from(trainer, checkpoint: str) -> str:
+    """Load another run's transform and prior weights (not its optimizer state or step): how the
+    other quality levels start. Returns the checkpoint read.
+
+    The prior's weights reach a checkpoint through the optimizer that trained them (Keras 3
+    keeps a layer's lists of weights out of TensorFlow's object graph), so they are read back
+    through a throwaway optimizer over the same variables."""
+    import keras
+    import tensorflow as tf
+
+    throwaway = keras.optimizers.Adam()
+    throwaway.build(trainer.variables)
+    source = tf.train.Checkpoint(analysis=trainer.analysis, synthesis=trainer.synthesis, prior=trainer.prior,
+                                 optimizer=throwaway)
+    latest = tf.train.latest_checkpoint(checkpoint) or checkpoint
+    source.restore(latest).expect_partial()
+    return latest
+
+
 class SpatialTrainer:
     """The model's variables, optimizer and step, with checkpointing."""
 
@@ -260,10 +279,7 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
                 history = json.load(f)
         log.info("resumed from %s at step %d", manager.latest_checkpoint, int(trainer.step))
     elif init_from:
-        # Weights only (a new lambda, a fresh optimizer): how the other quality levels start.
-        source = tf.train.Checkpoint(analysis=trainer.analysis, synthesis=trainer.synthesis, prior=trainer.prior)
-        latest = tf.train.latest_checkpoint(init_from) or init_from
-        source.restore(latest).expect_partial()
+        latest = init_weights_from(trainer, init_from)
         log.info("initialized weights from %s", latest)
     os.makedirs(checkpoint_dir, exist_ok=True)
     holdout = load_holdout(pattern, input_format, config)
