@@ -14,9 +14,9 @@ from pipeline.images import ImageBatch
 # The exact artifacts that ship. A change here means a new model: retrain it with the command in
 # models/README.md, record how, and update the fingerprint together with BENCHMARKS.md.
 PINNED = {
-    "photo:2": "PIN2",
-    "photo:4": "PIN4",
-    "photo:6": "PIN6",
+    "photo:2": "sha256:0ae4b438e5220c5931f8577bd3d29aaaa7826a765a8ce5e87cda7bd0cb041b11",
+    "photo:4": "sha256:105a2af9471c976c057c84d000903bbf72836296d716219a0c13a42e2f61471b",
+    "photo:6": "sha256:15c6c1f3c28dfbf70cf6ed4d34bc7cbef6c77ff31feb1972a73e3aec2f8b185f",
 }
 
 
