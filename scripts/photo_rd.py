@@ -32,7 +32,12 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["photo:2", "photo:4", "photo:6"], help="models to evaluate")
     p.add_argument("--limit", type=int, help="at most this many held-out photos")
     p.add_argument("--record", action="store_true", help="write the results into BENCHMARKS.md")
+    p.add_argument("--record-only", action="store_true", help="only record an earlier run's rd.json from --out")
     args = p.parse_args(argv)
+    if args.record_only:
+        import json
+        record(args, argv, json.load(open(os.path.join(args.out, "rd.json")))["images"])
+        return 0
     if not os.path.isdir(BSDS):
         sys.exit(f"photo_rd: {BSDS} is missing; this benchmark needs ../shared/data/bsds500")
     sys.path.insert(0, ROOT)
@@ -61,8 +66,9 @@ def main(argv=None) -> int:
 
 def at_bpp(points, family, bpp):
     """PSNR of a family's curve at `bpp`, interpolated (None outside its range)."""
-    pts = sorted((p["bpp"], p["psnr"]) for p in points if p["family"] == family)
-    if not pts or not pts[0][0] <= bpp <= pts[-1][0]:
+    pts = sorted((p["bpp"], p["psnr"]) for p in points if p["family"] == family and p["psnr"] < 99)
+    # A curve that ends within 1% of the rate counts as reaching it (its end point is used).
+    if not pts or not pts[0][0] * 0.99 <= bpp <= pts[-1][0] * 1.01:
         return None
     return float(np.interp(bpp, [a for a, _ in pts], [b for _, b in pts]))
 
