@@ -23,9 +23,13 @@ import numpy as np
 from PIL import Image
 
 from latentpack import cli
-from pipeline.formats import load_mnist_sample
-from pipeline.images import encode_png
-from pipeline.tfrecord import write_shard
+
+if __name__ == "__main__" and "--verbose" not in sys.argv:
+    cli.quiet_native_logs()  # as the latentpack command does: TensorFlow's start-up chatter off
+with cli.quiet_python_warnings():
+    from pipeline.formats import load_mnist_sample
+    from pipeline.images import encode_png
+    from pipeline.tfrecord import write_shard
 
 # The quality floor the default demo must meet (issue: end-to-end).
 FLOOR_PSNR_MEAN = 19.0
