@@ -313,3 +313,41 @@ def _codec_cache(model_dir):
     if model_dir not in _CODECS:
         _CODECS[model_dir] = load_codec(model_dir)
     return _CODECS[model_dir]
+
+
+_NAME = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), min_size=1,
+                max_size=40)
+
+
+@FUZZ
+@given(names=st.lists(_NAME, min_size=1, max_size=6))
+def test_fuzz_webdataset_member_names(mnist, names):
+    """Any member names: every member is a record or a dead letter, never an exception."""
+    import io as io_
+    import tarfile
+
+    png = encode_png(mnist[0][0])
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "s.tar")
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+            for name in names:
+                info = tarfile.TarInfo(name + ".png")
+                info.size = len(png)
+                tar.addfile(info, io_.BytesIO(png))
+        reader = get_reader("webdataset")
+        out = list(batch_records(reader.records(path, d), (28, 28, 1), 4))
+    assert all(isinstance(o, (ImageBatch, DeadLetter)) for o in out)
+    assert sum(len(o) if isinstance(o, ImageBatch) else 1 for o in out) >= 1
+
+
+@FUZZ
+@given(keys=st.lists(st.one_of(_NAME, st.binary(min_size=1, max_size=20)), min_size=3, max_size=3))
+def test_fuzz_npz_keys(mnist, keys):
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "x.npz")
+        np.savez(path, images=mnist[0][:3], keys=np.array(keys, dtype=object if any(
+            isinstance(k, bytes) for k in keys) else None))
+        reader = get_reader("npz")
+        out = list(batch_records(reader.records(path, d), (28, 28, 1), 8))
+    assert all(isinstance(o, (ImageBatch, DeadLetter)) for o in out)
+    assert sum(len(o) if isinstance(o, ImageBatch) else 1 for o in out) in (1, 3)

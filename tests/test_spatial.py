@@ -252,3 +252,20 @@ def test_init_from_restores_transforms_and_prior(tmp_path, photo_folder):
     for a, b in zip(resumed.variables, fresh.variables):
         assert np.array_equal(np.asarray(a), np.asarray(b)), a.name
     assert int(fresh.step) == 0  # a new run: its own step count and optimizer
+
+
+def test_int_latents_outside_the_tables_are_dead_letters(spatial_model_dir):
+    import pyarrow as pa
+
+    codec = load_codec(spatial_model_dir)
+    images = np.stack(smooth_photos(np.random.default_rng(8), 2, sizes=[(32, 32)]))
+    columns = codec.compress(ImageBatch(["a", "b"], images, np.array([-1, -1]), np.array([False, False])), "int")
+    values = columns["latent"].to_pylist()
+    values[1][0] = 30000
+    columns["latent"] = pa.array(values, pa.list_(pa.int16()))
+    table = latents.to_table(["a", "b"], columns, np.array([-1, -1]), np.array([False, False]),
+                             latents.schema(codec.spec, "int"))
+    out = list(codec.decompress(table))
+    letters = [o for o in out if not isinstance(o, ImageBatch)]
+    assert [(d.key, d.reason) for d in letters] == [("b", "bad_latent")]
+    assert [b.keys for b in out if isinstance(b, ImageBatch)] == [["a"]]

@@ -104,7 +104,10 @@ class SpatialCodec(ModelCodec):
         if latent_format == "code":
             value = pa.array([self.coder.encode(z) for z in latent], pa.binary())
         else:
-            value = pa.array([z.reshape(-1) for z in latent], pa.list_(pa.int16()))
+            # Clipped to the tables as the codes are, so both formats hold the same latents.
+            low, high = self.coder.offsets, self.coder.offsets + self.coder.sizes - 1
+            value = pa.array([np.clip(z, low, high).astype(np.int16).reshape(-1) for z in latent],
+                             pa.list_(pa.int16()))
         modes = batch.modes or [("L" if channels == 1 else "RGB")] * n
         return {"code" if latent_format == "code" else "latent": value,
                 "height": pa.array(np.full(n, height, np.int32)),
@@ -134,6 +137,9 @@ class SpatialCodec(ModelCodec):
                 else:
                     flat = values[i].values.to_numpy(zero_copy_only=False)
                     latent = flat.reshape(grid + (self.spec.latent_channels,))
+                    if ((latent < self.coder.offsets) | (latent >= self.coder.offsets + self.coder.sizes)).any():
+                        yield DeadLetter(keys[i], "", i, "bad_latent", "latent values outside the model's tables")
+                        continue
             except Exception as e:  # a damaged code or a latent list of the wrong length
                 yield DeadLetter(keys[i], "", i, "bad_code", f"latents do not decode: {type(e).__name__}: {e}")
                 continue
