@@ -17,6 +17,7 @@ import zlib
 from typing import List, Optional
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -94,6 +95,24 @@ def _key_buckets(shard: str, input_format: str, root: str, buckets: int = 16):
     return [(b, entries) for b, entries in enumerate(out) if entries]
 
 
+# Keys already stored in the output's older parts (--skip-existing) come first, before any shard:
+# "(" sorts before "/" and letters, so their places win min().
+EXISTING = "(existing part) "
+
+
+def _part_key_buckets(part: str, buckets: int = 16):
+    """An existing part -> (bucket, [(key, place, row)]) for every key it stores."""
+    import pyarrow.parquet as pq
+
+    out = [[] for _ in range(buckets)]
+    with FileSystems.open(part) as f:
+        keys = pq.read_table(f, columns=["key"]).column("key").to_pylist()
+    name = EXISTING + part.rsplit("/", 1)[-1]
+    for i, key in enumerate(keys):
+        out[zlib.crc32(key.encode("utf-8", "surrogatepass")) % buckets].append((key, name, i))
+    return [(b, entries) for b, entries in enumerate(out) if entries]
+
+
 def _duplicates_in_bucket(bucket_entries):
     _, lists = bucket_entries
     seen = {}
@@ -111,13 +130,18 @@ class FindDuplicateKeys(beam.PTransform):
     Reads keys only (no pixels) and groups them by a hash bucket, so no worker holds them all.
     """
 
-    def __init__(self, input_format: str, root: str):
+    def __init__(self, input_format: str, root: str, existing_parts=()):
         super().__init__()
-        self.input_format, self.root = input_format, root
+        self.input_format, self.root, self.existing_parts = input_format, root, list(existing_parts)
 
     def expand(self, shards):
-        return (shards
-                | "KeyBuckets" >> beam.FlatMap(_key_buckets, self.input_format, self.root)
+        buckets = shards | "KeyBuckets" >> beam.FlatMap(_key_buckets, self.input_format, self.root)
+        if self.existing_parts:
+            stored = (shards.pipeline
+                      | "ListExistingParts" >> beam.Create(self.existing_parts)
+                      | "StoredKeyBuckets" >> beam.FlatMap(_part_key_buckets))
+            buckets = (buckets, stored) | "AllKeyBuckets" >> beam.Flatten()
+        return (buckets
                 | "GroupBuckets" >> beam.GroupByKey()
                 | "Duplicates" >> beam.FlatMap(_duplicates_in_bucket)
                 | "AsDict" >> beam.combiners.ToDict())
@@ -127,10 +151,11 @@ class ReadImageShards(beam.PTransform):
     """Match shards, spread them over workers, read them into image batches (+ dead letters)."""
 
     def __init__(self, shards, input_format, root, shape, batch_size=1024, max_pixels=DEFAULT_MAX_PIXELS,
-                 check_duplicates=True):
+                 check_duplicates=True, existing_parts=()):
         super().__init__()
         self.shards, self.fn = list(shards), ReadShardBatches(input_format, root, shape, batch_size, max_pixels)
         self.input_format, self.root, self.check_duplicates = input_format, root, check_duplicates
+        self.existing_parts = list(existing_parts)
 
     def expand(self, pbegin):
         shards = (pbegin
@@ -139,7 +164,8 @@ class ReadImageShards(beam.PTransform):
                   | "SpreadShards" >> beam.Reshuffle())
         side = []
         if self.check_duplicates:
-            duplicates = shards | "FindDuplicateKeys" >> FindDuplicateKeys(self.input_format, self.root)
+            duplicates = shards | "FindDuplicateKeys" >> FindDuplicateKeys(self.input_format, self.root,
+                                                                            self.existing_parts)
             side = [beam.pvalue.AsSingleton(duplicates)]
         return shards | "ReadBatches" >> beam.ParDo(self.fn, *side).with_outputs(DEAD_LETTER_TAG, main="images")
 
@@ -246,8 +272,10 @@ def _build_and_run(options, beam_args, test_pipeline, spec, family, model_dir, l
                                         options.max_bad_fraction, fatal)
         sink.prepare(shards)
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(list(beam_args)))
+    # With --skip-existing, keys already stored in the folder's older parts count as first occurrences.
     read = p | "ReadImageShards" >> ReadImageShards(
-        shards, options.input_format, root, family.image_shape(spec), options.batch_size, options.max_pixels)
+        shards, options.input_format, root, family.image_shape(spec), options.batch_size, options.max_pixels,
+        existing_parts=getattr(sink, "existing", ()))
     tables = read.images | "EncodeImages" >> beam.ParDo(EncodeBatch(model_dir, spec, latent_format))
     (tables, read[DEAD_LETTER_TAG]) | "WriteLatentDataset" >> sink
     return run_to_completion(p, output, claim=claim)

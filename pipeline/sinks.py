@@ -174,7 +174,7 @@ class WritePartPerShard(beam.PTransform):
         super().__init__()
         self.output, self.spec, self.latent_format, self.extra = output, spec, latent_format, extra
         self.max_bad_fraction, self.fatal_reasons = max_bad_fraction, fatal_reasons
-        self.shards = []
+        self.shards, self.existing = [], []
 
     def prepare(self, shards):
         """In the driver: drop unfinished temporary files, and return the shards that still need a part."""
@@ -186,8 +186,13 @@ class WritePartPerShard(beam.PTransform):
             if not (state and state[:2] == (self.spec.fingerprint, self.latent_format)):
                 todo.append(shard)
         log.info("%d of %d shard(s) already have a part; encoding %d", len(shards) - len(todo), len(shards),
-                     len(todo))
+                 len(todo))
         self.shards = todo
+        rewritten = {posixpath.join(self.output, part_name(s)) for s in todo}
+        # Every part that stays (for these shards or others): its keys come before any new one.
+        self.existing = sorted(m.path for m in FileSystems.match(
+            [posixpath.join(self.output, f"{latents.PART_PREFIX}-*.parquet")])[0].metadata_list
+            if m.path not in rewritten)
         return todo
 
     def expand(self, inputs):

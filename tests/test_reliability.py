@@ -351,3 +351,26 @@ def test_fuzz_npz_keys(mnist, keys):
         out = list(batch_records(reader.records(path, d), (28, 28, 1), 8))
     assert all(isinstance(o, (ImageBatch, DeadLetter)) for o in out)
     assert sum(len(o) if isinstance(o, ImageBatch) else 1 for o in out) in (1, 3)
+
+
+def test_skip_existing_checks_keys_against_the_older_parts(tmp_path, mnist, model_dir):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_tfrecord(folder / "day1.tfrecord", mnist[0][:5], keys=[f"k{i}" for i in range(5)])
+    out = str(tmp_path / "lat")
+    args = ["--input", str(folder / "*.tfrecord"), "--model-dir", model_dir, "--output", out, "--skip-existing",
+            "--max-bad-fraction", "0.5"] + BEAM_TEST_ARGS
+    encode.run(args)
+    # The next night brings k3 and k4 again: the stored ones were first, the new ones are dead letters.
+    write_tfrecord(folder / "day2.tfrecord", mnist[0][5:10], keys=[f"k{i}" for i in range(3, 8)])
+    second = encode.run(args)
+    c = second["counts"]
+    assert (c["read"], c["written"], c["dead_lettered_by_reason"]) == (10, 8, {"duplicate_key": 2})
+    assert rows(out).column("key").to_pylist() == [f"k{i}" for i in range(8)]
+    letters = [json.loads(line) for f in glob.glob(f"{out}/dead_letter/*.jsonl") for line in open(f)]
+    assert sorted(d["key"] for d in letters) == ["k3", "k4"]
+    assert all("existing part" in d["error"] for d in letters)
+    # With --duplicate-keys fail, the same situation fails the job and leaves it unmarked.
+    write_tfrecord(folder / "day3.tfrecord", mnist[0][10:12], keys=["k0", "new"])
+    with pytest.raises(LatentpackError, match="duplicate_key"):
+        encode.run(args + ["--duplicate-keys", "fail"])
