@@ -33,20 +33,16 @@ from pipeline.errors import show_progress
 NAMESPACE = "latentpack.decode"
 
 
-def check_dataset(dataset_dir: str, spec) -> list:
-    """Validate a latent dataset against the model; returns its part paths."""
+def check_dataset(dataset_dir: str, spec) -> tuple:
+    """Validate a latent dataset against the model; returns (part paths, their manifest entries)."""
     manifest = read_manifest(dataset_dir)
     if manifest.get("format") != "latentpack-dataset":
         raise LatentpackError(f"{dataset_dir}: {MANIFEST} is not a latentpack dataset manifest")
     check_fingerprint(posixpath.join(dataset_dir, MANIFEST), manifest.get("model_fingerprint"), spec)
     paths = latents.part_paths(dataset_dir, manifest)
     family = codec_class(spec)
-    for path, expected in zip(paths, manifest["files"]):
-        # Sizes and row counts here, before anything is written; checksums in the workers.
-        problem = latents.check_part(path, {k: v for k, v in expected.items() if k != "crc32c"})
-        if problem:
-            raise LatentpackError(f"{path} {problem}; the dataset is damaged (latentpack verify "
-                                  f"{dataset_dir} lists every problem)")
+    # Sizes and row counts here, before anything is written; checksums in the workers.
+    latents.require_intact(dataset_dir, paths, manifest["files"], checksums=False)
     for path in paths:
         try:
             with FileSystems.open(path) as f:
@@ -71,7 +67,7 @@ def check_dataset(dataset_dir: str, spec) -> list:
             if schema.field(field.name).type != field.type:
                 raise LatentpackError(f"{path}: column {field.name!r} is {schema.field(field.name).type}, "
                                       f"the model needs {field.type}")
-    return paths
+    return paths, manifest["files"]
 
 
 def check_fingerprint(path: str, fingerprint: str, spec) -> None:
@@ -181,7 +177,7 @@ def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     model_dir = models.resolve(options.model_dir)
     spec = read_spec(model_dir)
     dataset = options.input.rstrip("/")
-    paths = check_dataset(dataset, spec)
+    paths, entries = check_dataset(dataset, spec)
     output = options.output.rstrip("/")
     if (output + "/").startswith(dataset + "/"):
         raise LatentpackError(f"--output {output} is, or is inside, the --input dataset {dataset}; decoding there "
@@ -189,17 +185,17 @@ def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     claim = OutputFolder(output, "decode")
     claim.claim()
     try:
-        return _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, paths, output, claim)
+        return _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, paths, entries, output,
+                              claim)
     finally:
         claim.release()
 
 
-def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, paths, output, claim):
+def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, paths, entries, output, claim):
     # PNG files are one per key and are overwritten in place; shard files are replaced.
     clear_previous(output, [f"images-*.{ext}" for ext in ("tfrecord", "npz", "parquet", "npz.tmp")])
     extra = {"job": "decode", "source": dataset, "output_format": options.output_format, "model_fingerprint": spec.fingerprint}
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(list(beam_args)))
-    entries = read_manifest(dataset)["files"]
     parts = (p
              | "ListParts" >> beam.Create(list(zip(paths, entries)))
              | "SpreadParts" >> beam.Reshuffle()

@@ -77,6 +77,17 @@ def png_header(data: bytes) -> Optional[tuple]:
     return width, height, data[24], data[25]
 
 
+def _load_png(data: bytes, height: int, width: int) -> np.ndarray:
+    """An 8-bit grey or RGB PNG through libspng, checked against its header's size, or BadImage."""
+    try:
+        pixels = pyspng.load(data)
+    except Exception as e:  # libspng reports every decoding failure as RuntimeError
+        raise BadImage("undecodable", f"truncated or corrupt image data: {e}") from None
+    if pixels.dtype != np.uint8 or pixels.shape[:2] != (height, width):
+        raise BadImage("undecodable", f"PNG decoded to {pixels.dtype} {pixels.shape}, not its header's shape")
+    return pixels
+
+
 def decode_image(data: bytes, shape: tuple, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """PNG/JPEG bytes -> uint8 array of exactly `shape` (H, W, C), or BadImage.
 
@@ -91,13 +102,7 @@ def decode_image(data: bytes, shape: tuple, max_pixels: int = DEFAULT_MAX_PIXELS
         if png_width * png_height > max_pixels:
             raise BadImage("too_many_pixels", f"{png_width}x{png_height} exceeds the {max_pixels}-pixel limit")
         if depth == 8 and colour == _PNG_DIRECT.get(channels) and (png_height, png_width) == (height, width):
-            try:
-                pixels = pyspng.load(data)
-            except Exception as e:  # libspng reports every decoding failure as RuntimeError
-                raise BadImage("undecodable", f"truncated or corrupt image data: {e}") from None
-            if pixels.dtype != np.uint8 or pixels.shape[:2] != (height, width):
-                raise BadImage("undecodable", f"PNG decoded to {pixels.dtype} {pixels.shape}, not its header's shape")
-            return pixels.reshape(height, width, channels)
+            return _load_png(data, height, width).reshape(height, width, channels)
     try:
         img = Image.open(io.BytesIO(data))
     except Exception as e:  # Pillow raises several types for unreadable bytes
@@ -142,13 +147,7 @@ def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
         if width * height > max_pixels:
             raise BadImage("too_many_pixels", f"{width}x{height} exceeds the {max_pixels}-pixel limit")
         if depth == 8 and colour in (0, 2):
-            try:
-                pixels = pyspng.load(data)
-            except Exception as e:
-                raise BadImage("undecodable", f"truncated or corrupt image data: {e}") from None
-            if pixels.dtype != np.uint8 or pixels.shape[:2] != (height, width):
-                raise BadImage("undecodable", f"PNG decoded to {pixels.dtype} {pixels.shape}, not its header's shape")
-            return Photo(pixels.reshape(height, width, -1), "L" if colour == 0 else "RGB")
+            return Photo(_load_png(data, height, width).reshape(height, width, -1), "L" if colour == 0 else "RGB")
     try:
         img = Image.open(io.BytesIO(data))
     except Exception as e:

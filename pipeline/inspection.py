@@ -104,12 +104,8 @@ def main(argv=None) -> int:
     else:
         manifest = read_manifest(dataset)
         paths = latents.part_paths(dataset, manifest)
-        for path, expected in zip(paths, manifest["files"]):
-            # Sizes and rows always; checksums of the parts whose rows it decodes.
-            check = expected if args.samples else {k: v for k, v in expected.items() if k != "crc32c"}
-            problem = latents.check_part(path, check)
-            if problem:
-                raise LatentpackError(f"{path} {problem}; the dataset is damaged (latentpack verify {dataset})")
+        # Sizes and rows always; checksums too when it decodes rows.
+        latents.require_intact(dataset, paths, manifest["files"], checksums=bool(args.samples))
     if not paths:
         raise LatentpackError(f"{dataset}: no Parquet parts")
     with FileSystems.open(paths[0]) as f:

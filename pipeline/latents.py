@@ -166,6 +166,16 @@ def describe_parts(paths) -> list:
     return parts
 
 
+def require_intact(dataset_dir: str, paths: list, entries: list, checksums: bool) -> None:
+    """Refuse a dataset whose parts differ from their manifest entries (sizes and rows; with
+    `checksums`, the CRC32C of their bytes too), naming the first damaged part."""
+    for path, expected in zip(paths, entries):
+        problem = check_part(path, expected if checksums else {k: v for k, v in expected.items() if k != "crc32c"})
+        if problem:
+            raise LatentpackError(f"{path} {problem}; the dataset is damaged (latentpack verify {dataset_dir} "
+                                  "lists every problem)")
+
+
 def check_part(path: str, expected: dict) -> Optional[str]:
     """None if the part has the manifest's bytes, rows and checksum, else what differs."""
     try:

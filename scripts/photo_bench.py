@@ -34,12 +34,10 @@ BSDS = os.path.join(ROOT, "..", "shared", "data", "bsds500")
 def held_out_photos(limit: int) -> list:
     """Paths of held-out evaluation photos: BSDS500 images in training's held-out split."""
     sys.path.insert(0, ROOT)
-    from training.spatial import SpatialConfig, is_holdout
+    from training.spatial import holdout_files
 
-    every = SpatialConfig().holdout_every
     if os.path.isdir(BSDS):
-        names = sorted(n for n in os.listdir(BSDS) if n.endswith(".jpg") and is_holdout(n[:-4], every))
-        return [os.path.join(BSDS, n) for n in names[:limit]]
+        return holdout_files(BSDS)[:limit]
     import photo_demo
     return photo_demo.photo_files()[:limit]
 

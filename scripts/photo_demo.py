@@ -56,8 +56,10 @@ def at_most(image: np.ndarray, codec: str, budget: int):
 
 
 def psnr(a, b) -> float:
-    mse = np.mean((a.astype(np.float64) - b) ** 2)
-    return 100.0 if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+    """PSNR of one image pair (the pipeline's batch PSNR)."""
+    from pipeline.images import psnr as batch_psnr
+
+    return float(batch_psnr(a[None], b[None])[0])
 
 
 def side_by_side(panels, path: str, height: int = 300) -> None:

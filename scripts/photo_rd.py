@@ -42,10 +42,9 @@ def main(argv=None) -> int:
         sys.exit(f"photo_rd: {BSDS} is missing; this benchmark needs ../shared/data/bsds500")
     sys.path.insert(0, ROOT)
     from latentpack import cli
-    from training.spatial import SpatialConfig, is_holdout
+    from training.spatial import holdout_files
 
-    every = SpatialConfig().holdout_every
-    names = sorted(n for n in os.listdir(BSDS) if n.endswith(".jpg") and is_holdout(n[:-4], every))
+    names = [os.path.basename(p) for p in holdout_files(BSDS)]
     names = names[:args.limit] if args.limit else names
     photos = os.path.join(args.out, "holdout")
     shutil.rmtree(photos, ignore_errors=True)

@@ -51,3 +51,25 @@ def test_bd_rate_of_a_curve_against_itself_and_a_cheaper_one():
     assert abs(evaluate.bd_rate(anchor, anchor)) < 1e-9
     assert abs(evaluate.bd_rate(anchor, half) - (-50.0)) < 1e-6
     assert evaluate.bd_rate(anchor, [{"bpp": 1, "psnr": 50}, {"bpp": 2, "psnr": 60}]) is None
+
+
+def test_photo_rd_script_on_two_held_out_photos(tmp_path, spatial_model_dir):
+    """`make photo-rd` end to end on a small scale (needs ../shared/data/bsds500)."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(root, "..", "shared", "data", "bsds500")):
+        pytest.skip("../shared/data/bsds500 is not here")
+    out = str(tmp_path / "rd")
+    subprocess.run([sys.executable, os.path.join(root, "scripts", "photo_rd.py"), "--out", out, "--models",
+                    spatial_model_dir, "--limit", "2"], cwd=root, check=True, capture_output=True, timeout=600)
+    report = json.load(open(os.path.join(out, "rd.json")))
+    assert report["images"] == 2 and {p["family"] for p in report["points"]} >= {"latentpack-spatial", "webp", "avif"}
+    sys.path.insert(0, os.path.join(root, "scripts"))
+    import photo_rd
+    webp = photo_rd.at_bpp(report["points"], "webp", sorted(p["bpp"] for p in report["points"]
+                                                             if p["family"] == "webp")[2])
+    assert webp is not None and 15 < webp < 60

@@ -86,10 +86,18 @@ def is_holdout(key: str, every: int) -> bool:
     return every > 0 and zlib.crc32(key.encode()) % every == 0
 
 
-def pad_to_multiple(image: np.ndarray, multiple: int = STRIDE) -> np.ndarray:
-    """Edge-pad an (H, W, C) image on the bottom and right to a multiple of `multiple`."""
-    h, w = image.shape[:2]
-    return np.pad(image, ((0, -h % multiple), (0, -w % multiple), (0, 0)), mode="edge")
+def padded_batch(image: np.ndarray) -> np.ndarray:
+    """One (H, W, C) image as a batch of one, edge-padded as the pipeline pads it for the model."""
+    from pipeline.codecs.spatial import pad_to_multiple
+
+    return pad_to_multiple(image[None], STRIDE)
+
+
+def holdout_files(folder: str, every: int = SpatialConfig.holdout_every, ext: str = ".jpg") -> list:
+    """The files of a folder of photos that training holds out (by the key, the name without
+    extension): what the photo benchmarks evaluate on."""
+    return [os.path.join(folder, n) for n in sorted(os.listdir(folder))
+            if n.endswith(ext) and is_holdout(n[:-len(ext)], every)]
 
 
 def _photos(pattern: str, input_format: str, rng, holdout: Optional[bool], every: int) -> Iterator[tuple]:
@@ -215,7 +223,7 @@ class SpatialTrainer:
 
         psnrs, bpps = [], []
         for image in images:
-            padded = pad_to_multiple(image)[None].astype(np.float32) / 255.0
+            padded = padded_batch(image).astype(np.float32) / 255.0
             y = tf.round(self.analysis(padded, training=False))
             x_hat = self.synthesis(y, training=False).numpy()[0, :image.shape[0], :image.shape[1]]
             recon = np.round(np.clip(x_hat, 0, 1) * 255.0)
@@ -369,7 +377,7 @@ def measure(module, entropy_model: dict, images) -> dict:
     psnrs, bpps = [], []
     for image in images:
         h, w = image.shape[:2]
-        latent = module.encode(pad_to_multiple(image)[None])["latent"].numpy()[0]
+        latent = module.encode(padded_batch(image))["latent"].numpy()[0]
         recon = module.decode(latent[None])["image"].numpy()[0, :h, :w]
         bits = 0.0
         for c in range(latent.shape[-1]):
