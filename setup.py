@@ -35,7 +35,10 @@ setup(
         "constriction>=0.4,<0.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "pandas>=2", "duckdb>=1.0"],
+        # `--runner DaskRunner`: Beam's Dask runner on a dask.distributed cluster (apache-beam[dask]).
+        "dask": ["dask>=2024.4,<2027", "distributed>=2024.4,<2027"],
+        "test": ["pytest>=8", "hypothesis>=6", "pandas>=2", "duckdb>=1.0",
+                 "dask>=2024.4,<2027", "distributed>=2024.4,<2027"],
         # `make demo`'s photographs: the ones scikit-image's wheel bundles in skimage/data.
         "demo": ["scikit-image>=0.22"],
     },

@@ -1,7 +1,9 @@
 """Every image accounted for: dead-letter output, counts, progress, and the manifest step.
 
-Shared by the encode and decode jobs. The manifest is written by a step whose side
-inputs are the written files, so it runs only after every part is finalized.
+Shared by the encode and decode jobs. Each job's graph ends in one chain: the workers that
+write parts (or image shards) yield a summary of each, `Gather` brings the summaries to one
+worker, and the manifest step checks that every planned part is there before it writes
+`_manifest.json`.
 """
 from __future__ import annotations
 
@@ -10,13 +12,13 @@ import posixpath
 import time
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline.completion import DEAD_LETTER_DIR, FAILED, MANIFEST, seal, write_json
+from pipeline.completion import FAILED, MANIFEST, seal, write_json
 from pipeline.images import DeadLetter
 from pipeline.errors import log
 
-DEAD_LETTER_TAG = "dead_letter"
 DEFAULT_MAX_BAD_FRACTION = 0.01
 
 
@@ -38,36 +40,51 @@ class Progress:
             log.info("%s %d images (%.0f images/s)", self.what, self.done, rate)
 
 
-class CountDeadLetters(beam.DoFn):
-    """Passes dead letters through, counting them by reason in Beam metrics."""
-
-    def __init__(self, namespace: str):
-        self.namespace = namespace
-
-    def process(self, letter: DeadLetter):
-        Metrics.counter(self.namespace, "dead_lettered").inc()
-        Metrics.counter(self.namespace, f"dead_lettered_{letter.reason}").inc()
-        yield letter
+def count_reasons(letters) -> dict:
+    """{reason: count} of some dead letters."""
+    reasons = {}
+    for letter in letters:
+        reasons[letter.reason] = reasons.get(letter.reason, 0) + 1
+    return reasons
 
 
-class WriteDeadLetters(beam.PTransform):
-    """Dead letters -> `<output>/dead_letter/part-*.jsonl`; returns {reason: count} as one element."""
+def add_reasons(total: dict, more: dict) -> dict:
+    for reason, n in more.items():
+        total[reason] = total.get(reason, 0) + n
+    return total
 
-    def __init__(self, output: str, namespace: str):
-        super().__init__()
-        self.output, self.namespace = output, namespace
 
-    def expand(self, letters):
-        counted = letters | "CountByReason" >> beam.ParDo(CountDeadLetters(self.namespace))
-        written = (counted
-                   | "ToJson" >> beam.Map(lambda d: json.dumps(d.to_dict(), sort_keys=True))
-                   | "WriteJsonl" >> beam.io.WriteToText(
-                       posixpath.join(self.output, DEAD_LETTER_DIR, "part"), file_name_suffix=".jsonl"))
-        reasons = (counted
-                   | "Reason" >> beam.Map(lambda d: d.reason)
-                   | "PerReason" >> beam.combiners.Count.PerElement()
-                   | "AsDict" >> beam.combiners.ToDict())
-        return reasons, written
+def count_dead_letter(namespace: str, letter: DeadLetter) -> None:
+    """Beam metrics by reason, where the runner collects them (a no-op where it does not)."""
+    Metrics.counter(namespace, "dead_lettered").inc()
+    Metrics.counter(namespace, f"dead_lettered_{letter.reason}").inc()
+
+
+def write_dead_letters(path: str, letters) -> None:
+    """Dead letters as JSON lines, through a temporary name and a rename (a retried task rewrites
+    the same file; a reader never sees half of one)."""
+    tmp = path + ".tmp"
+    with FileSystems.create(tmp) as f:
+        f.write("".join(json.dumps(d.to_dict(), sort_keys=True) + "\n" for d in letters).encode())
+    FileSystems.rename([tmp], [path])
+
+
+class Gather(beam.PTransform):
+    """Every element of a collection as one list, on one worker: the input of a job's last step
+    (the manifest). Built from a Create, a Flatten and a GroupByKey only, so the step runs once,
+    after everything upstream has finished, on every runner (no side inputs, no combiners),
+    and also when the collection is empty."""
+
+    def expand(self, pcoll):
+        once = pcoll.pipeline | "Once" >> beam.Create([(None, _NOTHING)])
+        keyed = pcoll | "KeyAll" >> beam.Map(lambda x: (None, x))
+        return ((keyed, once)
+                | "WithOnce" >> beam.Flatten()
+                | "GroupAll" >> beam.GroupByKey()
+                | "Elements" >> beam.Map(lambda kv: [x for x in kv[1] if x != _NOTHING]))
+
+
+_NOTHING = "latentpack:nothing"
 
 
 def counts(read_written: int, reasons: dict) -> dict:

@@ -203,9 +203,15 @@ def clear_previous(output: str, patterns) -> None:
 def run_to_completion(pipeline, output: str, what: str = "latent dataset", claim: "OutputFolder" = None) -> dict:
     """Run a job, turn a failure marker into a clear error, and return its manifest; the folder's
     lock is released however the job ends (an interrupted job leaves its output unmarked)."""
+    result = None
     try:
-        pipeline.run().wait_until_finish()
+        result = pipeline.run()
+        result.wait_until_finish()
     finally:
+        # The Dask runner leaves its connection to the cluster open; a scheduled job must not.
+        client = getattr(result, "client", None)
+        if client is not None:
+            client.close()
         if claim is not None:
             claim.release()
     raise_if_failed(output)

@@ -2,12 +2,14 @@
 
     latentpack decode --input latents/ --model-dir model/ --output images/ --output-format png
 
-ReadLatentDataset -> DecodeLatents -> Write<format>. Refuses a dataset made with a
+ListParts -> DecodeParts (each latent part checked, decoded and written by one worker: one
+output shard per part, or one PNG per image) -> the manifest. Refuses a dataset made with a
 different model (fingerprint mismatch) or one that is incomplete (no manifest).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import posixpath
 import sys
@@ -17,18 +19,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import latents
-from pipeline.accounting import (DEAD_LETTER_TAG, DEFAULT_MAX_BAD_FRACTION, Progress, WriteDeadLetters, counts,
-                                 finish, summary)
+from pipeline.accounting import (DEFAULT_MAX_BAD_FRACTION, Gather, Progress, add_reasons, count_dead_letter,
+                                 count_reasons, counts, finish, summary, write_dead_letters)
 from pipeline.artifact import read_spec
-from pipeline.codecs import codec_class, load_codec
-from pipeline.completion import MANIFEST, OutputFolder, clear_previous, read_manifest, run_to_completion
+from pipeline.codecs import codec_class, shared_codec
+from pipeline.completion import DEAD_LETTER_DIR, MANIFEST, OutputFolder, clear_previous, read_manifest, run_to_completion
 from pipeline.errors import LatentpackError
 from pipeline.images import DeadLetter
 from pipeline.outputs import WRITERS
 from pipeline.errors import show_progress
+from pipeline.runners import either_spelling, runner_options
 
 NAMESPACE = "latentpack.decode"
 
@@ -77,59 +79,103 @@ def check_fingerprint(path: str, fingerprint: str, spec) -> None:
             "a different model; decode it with the model that encoded it")
 
 
-class ReadVerifiedParts(beam.DoFn):
-    """(path, manifest entry) -> the part's rows as Arrow tables of at most BATCH_ROWS rows, after
-    checking its bytes against the manifest's CRC32C. A part that fails the check becomes one
-    `damaged_part` dead letter per row the manifest gives it; its rows are never decoded."""
+def part_stem(path: str) -> str:
+    """`latents-00003-of-00008.parquet` -> `00003-of-00008`: what the part's output files are named after."""
+    name = posixpath.basename(path)
+    stem = name[:-len(".parquet")] if name.endswith(".parquet") else name
+    prefix = latents.PART_PREFIX + "-"
+    return stem[len(prefix):] if stem.startswith(prefix) else stem
+
+
+class DecodePart(beam.DoFn):
+    """(part path, manifest entry) -> the part's images, written by the output format's writer,
+    and its dead letters in `dead_letter/<part>.jsonl`; yields a summary {part, files, written,
+    reasons, dead_letters}.
+
+    The part's bytes are checked against the manifest's CRC32C first: a part that fails becomes
+    one `damaged_part` dead letter per row the manifest gives it, and none of its rows is decoded.
+    The model (loaded once per worker process, called only through `decompress`) decodes the next
+    rows while one background thread writes the previous batch (PNG encoding, zlib and file
+    system calls release the GIL); every write has finished, or raised, before the summary is
+    yielded, so a part is never reported with images missing."""
 
     BATCH_ROWS = 1024
 
-    def process(self, element):
-        path, expected = element
-        problem = latents.check_part(path, expected)
-        if problem:
-            name = posixpath.basename(path)
-            for i in range(int(expected.get("rows", 1))):
-                yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(
-                    f"{name}:{i}", path, i, "damaged_part", f"{name} {problem}"))
-            return
-        with FileSystems.open(path) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=self.BATCH_ROWS):
-                yield pa.Table.from_batches([batch])
-
-
-class DecodeTable(beam.DoFn):
-    """Arrow table of rows -> ImageBatches of same-shaped images (and a dead letter per row that
-    does not decode), with the model loaded once per worker and called only through `decompress`."""
-
-    def __init__(self, model_dir: str, spec):
-        self.model_dir, self.spec = model_dir, spec
+    def __init__(self, model_dir: str, spec, output: str, output_format: str, max_pending: int = 2):
+        self.model_dir, self.spec, self.output, self.output_format = model_dir, spec, output, output_format
+        self.max_pending = max_pending
 
     def setup(self):
-        self.codec = load_codec(self.model_dir, self.spec)
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.codec = shared_codec(self.model_dir, self.spec)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="latentpack-writer")
         self.images = Metrics.counter(NAMESPACE, "images_decoded")
         self.progress = Progress("decoded")
 
-    def process(self, table):
-        for item in self.codec.decompress(table):
-            if isinstance(item, DeadLetter):
-                yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, item)
-                continue
-            self.images.inc(len(item))
-            self.progress.add(len(item))
-            yield item
+    def process(self, element):
+        path, expected = element
+        name = posixpath.basename(path)
+        letters, written, files = [], 0, []
+        problem = latents.check_part(path, expected)
+        if problem:
+            letters = [DeadLetter(f"{name}:{i}", path, i, "damaged_part", f"{name} {problem}")
+                       for i in range(int(expected.get("rows", 1)))]
+        else:
+            writer = WRITERS[self.output_format](self.output, part_stem(path))
+            pending = collections.deque()
+
+            def drain(limit):
+                nonlocal written
+                while len(pending) > limit:
+                    n, bad = pending.popleft().result()
+                    written += n
+                    letters.extend(bad)
+                    self.images.inc(n)
+                    self.progress.add(n)
+
+            with FileSystems.open(path) as f:
+                for rows in pq.ParquetFile(f).iter_batches(batch_size=self.BATCH_ROWS):
+                    for item in self.codec.decompress(pa.Table.from_batches([rows])):
+                        if isinstance(item, DeadLetter):
+                            letters.append(dataclasses.replace(item, source=item.source or path))
+                        else:
+                            pending.append(self.pool.submit(writer.write, item))
+                            drain(self.max_pending)
+            drain(0)
+            files = writer.close()
+        for letter in letters:
+            count_dead_letter(NAMESPACE, letter)
+        letters_path = posixpath.join(self.output, DEAD_LETTER_DIR, f"{part_stem(path)}.jsonl")
+        write_dead_letters(letters_path, letters)
+        yield {"part": path, "files": files, "written": written, "reasons": count_reasons(letters),
+               "dead_letters": letters_path}
+
+    def teardown(self):
+        self.pool.shutdown(wait=True)
 
 
 class WriteDecodeManifest(beam.DoFn):
-    def __init__(self, output: str, extra: dict, max_bad_fraction: float, fatal_reasons=()):
-        self.output, self.extra, self.max_bad_fraction = output, extra, max_bad_fraction
+    """Runs once, after every part is decoded: check that each part reported, then write the manifest."""
+
+    def __init__(self, output: str, parts, extra: dict, max_bad_fraction: float, fatal_reasons=()):
+        self.output, self.parts, self.extra, self.max_bad_fraction = output, sorted(parts), extra, max_bad_fraction
         self.fatal_reasons = tuple(fatal_reasons)
 
-    def process(self, _, written, reasons, files, dead_letter_files):
+    def process(self, summaries):
+        by_part = {s["part"]: s for s in summaries}  # a retried task reports once
+        missing = [p for p in self.parts if p not in by_part]
+        if missing:
+            raise RuntimeError(f"{len(missing)} part(s) were not decoded, e.g. {missing[0]}")
+        reasons, written = {}, 0
+        for s in by_part.values():
+            add_reasons(reasons, s["reasons"])
+            written += s["written"]
+        rel = lambda paths: sorted(posixpath.relpath(p, self.output) for p in paths)  # noqa: E731
         payload = dict(self.extra, format="latentpack-decoded", complete=True, images=written,
                        counts=counts(written, reasons),
-                       files=sorted(posixpath.relpath(p, self.output) for p in files),
-                       dead_letter_files=sorted(posixpath.relpath(p, self.output) for p in dead_letter_files))
+                       files=rel(f for s in by_part.values() for f in s["files"]),
+                       dead_letter_files=rel(s["dead_letters"] for s in by_part.values()))
         finish(self.output, payload, self.max_bad_fraction, self.fatal_reasons)
         yield payload
 
@@ -161,7 +207,7 @@ def parse_args(argv) -> tuple:
     p.add_argument("--allow-damaged", action="store_true",
                    help="decode what is intact: the rows of a part whose checksum fails become `damaged_part` dead "
                         "letters (subject to --max-bad-fraction) instead of failing the job")
-    args, beam_args = p.parse_known_args(argv)
+    args, beam_args = p.parse_known_args(either_spelling(p, sys.argv[1:] if argv is None else list(argv)))
     return DecodeOptions(**vars(args)), beam_args
 
 
@@ -193,26 +239,18 @@ def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
 
 def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, paths, entries, output, claim):
     # PNG files are one per key and are overwritten in place; shard files are replaced.
-    clear_previous(output, [f"images-*.{ext}" for ext in ("tfrecord", "npz", "parquet", "npz.tmp")])
+    clear_previous(output, [f"images-*.{ext}" for ext in ("tfrecord", "npz", "parquet")]
+                   + [f"images-*.{ext}.tmp" for ext in ("tfrecord", "npz", "parquet")]
+                   + [f"{DEAD_LETTER_DIR}/*.jsonl", f"{DEAD_LETTER_DIR}/*.jsonl.tmp"])
     extra = {"job": "decode", "source": dataset, "output_format": options.output_format, "model_fingerprint": spec.fingerprint}
-    p = test_pipeline or beam.Pipeline(options=PipelineOptions(list(beam_args)))
-    parts = (p
-             | "ListParts" >> beam.Create(list(zip(paths, entries)))
-             | "SpreadParts" >> beam.Reshuffle()
-             | "ReadLatentParquet" >> beam.ParDo(ReadVerifiedParts()).with_outputs(DEAD_LETTER_TAG, main="tables"))
-    batches = parts.tables | "DecodeLatents" >> beam.ParDo(DecodeTable(model_dir, spec)).with_outputs(
-        DEAD_LETTER_TAG, main="images")
-    writer = WRITERS[options.output_format](output)
-    written, dead, files = batches.images | f"Write{options.output_format.upper()}" >> writer
-    dead = (dead, batches[DEAD_LETTER_TAG], parts[DEAD_LETTER_TAG]) | "AllDeadLetters" >> beam.Flatten()
-    reasons, dead_files = dead | "WriteDeadLetters" >> WriteDeadLetters(output, NAMESPACE)
-    total = written | "SumWritten" >> beam.CombineGlobally(sum)
-    side = beam.pvalue
-    (p | "Once" >> beam.Create([None])
-       | "WriteManifest" >> beam.ParDo(WriteDecodeManifest(output, extra, options.max_bad_fraction,
-                                                         () if options.allow_damaged else ("damaged_part",)),
-                                       side.AsSingleton(total), side.AsSingleton(reasons), side.AsList(files),
-                                       side.AsList(dead_files)))
+    fatal = () if options.allow_damaged else ("damaged_part",)
+    p = test_pipeline or beam.Pipeline(options=runner_options(beam_args))
+    (p
+     | "ListParts" >> beam.Create(list(zip(paths, entries)))
+     | "SpreadParts" >> beam.Reshuffle()
+     | "DecodeParts" >> beam.ParDo(DecodePart(model_dir, spec, output, options.output_format))
+     | "GatherSummaries" >> Gather()
+     | "WriteManifest" >> beam.ParDo(WriteDecodeManifest(output, paths, extra, options.max_bad_fraction, fatal)))
     return run_to_completion(p, output, "decoded output", claim)
 
 

@@ -3,10 +3,12 @@
     latentpack encode --input 'shards/*.tfrecord' --input-format tfrecord \
         --model-dir model/ --output latents/ [Beam options, e.g. --runner DataflowRunner]
 
-ReadImageShards -> EncodeImages -> WriteLatentDataset (or, with --skip-existing,
-WritePartPerShard). Elements on the hot path are batches of same-shaped images; the
-model is loaded once per worker in `setup()` and called only through its family's
-`compress`, so the job knows nothing of quantizers, tables or latent shapes.
+EncodeImages (each input shard read and encoded on one worker, in batches of same-shaped
+images) -> WriteLatentDataset (or, with --skip-existing, WritePartPerShard). The model is
+loaded once per worker process and called only through its family's `compress`, so the job
+knows nothing of quantizers, tables or latent shapes. The graph uses only Create, ParDo,
+GroupByKey and Flatten, so one graph runs on the DirectRunner, Dask and the portable runner
+(Flink, Spark, Dataflow).
 """
 from __future__ import annotations
 
@@ -19,16 +21,16 @@ from typing import List, Optional
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import latents, sinks
-from pipeline.accounting import DEAD_LETTER_TAG, DEFAULT_MAX_BAD_FRACTION, Progress, summary
+from pipeline.accounting import DEFAULT_MAX_BAD_FRACTION, Progress, summary
 from pipeline.artifact import read_spec
-from pipeline.codecs import codec_class, load_codec
+from pipeline.codecs import codec_class, shared_codec
 from pipeline.completion import OutputFolder, run_to_completion
 from pipeline.errors import BadImage, LatentpackError
 from pipeline.formats import READERS, get_reader
-from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, batch_records
+from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, ImageBatch, batch_records
+from pipeline.runners import either_spelling, runner_options
 from pipeline.errors import log, show_progress
 
 NAMESPACE = "latentpack.encode"
@@ -51,47 +53,35 @@ class EncodeOptions:
     duplicate_keys: str = "keep-first"
 
 
-class ReadShardBatches(beam.DoFn):
-    """shard path -> ImageBatch elements, and DeadLetters on the `dead_letter` output.
-
-    `shape` is the model's one image shape, or None for models that take any size (then
-    batches group images of the same shape). `duplicates` maps each key that occurs more
-    than once to the (source, index) of its first occurrence; later occurrences become
-    `duplicate_key` dead letters.
-    """
-
-    def __init__(self, input_format: str, root: str, shape, batch_size: int, max_pixels: int):
-        self.input_format, self.root = input_format, root
-        self.shape = tuple(shape) if shape is not None else None
-        self.batch_size, self.max_pixels = batch_size, max_pixels
-
-    def process(self, shard: str, duplicates=None):
-        reader = get_reader(self.input_format)
-        records = reader.records(shard, self.root)
-        if duplicates:
-            records = _drop_later_duplicates(records, duplicates)
-        for item in batch_records(records, self.shape, self.batch_size, self.max_pixels):
-            if isinstance(item, DeadLetter):
-                yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, item)
-            else:
-                item.shard = shard
-                yield item
+def shard_batches(input_format: str, shard: str, root: str, shape, batch_size: int, max_pixels: int,
+                  later=None):
+    """A shard's records as ImageBatches and DeadLetters, in record order. `shape` is the model's
+    one image shape, or None for models that take any size (then batches group images of the same
+    shape). `later` maps the record index of each later occurrence of a key to its first
+    occurrence's (place, index): those records become `duplicate_key` dead letters."""
+    records = get_reader(input_format).records(shard, root)
+    if later:
+        records = _drop_later_duplicates(records, later)
+    for item in batch_records(records, tuple(shape) if shape is not None else None, batch_size, max_pixels):
+        if isinstance(item, ImageBatch):
+            item.shard = shard
+        yield item
 
 
-def _drop_later_duplicates(records, duplicates):
+def _drop_later_duplicates(records, later):
     for rec in records:
-        first = duplicates.get(rec.key)
-        if first is not None and rec.error is None and tuple(first) != (rec.source, rec.index):
+        first = later.get(rec.index)
+        if first is not None and rec.error is None:
             rec.error = BadImage("duplicate_key", f"key also at {first[0]}:{first[1]}; the first one is kept")
         yield rec
 
 
 def _key_buckets(shard: str, input_format: str, root: str, buckets: int = 16):
-    """shard -> (bucket, [(key, source, index)]) for every readable record, bucketed by a stable hash."""
+    """shard -> (bucket, [(key, shard, index)]) for every readable record, bucketed by a stable hash."""
     out = [[] for _ in range(buckets)]
     for rec in get_reader(input_format).records(shard, root):
         if rec.error is None:
-            out[zlib.crc32(rec.key.encode("utf-8", "surrogatepass")) % buckets].append((rec.key, rec.source, rec.index))
+            out[zlib.crc32(rec.key.encode("utf-8", "surrogatepass")) % buckets].append((rec.key, shard, rec.index))
     return [(b, entries) for b, entries in enumerate(out) if entries]
 
 
@@ -113,22 +103,26 @@ def _part_key_buckets(part: str, buckets: int = 16):
     return [(b, entries) for b, entries in enumerate(out) if entries]
 
 
-def _duplicates_in_bucket(bucket_entries):
+def _later_occurrences(bucket_entries):
+    """(bucket, [[(key, place, index)]]) -> (shard, (index, first place)) for every occurrence of
+    a key after its first (by place, then index), in the shards this run reads."""
     _, lists = bucket_entries
     seen = {}
     for entries in lists:
-        for key, source, index in entries:
-            seen.setdefault(key, []).append((source, index))
-    for key, places in seen.items():
+        for key, place, index in entries:
+            seen.setdefault(key, []).append((place, index))
+    for places in seen.values():
         if len(places) > 1:
-            yield key, min(places)
+            first = min(places)
+            for place, index in places:
+                if (place, index) != first and not place.startswith(EXISTING):
+                    yield place, (index, first)
 
 
 class FindDuplicateKeys(beam.PTransform):
-    """Shards -> one dict {key: (source, index) of its first occurrence} for keys seen twice or more.
-
-    Reads keys only (no pixels) and groups them by a hash bucket, so no worker holds them all.
-    """
+    """Shards -> (shard, (record index, (place, index) of the key's first occurrence)) for every
+    later occurrence of a key. Reads keys only (no pixels) and groups them by a hash bucket, so no
+    worker holds them all; keys already stored in `existing_parts` count as first occurrences."""
 
     def __init__(self, input_format: str, root: str, existing_parts=()):
         super().__init__()
@@ -143,51 +137,65 @@ class FindDuplicateKeys(beam.PTransform):
             buckets = (buckets, stored) | "AllKeyBuckets" >> beam.Flatten()
         return (buckets
                 | "GroupBuckets" >> beam.GroupByKey()
-                | "Duplicates" >> beam.FlatMap(_duplicates_in_bucket)
-                | "AsDict" >> beam.combiners.ToDict())
+                | "LaterOccurrences" >> beam.FlatMap(_later_occurrences))
 
 
-class ReadImageShards(beam.PTransform):
-    """Match shards, spread them over workers, read them into image batches (+ dead letters)."""
+class EncodeShard(beam.DoFn):
+    """(shard, {part: [name], later: [(index, first)]}) -> (part, item) for each Arrow table of
+    encoded rows and each dead letter of the shard, then (part, ShardDone). The model is loaded
+    once per worker process and called only through its family's `compress`."""
 
-    def __init__(self, shards, input_format, root, shape, batch_size=1024, max_pixels=DEFAULT_MAX_PIXELS,
-                 check_duplicates=True, existing_parts=()):
-        super().__init__()
-        self.shards, self.fn = list(shards), ReadShardBatches(input_format, root, shape, batch_size, max_pixels)
-        self.input_format, self.root, self.check_duplicates = input_format, root, check_duplicates
-        self.existing_parts = list(existing_parts)
-
-    def expand(self, pbegin):
-        shards = (pbegin
-                  | "ListShards" >> beam.Create(self.shards)
-                  # Without it, a runner may read every shard in the bundle that listed them.
-                  | "SpreadShards" >> beam.Reshuffle())
-        side = []
-        if self.check_duplicates:
-            duplicates = shards | "FindDuplicateKeys" >> FindDuplicateKeys(self.input_format, self.root,
-                                                                            self.existing_parts)
-            side = [beam.pvalue.AsSingleton(duplicates)]
-        return shards | "ReadBatches" >> beam.ParDo(self.fn, *side).with_outputs(DEAD_LETTER_TAG, main="images")
-
-
-class EncodeBatch(beam.DoFn):
-    """ImageBatch -> (shard, Arrow table of key, the codec's columns, label); the model is loaded
-    once per worker."""
-
-    def __init__(self, model_dir: str, spec, latent_format: str):
+    def __init__(self, input_format: str, root: str, model_dir: str, spec, latent_format: str, batch_size: int,
+                 max_pixels: int):
+        self.input_format, self.root = input_format, root
         self.model_dir, self.spec, self.latent_format = model_dir, spec, latent_format
+        self.batch_size, self.max_pixels = batch_size, max_pixels
 
     def setup(self):
-        self.codec = load_codec(self.model_dir, self.spec)
+        self.codec = shared_codec(self.model_dir, self.spec)
+        self.shape = codec_class(self.spec).image_shape(self.spec)
         self.schema = latents.schema(self.spec, self.latent_format)
         self.images = Metrics.counter(NAMESPACE, "images_written")
         self.progress = Progress("encoded")
 
-    def process(self, batch):
-        columns = self.codec.compress(batch, self.latent_format)
-        yield batch.shard, latents.to_table(batch.keys, columns, batch.labels, batch.has_label, self.schema)
-        self.images.inc(len(batch))
-        self.progress.add(len(batch))
+    def process(self, element):
+        shard, joined = element
+        (part,) = joined["part"]
+        later = dict(joined["later"])
+        for item in shard_batches(self.input_format, shard, self.root, self.shape, self.batch_size,
+                                  self.max_pixels, later):
+            if isinstance(item, DeadLetter):
+                yield part, item
+                continue
+            columns = self.codec.compress(item, self.latent_format)
+            yield part, latents.to_table(item.keys, columns, item.labels, item.has_label, self.schema)
+            self.images.inc(len(item))
+            self.progress.add(len(item))
+        yield part, sinks.ShardDone(shard)
+
+
+class EncodeImages(beam.PTransform):
+    """The planned shards -> (part, item) pairs: spread the shards over workers, find keys seen
+    twice, read and encode each shard on one worker."""
+
+    def __init__(self, part_of: dict, input_format: str, root: str, model_dir: str, spec, latent_format: str,
+                 batch_size: int = 1024, max_pixels: int = DEFAULT_MAX_PIXELS, existing_parts=()):
+        super().__init__()
+        self.part_of, self.existing_parts = dict(part_of), list(existing_parts)
+        self.input_format, self.root = input_format, root
+        self.fn = EncodeShard(input_format, root, model_dir, spec, latent_format, batch_size, max_pixels)
+
+    def expand(self, pbegin):
+        planned = (pbegin
+                   | "ListShards" >> beam.Create(sorted(self.part_of.items()))
+                   # Without it, a runner may read every shard in the bundle that listed them.
+                   | "SpreadShards" >> beam.Reshuffle())
+        later = (planned
+                 | "Shards" >> beam.Keys()
+                 | "FindDuplicateKeys" >> FindDuplicateKeys(self.input_format, self.root, self.existing_parts))
+        return ({"part": planned, "later": later}
+                | "JoinDuplicates" >> beam.CoGroupByKey()
+                | "ReadAndEncode" >> beam.ParDo(self.fn))
 
 
 def parse_args(argv) -> tuple:
@@ -205,7 +213,7 @@ def parse_args(argv) -> tuple:
                    help="code: entropy-coded bytes per image (the compact default for models trained with "
                         "--quality/--lambda); int: the integer latents, usable as features (default for other models)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch element")
-    p.add_argument("--num-shards", type=int, default=d.num_shards, help="output Parquet parts (0: the runner decides)")
+    p.add_argument("--num-shards", type=int, default=d.num_shards, help="output Parquet parts, each of whole input shards (0: one per input shard, or per 256 image files)")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels,
                    help="reject images with more pixels than this, before decoding them")
     p.add_argument("--max-bad-fraction", type=float, default=d.max_bad_fraction,
@@ -216,7 +224,7 @@ def parse_args(argv) -> tuple:
     p.add_argument("--duplicate-keys", choices=["keep-first", "fail"], default=d.duplicate_keys,
                    help="a key seen again: keep its first occurrence (by shard, then record index) and "
                         "dead-letter the others, or fail the job")
-    args, beam_args = p.parse_known_args(argv)
+    args, beam_args = p.parse_known_args(either_spelling(p, sys.argv[1:] if argv is None else list(argv)))
     fields = {f.name for f in dataclasses.fields(EncodeOptions)}
     return EncodeOptions(**{k: v for k, v in vars(args).items() if k in fields}), beam_args
 
@@ -266,18 +274,17 @@ def _build_and_run(options, beam_args, test_pipeline, spec, family, model_dir, l
                    extra, fatal, claim):
     if options.skip_existing:
         sink = sinks.WritePartPerShard(output, spec, latent_format, extra, options.max_bad_fraction, fatal)
-        shards = sink.prepare(shards)
     else:
         sink = sinks.WriteLatentDataset(output, spec, latent_format, extra, options.num_shards,
-                                        options.max_bad_fraction, fatal)
-        sink.prepare(shards)
-    p = test_pipeline or beam.Pipeline(options=PipelineOptions(list(beam_args)))
+                                        options.max_bad_fraction, fatal,
+                                        get_reader(options.input_format).shards_per_part)
+    sink.prepare(shards)
+    p = test_pipeline or beam.Pipeline(options=runner_options(beam_args))
     # With --skip-existing, keys already stored in the folder's older parts count as first occurrences.
-    read = p | "ReadImageShards" >> ReadImageShards(
-        shards, options.input_format, root, family.image_shape(spec), options.batch_size, options.max_pixels,
-        existing_parts=getattr(sink, "existing", ()))
-    tables = read.images | "EncodeImages" >> beam.ParDo(EncodeBatch(model_dir, spec, latent_format))
-    (tables, read[DEAD_LETTER_TAG]) | "WriteLatentDataset" >> sink
+    (p
+     | "EncodeImages" >> EncodeImages(sink.part_of, options.input_format, root, model_dir, spec, latent_format,
+                                      options.batch_size, options.max_pixels, sink.existing)
+     | "WriteLatentDataset" >> sink)
     return run_to_completion(p, output, claim=claim)
 
 

@@ -70,6 +70,9 @@ def guarded(main):
             print("latentpack: interrupted", file=sys.stderr)
             return 130
         except Exception as e:
+            if str(e).startswith("KeyboardInterrupt"):  # Beam re-raises it from a DoFn as a RuntimeError
+                print("latentpack: interrupted", file=sys.stderr)
+                return 130
             line = environment_error(e)
             if line is None:
                 raise

@@ -93,6 +93,9 @@ class Reader:
     """Interface: `match(pattern) -> (shards, root)`, `read(shard, root) -> SourceRecords`."""
 
     name = ""
+    # Input shards per output part by default: container files are parts of their own; a folder
+    # of single images is stored as parts of this many files.
+    shards_per_part = 1
 
     def match(self, pattern: str) -> Tuple[List[str], str]:
         if not pattern:
@@ -193,6 +196,7 @@ class ImageFolderReader(Reader):
     """PNG/JPEG files; key = path relative to the glob's fixed directory, without extension."""
 
     name = "images"
+    shards_per_part = 256
 
     def read(self, shard, root):
         rel = shard[len(root):].lstrip("/") if root and shard.startswith(root) else posixpath.basename(shard)

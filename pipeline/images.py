@@ -106,7 +106,7 @@ def decode_image(data: bytes, shape: tuple, max_pixels: int = DEFAULT_MAX_PIXELS
     try:
         img = Image.open(io.BytesIO(data))
     except Exception as e:  # Pillow raises several types for unreadable bytes
-        raise BadImage("undecodable", f"not a readable image: {e}") from None
+        raise BadImage("undecodable", f"not a readable image: {_reason(e)}") from None
     # The header is enough to refuse decompression bombs before decoding any pixels.
     if img.width * img.height > max_pixels:
         raise BadImage("too_many_pixels", f"{img.width}x{img.height} exceeds the {max_pixels}-pixel limit")
@@ -133,6 +133,14 @@ _TO_RGB = ("CMYK", "YCbCr", "LAB", "HSV")
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
+def _reason(e: Exception) -> str:
+    """Pillow's message without the object addresses it names (`<_io.BytesIO object at 0x7f…>`):
+    a dead letter must read the same whichever process or runner wrote it."""
+    import re
+
+    return re.sub(r"<[\w.]+ object at 0x[0-9a-f]+>", "the bytes", str(e)) or type(e).__name__
+
+
 def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
     """PNG/JPEG/WebP/... bytes of any size -> 8-bit grey or RGB pixels as a viewer shows them.
 
@@ -151,7 +159,7 @@ def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
     try:
         img = Image.open(io.BytesIO(data))
     except Exception as e:
-        raise BadImage("undecodable", f"not a readable image: {e}") from None
+        raise BadImage("undecodable", f"not a readable image: {_reason(e)}") from None
     if img.width * img.height > max_pixels:
         raise BadImage("too_many_pixels", f"{img.width}x{img.height} exceeds the {max_pixels}-pixel limit")
     try:

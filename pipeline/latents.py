@@ -17,7 +17,6 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
@@ -80,40 +79,30 @@ def writer_options(schema_: pa.Schema, latent_format: str) -> dict:
     return {"compression": "zstd"}
 
 
-class LatentParquetSink(filebasedsink.FileBasedSink):
-    """Beam file sink for Arrow tables of one dataset: temp files, then an atomic rename at
-    finalize. Tables are gathered into row groups of ROW_GROUP_ROWS rows or ROW_GROUP_BYTES."""
-
-    def __init__(self, file_path_prefix: str, schema_: pa.Schema, latent_format: str, num_shards: int = 0):
-        super().__init__(file_path_prefix, coder=None, file_name_suffix=".parquet",
-                         num_shards=num_shards, mime_type="application/x-parquet",
-                         # Parquet compresses per column chunk, not the whole file.
-                         compression_type=CompressionTypes.UNCOMPRESSED)
-        self.schema, self.latent_format = schema_, latent_format
-
-    def open(self, temp_path):
-        handle = super().open(temp_path)
-        return {"handle": handle, "writer": pq.ParquetWriter(handle, self.schema, **writer_options(self.schema, self.latent_format)),
-                "pending": [], "rows": 0, "bytes": 0}
-
-    def write_record(self, state, table):
-        state["pending"].append(table)
-        state["rows"] += table.num_rows
-        state["bytes"] += table.nbytes
-        if state["rows"] >= ROW_GROUP_ROWS or state["bytes"] >= ROW_GROUP_BYTES:
-            self._flush(state)
-
-    def _flush(self, state):
-        if state["pending"]:
-            # Sorted keys share prefixes, which the key column's delta encoding turns into bytes saved.
-            table = pa.concat_tables(state["pending"]).sort_by("key")
-            state["writer"].write_table(table, row_group_size=ROW_GROUP_ROWS)
-        state["pending"], state["rows"], state["bytes"] = [], 0, 0
-
-    def close(self, state):
-        self._flush(state)
-        state["writer"].close()
-        state["handle"].close()
+def write_part(path: str, tables, schema_: pa.Schema, latent_format: str, metadata: Optional[dict] = None) -> int:
+    """One complete part from Arrow tables: rows sorted by key (the same bytes whichever runner
+    or worker order produced the tables; sorted keys share prefixes, which the key column's delta
+    encoding turns into bytes saved), row groups of at most ROW_GROUP_ROWS rows or about
+    ROW_GROUP_BYTES. Written under a temporary name and renamed, so a part that exists is whole
+    and a retried task simply writes it again. Returns the rows written."""
+    tables = [t for t in tables if t.num_rows]
+    table = pa.concat_tables(tables).sort_by("key") if tables else schema_.empty_table()
+    tmp = path + ".tmp"
+    with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        writer = pq.ParquetWriter(handle, schema_, **writer_options(schema_, latent_format))
+        row_bytes = max(table.nbytes // max(table.num_rows, 1), 1)
+        step = max(1, min(ROW_GROUP_ROWS, ROW_GROUP_BYTES // row_bytes))
+        for start in range(0, table.num_rows, step):
+            writer.write_table(table.slice(start, step), row_group_size=step)
+        if not table.num_rows:
+            writer.write_table(table)
+        if metadata:
+            writer.add_key_value_metadata(metadata)
+        writer.close()
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+    return table.num_rows
 
 
 def metadata_of(schema_: pa.Schema) -> dict:

@@ -1,37 +1,32 @@
-"""Decoded-image outputs: a registry of writers sharing one small interface.
+"""Decoded-image outputs: a registry of plain file writers sharing one small interface.
 
-A writer is a PTransform from ImageBatch elements to `(written, dead_letters, files)`:
-per-batch counts of images written, DeadLetters, and the paths of finalized shard
-files (empty for writers that write one file per image).
+The decode job opens one writer per latent part (`WRITERS[format](output, part stem)`) and
+feeds it that part's ImageBatches; `write(batch)` returns the images written and the dead
+letters of keys that cannot be files, `close()` the shard files it finalized. The writers know
+nothing of Beam: a plain loop (scripts/benchkit, a notebook) uses them directly.
 """
 from __future__ import annotations
 
-import collections
 import errno
 import posixpath
-from typing import Dict
+from typing import Callable, Dict
 
-import apache_beam as beam
-from apache_beam import coders
-from apache_beam.io import filebasedsink
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
-from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import tfrecord
-from pipeline.accounting import DEAD_LETTER_TAG
 from pipeline.images import DeadLetter, encode_png
 
-WRITERS: Dict[str, type] = {}
+WRITERS: Dict[str, Callable] = {}
 NAME_MAX = 255  # bytes in one file or folder name on common file systems
 # Errors that say a key cannot be a file here (not that the disk is full or read-only).
 _KEY_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ}
 
 
-def register(cls):
-    WRITERS[cls.name] = cls
-    return cls
+def register(name: str):
+    def add(factory):
+        WRITERS[name] = factory
+        return factory
+    return add
 
 
 def safe_relative_path(key: str) -> str:
@@ -43,53 +38,6 @@ def safe_relative_path(key: str) -> str:
         raise ValueError(f"key {key!r} has empty, '.' or '..' path components")
     return key
 
-
-class BackgroundDoFn(beam.DoFn):
-    """A DoFn whose per-element work runs on one background thread, up to `max_pending` elements
-    behind the caller, so that encoding and writing images overlaps the model decoding the next
-    batch (TensorFlow, zlib and file system calls release the GIL).
-
-    Subclasses call `self.submit(fn, *args)` from `process` and `yield from` it: it yields the
-    results of finished work in submission order. Every piece of work has finished, and any error
-    has been raised, before the bundle completes, so a bundle never commits with output missing.
-    Results still pending at the end of a bundle are emitted in the global window, where every
-    element of these batch jobs lives.
-    """
-
-    def __init__(self, max_pending: int = 2):
-        self.max_pending = max_pending
-
-    def setup(self):
-        from concurrent.futures import ThreadPoolExecutor
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"latentpack-{type(self).__name__}")
-
-    def start_bundle(self):
-        self.pending = collections.deque()
-
-    def submit(self, fn, *args):
-        self.pending.append(self.pool.submit(fn, *args))
-        while self.pending and (len(self.pending) > self.max_pending or self.pending[0].done()):
-            yield from self.emit(self.pending.popleft().result())
-
-    def emit(self, result):
-        """The outputs of one finished piece of work (default: the result itself)."""
-        yield result
-
-    def finish_bundle(self):
-        while self.pending:
-            for out in self.emit(self.pending.popleft().result()):
-                if isinstance(out, beam.pvalue.TaggedOutput):
-                    yield beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, MIN_TIMESTAMP, [GlobalWindow()]))
-                else:
-                    yield WindowedValue(out, MIN_TIMESTAMP, [GlobalWindow()])
-
-    def teardown(self):
-        self.pool.shutdown(wait=True)
-
-
-# ---------------------------------------------------------------- plain writers (no runner)
-# The file formats themselves, as classes with `write(batch)` and `close()`: the Beam transforms
-# below wrap them, and a plain loop (scripts/benchkit, a notebook) uses them directly.
 
 class PngFiles:
     """`<output>/<key>.png` per image. `plan(batch)` splits a batch into the paths to write and
@@ -140,11 +88,26 @@ class PngFiles:
         return []
 
 
-class TFRecordShard:
+class _RenamedOnClose:
+    """A shard file written under a temporary name and renamed when closed: a file with the final
+    name is always whole, and a retried task writes it again from the start."""
+
+    def __init__(self, path: str):
+        self.path, self.tmp = path, path + ".tmp"
+
+    def _commit(self) -> list:
+        if FileSystems.exists(self.path):
+            FileSystems.delete([self.path])
+        FileSystems.rename([self.tmp], [self.path])
+        return [self.path]
+
+
+class TFRecordShard(_RenamedOnClose):
     """One TFRecord file of PNG Examples, in the schema the encoder reads."""
 
     def __init__(self, path: str):
-        self.path, self.handle = path, FileSystems.create(path)
+        super().__init__(path)
+        self.handle = FileSystems.create(self.tmp)
 
     def write(self, batch):
         self.handle.write(frame_examples(batch))
@@ -152,119 +115,37 @@ class TFRecordShard:
 
     def close(self) -> list:
         self.handle.close()
-        return [self.path]
+        return self._commit()
 
 
-# ---------------------------------------------------------------- Beam transforms
+class ParquetImagesShard(_RenamedOnClose):
+    """One Parquet file in Hugging Face's image layout: `key`, `image` {bytes (PNG), path}, `label`."""
 
-class WritePngFn(BackgroundDoFn):
-    """One PNG file per image, written in the background (creating a file costs the kernel 30-400
-    microseconds here, about as much as decoding and compressing the image); yields counts."""
+    def __init__(self, path: str):
+        import pyarrow.parquet as pq
 
-    def __init__(self, output: str, max_pending: int = 2):
-        super().__init__(max_pending)
-        self.output = output
+        super().__init__(path)
+        self.handle = FileSystems.create(self.tmp)
+        self.writer = pq.ParquetWriter(self.handle, IMAGE_SCHEMA, compression="zstd")
 
-    def setup(self):
-        super().setup()
-        self.files = PngFiles(self.output)
+    def write(self, batch):
+        self.writer.write_table(image_table(batch))
+        return len(batch), []
 
-    def process(self, batch):
-        paths, images, letters = self.files.plan(batch)
-        for letter in letters:
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, letter)
-        yield from self.submit(self.files.write_files, paths, images)
-
-    def emit(self, result):
-        written, letters = result
-        yield written
-        for letter in letters:
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, letter)
+    def close(self) -> list:
+        self.writer.close()
+        self.handle.close()
+        return self._commit()
 
 
-class InBackground(BackgroundDoFn):
-    """`fn(element)` for each element, computed in the background (e.g. PNG-encoding a batch)."""
-
-    def __init__(self, fn, max_pending: int = 2):
-        super().__init__(max_pending)
-        self.fn = fn
-
-    def process(self, element):
-        yield from self.submit(self.fn, element)
-
-
-class ImageWriter(beam.PTransform):
-    """The writer interface: constructed with the output folder, expands to (written, dead_letters, files)."""
-
-    name = ""
+class NpzFiles:
+    """One `.npz` per batch (`images` [N,H,W,C], `labels` (-1: none), `keys`), named by a hash of
+    its keys, so a re-run writes the same names."""
 
     def __init__(self, output: str):
-        super().__init__()
-        self.output = output
+        self.output, self.files = output, []
 
-
-@register
-class PngWriter(ImageWriter):
-    """`<output>/<key>.png`; a '/' in a key makes sub-folders."""
-
-    name = "png"
-
-    def expand(self, batches):
-        out = batches | "WritePngFiles" >> beam.ParDo(WritePngFn(self.output)).with_outputs(DEAD_LETTER_TAG, main="n")
-        return out.n, out[DEAD_LETTER_TAG], batches.pipeline | "NoShardFiles" >> beam.Create([])
-
-
-class ShardFileWriter(ImageWriter):
-    """Base for writers of shard files that accept every image: subclasses define `write_files`."""
-
-    def write_files(self, batches):
-        """ImageBatch elements -> PCollection of the paths written."""
-        raise NotImplementedError
-
-    def expand(self, batches):
-        files = self.write_files(batches)
-        written = batches | "Count" >> beam.Map(len)
-        return written, batches.pipeline | "NoDeadLetters" >> beam.Create([]), files
-
-
-class _FramedBytesSink(filebasedsink.FileBasedSink):
-    """A file sink whose elements are already-framed blobs of many records each."""
-
-    def __init__(self, prefix: str, suffix: str):
-        super().__init__(prefix, coder=coders.BytesCoder(), file_name_suffix=suffix,
-                         mime_type="application/octet-stream")
-
-    def write_encoded_record(self, file_handle, encoded_value):
-        file_handle.write(encoded_value)
-
-
-def frame_examples(batch) -> bytes:
-    """An ImageBatch as TFRecord-framed tf.train.Examples, one blob per batch."""
-    return b"".join(
-        tfrecord.frame(tfrecord.make_example(
-            encode_png(batch.images[i]), key, int(batch.labels[i]) if batch.has_label[i] else None))
-        for i, key in enumerate(batch.keys))
-
-
-@register
-class TFRecordWriter(ShardFileWriter):
-    """`<output>/images-SSSSS-of-NNNNN.tfrecord` with the Example schema the encoder reads."""
-
-    name = "tfrecord"
-
-    def write_files(self, batches):
-        return (batches
-                | "FrameExamples" >> beam.ParDo(InBackground(frame_examples))
-                | "WriteShards" >> beam.io.Write(_FramedBytesSink(posixpath.join(self.output, "images"), ".tfrecord")))
-
-
-class WriteNpzFn(beam.DoFn):
-    """One `.npz` per batch, named by a hash of its keys (stable across re-runs)."""
-
-    def __init__(self, output: str):
-        self.output = output
-
-    def process(self, batch):
+    def write(self, batch):
         import hashlib
         import io
 
@@ -277,17 +158,19 @@ class WriteNpzFn(beam.DoFn):
         with FileSystems.create(path + ".tmp") as f:
             f.write(buf.getvalue())
         FileSystems.rename([path + ".tmp"], [path])
-        yield path
+        self.files.append(path)
+        return len(batch), []
+
+    def close(self) -> list:
+        return list(self.files)
 
 
-@register
-class NpzWriter(ShardFileWriter):
-    """`<output>/images-<hash>.npz` with `images` [N,H,W,C], `labels` (-1: none) and `keys`."""
-
-    name = "npz"
-
-    def write_files(self, batches):
-        return batches | "WriteNpz" >> beam.ParDo(WriteNpzFn(self.output))
+def frame_examples(batch) -> bytes:
+    """An ImageBatch as TFRecord-framed tf.train.Examples, one blob per batch."""
+    return b"".join(
+        tfrecord.frame(tfrecord.make_example(
+            encode_png(batch.images[i]), key, int(batch.labels[i]) if batch.has_label[i] else None))
+        for i, key in enumerate(batch.keys))
 
 
 def image_table(batch):
@@ -311,15 +194,30 @@ def _image_schema():
 IMAGE_SCHEMA = _image_schema()
 
 
-@register
-class ParquetImagesWriter(ShardFileWriter):
-    """`<output>/images-SSSSS-of-NNNNN.parquet`: `key`, `image` {bytes (PNG), path}, `label`."""
+# ---------------------------------------------------------------- the registry
+# `WRITERS[format](output, stem)`: the writer for the images decoded from one latent part
+# (`stem` names the part, e.g. `00003-of-00008`), with `write(batch) -> (written, dead letters)`
+# and `close() -> [paths of the shard files written]` (none for one file per image).
 
-    name = "parquet"
+@register("png")
+def _png_writer(output: str, stem: str):
+    """`<output>/<key>.png`; a '/' in a key makes sub-folders."""
+    return PngFiles(output)
 
-    def write_files(self, batches):
-        return (batches
-                | "ToTables" >> beam.ParDo(InBackground(image_table))
-                | "WriteParquet" >> beam.io.WriteToParquetBatched(
-                    posixpath.join(self.output, "images"), schema=IMAGE_SCHEMA, codec="zstd",
-                    file_name_suffix=".parquet"))
+
+@register("tfrecord")
+def _tfrecord_writer(output: str, stem: str):
+    """`<output>/images-<part>.tfrecord` with the Example schema the encoder reads."""
+    return TFRecordShard(posixpath.join(output, f"images-{stem}.tfrecord"))
+
+
+@register("npz")
+def _npz_writer(output: str, stem: str):
+    """`<output>/images-<hash>.npz` per batch."""
+    return NpzFiles(output)
+
+
+@register("parquet")
+def _parquet_writer(output: str, stem: str):
+    """`<output>/images-<part>.parquet` in Hugging Face's image layout."""
+    return ParquetImagesShard(posixpath.join(output, f"images-{stem}.parquet"))

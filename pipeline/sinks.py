@@ -1,84 +1,166 @@
-"""Where the encode job's tables go: one latent dataset, or one part per input shard.
+"""Where the encode job's encoded rows go: Parquet parts, their dead letters, then the manifest.
 
-Both sinks take `(tables, dead_letters)` — tables as `(shard, Arrow table)` pairs from
-EncodeImages — and end by writing `_manifest.json` (or `_failed.json`) once every part
-is final, so the encode job has one read and encode path whichever sink it uses.
+The encode job tags every table of encoded rows and every dead letter with the part it
+belongs to (a part holds the rows of one or more whole input shards, fixed in the driver
+before the job starts). A sink groups them by part, writes each part whole (temporary name,
+then a rename) with its dead letters beside it in `dead_letter/<part>.jsonl`, and ends with
+`_manifest.json` (or `_failed.json`) once every planned part has been written. The graph is
+GroupByKey and single-output ParDos only, so it runs the same on every Beam runner.
 
-- `WriteLatentDataset`: parts sized by the runner (`--num-shards` to fix their number),
-  dead letters in `dead_letter/part-*.jsonl`.
-- `WritePartPerShard` (`--skip-existing`): `latents-<shard>-<hash>.parquet` per input
-  shard, written under a temporary name and renamed when complete, with the shard's counts
-  in the file's metadata and its dead letters in `dead_letter/<part>.jsonl`; shards whose
-  part exists for the same model and latent format are not read again, and the manifest
-  covers every part in the folder. A nightly job over a growing set of shards encodes
-  only the new ones.
+- `WriteLatentDataset`: parts `latents-JJJJJ-of-NNNNN.parquet`, one per input shard for
+  container formats (TFRecord, Parquet, tar, ...), one per 256 files for image folders, or
+  `--num-shards` of them.
+- `WritePartPerShard` (`--skip-existing`): `latents-<shard>-<hash>.parquet` per input shard,
+  with the shard's counts in the file's metadata; shards whose part exists for the same model
+  and latent format are not read again, and the manifest covers every part in the folder. A
+  nightly job over a growing set of shards encodes only the new ones.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import posixpath
 import re
 import zlib
 
 import apache_beam as beam
-import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import latents
-from pipeline.accounting import CountDeadLetters, WriteDeadLetters, counts, finish
+from pipeline.accounting import (Gather, add_reasons, count_dead_letter, count_reasons, counts, finish,
+                                 write_dead_letters)
 from pipeline.completion import DEAD_LETTER_DIR, FAILED, clear_previous, write_json
 from pipeline.errors import log
+from pipeline.images import DeadLetter
 
 NAMESPACE = "latentpack.encode"
 COUNTS_KEY = b"latentpack_counts"
 
 
-class WriteManifest(beam.DoFn):
-    """Runs once, after every part is written: describe the parts and write _manifest.json."""
+@dataclasses.dataclass(frozen=True)
+class ShardDone:
+    """Sent to a shard's part after its last row: a part is written only when all its shards are in."""
 
-    def __init__(self, output: str, fingerprint: str, extra: dict, max_bad_fraction: float, fatal_reasons=()):
-        self.output, self.fingerprint, self.extra = output, fingerprint, extra
+    shard: str
+
+
+class WritePart(beam.DoFn):
+    """(part name, [tables, dead letters, ShardDone]) -> the part and its dead letters, written
+    whole; yields a summary {part, dead_letters, rows, reasons}."""
+
+    def __init__(self, output: str, spec, latent_format: str, shards_per_part: dict):
+        self.output, self.spec, self.latent_format = output, spec, latent_format
+        self.shards_per_part = dict(shards_per_part)
+
+    def process(self, element):
+        name, items = element
+        tables, letters, done = [], [], set()
+        for item in items:
+            if isinstance(item, ShardDone):
+                done.add(item.shard)
+            elif isinstance(item, DeadLetter):
+                letters.append(item)
+            else:
+                tables.append(item)
+        expected = self.shards_per_part[name]
+        if len(done) != expected:  # never write a part that lacks a shard's rows
+            raise RuntimeError(f"{name}: {len(done)} of its {expected} input shard(s) arrived")
+        letters.sort(key=lambda d: (d.source, d.index, d.key))
+        for letter in letters:
+            count_dead_letter(NAMESPACE, letter)
+        reasons = count_reasons(letters)
+        rows = sum(t.num_rows for t in tables)
+        path = posixpath.join(self.output, name)
+        # Dead letters first: a part that exists always has its dead letters beside it.
+        letters_path = posixpath.join(self.output, DEAD_LETTER_DIR, name[:-len(".parquet")] + ".jsonl")
+        write_dead_letters(letters_path, letters)
+        latents.write_part(path, tables, latents.schema(self.spec, self.latent_format), self.latent_format,
+                           {COUNTS_KEY: json.dumps(counts(rows, reasons)),
+                            b"latentpack_sources": json.dumps(sorted(done))})
+        yield {"part": path, "dead_letters": letters_path, "rows": rows, "reasons": reasons}
+
+
+class _LatentSink(beam.PTransform):
+    """(part name, item) pairs -> parts -> the manifest. Subclasses plan the parts in the driver
+    (`prepare`, then `part_of`) and write the manifest (`manifest_fn`)."""
+
+    def __init__(self, output: str, spec, latent_format: str, extra: dict, max_bad_fraction: float = 0.01,
+                 fatal_reasons=()):
+        super().__init__()
+        self.output, self.spec, self.latent_format, self.extra = output, spec, latent_format, extra
+        self.max_bad_fraction, self.fatal_reasons = max_bad_fraction, tuple(fatal_reasons)
+        self.part_of = {}  # shard -> part name, for the shards this run reads
+        self.existing = []  # parts already in the folder whose keys come first (--skip-existing)
+
+    def shards_per_part(self) -> dict:
+        out = {}
+        for part in self.part_of.values():
+            out[part] = out.get(part, 0) + 1
+        return out
+
+    def manifest_fn(self) -> beam.DoFn:
+        raise NotImplementedError
+
+    def expand(self, items):
+        return (items
+                | "GroupByPart" >> beam.GroupByKey()
+                | "WriteParts" >> beam.ParDo(WritePart(self.output, self.spec, self.latent_format,
+                                                       self.shards_per_part()))
+                | "GatherSummaries" >> Gather()
+                | "WriteManifest" >> beam.ParDo(self.manifest_fn()))
+
+
+class WriteManifest(beam.DoFn):
+    """Runs once, after every part is written: check that each planned part is there, describe
+    the parts and write _manifest.json."""
+
+    def __init__(self, output: str, parts, fingerprint: str, extra: dict, max_bad_fraction: float,
+                 fatal_reasons=()):
+        self.output, self.parts, self.fingerprint, self.extra = output, sorted(parts), fingerprint, extra
         self.max_bad_fraction, self.fatal_reasons = max_bad_fraction, tuple(fatal_reasons)
 
-    def process(self, _, parts, rows, reasons, dead_letter_files):
-        described = latents.describe_parts(parts)
+    def process(self, summaries):
+        by_part = {posixpath.basename(s["part"]): s for s in summaries}  # a retried task reports once
+        missing = [p for p in self.parts if p not in by_part]
+        if missing:
+            raise RuntimeError(f"{len(missing)} planned part(s) were not written, e.g. {missing[0]}")
+        reasons = {}
+        for s in by_part.values():
+            add_reasons(reasons, s["reasons"])
+        rows = sum(s["rows"] for s in by_part.values())
+        described = latents.describe_parts([s["part"] for s in by_part.values()])
         payload = latents.manifest(described, counts(rows, reasons), self.fingerprint, self.extra)
-        payload["dead_letter_files"] = sorted(posixpath.relpath(p, self.output) for p in dead_letter_files)
+        payload["dead_letter_files"] = sorted(posixpath.relpath(s["dead_letters"], self.output)
+                                              for s in by_part.values())
         finish(self.output, payload, self.max_bad_fraction, self.fatal_reasons)
         yield payload
 
 
-class WriteLatentDataset(beam.PTransform):
-    """(shard, table) pairs + dead letters -> Parquet parts, dead-letter JSONL, then `_manifest.json` last."""
+class WriteLatentDataset(_LatentSink):
+    """Parts of whole input shards (`--num-shards` of them, or one per shard / per 256 files)."""
 
     def __init__(self, output: str, spec, latent_format: str, extra: dict, num_shards: int = 0,
-                 max_bad_fraction: float = 0.01, fatal_reasons=()):
-        super().__init__()
-        self.output, self.spec, self.extra, self.num_shards = output, spec, extra, num_shards
-        self.latent_format, self.max_bad_fraction, self.fatal_reasons = latent_format, max_bad_fraction, fatal_reasons
+                 max_bad_fraction: float = 0.01, fatal_reasons=(), shards_per_part: int = 1):
+        super().__init__(output, spec, latent_format, extra, max_bad_fraction, fatal_reasons)
+        self.num_shards, self.per_part = num_shards, shards_per_part
 
     def prepare(self, shards):
-        """In the driver, before the job: remove what an earlier run of this job wrote."""
-        clear_previous(self.output, [f"{latents.PART_PREFIX}-*.parquet", f"{DEAD_LETTER_DIR}/*.jsonl"])
+        """In the driver, before the job: remove what an earlier run of this job wrote; plan the parts."""
+        clear_previous(self.output, [f"{latents.PART_PREFIX}-*.parquet", f"{latents.PART_PREFIX}-*.parquet.tmp",
+                                     f"{DEAD_LETTER_DIR}/*.jsonl", f"{DEAD_LETTER_DIR}/*.jsonl.tmp"])
+        n = self.num_shards or math.ceil(len(shards) / self.per_part)
+        if n > len(shards):
+            log.info("--num-shards %d: a part holds whole input shards, so %d part(s)", n, len(shards))
+            n = len(shards)
+        self.part_of = {shard: f"{latents.PART_PREFIX}-{i * n // len(shards):05d}-of-{n:05d}.parquet"
+                        for i, shard in enumerate(shards)}
         return shards
 
-    def expand(self, inputs):
-        keyed, dead_letters = inputs
-        tables = keyed | "Tables" >> beam.Values()
-        parts = tables | "WriteParquet" >> beam.io.Write(latents.LatentParquetSink(
-            posixpath.join(self.output, latents.PART_PREFIX), latents.schema(self.spec, self.latent_format),
-            self.latent_format, self.num_shards))
-        rows = (tables | "Rows" >> beam.Map(lambda t: t.num_rows)
-                | "SumRows" >> beam.CombineGlobally(sum))
-        reasons, dead_files = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(self.output, NAMESPACE)
-        side = beam.pvalue
-        return (tables.pipeline
-                | "Once" >> beam.Create([None])
-                | "WriteManifest" >> beam.ParDo(
-                    WriteManifest(self.output, self.spec.fingerprint, self.extra, self.max_bad_fraction,
-                                  self.fatal_reasons),
-                    side.AsList(parts), side.AsSingleton(rows), side.AsSingleton(reasons), side.AsList(dead_files)))
+    def manifest_fn(self):
+        return WriteManifest(self.output, set(self.part_of.values()), self.spec.fingerprint, self.extra,
+                             self.max_bad_fraction, self.fatal_reasons)
 
 
 def part_name(shard: str) -> str:
@@ -98,41 +180,6 @@ def part_state(path: str):
         return None
 
 
-class WriteShardPart(beam.DoFn):
-    """(shard, {tables, dead, shard}) -> that shard's complete part; yields the part's path."""
-
-    def __init__(self, output: str, spec, latent_format: str):
-        self.output, self.spec, self.latent_format = output, spec, latent_format
-
-    def process(self, grouped):
-        shard, values = grouped
-        schema = latents.schema(self.spec, self.latent_format)
-        tables = [t for t in values["tables"]]
-        letters = sorted(values["dead"], key=lambda d: d.index)
-        name = part_name(shard)
-        path = posixpath.join(self.output, name)
-        reasons = {}
-        for letter in letters:
-            reasons[letter.reason] = reasons.get(letter.reason, 0) + 1
-        table = (pa.concat_tables(tables).sort_by("key") if tables else schema.empty_table())
-        tmp = path + ".tmp"
-        with FileSystems.create(tmp) as handle:
-            writer = pq.ParquetWriter(handle, schema, **latents.writer_options(schema, self.latent_format))
-            writer.write_table(table, row_group_size=latents.ROW_GROUP_ROWS)
-            writer.add_key_value_metadata({COUNTS_KEY: json.dumps(counts(table.num_rows, reasons)),
-                                           b"latentpack_source": shard})
-            writer.close()
-        # Dead letters first: a part that exists always has its dead letters beside it.
-        letters_path = posixpath.join(self.output, DEAD_LETTER_DIR, name[:-len(".parquet")] + ".jsonl")
-        with FileSystems.create(letters_path + ".tmp") as f:
-            f.write("".join(json.dumps(d.to_dict(), sort_keys=True) + "\n" for d in letters).encode())
-        FileSystems.rename([letters_path + ".tmp"], [letters_path])
-        if FileSystems.exists(path):
-            FileSystems.delete([path])
-        FileSystems.rename([tmp], [path])
-        yield path
-
-
 class WriteFolderManifest(beam.DoFn):
     """After every shard is done: a manifest over all parts in the folder, old and new."""
 
@@ -141,7 +188,7 @@ class WriteFolderManifest(beam.DoFn):
         self.output, self.spec, self.latent_format = output, spec, latent_format
         self.extra, self.max_bad_fraction, self.fatal_reasons = extra, max_bad_fraction, tuple(fatal_reasons)
 
-    def process(self, _, done_parts):
+    def process(self, summaries):
         found = FileSystems.match([posixpath.join(self.output, f"{latents.PART_PREFIX}-*.parquet")])[0].metadata_list
         paths = sorted(m.path for m in found)
         total = {"read": 0, "written": 0, "dead_lettered": 0, "dead_lettered_by_reason": {}}
@@ -158,7 +205,7 @@ class WriteFolderManifest(beam.DoFn):
             for reason, n in part_counts["dead_lettered_by_reason"].items():
                 total["dead_lettered_by_reason"][reason] = total["dead_lettered_by_reason"].get(reason, 0) + n
         payload = latents.manifest(latents.describe_parts(paths), total, self.spec.fingerprint,
-                                   dict(self.extra, incremental=True, parts_this_run=len(done_parts)))
+                                   dict(self.extra, incremental=True, parts_this_run=len({s['part'] for s in summaries})))
         payload["dead_letter_files"] = sorted(
             posixpath.relpath(m.path, self.output) for m in FileSystems.match(
                 [posixpath.join(self.output, DEAD_LETTER_DIR, "*.jsonl")])[0].metadata_list)
@@ -166,15 +213,8 @@ class WriteFolderManifest(beam.DoFn):
         yield payload
 
 
-class WritePartPerShard(beam.PTransform):
+class WritePartPerShard(_LatentSink):
     """The `--skip-existing` sink: one part per shard read this run, then a manifest over the folder."""
-
-    def __init__(self, output: str, spec, latent_format: str, extra: dict, max_bad_fraction: float = 0.01,
-                 fatal_reasons=()):
-        super().__init__()
-        self.output, self.spec, self.latent_format, self.extra = output, spec, latent_format, extra
-        self.max_bad_fraction, self.fatal_reasons = max_bad_fraction, fatal_reasons
-        self.shards, self.existing = [], []
 
     def prepare(self, shards):
         """In the driver: drop unfinished temporary files, and return the shards that still need a part."""
@@ -187,7 +227,7 @@ class WritePartPerShard(beam.PTransform):
                 todo.append(shard)
         log.info("%d of %d shard(s) already have a part; encoding %d", len(shards) - len(todo), len(shards),
                  len(todo))
-        self.shards = todo
+        self.part_of = {shard: part_name(shard) for shard in todo}
         rewritten = {posixpath.join(self.output, part_name(s)) for s in todo}
         # Every part that stays (for these shards or others): its keys come before any new one.
         self.existing = sorted(m.path for m in FileSystems.match(
@@ -195,19 +235,6 @@ class WritePartPerShard(beam.PTransform):
             if m.path not in rewritten)
         return todo
 
-    def expand(self, inputs):
-        keyed, dead_letters = inputs
-        p = keyed.pipeline
-        dead = (dead_letters
-                | "CountByReason" >> beam.ParDo(CountDeadLetters(NAMESPACE))
-                | "ByShard" >> beam.Map(lambda d: (d.source, d)))
-        every_shard = p | "ShardsToWrite" >> beam.Create([(s, None) for s in self.shards])
-        parts = ({"tables": keyed, "dead": dead, "shard": every_shard}
-                 | "GroupByShard" >> beam.CoGroupByKey()
-                 | "WriteShardParts" >> beam.ParDo(WriteShardPart(self.output, self.spec, self.latent_format)))
-        return (p
-                | "Once" >> beam.Create([None])
-                | "WriteManifest" >> beam.ParDo(
-                    WriteFolderManifest(self.output, self.spec, self.latent_format, self.extra,
-                                        self.max_bad_fraction, self.fatal_reasons),
-                    beam.pvalue.AsList(parts)))
+    def manifest_fn(self):
+        return WriteFolderManifest(self.output, self.spec, self.latent_format, self.extra, self.max_bad_fraction,
+                                   self.fatal_reasons)

@@ -72,7 +72,7 @@ def make_example(encoded: bytes, key: Optional[str] = None, label: Optional[int]
         feat["image/key"].bytes_list.value.append(key.encode("utf-8"))
     if label is not None:
         feat["image/class/label"].int64_list.value.append(int(label))
-    return ex.SerializeToString()
+    return ex.SerializeToString(deterministic=True)  # map entries sorted: the same bytes in every process
 
 
 @functools.lru_cache(maxsize=None)

@@ -107,49 +107,49 @@ def test_decoding_again_into_the_same_folder_leaves_no_stale_shards(dataset, mod
     assert sorted(keys) == [f"o/{i}" for i in range(5)]
 
 
-def test_png_writer_writes_every_batch_before_the_bundle_ends(tmp_path):
+def test_decode_part_writes_every_batch_before_it_reports(tmp_path, model_dir, mnist):
     """The writer thread lags the model by up to `max_pending` batches: every file is on disk and
-    counted by the end, and a write that fails fails the job instead of being lost."""
-    import apache_beam as beam
-    from apache_beam.testing.util import assert_that, equal_to
+    counted when the part's summary comes out, and a key that cannot be a file is a dead letter
+    with its reason, never a silently missing image."""
+    from conftest import write_tfrecord
+    from pipeline import completion, latents
+    from pipeline.artifact import read_spec
+    from pipeline.decode import DecodePart
 
-    from pipeline.accounting import DEAD_LETTER_TAG
-    from pipeline.images import ImageBatch
-    from pipeline.outputs import WritePngFn
+    keys = [f"b{i // 7}/{i % 7}" for i in range(63)]
+    keys[30] = "../escape"
+    write_tfrecord(tmp_path / "s.tfrecord", mnist[0][:63], keys=keys)
+    lat = str(tmp_path / "lat")
+    encode.run(["--input", str(tmp_path / "s.tfrecord"), "--model-dir", model_dir, "--output", lat] + BEAM_TEST_ARGS)
+    manifest = completion.read_manifest(lat)
+    (part,) = latents.part_paths(lat, manifest)
+    spec = read_spec(model_dir)
 
-    rng = np.random.default_rng(0)
-    batches = []
-    for b in range(9):
-        keys = [f"b{b}/{i}" for i in range(7)]
-        if b == 4:
-            keys[3] = "../escape"
-        images = rng.integers(0, 256, (7, 28, 28, 1), dtype=np.uint8)
-        batches.append(ImageBatch(keys, images, np.full(7, -1), np.zeros(7, bool)))
+    def decode_part(out):
+        fn = DecodePart(model_dir, spec, out, "png", max_pending=2)
+        fn.BATCH_ROWS = 5  # many batches in flight
+        fn.setup()
+        (summary,) = fn.process((part, manifest["files"][0]))
+        fn.teardown()
+        letters = [json.loads(line) for line in open(summary["dead_letters"])]
+        return summary, letters
+
     out = str(tmp_path / "png")
-    with beam.Pipeline(argv=BEAM_TEST_ARGS) as p:
-        res = (p | beam.Create(batches)
-               | beam.ParDo(WritePngFn(out, max_pending=2)).with_outputs(DEAD_LETTER_TAG, main="n"))
-        assert_that(res.n | beam.CombineGlobally(sum), equal_to([62]), label="count")
-        assert_that(res[DEAD_LETTER_TAG] | beam.Map(lambda d: (d.key, d.reason)),
-                    equal_to([("../escape", "unsafe_key")]), label="dead")
-    written = sorted(glob.glob(f"{out}/*/*.png"))
-    assert len(written) == 62
-    for batch in batches:
-        for key, image in zip(batch.keys, batch.images):
-            if key != "../escape":
-                assert (np.array(Image.open(f"{out}/{key}.png")) == image[..., 0]).all()
+    summary, letters = decode_part(out)
+    assert summary["written"] == 62 and summary["reasons"] == {"unsafe_key": 1}
+    assert [(d["key"], d["reason"]) for d in letters] == [("../escape", "unsafe_key")]
+    assert len(glob.glob(f"{out}/*/*.png")) == 62
+    decoded = load_codec(model_dir).decode(load_codec(model_dir).encode(mnist[0][:63]))
+    for key, image in zip(keys, decoded):
+        if key != "../escape":
+            assert (np.array(Image.open(f"{out}/{key}.png")) == image[..., 0]).all()
 
-    # A file that cannot be created (its folder is a file) is a dead letter with its reason, never a
-    # silently missing image; the ones still pending when the bundle ends come out too.
+    # A file that cannot be created (its folder is a file): a dead letter for each of its images.
     blocked = str(tmp_path / "blocked")
     os.makedirs(blocked)
     open(f"{blocked}/b8", "w").close()
-    with beam.Pipeline(argv=BEAM_TEST_ARGS) as p:
-        res = (p | beam.Create(batches) | beam.ParDo(WritePngFn(blocked, max_pending=2))
-               .with_outputs(DEAD_LETTER_TAG, main="n"))
-        assert_that(res.n | beam.CombineGlobally(sum), equal_to([55]), label="count")
-        assert_that(res[DEAD_LETTER_TAG] | beam.Map(lambda d: d.reason) | beam.combiners.Count.PerElement(),
-                    equal_to([("unsafe_key", 1), ("unwritable_key", 7)]), label="dead")
+    summary, letters = decode_part(blocked)
+    assert summary["written"] == 55 and summary["reasons"] == {"unsafe_key": 1, "unwritable_key": 7}
 
 
 def test_keys_that_cannot_be_files_are_dead_letters_not_a_failed_job(tmp_path, model_dir, mnist):

@@ -12,12 +12,11 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import BEAM_TEST_ARGS, write_tfrecord
-from pipeline import completion, encode, latents
-from pipeline.accounting import DEAD_LETTER_TAG
+from pipeline import completion, encode, latents, sinks
 from pipeline.codecs import load_codec
 from pipeline.artifact import read_spec
 from pipeline.errors import LatentpackError
-from pipeline.images import ImageBatch
+from pipeline.images import DeadLetter, ImageBatch
 from pipeline.tfrecord import make_example
 
 
@@ -27,38 +26,40 @@ def read_rows(output):
     return manifest, table
 
 
-def test_read_shard_batches_dofn_directly(tmp_path, mnist):
+def test_shard_batches_directly(tmp_path, mnist):
     path = write_tfrecord(tmp_path / "s.tfrecord", mnist[0][:5], keys=list("abcde"),
                           extra_records=[make_example(b"junk", "bad")])
-    fn = encode.ReadShardBatches("tfrecord", str(tmp_path), (28, 28, 1), batch_size=2, max_pixels=10 ** 6)
-    out = list(fn.process(path))
+    out = list(encode.shard_batches("tfrecord", path, str(tmp_path), (28, 28, 1), 2, 10 ** 6, later={3: (path, 0)}))
     batches = [o for o in out if isinstance(o, ImageBatch)]
-    letters = [o.value for o in out if isinstance(o, beam.pvalue.TaggedOutput)]
-    assert [b.keys for b in batches] == [["a", "b"], ["c", "d"], ["e"]]
-    assert [(d.key, d.reason, d.index) for d in letters] == [("bad", "undecodable", 5)]
+    letters = [o for o in out if isinstance(o, DeadLetter)]
+    assert [b.keys for b in batches] == [["a", "b"], ["c", "e"]]
+    assert [(d.key, d.reason, d.index) for d in letters] == [("d", "duplicate_key", 3), ("bad", "undecodable", 5)]
 
 
-def test_encode_batch_dofn_directly(model_dir, mnist):
-    fn = encode.EncodeBatch(model_dir, read_spec(model_dir), "int")
+def test_encode_shard_dofn_directly(model_dir, mnist, tmp_path):
+    path = write_tfrecord(tmp_path / "s.tfrecord", mnist[0][:3], labels=np.array([1, 2, 3]), keys=["a", "b", "c"])
+    fn = encode.EncodeShard("tfrecord", str(tmp_path), model_dir, read_spec(model_dir), "int", 2, 10 ** 6)
     fn.setup()
-    images = mnist[0][:3]
-    batch = ImageBatch(["a", "b", "c"], images, np.array([1, -1, 3]), np.array([True, False, True]))
-    ((shard, table),) = list(fn.process(batch))
-    assert table.column("key").to_pylist() == ["a", "b", "c"]
-    assert table.column("label").to_pylist() == [1, None, 3]
-    assert np.array_equal(latents.latents_of(table), load_codec(model_dir).encode(images))
+    out = list(fn.process((path, {"part": ["latents-00000-of-00001.parquet"], "later": []})))
+    assert {part for part, _ in out} == {"latents-00000-of-00001.parquet"}
+    tables = [item for _, item in out if isinstance(item, pa.Table)]
+    assert [t.column("key").to_pylist() for t in tables] == [["a", "b"], ["c"]]
+    assert out[-1][1] == sinks.ShardDone(path)  # the part is written only once every shard is in
+    table = pa.concat_tables(tables)
+    assert table.column("label").to_pylist() == [1, 2, 3]
+    assert np.array_equal(latents.latents_of(table), load_codec(model_dir).encode(mnist[0][:3]))
 
 
-def test_read_and_encode_in_a_test_pipeline(shards, model_dir):
+def test_encode_images_in_a_test_pipeline(shards, model_dir):
     pattern, keys = shards.pattern, shards.keys
     spec = read_spec(model_dir)
-    shard_paths = sorted(glob.glob(pattern))
+    part_of = {s: f"part-{i}" for i, s in enumerate(sorted(glob.glob(pattern)))}
     with BeamTestPipeline(argv=BEAM_TEST_ARGS) as p:
-        read = p | encode.ReadImageShards(shard_paths, "tfrecord", os.path.dirname(pattern), (28, 28, 1), 16)
-        tables = read.images | beam.ParDo(encode.EncodeBatch(model_dir, spec, "int"))
-        got = tables | beam.FlatMap(lambda st: st[1].column("key").to_pylist())
+        items = p | encode.EncodeImages(part_of, "tfrecord", os.path.dirname(pattern), model_dir, spec, "int", 16)
+        got = items | beam.FlatMap(lambda kv: kv[1].column("key").to_pylist() if isinstance(kv[1], pa.Table) else [])
         assert_that(got, equal_to(keys))
-        assert_that(read[DEAD_LETTER_TAG], equal_to([]), label="NoDeadLetters")
+        done = items | beam.Filter(lambda kv: isinstance(kv[1], sinks.ShardDone)) | beam.Map(lambda kv: kv[0])
+        assert_that(done, equal_to(["part-0", "part-1", "part-2"]), label="EveryShardDone")
 
 
 def test_encode_job_writes_a_complete_dataset(shards, model_dir, tmp_path):

@@ -31,36 +31,36 @@ def rows(out):
 def test_killed_run_then_rerun_gives_one_complete_dataset(tmp_path, mnist, model_dir):
     folder = tmp_path / "in"
     folder.mkdir()
-    for s in range(4):
-        write_tfrecord(folder / f"p{s}.tfrecord", mnist[0][s * 500:(s + 1) * 500],
-                       keys=[f"k/{i:05d}" for i in range(s * 500, (s + 1) * 500)])
+    for s in range(40):
+        write_tfrecord(folder / f"p{s:02d}.tfrecord", mnist[0][s * 50:(s + 1) * 50],
+                       keys=[f"k/{i:05d}" for i in range(s * 50, (s + 1) * 50)])
+    args = ["--input", str(folder / "*.tfrecord"), "--model-dir", model_dir] + BEAM_TEST_ARGS
+    reference = str(tmp_path / "reference")
+    encode.run(args + ["--output", reference])
+    # A run killed with SIGKILL as soon as it has started writing parts (40 of them).
     out = str(tmp_path / "lat")
-    args = ["--input", str(folder / "*.tfrecord"), "--model-dir", model_dir, "--output", out] + BEAM_TEST_ARGS
-    encode.run(args)
-    complete = rows(out)
-    # A second run, killed with SIGKILL as soon as Beam has started writing.
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.encode"] + args, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.encode", "--output", out] + args, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not glob.glob(f"{out}/beam-temp-*") and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    while not glob.glob(f"{out}/latents-*") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert glob.glob(f"{out}/beam-temp-*"), "the kill left no temporary files: nothing was tested"
+    assert glob.glob(f"{out}/latents-*"), "the kill left no parts: nothing was tested"
     with pytest.raises(LatentpackError, match="not a complete latent dataset"):
         completion.read_manifest(out)
     # Started again with the same arguments: one complete dataset, the same rows, nothing stray.
-    manifest = encode.run(args)
+    manifest = encode.run(args + ["--output", out])
     assert manifest["images"] == 2000
-    assert rows(out).equals(complete)
+    assert rows(out).equals(rows(reference))
     assert sorted(os.listdir(out)) == ["_manifest.json", "dead_letter"] + [f["name"] for f in manifest["files"]]
-    assert not glob.glob(f"{out}/dead_letter/beam-temp-*")
+    assert len(manifest["files"]) == 40 and not glob.glob(f"{out}/**/*.tmp", recursive=True)
 
 
 def test_decode_refuses_foreign_parquet(tmp_path, model_dir, shards):
     out = str(tmp_path / "lat")
-    encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", out] + BEAM_TEST_ARGS)
+    encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", out, "--num-shards", "1"] + BEAM_TEST_ARGS)
     (part,) = latents.part_paths(out, completion.read_manifest(out))
     table = pq.read_table(part)
     args = ["--input", out, "--model-dir", model_dir, "--output", str(tmp_path / "dec")]

@@ -10,6 +10,7 @@ entropy tables and latent shapes stay inside the family's module (`dense.py`, `s
 """
 from __future__ import annotations
 
+import threading
 from typing import Dict, Type
 
 from pipeline.codecs.base import ModelCodec
@@ -36,6 +37,23 @@ def load_codec(model_dir: str, spec=None) -> ModelCodec:
 
     spec = spec if spec is not None else read_spec(model_dir)
     return codec_class(spec)(model_dir, spec)
+
+
+_SHARED: Dict[tuple, ModelCodec] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_codec(model_dir: str, spec) -> ModelCodec:
+    """`load_codec`, once per worker process: runners that set up a DoFn per task or bundle (Dask
+    does, per partition) reuse the model already in memory instead of loading it again. A loaded
+    codec is read-only, so the threads of one worker may share it."""
+    key = (model_dir, spec.fingerprint)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            if len(_SHARED) >= 2:  # a worker rarely needs more than one model at a time
+                _SHARED.pop(next(iter(_SHARED)))
+            _SHARED[key] = load_codec(model_dir, spec)
+        return _SHARED[key]
 
 
 from pipeline.codecs import dense, spatial  # noqa: E402,F401  (registers the families)

@@ -79,31 +79,32 @@ class DenseCodec(ModelCodec):
             part = table.slice(start, DECODE_ROWS)
             keys = part.column("key").to_pylist()
             labels, has_label = row_labels(part)
-            latent, ok = self._latents(part, keys)
+            latent, ok, why = self._latents(part, keys)
             for i in np.nonzero(~ok)[0]:
-                yield DeadLetter(keys[i], "", start + int(i), *self._why[i])
+                yield DeadLetter(keys[i], "", start + int(i), *why[i])
             rows = np.nonzero(ok)[0]
             if len(rows):
                 images = self.decode(latent[rows])
                 yield ImageBatch([keys[i] for i in rows], images, labels[rows], has_label[rows])
 
     def _latents(self, part, keys):
-        """(latents [N, D], ok [N]); a row that does not decode gets ok False and a reason in `_why`."""
+        """(latents [N, D], ok [N], why); a row that does not decode gets ok False and a reason in `why`
+        (no state kept on the codec: the threads of a worker share it)."""
         n, dim = part.num_rows, self.spec.latent_dim
         latent = np.zeros((n, dim), np.int64)
         ok = np.ones(n, bool)
-        self._why = {}
+        why = {}
         if "code" in part.column_names:
             for i, code in enumerate(part.column("code").to_pylist()):
                 try:
                     latent[i] = self.entropy.decode([code])[0]
                 except Exception as e:  # constriction reports a bad stream in several ways
-                    ok[i], self._why[i] = False, ("bad_code", f"entropy code does not decode: {e}")
+                    ok[i], why[i] = False, ("bad_code", f"entropy code does not decode: {e}")
         else:
             column = part.column("latent")
             column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
             latent = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.int64)
         out_of_range = ok & ((latent < self.low) | (latent > self.high)).any(axis=1)
         for i in np.nonzero(out_of_range)[0]:
-            ok[i], self._why[i] = False, ("bad_latent", "latent values outside the model's quantizer range")
-        return latent, ok
+            ok[i], why[i] = False, ("bad_latent", "latent values outside the model's quantizer range")
+        return latent, ok, why
