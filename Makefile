@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench rd photo-rd photo-bench env clean
+.PHONY: demo test bench rd photo-rd photo-bench scaling env clean
 
 env: $(STAMP)
 
@@ -40,5 +40,10 @@ photo-rd: $(STAMP)
 photo-bench: $(STAMP)
 	$(PY) scripts/photo_bench.py --out bench-out/photos --record
 
+# The encode job on the DirectRunner and on Dask clusters of 1 and 2 workers, and the cloud cost
+# per million images that follows, recorded in BENCHMARKS.md ("Scaling and cost").
+scaling: $(STAMP)
+	$(PY) scripts/scaling.py --out scaling-out --record
+
 clean:
-	rm -rf demo-out bench-out rd-photos build *.egg-info .pytest_cache
+	rm -rf demo-out bench-out rd-photos scaling-out build *.egg-info .pytest_cache

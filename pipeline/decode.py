@@ -244,7 +244,7 @@ def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, 
                    + [f"{DEAD_LETTER_DIR}/*.jsonl", f"{DEAD_LETTER_DIR}/*.jsonl.tmp"])
     extra = {"job": "decode", "source": dataset, "output_format": options.output_format, "model_fingerprint": spec.fingerprint}
     fatal = () if options.allow_damaged else ("damaged_part",)
-    p = test_pipeline or beam.Pipeline(options=runner_options(beam_args))
+    p = test_pipeline or beam.Pipeline(options=runner_options(beam_args, len(paths)))
     (p
      | "ListParts" >> beam.Create(list(zip(paths, entries)))
      | "SpreadParts" >> beam.Reshuffle()

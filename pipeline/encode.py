@@ -279,7 +279,7 @@ def _build_and_run(options, beam_args, test_pipeline, spec, family, model_dir, l
                                         options.max_bad_fraction, fatal,
                                         get_reader(options.input_format).shards_per_part)
     sink.prepare(shards)
-    p = test_pipeline or beam.Pipeline(options=runner_options(beam_args))
+    p = test_pipeline or beam.Pipeline(options=runner_options(beam_args, len(shards)))
     # With --skip-existing, keys already stored in the folder's older parts count as first occurrences.
     (p
      | "EncodeImages" >> EncodeImages(sink.part_of, options.input_format, root, model_dir, spec, latent_format,

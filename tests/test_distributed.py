@@ -172,13 +172,15 @@ def test_a_killed_dask_worker_loses_nothing(direct, dataset, rd_model_dir, tmp_p
     assert (counts, parts, dead_files, letters) == encoded(direct[0])
 
 
-def test_dask_runner_name_and_missing_partitioning_get_defaults():
+def test_dask_runner_name_and_missing_partitioning_get_defaults(dask_cluster):
     from pipeline.runners import DASK_RUNNER, runner_options
 
-    options = runner_options(["--runner", "DaskRunner"]).get_all_options()
-    assert options["runner"] == DASK_RUNNER and options["partition_size"] == 1
-    options = runner_options([f"--runner={DASK_RUNNER}", "--dask_npartitions", "4"]).get_all_options()
-    assert options["npartitions"] == 4 and not options["partition_size"]
+    # Two partitions per worker thread of the cluster (2 here), at most one per shard.
+    options = runner_options(dask_args(dask_cluster), 40).get_all_options()
+    assert options["runner"] == DASK_RUNNER and options["npartitions"] == 4
+    assert runner_options(dask_args(dask_cluster), 3).get_all_options()["npartitions"] == 3
+    options = runner_options([f"--runner={DASK_RUNNER}", "--dask_partition_size", "7"], 40).get_all_options()
+    assert options["partition_size"] == 7 and not options["npartitions"]
 
 
 # ---------------------------------------------------------------- Beam's portable runner
