@@ -36,7 +36,7 @@ NAMESPACE = "latentpack.decode"
 
 
 def check_dataset(dataset_dir: str, spec) -> tuple:
-    """Validate a latent dataset against the model; returns (part paths, their manifest entries)."""
+    """Validate a latent dataset against the model; returns (part paths, their manifest entries, the manifest)."""
     manifest = read_manifest(dataset_dir)
     if manifest.get("format") != "latentpack-dataset":
         raise LatentpackError(f"{dataset_dir}: {MANIFEST} is not a latentpack dataset manifest")
@@ -69,7 +69,7 @@ def check_dataset(dataset_dir: str, spec) -> tuple:
             if schema.field(field.name).type != field.type:
                 raise LatentpackError(f"{path}: column {field.name!r} is {schema.field(field.name).type}, "
                                       f"the model needs {field.type}")
-    return paths, manifest["files"]
+    return paths, manifest["files"], manifest
 
 
 def check_fingerprint(path: str, fingerprint: str, spec) -> None:
@@ -101,9 +101,9 @@ class DecodePart(beam.DoFn):
 
     BATCH_ROWS = 1024
 
-    def __init__(self, model_dir: str, spec, output: str, output_format: str, max_pending: int = 2):
+    def __init__(self, model_dir: str, spec, output: str, output_format: str, label_names=None, max_pending: int = 2):
         self.model_dir, self.spec, self.output, self.output_format = model_dir, spec, output, output_format
-        self.max_pending = max_pending
+        self.label_names, self.max_pending = (list(label_names) if label_names else None), max_pending
 
     def setup(self):
         from concurrent.futures import ThreadPoolExecutor
@@ -122,7 +122,7 @@ class DecodePart(beam.DoFn):
             letters = [DeadLetter(f"{name}:{i}", path, i, "damaged_part", f"{name} {problem}")
                        for i in range(int(expected.get("rows", 1)))]
         else:
-            writer = WRITERS[self.output_format](self.output, part_stem(path))
+            writer = WRITERS[self.output_format](self.output, part_stem(path), self.label_names)
             pending = collections.deque()
 
             def drain(limit):
@@ -223,7 +223,7 @@ def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     model_dir = models.resolve(options.model_dir)
     spec = read_spec(model_dir)
     dataset = options.input.rstrip("/")
-    paths, entries = check_dataset(dataset, spec)
+    paths, entries, manifest = check_dataset(dataset, spec)
     output = options.output.rstrip("/")
     if (output + "/").startswith(dataset + "/"):
         raise LatentpackError(f"--output {output} is, or is inside, the --input dataset {dataset}; decoding there "
@@ -232,15 +232,16 @@ def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     claim.claim()
     try:
         return _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, paths, entries, output,
-                              claim)
+                              claim, manifest.get("label_names"))
     finally:
         claim.release()
 
 
-def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, paths, entries, output, claim):
+def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, paths, entries, output, claim,
+                   label_names=None):
     # PNG files are one per key and are overwritten in place; shard files are replaced.
-    clear_previous(output, [f"images-*.{ext}" for ext in ("tfrecord", "npz", "parquet")]
-                   + [f"images-*.{ext}.tmp" for ext in ("tfrecord", "npz", "parquet")]
+    clear_previous(output, [f"images-*.{ext}" for ext in ("tfrecord", "npz", "parquet", "tar")]
+                   + [f"images-*.{ext}.tmp" for ext in ("tfrecord", "npz", "parquet", "tar")]
                    + [f"{DEAD_LETTER_DIR}/*.jsonl", f"{DEAD_LETTER_DIR}/*.jsonl.tmp"])
     extra = {"job": "decode", "source": dataset, "output_format": options.output_format, "model_fingerprint": spec.fingerprint}
     fatal = () if options.allow_damaged else ("damaged_part",)
@@ -248,7 +249,7 @@ def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, 
     (p
      | "ListParts" >> beam.Create(list(zip(paths, entries)))
      | "SpreadParts" >> beam.Reshuffle()
-     | "DecodeParts" >> beam.ParDo(DecodePart(model_dir, spec, output, options.output_format))
+     | "DecodeParts" >> beam.ParDo(DecodePart(model_dir, spec, output, options.output_format, label_names))
      | "GatherSummaries" >> Gather()
      | "WriteManifest" >> beam.ParDo(WriteDecodeManifest(output, paths, extra, options.max_bad_fraction, fatal)))
     return run_to_completion(p, output, "decoded output", claim)

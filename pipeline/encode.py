@@ -28,7 +28,7 @@ from pipeline.artifact import read_spec
 from pipeline.codecs import codec_class, shared_codec
 from pipeline.completion import OutputFolder, run_to_completion
 from pipeline.errors import BadImage, LatentpackError
-from pipeline.formats import READERS, get_reader
+from pipeline.formats import READERS, Fields, open_input
 from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, ImageBatch, batch_records
 from pipeline.runners import either_spelling, runner_options
 from pipeline.errors import log, show_progress
@@ -51,15 +51,17 @@ class EncodeOptions:
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
     skip_existing: bool = False
     duplicate_keys: str = "keep-first"
+    image_feature: Optional[str] = None
+    label_feature: Optional[str] = None
+    key_feature: Optional[str] = None
 
 
-def shard_batches(input_format: str, shard: str, root: str, shape, batch_size: int, max_pixels: int,
-                  later=None):
+def shard_batches(reader, shard: str, root: str, shape, batch_size: int, max_pixels: int, later=None):
     """A shard's records as ImageBatches and DeadLetters, in record order. `shape` is the model's
     one image shape, or None for models that take any size (then batches group images of the same
     shape). `later` maps the record index of each later occurrence of a key to its first
     occurrence's (place, index): those records become `duplicate_key` dead letters."""
-    records = get_reader(input_format).records(shard, root)
+    records = reader.records(shard, root)
     if later:
         records = _drop_later_duplicates(records, later)
     for item in batch_records(records, tuple(shape) if shape is not None else None, batch_size, max_pixels):
@@ -76,10 +78,10 @@ def _drop_later_duplicates(records, later):
         yield rec
 
 
-def _key_buckets(shard: str, input_format: str, root: str, buckets: int = 16):
+def _key_buckets(shard: str, reader, root: str, buckets: int = 16):
     """shard -> (bucket, [(key, shard, index)]) for every readable record, bucketed by a stable hash."""
     out = [[] for _ in range(buckets)]
-    for rec in get_reader(input_format).records(shard, root):
+    for rec in reader.records(shard, root):
         if rec.error is None:
             out[zlib.crc32(rec.key.encode("utf-8", "surrogatepass")) % buckets].append((rec.key, shard, rec.index))
     return [(b, entries) for b, entries in enumerate(out) if entries]
@@ -124,12 +126,12 @@ class FindDuplicateKeys(beam.PTransform):
     later occurrence of a key. Reads keys only (no pixels) and groups them by a hash bucket, so no
     worker holds them all; keys already stored in `existing_parts` count as first occurrences."""
 
-    def __init__(self, input_format: str, root: str, existing_parts=()):
+    def __init__(self, reader, root: str, existing_parts=()):
         super().__init__()
-        self.input_format, self.root, self.existing_parts = input_format, root, list(existing_parts)
+        self.reader, self.root, self.existing_parts = reader, root, list(existing_parts)
 
     def expand(self, shards):
-        buckets = shards | "KeyBuckets" >> beam.FlatMap(_key_buckets, self.input_format, self.root)
+        buckets = shards | "KeyBuckets" >> beam.FlatMap(_key_buckets, self.reader, self.root)
         if self.existing_parts:
             stored = (shards.pipeline
                       | "ListExistingParts" >> beam.Create(self.existing_parts)
@@ -145,9 +147,9 @@ class EncodeShard(beam.DoFn):
     encoded rows and each dead letter of the shard, then (part, ShardDone). The model is loaded
     once per worker process and called only through its family's `compress`."""
 
-    def __init__(self, input_format: str, root: str, model_dir: str, spec, latent_format: str, batch_size: int,
+    def __init__(self, reader, root: str, model_dir: str, spec, latent_format: str, batch_size: int,
                  max_pixels: int):
-        self.input_format, self.root = input_format, root
+        self.reader, self.root = reader, root
         self.model_dir, self.spec, self.latent_format = model_dir, spec, latent_format
         self.batch_size, self.max_pixels = batch_size, max_pixels
 
@@ -162,7 +164,7 @@ class EncodeShard(beam.DoFn):
         shard, joined = element
         (part,) = joined["part"]
         later = dict(joined["later"])
-        for item in shard_batches(self.input_format, shard, self.root, self.shape, self.batch_size,
+        for item in shard_batches(self.reader, shard, self.root, self.shape, self.batch_size,
                                   self.max_pixels, later):
             if isinstance(item, DeadLetter):
                 yield part, item
@@ -178,12 +180,12 @@ class EncodeImages(beam.PTransform):
     """The planned shards -> (part, item) pairs: spread the shards over workers, find keys seen
     twice, read and encode each shard on one worker."""
 
-    def __init__(self, part_of: dict, input_format: str, root: str, model_dir: str, spec, latent_format: str,
+    def __init__(self, part_of: dict, reader, root: str, model_dir: str, spec, latent_format: str,
                  batch_size: int = 1024, max_pixels: int = DEFAULT_MAX_PIXELS, existing_parts=()):
         super().__init__()
         self.part_of, self.existing_parts = dict(part_of), list(existing_parts)
-        self.input_format, self.root = input_format, root
-        self.fn = EncodeShard(input_format, root, model_dir, spec, latent_format, batch_size, max_pixels)
+        self.reader, self.root = reader, root
+        self.fn = EncodeShard(reader, root, model_dir, spec, latent_format, batch_size, max_pixels)
 
     def expand(self, pbegin):
         planned = (pbegin
@@ -192,7 +194,7 @@ class EncodeImages(beam.PTransform):
                    | "SpreadShards" >> beam.Reshuffle())
         later = (planned
                  | "Shards" >> beam.Keys()
-                 | "FindDuplicateKeys" >> FindDuplicateKeys(self.input_format, self.root, self.existing_parts))
+                 | "FindDuplicateKeys" >> FindDuplicateKeys(self.reader, self.root, self.existing_parts))
         return ({"part": planned, "later": later}
                 | "JoinDuplicates" >> beam.CoGroupByKey()
                 | "ReadAndEncode" >> beam.ParDo(self.fn))
@@ -212,6 +214,12 @@ def parse_args(argv) -> tuple:
     p.add_argument("--latent-format", choices=latents.LATENT_FORMATS,
                    help="code: entropy-coded bytes per image (the compact default for models trained with "
                         "--quality/--lambda); int: the integer latents, usable as features (default for other models)")
+    p.add_argument("--image-feature", help="TFRecord feature or Parquet/Arrow column holding the image bytes "
+                                           "(default: detected: image/encoded, image, or the one image-bytes field)")
+    p.add_argument("--label-feature", help="feature or column holding the integer label "
+                                           "(default: image/class/label or label, or the dataset's class label)")
+    p.add_argument("--key-feature", help="feature or column holding each image's key (default: image/key or key; "
+                                         "otherwise the file and record index)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch element")
     p.add_argument("--num-shards", type=int, default=d.num_shards, help="output Parquet parts, each of whole input shards (0: one per input shard, or per 256 image files)")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels,
@@ -249,8 +257,8 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
     why_not = family.check_latent_format(spec, latent_format)
     if why_not:
         raise LatentpackError(f"{why_not}; {model_dir} cannot write --latent-format {latent_format}")
-    reader = get_reader(options.input_format)
-    shards, root = reader.match(options.input)
+    reader, shards, root = open_input(options.input_format, options.input,
+                                      Fields(options.image_feature, options.label_feature, options.key_feature))
     output = options.output.rstrip("/")
     inside = [shard for shard in shards if shard.startswith(output + "/")]
     if inside:
@@ -262,27 +270,28 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
     extra = {"job": "encode", "input": options.input, "input_format": options.input_format, "shards": len(shards),
              "latent_format": latent_format, "duplicate_keys": options.duplicate_keys,
              "codec": latents.metadata_of(latents.schema(spec, latent_format))}
+    if reader.label_names():  # class names the input declares (TFDS, Hugging Face): decode's Parquet keeps them
+        extra["label_names"] = reader.label_names()
     fatal = ("duplicate_key",) if options.duplicate_keys == "fail" else ()
     try:
-        return _build_and_run(options, beam_args, test_pipeline, spec, family, model_dir, latent_format, shards, root,
-                              output, extra, fatal, claim)
+        return _build_and_run(options, beam_args, test_pipeline, spec, model_dir, latent_format, reader, shards,
+                              root, output, extra, fatal, claim)
     finally:
         claim.release()
 
 
-def _build_and_run(options, beam_args, test_pipeline, spec, family, model_dir, latent_format, shards, root, output,
+def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, latent_format, reader, shards, root, output,
                    extra, fatal, claim):
     if options.skip_existing:
         sink = sinks.WritePartPerShard(output, spec, latent_format, extra, options.max_bad_fraction, fatal)
     else:
         sink = sinks.WriteLatentDataset(output, spec, latent_format, extra, options.num_shards,
-                                        options.max_bad_fraction, fatal,
-                                        get_reader(options.input_format).shards_per_part)
+                                        options.max_bad_fraction, fatal, reader.shards_per_part)
     sink.prepare(shards)
     p = test_pipeline or beam.Pipeline(options=runner_options(beam_args, len(shards)))
     # With --skip-existing, keys already stored in the folder's older parts count as first occurrences.
     (p
-     | "EncodeImages" >> EncodeImages(sink.part_of, options.input_format, root, model_dir, spec, latent_format,
+     | "EncodeImages" >> EncodeImages(sink.part_of, reader, root, model_dir, spec, latent_format,
                                       options.batch_size, options.max_pixels, sink.existing)
      | "WriteLatentDataset" >> sink)
     return run_to_completion(p, output, claim=claim)

@@ -6,6 +6,8 @@ SourceRecords (`read`). Readers do I/O only; decoding and checking pixels happen
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
 import itertools
 import posixpath
@@ -33,6 +35,28 @@ def get_reader(name: str) -> "Reader":
         return READERS[name]
     except KeyError:
         raise LatentpackError(f"unknown input format {name!r}; choose one of {', '.join(sorted(READERS))}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Fields:
+    """Which feature (TFRecord) or column (Parquet, Arrow) holds the image, the label and the key,
+    as the user named them (`--image-feature`, `--label-feature`, `--key-feature`); None: detect."""
+
+    image: Optional[str] = None
+    label: Optional[str] = None
+    key: Optional[str] = None
+
+    def given(self) -> bool:
+        return any((self.image, self.label, self.key))
+
+
+def open_input(name: str, pattern: str, fields: Fields = Fields()) -> Tuple["Reader", List[str], str]:
+    """In the driver, before a job: (the reader configured for this input, shards, root). Feature
+    names are resolved here from the first shard, so a wrong name is one clear error instead of
+    a dead letter per record."""
+    reader = get_reader(name)
+    shards, root = reader.match(pattern)
+    return reader.configure(fields, shards, root), shards, root
 
 
 def glob_root(pattern: str) -> str:
@@ -109,6 +133,17 @@ class Reader:
             raise LatentpackError(f"no files match --input {pattern!r}")
         return shards, glob_root(pattern)
 
+    def configure(self, fields: Fields, shards: List[str], root: str) -> "Reader":
+        """This reader set up for `fields` (formats with named features override it)."""
+        if fields.given():
+            raise LatentpackError(f"--image-feature, --label-feature and --key-feature do not apply to "
+                                  f"--input-format {self.name}")
+        return self
+
+    def label_names(self) -> Optional[List[str]]:
+        """The class names of the labels, where the input says them (TFDS, Hugging Face)."""
+        return None
+
     def read(self, shard: str, root: str) -> Iterator[SourceRecord]:
         raise NotImplementedError
 
@@ -171,24 +206,169 @@ def _read_bytes(path: str) -> bytes:
             chunks.append(chunk)
 
 
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def resolve_example_names(record: bytes, fields: Fields, where: str) -> tfrecord.ExampleNames:
+    """The features of `record` that hold the image, label and key: the ones the user named (which
+    must exist), else the TF-slim names, else `image`/`label` (TFDS), else the one bytes feature
+    that holds image bytes. Nothing found: one error listing the features the record has."""
+    ex = tfrecord._example_class().FromString(record)
+    feat = ex.features.feature
+    kinds = tfrecord.feature_kinds(record)
+    listing = ", ".join(f"{n} ({k})" for n, k in kinds.items()) or "none"
+
+    def named(name, kind, what):
+        if kinds.get(name) not in (kind, "empty"):
+            raise LatentpackError(f"{where}: no {kind} feature {name!r} for the {what} (the records have: {listing})")
+        return name
+
+    if fields.image:
+        image = named(fields.image, "bytes", "image")
+    else:
+        candidates = [n for n in ("image/encoded", "image") if kinds.get(n) == "bytes"]
+        if not candidates:
+            candidates = [n for n, k in kinds.items() if k == "bytes" and feat[n].bytes_list.value
+                          and feat[n].bytes_list.value[0].startswith(_IMAGE_MAGIC)]
+        if len(candidates) != 1 and not (candidates and candidates[0] == "image/encoded"):
+            raise LatentpackError(f"{where}: cannot tell which feature holds the image (the records have: {listing}); "
+                                  "name it with --image-feature")
+        image = candidates[0]
+    if fields.label:
+        label = named(fields.label, "int64", "label")
+    else:
+        label = next((n for n in ("image/class/label", "label") if kinds.get(n) == "int64"), None)
+    if fields.key:
+        key = named(fields.key, "bytes", "key")
+    else:
+        key = "image/key" if kinds.get("image/key") == "bytes" else None
+    return tfrecord.ExampleNames(image, label, key)
+
+
+def _first_example(shards: List[str]) -> Tuple[Optional[bytes], str]:
+    """The first well-framed record of the first shards that have one."""
+    for shard in shards[:5]:
+        with FileSystems.open(shard) as f:
+            for _, record in tfrecord.read_records(f):
+                if not isinstance(record, BadImage):
+                    return record, shard
+                break
+    return None, shards[0]
+
+
 @register
 class TFRecordReader(Reader):
+    """tf.train.Example records; the image, label and key features as configured or detected."""
+
     name = "tfrecord"
+    names: Optional[tfrecord.ExampleNames] = None  # None: resolved from each shard's first record
+
+    def configure(self, fields, shards, root):
+        record, shard = _first_example(shards)
+        if record is None:
+            if fields.given():
+                raise LatentpackError(f"{shard}: no readable record to check the feature names against")
+            return self
+        try:
+            names = resolve_example_names(record, fields, shard)
+        except (LatentpackError, BadImage):
+            raise
+        except Exception as e:
+            raise LatentpackError(f"{shard}: the first record is not a tf.train.Example ({e})") from None
+        configured = copy.copy(self)
+        configured.names = names
+        if names != tfrecord.SLIM:
+            log.info("tfrecord features: image %r, label %r, key %r", names.image, names.label, names.key)
+        return configured
+
+    def fallback_key(self, shard, root, index):
+        return f"{relative_name(shard, root)}:{index}"
 
     def read(self, shard, root):
-        base = relative_name(shard, root)
         with FileSystems.open(shard) as f:
-            for index, record in tfrecord.read_records(f):
-                fallback_key = f"{base}:{index}"
-                if isinstance(record, BadImage):
-                    yield SourceRecord(fallback_key, shard, index, error=record)
-                    continue
-                try:
-                    encoded, key, label = tfrecord.parse_example(record)
-                except BadImage as e:
-                    yield SourceRecord(fallback_key, shard, index, error=e)
-                    continue
-                yield SourceRecord(key or fallback_key, shard, index, encoded=encoded, label=label)
+            yield from self.parse_records(tfrecord.read_records(f), shard, root)
+
+    def parse_records(self, records, shard, root):
+        names = self.names
+        for index, record in records:
+            fallback_key = self.fallback_key(shard, root, index)
+            if isinstance(record, BadImage):
+                yield SourceRecord(fallback_key, shard, index, error=record)
+                continue
+            try:
+                if names is None:  # not configured (training, evaluation): detect from this shard
+                    try:
+                        names = resolve_example_names(record, Fields(), shard)
+                    except LatentpackError:
+                        names = tfrecord.SLIM
+                encoded, key, label = tfrecord.parse_example(record, names)
+            except BadImage as e:
+                yield SourceRecord(fallback_key, shard, index, error=e)
+                continue
+            yield SourceRecord(key or fallback_key, shard, index, encoded=encoded, label=label)
+
+
+@register
+class TFDSReader(TFRecordReader):
+    """A dataset prepared by TensorFlow Datasets: its shards (`<name>-<split>.tfrecord-SSSSS-of-NNNNN`,
+    or `.array_record-...`), with `features.json` beside them naming the `Image` and `ClassLabel`
+    features. Keys are TFDS's own record ids (`<shard file>__<index>`, what `tfds_id` says when
+    TFDS reads the dataset), labels the class index, and the class names come from
+    `<label>.labels.txt`."""
+
+    name = "tfds"
+    names_of_labels: Optional[List[str]] = None
+
+    def configure(self, fields, shards, root):
+        import json
+
+        folder = posixpath.dirname(shards[0])
+        path = posixpath.join(folder, "features.json")
+        if not FileSystems.exists(path):
+            raise LatentpackError(f"{folder} has no features.json: not a dataset prepared by TensorFlow Datasets "
+                                  "(for other TFRecords use --input-format tfrecord)")
+        with FileSystems.open(path) as f:
+            spec = json.loads(f.read())
+        features = spec.get("featuresDict", {}).get("features", {})
+        kinds = {n: str(v.get("pythonClassName", "")).rsplit(".", 1)[-1] for n, v in features.items()}
+        listing = ", ".join(f"{n} ({k})" for n, k in kinds.items()) or "none"
+        image = fields.image or next((n for n, k in kinds.items() if k == "Image"), None)
+        if image is None or image not in kinds:
+            raise LatentpackError(f"{path}: no image feature {fields.image or ''} (the dataset has: {listing}); "
+                                  "name it with --image-feature")
+        label = fields.label or next((n for n, k in kinds.items() if k == "ClassLabel"), None)
+        if label is not None and label not in kinds:
+            raise LatentpackError(f"{path}: no feature {label!r} for the label (the dataset has: {listing})")
+        if fields.key and fields.key not in kinds:
+            raise LatentpackError(f"{path}: no feature {fields.key!r} for the key (the dataset has: {listing})")
+        configured = copy.copy(self)
+        configured.names = tfrecord.ExampleNames(image, label, fields.key)
+        labels_txt = posixpath.join(folder, f"{label}.labels.txt") if label else ""
+        if labels_txt and FileSystems.exists(labels_txt):
+            with FileSystems.open(labels_txt) as f:
+                configured.names_of_labels = [line for line in f.read().decode("utf-8").splitlines() if line]
+        return configured
+
+    def label_names(self):
+        return self.names_of_labels
+
+    def fallback_key(self, shard, root, index):
+        return f"{posixpath.basename(shard)}__{index}"
+
+    def read(self, shard, root):
+        if ".array_record" in posixpath.basename(shard):
+            from array_record.python.array_record_module import ArrayRecordReader
+
+            reader = ArrayRecordReader(shard)
+            try:
+                n = reader.num_records()
+                records = ((i, record) for start in range(0, n, 1024)
+                           for i, record in enumerate(reader.read(start, min(n, start + 1024)), start))
+                yield from self.parse_records(records, shard, root)
+            finally:
+                reader.close()
+            return
+        yield from super().read(shard, root)
 
 
 @register
@@ -324,7 +504,7 @@ def _image_column(schema) -> str:
             pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)
 
     candidates = [f for f in schema if is_image(f)]
-    for name in ("image", "img", "png", "jpg"):
+    for name in ("image", "img", "png", "jpg", "jpeg", "webp"):
         for f in candidates:
             if f.name == name:
                 return f.name
@@ -333,53 +513,200 @@ def _image_column(schema) -> str:
     return candidates[0].name
 
 
+def hf_features(schema, info: Optional[dict] = None) -> dict:
+    """The `features` a Hugging Face dataset declares: from `dataset_info.json` (`info`) or the
+    `huggingface` metadata that `datasets` writes into Parquet and Arrow schemas; {} if none."""
+    import json
+
+    if info is None:
+        raw = (schema.metadata or {}).get(b"huggingface")
+        if not raw:
+            return {}
+        try:
+            info = json.loads(raw).get("info", {})
+        except ValueError:
+            return {}
+    features = info.get("features") or {}
+    return features if isinstance(features, dict) else {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    """The resolved columns of a table input, and the label names the dataset declares."""
+
+    image: str
+    label: Optional[str] = None
+    key: Optional[str] = None
+    label_names: Optional[tuple] = None
+
+
+def resolve_columns(schema, fields: Fields, where: str, info: Optional[dict] = None) -> Columns:
+    """Columns for image, label and key: as the user named them (they must exist), else as a
+    Hugging Face dataset declares them (its `Image` and `ClassLabel` features), else by name."""
+    import pyarrow as pa
+
+    names = schema.names
+    listing = ", ".join(f"{f.name} ({f.type})" for f in schema)
+    features = hf_features(schema, info)
+
+    def named(name, what):
+        if name not in names:
+            raise LatentpackError(f"{where}: no column {name!r} for the {what} (the table has: {listing})")
+        return name
+
+    declared_image = next((n for n, f in features.items() if isinstance(f, dict) and f.get("_type") == "Image"
+                           and n in names), None)
+    try:
+        image = named(fields.image, "image") if fields.image else declared_image or _image_column(schema)
+    except LatentpackError as e:
+        raise LatentpackError(f"{where}: {e} (the table has: {listing}); name it with --image-feature") from None
+    class_labels = [n for n, f in features.items() if isinstance(f, dict) and f.get("_type") == "ClassLabel"
+                    and n in names]
+    if fields.label:
+        label = named(fields.label, "label")
+    elif class_labels:
+        label = "label" if "label" in class_labels else class_labels[0]
+    else:
+        t = schema.field("label").type if "label" in names else None
+        label = "label" if t is not None and (pa.types.is_integer(t) or pa.types.is_floating(t)) else None
+    key = named(fields.key, "key") if fields.key else next((k for k in ("key", "__key__") if k in names), None)
+    label_names = None
+    if label and isinstance(features.get(label), dict) and features[label].get("names"):
+        label_names = tuple(str(n) for n in features[label]["names"])
+    return Columns(image, label, key, label_names)
+
+
+def table_records(batches, columns: Columns, shard: str, stem: str, folder: str = "") -> Iterator[SourceRecord]:
+    """Arrow record batches -> SourceRecords. An image cell is bytes, or a {bytes, path} struct
+    (Hugging Face's `Image`): its bytes, or else the file at its path (relative to `folder`)."""
+    import pyarrow as pa
+
+    index = 0
+    for rb in batches:
+        images = rb.column(columns.image)
+        paths = None
+        if pa.types.is_struct(images.type):
+            paths = images.field("path").to_pylist() if images.type.get_field_index("path") >= 0 else None
+            images = images.field("bytes")
+        keys = rb.column(columns.key).to_pylist() if columns.key else None
+        labels = rb.column(columns.label).to_pylist() if columns.label else None
+        for i, data in enumerate(images.to_pylist()):
+            key, label, error = f"{stem}:{index}", None, None
+            try:
+                if keys and keys[i] is not None:
+                    key = parse_key(keys[i])
+                label = parse_label(labels[i]) if labels else None
+                if not data and paths and paths[i]:
+                    path = paths[i] if "://" in paths[i] or paths[i].startswith("/") else posixpath.join(folder, paths[i])
+                    try:
+                        data = _read_bytes(path)
+                    except Exception as e:
+                        raise BadImage("missing_image", f"no image bytes, and its path {paths[i]!r} cannot be read: "
+                                                        f"{e}") from None
+                if not data:
+                    raise BadImage("missing_image", "null image bytes")
+            except BadImage as e:
+                error = e
+            except (UnicodeError, ValueError) as e:
+                error = BadImage("bad_key", f"key is not valid UTF-8 text: {e}")
+            yield SourceRecord(key, shard, index, encoded=None if error else data, label=label, error=error)
+            index += 1
+
+
+class TableReader(Reader):
+    """Base of readers of Arrow tables (Parquet files, Hugging Face Arrow files): columns as
+    configured, declared by the dataset, or found by name. Subclasses open a shard's schema and
+    record batches."""
+
+    columns: Optional[Columns] = None
+
+    def schema_of(self, shard):
+        raise NotImplementedError
+
+    def batches(self, f, columns: Columns):
+        raise NotImplementedError
+
+    def info(self, shard) -> Optional[dict]:
+        return None
+
+    def configure(self, fields, shards, root):
+        for shard in shards[:5]:  # the first readable one; an unreadable file is its own dead letter
+            try:
+                schema = self.schema_of(shard)
+            except Exception:
+                continue
+            configured = copy.copy(self)
+            configured.columns = resolve_columns(schema, fields, shard, self.info(shard))
+            return configured
+        if fields.given():
+            raise LatentpackError(f"{shards[0]}: not a readable {self.name} file to check the column names against")
+        return self
+
+    def label_names(self):
+        return list(self.columns.label_names) if self.columns and self.columns.label_names else None
+
+    def read(self, shard, root):
+        stem = _stem(shard, root)
+        columns = self.columns
+        if columns is None:  # not configured (training, evaluation): resolve from this shard
+            try:
+                columns = resolve_columns(self.schema_of(shard), Fields(), shard, self.info(shard))
+            except LatentpackError as e:
+                yield SourceRecord(stem, shard, 0, error=BadImage("missing_image", str(e)))
+                return
+            except Exception as e:
+                yield SourceRecord(stem, shard, 0, error=BadImage("bad_file", f"not a readable {self.name} file: {e}"))
+                return
+        with FileSystems.open(shard) as f:
+            yield from table_records(self.batches(f, columns), columns, shard, stem, posixpath.dirname(shard))
+
+
 @register
-class ParquetImagesReader(Reader):
-    """Parquet tables with a column of encoded image bytes, including Hugging Face's
-    `{"bytes", "path"}` struct; optional `key` (or `__key__`) and integer `label` columns."""
+class ParquetImagesReader(TableReader):
+    """Parquet tables with a column of encoded image bytes (Hugging Face's `{bytes, path}` struct
+    too: `datasets`' `to_parquet`, the Hub's Parquet files, img2dataset's parquet output)."""
 
     name = "parquet"
 
-    def read(self, shard, root):
-        import pyarrow as pa
+    def schema_of(self, shard):
         import pyarrow.parquet as pq
 
-        stem = _stem(shard, root)
         with FileSystems.open(shard) as f:
-            try:
-                pf = pq.ParquetFile(f)
-                column = _image_column(pf.schema_arrow)
-            except LatentpackError as e:
-                raise LatentpackError(f"{shard}: {e}") from None
-            except Exception as e:
-                yield SourceRecord(stem, shard, 0, error=BadImage("bad_file", f"not a readable Parquet file: {e}"))
-                return
-            names = pf.schema_arrow.names
-            key_col = next((k for k in ("key", "__key__") if k in names), None)
-            label_type = pf.schema_arrow.field("label").type if "label" in names else None
-            label_col = "label" if label_type is not None and (
-                pa.types.is_integer(label_type) or pa.types.is_floating(label_type)) else None
-            index = 0
-            for rb in pf.iter_batches(batch_size=1024, columns=[c for c in (column, key_col, label_col) if c]):
-                images = rb.column(column)
-                if pa.types.is_struct(images.type):
-                    images = images.field("bytes")
-                keys = rb.column(key_col).to_pylist() if key_col else None
-                labels = rb.column(label_col).to_pylist() if label_col else None
-                for i, data in enumerate(images.to_pylist()):
-                    key, label, error = f"{stem}:{index}", None, None
-                    try:
-                        if keys and keys[i] is not None:
-                            key = parse_key(keys[i])
-                        label = parse_label(labels[i]) if labels else None
-                        if not data:
-                            raise BadImage("missing_image", "null image bytes")
-                    except BadImage as e:
-                        error = e
-                    except (UnicodeError, ValueError) as e:
-                        error = BadImage("bad_key", f"key is not valid UTF-8 text: {e}")
-                    yield SourceRecord(key, shard, index, encoded=None if error else data, label=label, error=error)
-                    index += 1
+            return pq.ParquetFile(f).schema_arrow
+
+    def batches(self, f, columns):
+        import pyarrow.parquet as pq
+
+        wanted = [c for c in (columns.image, columns.key, columns.label) if c]
+        yield from pq.ParquetFile(f).iter_batches(batch_size=1024, columns=wanted)
+
+
+@register
+class HuggingFaceArrowReader(TableReader):
+    """A Hugging Face dataset saved with `save_to_disk`: its `data-*.arrow` files (Arrow IPC
+    streams), with `dataset_info.json` beside them naming the `Image` and `ClassLabel` features."""
+
+    name = "huggingface"
+
+    def info(self, shard):
+        import json
+
+        path = posixpath.join(posixpath.dirname(shard), "dataset_info.json")
+        if not FileSystems.exists(path):
+            return None
+        with FileSystems.open(path) as f:
+            return json.loads(f.read())
+
+    def schema_of(self, shard):
+        import pyarrow as pa
+
+        with FileSystems.open(shard) as f:
+            return pa.ipc.open_stream(f).schema
+
+    def batches(self, f, columns):
+        import pyarrow as pa
+
+        yield from pa.ipc.open_stream(f)
 
 
 @register

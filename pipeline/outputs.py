@@ -1,6 +1,6 @@
 """Decoded-image outputs: a registry of plain file writers sharing one small interface.
 
-The decode job opens one writer per latent part (`WRITERS[format](output, part stem)`) and
+The decode job opens one writer per latent part (`WRITERS[format](output, part stem, label names)`) and
 feeds it that part's ImageBatches; `write(batch)` returns the images written and the dead
 letters of keys that cannot be files, `close()` the shard files it finalized. The writers know
 nothing of Beam: a plain loop (scripts/benchkit, a notebook) uses them directly.
@@ -119,21 +119,67 @@ class TFRecordShard(_RenamedOnClose):
 
 
 class ParquetImagesShard(_RenamedOnClose):
-    """One Parquet file in Hugging Face's image layout: `key`, `image` {bytes (PNG), path}, `label`."""
+    """One Parquet file in Hugging Face's image layout: `key`, `image` {bytes (PNG), path}, `label`,
+    with the `huggingface` schema metadata that `datasets` reads: `image` opens as an `Image`
+    feature, and `label` as a `ClassLabel` when the class names are known."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, label_names=None):
         import pyarrow.parquet as pq
 
         super().__init__(path)
+        self.schema = image_schema(label_names)
         self.handle = FileSystems.create(self.tmp)
-        self.writer = pq.ParquetWriter(self.handle, IMAGE_SCHEMA, compression="zstd")
+        self.writer = pq.ParquetWriter(self.handle, self.schema, compression="zstd")
 
     def write(self, batch):
-        self.writer.write_table(image_table(batch))
+        self.writer.write_table(image_table(batch).replace_schema_metadata(self.schema.metadata))
         return len(batch), []
 
     def close(self) -> list:
         self.writer.close()
+        self.handle.close()
+        return self._commit()
+
+
+class WebDatasetShard(_RenamedOnClose):
+    """One WebDataset tar shard: `<key>.png` and, where there is a label, `<key>.cls` per image, in
+    key order, with fixed member metadata (the same bytes from every runner). WebDataset cuts a
+    member name at the first dot of its base name, so a key with a dot there cannot round-trip:
+    it is a dead letter `unsafe_key`."""
+
+    def __init__(self, path: str):
+        import tarfile
+
+        super().__init__(path)
+        self.handle = FileSystems.create(self.tmp)
+        self.tar = tarfile.open(fileobj=self.handle, mode="w|", format=tarfile.USTAR_FORMAT)
+
+    def _add(self, name: str, data: bytes) -> None:
+        import io
+        import tarfile
+
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def write(self, batch):
+        written, letters = 0, []
+        for i, key in enumerate(batch.keys):
+            try:
+                safe_relative_path(key)
+                if "." in posixpath.basename(key):
+                    raise ValueError(f"key {key!r} has a '.' in its last component, where WebDataset ends keys")
+                self._add(key + ".png", encode_png(batch.images[i]))
+            except ValueError as e:
+                letters.append(DeadLetter(key, "", i, "unsafe_key", str(e)))
+                continue
+            if batch.has_label[i]:
+                self._add(key + ".cls", str(int(batch.labels[i])).encode())
+            written += 1
+        return written, letters
+
+    def close(self) -> list:
+        self.tar.close()
         self.handle.close()
         return self._commit()
 
@@ -184,40 +230,55 @@ def image_table(batch):
     return pa.Table.from_arrays([pa.array(batch.keys, pa.string()), image, label], schema=IMAGE_SCHEMA)
 
 
-def _image_schema():
+def image_schema(label_names=None):
+    """The decoded Parquet schema, with the `huggingface` metadata that types its columns."""
+    import json
+
     import pyarrow as pa
+
+    label = ({"names": [str(n) for n in label_names], "_type": "ClassLabel"} if label_names
+             else {"dtype": "int64", "_type": "Value"})
+    features = {"key": {"dtype": "string", "_type": "Value"}, "image": {"_type": "Image"}, "label": label}
     return pa.schema([("key", pa.string()),
                       ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-                      ("label", pa.int64())])
+                      ("label", pa.int64())],
+                     metadata={b"huggingface": json.dumps({"info": {"features": features}}).encode()})
 
 
-IMAGE_SCHEMA = _image_schema()
+IMAGE_SCHEMA = image_schema()
 
 
 # ---------------------------------------------------------------- the registry
-# `WRITERS[format](output, stem)`: the writer for the images decoded from one latent part
-# (`stem` names the part, e.g. `00003-of-00008`), with `write(batch) -> (written, dead letters)`
-# and `close() -> [paths of the shard files written]` (none for one file per image).
+# `WRITERS[format](output, stem, label_names)`: the writer for the images decoded from one latent
+# part (`stem` names the part, e.g. `00003-of-00008`; `label_names` are the class names the input
+# declared, or None), with `write(batch) -> (written, dead letters)` and `close() -> [paths of the
+# shard files written]` (none for one file per image).
 
 @register("png")
-def _png_writer(output: str, stem: str):
+def _png_writer(output: str, stem: str, label_names=None):
     """`<output>/<key>.png`; a '/' in a key makes sub-folders."""
     return PngFiles(output)
 
 
 @register("tfrecord")
-def _tfrecord_writer(output: str, stem: str):
+def _tfrecord_writer(output: str, stem: str, label_names=None):
     """`<output>/images-<part>.tfrecord` with the Example schema the encoder reads."""
     return TFRecordShard(posixpath.join(output, f"images-{stem}.tfrecord"))
 
 
 @register("npz")
-def _npz_writer(output: str, stem: str):
+def _npz_writer(output: str, stem: str, label_names=None):
     """`<output>/images-<hash>.npz` per batch."""
     return NpzFiles(output)
 
 
 @register("parquet")
-def _parquet_writer(output: str, stem: str):
-    """`<output>/images-<part>.parquet` in Hugging Face's image layout."""
-    return ParquetImagesShard(posixpath.join(output, f"images-{stem}.parquet"))
+def _parquet_writer(output: str, stem: str, label_names=None):
+    """`<output>/images-<part>.parquet` in Hugging Face's image layout (`datasets.load_dataset("parquet")`)."""
+    return ParquetImagesShard(posixpath.join(output, f"images-{stem}.parquet"), label_names)
+
+
+@register("webdataset")
+def _webdataset_writer(output: str, stem: str, label_names=None):
+    """`<output>/images-<part>.tar` WebDataset shards (`webdataset.WebDataset`)."""
+    return WebDatasetShard(posixpath.join(output, f"images-{stem}.tar"))

@@ -7,6 +7,7 @@ Schema: `image/encoded` (PNG/JPEG bytes), optional `image/class/label` (int64) a
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import struct
 from typing import BinaryIO, Iterator, Optional, Tuple, Union
@@ -82,7 +83,28 @@ def _example_class():
     return example_pb2.Example
 
 
-def parse_example(record: bytes) -> Tuple[bytes, Optional[str], Optional[int]]:
+@dataclasses.dataclass(frozen=True)
+class ExampleNames:
+    """Which features of a tf.train.Example hold the image bytes, the integer label and the key.
+    The default is the TF-slim/ImageNet convention; TFDS names them after its FeaturesDict
+    (`image`, `label`)."""
+
+    image: str = "image/encoded"
+    label: Optional[str] = "image/class/label"
+    key: Optional[str] = "image/key"
+
+
+SLIM = ExampleNames()
+
+
+def feature_kinds(record: bytes) -> dict:
+    """{feature name: "bytes" | "int64" | "float" | "empty"} of one serialized Example."""
+    ex = _example_class().FromString(record)
+    return {name: (f.WhichOneof("kind") or "empty").replace("_list", "")
+            for name, f in sorted(ex.features.feature.items())}
+
+
+def parse_example(record: bytes, names: ExampleNames = SLIM) -> Tuple[bytes, Optional[str], Optional[int]]:
     """tf.train.Example bytes -> (encoded image, key or None, label or None), or BadImage."""
     try:
         ex = _example_class().FromString(record)
@@ -91,25 +113,27 @@ def parse_example(record: bytes) -> Tuple[bytes, Optional[str], Optional[int]]:
     # One `get` per feature: every map lookup and field access builds Python wrappers, and this
     # runs once per image in each of the encode job's two passes.
     feat = ex.features.feature
-    image = feat.get("image/encoded")
+    image = feat.get(names.image)
     values = image.bytes_list.value if image is not None else ()
     if not values:
-        raise BadImage("missing_image", "Example has no image/encoded bytes")
+        raise BadImage("missing_image", f"Example has no {names.image} bytes")
     encoded = values[0]
     key = label = None
-    feature = feat.get("image/key")
+    feature = feat.get(names.key) if names.key else None
     if feature is not None:
         values = feature.bytes_list.value
         if values:
             try:
                 key = values[0].decode("utf-8")
             except UnicodeDecodeError as e:
-                raise BadImage("bad_key", f"image/key is not UTF-8 text: {e}") from None
-    feature = feat.get("image/class/label")
+                raise BadImage("bad_key", f"{names.key} is not UTF-8 text: {e}") from None
+    feature = feat.get(names.label) if names.label else None
     if feature is not None:
         values = feature.int64_list.value
         if values:
             label = int(values[0])
+        elif feature.bytes_list.value or feature.float_list.value:
+            raise BadImage("bad_label", f"{names.label} is not an int64 feature")
     return encoded, key, label
 
 

@@ -16,6 +16,7 @@ from pipeline import completion, encode, latents, sinks
 from pipeline.codecs import load_codec
 from pipeline.artifact import read_spec
 from pipeline.errors import LatentpackError
+from pipeline.formats import get_reader
 from pipeline.images import DeadLetter, ImageBatch
 from pipeline.tfrecord import make_example
 
@@ -29,7 +30,7 @@ def read_rows(output):
 def test_shard_batches_directly(tmp_path, mnist):
     path = write_tfrecord(tmp_path / "s.tfrecord", mnist[0][:5], keys=list("abcde"),
                           extra_records=[make_example(b"junk", "bad")])
-    out = list(encode.shard_batches("tfrecord", path, str(tmp_path), (28, 28, 1), 2, 10 ** 6, later={3: (path, 0)}))
+    out = list(encode.shard_batches(get_reader("tfrecord"), path, str(tmp_path), (28, 28, 1), 2, 10 ** 6, later={3: (path, 0)}))
     batches = [o for o in out if isinstance(o, ImageBatch)]
     letters = [o for o in out if isinstance(o, DeadLetter)]
     assert [b.keys for b in batches] == [["a", "b"], ["c", "e"]]
@@ -38,7 +39,7 @@ def test_shard_batches_directly(tmp_path, mnist):
 
 def test_encode_shard_dofn_directly(model_dir, mnist, tmp_path):
     path = write_tfrecord(tmp_path / "s.tfrecord", mnist[0][:3], labels=np.array([1, 2, 3]), keys=["a", "b", "c"])
-    fn = encode.EncodeShard("tfrecord", str(tmp_path), model_dir, read_spec(model_dir), "int", 2, 10 ** 6)
+    fn = encode.EncodeShard(get_reader("tfrecord"), str(tmp_path), model_dir, read_spec(model_dir), "int", 2, 10 ** 6)
     fn.setup()
     out = list(fn.process((path, {"part": ["latents-00000-of-00001.parquet"], "later": []})))
     assert {part for part, _ in out} == {"latents-00000-of-00001.parquet"}
@@ -55,7 +56,7 @@ def test_encode_images_in_a_test_pipeline(shards, model_dir):
     spec = read_spec(model_dir)
     part_of = {s: f"part-{i}" for i, s in enumerate(sorted(glob.glob(pattern)))}
     with BeamTestPipeline(argv=BEAM_TEST_ARGS) as p:
-        items = p | encode.EncodeImages(part_of, "tfrecord", os.path.dirname(pattern), model_dir, spec, "int", 16)
+        items = p | encode.EncodeImages(part_of, get_reader("tfrecord"), os.path.dirname(pattern), model_dir, spec, "int", 16)
         got = items | beam.FlatMap(lambda kv: kv[1].column("key").to_pylist() if isinstance(kv[1], pa.Table) else [])
         assert_that(got, equal_to(keys))
         done = items | beam.Filter(lambda kv: isinstance(kv[1], sinks.ShardDone)) | beam.Map(lambda kv: kv[0])
