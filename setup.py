@@ -38,7 +38,10 @@ setup(
         # `--runner DaskRunner`: Beam's Dask runner on a dask.distributed cluster (apache-beam[dask]).
         "dask": ["dask>=2024.4,<2027", "distributed>=2024.4,<2027"],
         "test": ["pytest>=8", "hypothesis>=6", "pandas>=2", "duckdb>=1.0",
-                 "dask>=2024.4,<2027", "distributed>=2024.4,<2027"],
+                 "dask>=2024.4,<2027", "distributed>=2024.4,<2027",
+                 # The producers of the datasets users bring: the tests write with them, then encode.
+                 "tensorflow-datasets>=4.9.7,<5", "array-record>=0.5", "importlib_resources>=6",
+                 "datasets>=3,<6", "webdataset>=0.2.100,<0.3", "img2dataset>=1.45,<2"],
         # `make demo`'s photographs: the ones scikit-image's wheel bundles in skimage/data.
         "demo": ["scikit-image>=0.22"],
     },
