@@ -152,6 +152,27 @@ def test_decode_part_writes_every_batch_before_it_reports(tmp_path, model_dir, m
     assert summary["written"] == 55 and summary["reasons"] == {"unsafe_key": 1, "unwritable_key": 7}
 
 
+def test_webdataset_output_refuses_keys_webdataset_would_cut(tmp_path, model_dir, mnist):
+    """WebDataset ends a key at the first dot of a member's base name: such a key, or one that
+    would escape the folder, is a dead letter; the rest is a tar of `<key>.png` and `<key>.cls`."""
+    import tarfile
+
+    from conftest import write_tfrecord
+
+    keys = ["a/one", "a/two.v2", "../up", "b/three"]
+    write_tfrecord(tmp_path / "s.tfrecord", mnist[0][:4], labels=[1, 2, 3, 4], keys=keys)
+    lat, out = str(tmp_path / "lat"), str(tmp_path / "out")
+    encode.run(["--input", str(tmp_path / "s.tfrecord"), "--model-dir", model_dir, "--output", lat] + BEAM_TEST_ARGS)
+    manifest = decode.run(["--input", lat, "--model-dir", model_dir, "--output", out, "--output-format", "webdataset",
+                           "--max-bad-fraction", "0.6"] + BEAM_TEST_ARGS)
+    assert manifest["counts"]["dead_lettered_by_reason"] == {"unsafe_key": 2}
+    (tar,) = manifest["files"]
+    with tarfile.open(os.path.join(out, tar)) as t:
+        members = {m.name: t.extractfile(m).read() for m in t}
+    assert sorted(members) == ["a/one.cls", "a/one.png", "b/three.cls", "b/three.png"]
+    assert members["a/one.cls"] == b"1" and members["b/three.cls"] == b"4"
+
+
 def test_keys_that_cannot_be_files_are_dead_letters_not_a_failed_job(tmp_path, model_dir, mnist):
     from conftest import write_tfrecord
 
