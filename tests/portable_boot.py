@@ -11,9 +11,9 @@ without containers. It does what `boot` does for the parts these jobs use:
 2. fetches the artifacts from the artifact service into `<work>/staged`;
 3. installs the staged sdist (`workflow.tar.gz`, built from `setup.py`) into `<work>/site`;
 4. runs `apache_beam.runners.worker.sdk_worker_main` with `python -S` and a path of only
-   `<work>/site` and the environment's third-party libraries: `.pth` files are not read, so
-   an editable install of latentpack in the environment is invisible, and the worker has
-   latentpack only if staging delivered it.
+   `<work>/site`, the standard library and the environment's third-party libraries: `.pth`
+   files are not read, so an editable install of latentpack in the environment is invisible,
+   and the worker has latentpack only if staging delivered it.
 """
 import argparse
 import os
@@ -61,14 +61,19 @@ def main() -> None:
 
     libraries = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     env = dict(os.environ,
-               PYTHONPATH=os.pathsep.join([site] + libraries),
                PIPELINE_OPTIONS=json_format.MessageToJson(info.pipeline_options),
                SEMI_PERSISTENT_DIRECTORY=work,
                WORKER_ID=args.id,
                CONTROL_API_SERVICE_DESCRIPTOR=str(endpoints_pb2.ApiServiceDescriptor(url=args.control_endpoint)))
     if args.logging_endpoint:
         env["LOGGING_API_SERVICE_DESCRIPTOR"] = str(endpoints_pb2.ApiServiceDescriptor(url=args.logging_endpoint))
-    os.execve(sys.executable, [sys.executable, "-S", "-m", "apache_beam.runners.worker.sdk_worker_main"], env)
+    env.pop("PYTHONPATH", None)
+    # The staged package first, the standard library next, the third-party libraries last (as
+    # `site` would order them; on PYTHONPATH they would come before the standard library, where a
+    # backport such as the `dataclasses` package would shadow the real module).
+    start = ("import runpy, sys; sys.path[:0] = [%r]; sys.path.extend(%r); "
+             "runpy.run_module('apache_beam.runners.worker.sdk_worker_main', run_name='__main__')" % (site, libraries))
+    os.execve(sys.executable, [sys.executable, "-S", "-c", start], env)
 
 
 if __name__ == "__main__":

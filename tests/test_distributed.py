@@ -243,7 +243,7 @@ def run_cli(args, cwd):
     """The `latentpack` command, from a folder where the repository is not on the path."""
     proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "latentpack")] + args, cwd=cwd,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:] + "\n--- first lines ---\n" + proc.stderr[:6000]
     return proc
 
 
