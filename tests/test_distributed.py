@@ -112,8 +112,10 @@ def test_dask_runner_writes_the_direct_runners_dataset(direct, dataset, rd_model
     decode.run(["--input", lat, "--model-dir", rd_model_dir, "--output", img, "--output-format", "tfrecord"]
                + dask_args(dask_cluster))
     assert_same_as_direct(direct, lat, img)
-    # Both workers took part (each shard is its own Dask partition).
-    assert len(dask_cluster.scheduler.workers) == 2
+    # Both worker processes took part: each has loaded the model (two partitions per worker thread).
+    with distributed.Client(dask_cluster) as client:
+        loaded = client.run(lambda: bool(getattr(sys.modules.get("pipeline.codecs"), "_SHARED", None)))
+    assert len(loaded) == 2 and all(loaded.values()), loaded
 
 
 def test_dask_incremental_encode_and_png_decode(dataset, rd_model_dir, dask_cluster, tmp_path):
