@@ -245,15 +245,21 @@ def resolve_example_names(record: bytes, fields: Fields, where: str) -> tfrecord
     return tfrecord.ExampleNames(image, label, key)
 
 
-def _first_example(shards: List[str]) -> Tuple[Optional[bytes], str]:
-    """The first well-framed record of the first shards that have one."""
+def _sample_records(shards: List[str], limit: int = 20):
+    """Up to `limit` well-framed records from the first shards, with their shard."""
+    n = 0
     for shard in shards[:5]:
-        with FileSystems.open(shard) as f:
-            for _, record in tfrecord.read_records(f):
-                if not isinstance(record, BadImage):
-                    return record, shard
-                break
-    return None, shards[0]
+        try:
+            with FileSystems.open(shard) as f:
+                for _, record in tfrecord.read_records(f):
+                    if isinstance(record, BadImage):
+                        break
+                    yield record, shard
+                    n += 1
+                    if n >= limit:
+                        return
+        except Exception:  # an unreadable shard is its own dead letter later
+            continue
 
 
 @register
@@ -264,17 +270,23 @@ class TFRecordReader(Reader):
     names: Optional[tfrecord.ExampleNames] = None  # None: resolved from each shard's first record
 
     def configure(self, fields, shards, root):
-        record, shard = _first_example(shards)
-        if record is None:
+        # The first of a few records that shows where the image is: a junk record at the start of
+        # a shard is a dead letter of its own, not a reason to refuse the job.
+        names, problem, parsed = None, None, False
+        for record, shard in _sample_records(shards):
+            try:
+                names = resolve_example_names(record, fields, shard)
+                break
+            except LatentpackError as e:
+                parsed, problem = True, problem or e
+            except Exception:  # not a tf.train.Example
+                continue
+        if names is None:
+            if problem is not None and (parsed or fields.given()):
+                raise problem
             if fields.given():
-                raise LatentpackError(f"{shard}: no readable record to check the feature names against")
+                raise LatentpackError(f"{shards[0]}: no readable tf.train.Example to check the feature names against")
             return self
-        try:
-            names = resolve_example_names(record, fields, shard)
-        except (LatentpackError, BadImage):
-            raise
-        except Exception as e:
-            raise LatentpackError(f"{shard}: the first record is not a tf.train.Example ({e})") from None
         configured = copy.copy(self)
         configured.names = names
         if names != tfrecord.SLIM:

@@ -125,3 +125,23 @@ def test_too_many_bad_inputs_fail_the_job_and_leave_it_unmarked(shards, model_di
     # The same data is accepted with a looser limit, and the failure marker is gone.
     assert encode.run(args + ["--max-bad-fraction", "0.03"])["counts"]["dead_lettered"] == 3
     assert not os.path.exists(os.path.join(out, "_failed.json"))
+
+
+def test_junk_first_records_are_dead_letters_not_a_refused_job(tmp_path, model_dir, mnist):
+    """Feature names are found from the first records that show them: a shard that starts with
+    bytes that are no Example, or with an Example without an image, still encodes the rest."""
+    from pipeline.tfrecord import frame
+
+    label_only = make_example(b"", None, 3).replace(b"image/encoded", b"image/unknown")
+    path = tmp_path / "s.tfrecord"
+    with open(path, "wb") as f:
+        f.write(frame(b"\x00not an example\xff"))
+        f.write(frame(label_only))
+    with open(path, "ab") as f:
+        f.write(open(write_tfrecord(tmp_path / "t.tfrecord", mnist[0][:5], keys=list("abcde")), "rb").read())
+    os.remove(tmp_path / "t.tfrecord")
+    out = str(tmp_path / "lat")
+    manifest = encode.run(["--input", str(path), "--model-dir", model_dir, "--output", out, "--max-bad-fraction", "0.5"]
+                          + BEAM_TEST_ARGS)
+    assert manifest["counts"]["written"] == 5
+    assert manifest["counts"]["dead_lettered_by_reason"] == {"bad_record": 1, "missing_image": 1}
