@@ -339,10 +339,16 @@ class TFDSReader(TFRecordReader):
         if not FileSystems.exists(path):
             raise LatentpackError(f"{folder} has no features.json: not a dataset prepared by TensorFlow Datasets "
                                   "(for other TFRecords use --input-format tfrecord)")
-        with FileSystems.open(path) as f:
-            spec = json.loads(f.read())
-        features = spec.get("featuresDict", {}).get("features", {})
-        kinds = {n: str(v.get("pythonClassName", "")).rsplit(".", 1)[-1] for n, v in features.items()}
+        try:
+            with FileSystems.open(path) as f:
+                spec = json.loads(f.read())
+            features = spec.get("featuresDict", {}).get("features", {})
+            if not isinstance(features, dict):
+                raise ValueError("featuresDict.features is not an object")
+        except (ValueError, AttributeError) as e:
+            raise LatentpackError(f"{path} is not a TFDS features file ({e})") from None
+        kinds = {n: str(v.get("pythonClassName", "") if isinstance(v, dict) else "").rsplit(".", 1)[-1]
+                 for n, v in features.items()}
         listing = ", ".join(f"{n} ({k})" for n, k in kinds.items()) or "none"
         image = fields.image or next((n for n, k in kinds.items() if k == "Image"), None)
         if image is None or image not in kinds:
@@ -706,8 +712,13 @@ class HuggingFaceArrowReader(TableReader):
         path = posixpath.join(posixpath.dirname(shard), "dataset_info.json")
         if not FileSystems.exists(path):
             return None
-        with FileSystems.open(path) as f:
-            return json.loads(f.read())
+        try:
+            with FileSystems.open(path) as f:
+                info = json.loads(f.read())
+        except ValueError:  # unreadable: find the columns by name instead
+            log.warning("%s is not valid JSON; finding the image and label columns by name", path)
+            return None
+        return info if isinstance(info, dict) else None
 
     def schema_of(self, shard):
         import pyarrow as pa

@@ -92,6 +92,19 @@ def test_tfds_records_read_as_plain_tfrecord_are_detected(tmp_path, digits, mode
         run_encode(shards, "tfrecord", model_dir, tmp_path / "lat2", "--image-feature", "pixels")
 
 
+def test_tfds_without_or_with_a_broken_features_file_is_one_error(tmp_path, digits, model_dir):
+    builder = prepare_tfds(tmp_path / "tfds", digits, "tfrecord")
+    shards = os.path.join(builder.data_dir, "latentpack_tiny_digits-train.tfrecord*")
+    features = os.path.join(builder.data_dir, "features.json")
+    with open(features, "w") as f:
+        f.write("{not json")
+    with pytest.raises(LatentpackError, match="is not a TFDS features file"):
+        run_encode(shards, "tfds", model_dir, tmp_path / "lat")
+    os.remove(features)
+    with pytest.raises(LatentpackError, match="has no features.json: not a dataset prepared by TensorFlow Datasets"):
+        run_encode(shards, "tfds", model_dir, tmp_path / "lat")
+
+
 def test_decoded_parquet_opens_in_datasets_with_image_and_class_label(tmp_path, digits, model_dir):
     datasets = pytest.importorskip("datasets")
     builder = prepare_tfds(tmp_path / "tfds", digits, "tfrecord")
