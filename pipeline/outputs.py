@@ -152,7 +152,7 @@ class WebDatasetShard(_RenamedOnClose):
 
         super().__init__(path)
         self.handle = FileSystems.create(self.tmp)
-        self.tar = tarfile.open(fileobj=self.handle, mode="w|", format=tarfile.USTAR_FORMAT)
+        self.tar = tarfile.open(fileobj=self.handle, mode="w|", format=tarfile.PAX_FORMAT)
 
     def _add(self, name: str, data: bytes) -> None:
         import io

@@ -159,8 +159,8 @@ def test_webdataset_output_refuses_keys_webdataset_would_cut(tmp_path, model_dir
 
     from conftest import write_tfrecord
 
-    keys = ["a/one", "a/two.v2", "../up", "b/three"]
-    write_tfrecord(tmp_path / "s.tfrecord", mnist[0][:4], labels=[1, 2, 3, 4], keys=keys)
+    keys = ["a/one", "a/two.v2", "../up", "b/three", "c/" + "é" * 120]  # long, non-ASCII: a PAX header
+    write_tfrecord(tmp_path / "s.tfrecord", mnist[0][:5], labels=[1, 2, 3, 4, 5], keys=keys)
     lat, out = str(tmp_path / "lat"), str(tmp_path / "out")
     encode.run(["--input", str(tmp_path / "s.tfrecord"), "--model-dir", model_dir, "--output", lat] + BEAM_TEST_ARGS)
     manifest = decode.run(["--input", lat, "--model-dir", model_dir, "--output", out, "--output-format", "webdataset",
@@ -169,7 +169,8 @@ def test_webdataset_output_refuses_keys_webdataset_would_cut(tmp_path, model_dir
     (tar,) = manifest["files"]
     with tarfile.open(os.path.join(out, tar)) as t:
         members = {m.name: t.extractfile(m).read() for m in t}
-    assert sorted(members) == ["a/one.cls", "a/one.png", "b/three.cls", "b/three.png"]
+    assert sorted(members) == ["a/one.cls", "a/one.png", "b/three.cls", "b/three.png", "c/" + "é" * 120 + ".cls",
+                               "c/" + "é" * 120 + ".png"]
     assert members["a/one.cls"] == b"1" and members["b/three.cls"] == b"4"
 
 
