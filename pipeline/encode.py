@@ -221,7 +221,8 @@ def parse_args(argv) -> tuple:
     p.add_argument("--key-feature", help="feature or column holding each image's key (default: image/key or key; "
                                          "otherwise the file and record index)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch element")
-    p.add_argument("--num-shards", type=int, default=d.num_shards, help="output Parquet parts, each of whole input shards (0: one per input shard, or per 256 image files)")
+    p.add_argument("--num-shards", type=int, default=d.num_shards,
+                   help="output Parquet parts, each of whole input shards (0: one per input shard, or per 256 image files)")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels,
                    help="reject images with more pixels than this, before decoding them")
     p.add_argument("--max-bad-fraction", type=float, default=d.max_bad_fraction,

@@ -615,7 +615,9 @@ def table_records(batches, columns: Columns, shard: str, stem: str, folder: str 
                     key = parse_key(keys[i])
                 label = parse_label(labels[i]) if labels else None
                 if not data and paths and paths[i]:
-                    path = paths[i] if "://" in paths[i] or paths[i].startswith("/") else posixpath.join(folder, paths[i])
+                    path = paths[i]
+                    if "://" not in path and not path.startswith("/"):
+                        path = posixpath.join(folder, path)
                     try:
                         data = _read_bytes(path)
                     except Exception as e:

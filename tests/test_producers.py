@@ -4,10 +4,8 @@ for and the producer's own keys and labels, and decoded outputs open in `dataset
 `webdataset`. Every dataset here is made by the producer itself, offline, from generated images."""
 import glob
 import io
-import json
 import os
 
-import numpy as np
 import pytest
 from PIL import Image
 
