@@ -12,10 +12,9 @@ import posixpath
 import time
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline.completion import FAILED, MANIFEST, seal, write_json
+from pipeline.completion import FAILED, MANIFEST, seal, write_bytes, write_json
 from pipeline.images import DeadLetter
 from pipeline.errors import log
 
@@ -61,12 +60,18 @@ def count_dead_letter(namespace: str, letter: DeadLetter) -> None:
 
 
 def write_dead_letters(path: str, letters) -> None:
-    """Dead letters as JSON lines, through a temporary name and a rename (a retried task rewrites
-    the same file; a reader never sees half of one)."""
-    tmp = path + ".tmp"
-    with FileSystems.create(tmp) as f:
-        f.write("".join(json.dumps(d.to_dict(), sort_keys=True) + "\n" for d in letters).encode())
-    FileSystems.rename([tmp], [path])
+    """Dead letters as JSON lines, written whole (a retried task rewrites the same file)."""
+    write_bytes(path, "".join(json.dumps(d.to_dict(), sort_keys=True) + "\n" for d in letters).encode())
+
+
+def reported(summaries, planned, what: str) -> dict:
+    """{part path: summary} of the parts that reported (a retried task reports once), or an error
+    if a part planned before the job did not: a manifest is never written over a missing part."""
+    by_part = {s["part"]: s for s in summaries}
+    missing = sorted(set(planned) - set(by_part))
+    if missing:
+        raise RuntimeError(f"{len(missing)} part(s) were not {what}, e.g. {missing[0]}")
+    return by_part
 
 
 class Gather(beam.PTransform):

@@ -21,6 +21,7 @@ import posixpath
 import socket
 import time
 
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import LatentpackError
@@ -47,12 +48,24 @@ def seal(manifest: dict) -> dict:
     return dict(body, **{SEAL: digest})
 
 
-def write_json(path: str, payload: dict) -> None:
-    """Write JSON through a temporary name and a rename, so readers never see half a file."""
-    tmp = path + ".tmp"
-    with FileSystems.create(tmp) as f:
-        f.write(json.dumps(payload, indent=2, sort_keys=True).encode())
+def commit(tmp: str, path: str) -> None:
+    """Put a finished temporary file at `path`, replacing what is there (an earlier run's file,
+    or the same file from a retried task): readers see the old file or the new one, never half."""
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
     FileSystems.rename([tmp], [path])
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """A whole file, written under `<path>.tmp` and committed."""
+    tmp = path + ".tmp"
+    with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(data)
+    commit(tmp, path)
+
+
+def write_json(path: str, payload: dict) -> None:
+    write_bytes(path, json.dumps(payload, indent=2, sort_keys=True).encode())
 
 
 def read_manifest(folder: str, what: str = "latent dataset") -> dict:

@@ -22,7 +22,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline import latents
 from pipeline.accounting import (DEFAULT_MAX_BAD_FRACTION, Gather, Progress, add_reasons, count_dead_letter,
-                                 count_reasons, counts, finish, summary, write_dead_letters)
+                                 count_reasons, counts, finish, reported, summary, write_dead_letters)
 from pipeline.artifact import read_spec
 from pipeline.codecs import codec_class, shared_codec
 from pipeline.completion import DEAD_LETTER_DIR, MANIFEST, OutputFolder, clear_previous, read_manifest, run_to_completion
@@ -163,10 +163,7 @@ class WriteDecodeManifest(beam.DoFn):
         self.fatal_reasons = tuple(fatal_reasons)
 
     def process(self, summaries):
-        by_part = {s["part"]: s for s in summaries}  # a retried task reports once
-        missing = [p for p in self.parts if p not in by_part]
-        if missing:
-            raise RuntimeError(f"{len(missing)} part(s) were not decoded, e.g. {missing[0]}")
+        by_part = reported(summaries, self.parts, "decoded")
         reasons, written = {}, 0
         for s in by_part.values():
             add_reasons(reasons, s["reasons"])

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.completion import MANIFEST  # noqa: F401  (the dataset's completion marker, for callers)
+from pipeline.completion import MANIFEST, commit  # noqa: F401  (MANIFEST: the dataset's completion marker)
 from pipeline.errors import LatentpackError
 
 METADATA_KEY = b"latentpack"
@@ -99,9 +99,7 @@ def write_part(path: str, tables, schema_: pa.Schema, latent_format: str, metada
         if metadata:
             writer.add_key_value_metadata(metadata)
         writer.close()
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
+    commit(tmp, path)
     return table.num_rows
 
 

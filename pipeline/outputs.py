@@ -14,6 +14,7 @@ from typing import Callable, Dict
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import tfrecord
+from pipeline.completion import commit, write_bytes
 from pipeline.images import DeadLetter, encode_png
 
 WRITERS: Dict[str, Callable] = {}
@@ -96,9 +97,7 @@ class _RenamedOnClose:
         self.path, self.tmp = path, path + ".tmp"
 
     def _commit(self) -> list:
-        if FileSystems.exists(self.path):
-            FileSystems.delete([self.path])
-        FileSystems.rename([self.tmp], [self.path])
+        commit(self.tmp, self.path)
         return [self.path]
 
 
@@ -201,9 +200,7 @@ class NpzFiles:
         buf = io.BytesIO()
         np.savez(buf, images=batch.images, labels=batch.labels, keys=np.array(batch.keys))
         path = posixpath.join(self.output, f"images-{name}.npz")
-        with FileSystems.create(path + ".tmp") as f:
-            f.write(buf.getvalue())
-        FileSystems.rename([path + ".tmp"], [path])
+        write_bytes(path, buf.getvalue())
         self.files.append(path)
         return len(batch), []
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import latents
-from pipeline.accounting import (Gather, add_reasons, count_dead_letter, count_reasons, counts, finish,
+from pipeline.accounting import (Gather, add_reasons, count_dead_letter, count_reasons, counts, finish, reported,
                                  write_dead_letters)
 from pipeline.completion import DEAD_LETTER_DIR, FAILED, clear_previous, write_json
 from pipeline.errors import log
@@ -94,6 +94,9 @@ class _LatentSink(beam.PTransform):
         self.part_of = {}  # shard -> part name, for the shards this run reads
         self.existing = []  # parts already in the folder whose keys come first (--skip-existing)
 
+    def planned_paths(self) -> set:
+        return {posixpath.join(self.output, part) for part in self.part_of.values()}
+
     def shards_per_part(self) -> dict:
         out = {}
         for part in self.part_of.values():
@@ -122,10 +125,7 @@ class WriteManifest(beam.DoFn):
         self.max_bad_fraction, self.fatal_reasons = max_bad_fraction, tuple(fatal_reasons)
 
     def process(self, summaries):
-        by_part = {posixpath.basename(s["part"]): s for s in summaries}  # a retried task reports once
-        missing = [p for p in self.parts if p not in by_part]
-        if missing:
-            raise RuntimeError(f"{len(missing)} planned part(s) were not written, e.g. {missing[0]}")
+        by_part = reported(summaries, self.parts, "written")
         reasons = {}
         for s in by_part.values():
             add_reasons(reasons, s["reasons"])
@@ -159,7 +159,7 @@ class WriteLatentDataset(_LatentSink):
         return shards
 
     def manifest_fn(self):
-        return WriteManifest(self.output, set(self.part_of.values()), self.spec.fingerprint, self.extra,
+        return WriteManifest(self.output, self.planned_paths(), self.spec.fingerprint, self.extra,
                              self.max_bad_fraction, self.fatal_reasons)
 
 
@@ -184,11 +184,13 @@ class WriteFolderManifest(beam.DoFn):
     """After every shard is done: a manifest over all parts in the folder, old and new."""
 
     def __init__(self, output: str, spec, latent_format: str, extra: dict, max_bad_fraction: float,
-                 fatal_reasons=()):
+                 fatal_reasons=(), planned=()):
         self.output, self.spec, self.latent_format = output, spec, latent_format
         self.extra, self.max_bad_fraction, self.fatal_reasons = extra, max_bad_fraction, tuple(fatal_reasons)
+        self.planned = sorted(planned)
 
     def process(self, summaries):
+        done = reported(summaries, self.planned, "written")
         found = FileSystems.match([posixpath.join(self.output, f"{latents.PART_PREFIX}-*.parquet")])[0].metadata_list
         paths = sorted(m.path for m in found)
         total = {"read": 0, "written": 0, "dead_lettered": 0, "dead_lettered_by_reason": {}}
@@ -202,10 +204,9 @@ class WriteFolderManifest(beam.DoFn):
             part_counts = state[2]
             for k in ("read", "written", "dead_lettered"):
                 total[k] += part_counts[k]
-            for reason, n in part_counts["dead_lettered_by_reason"].items():
-                total["dead_lettered_by_reason"][reason] = total["dead_lettered_by_reason"].get(reason, 0) + n
+            add_reasons(total["dead_lettered_by_reason"], part_counts["dead_lettered_by_reason"])
         payload = latents.manifest(latents.describe_parts(paths), total, self.spec.fingerprint,
-                                   dict(self.extra, incremental=True, parts_this_run=len({s['part'] for s in summaries})))
+                                   dict(self.extra, incremental=True, parts_this_run=len(done)))
         payload["dead_letter_files"] = sorted(
             posixpath.relpath(m.path, self.output) for m in FileSystems.match(
                 [posixpath.join(self.output, DEAD_LETTER_DIR, "*.jsonl")])[0].metadata_list)
@@ -237,4 +238,4 @@ class WritePartPerShard(_LatentSink):
 
     def manifest_fn(self):
         return WriteFolderManifest(self.output, self.spec, self.latent_format, self.extra, self.max_bad_fraction,
-                                   self.fatal_reasons)
+                                   self.fatal_reasons, self.planned_paths())

@@ -181,8 +181,8 @@ def test_dask_runner_name_and_missing_partitioning_get_defaults(dask_cluster):
     options = runner_options(dask_args(dask_cluster), 40).get_all_options()
     assert options["runner"] == DASK_RUNNER and options["npartitions"] == 4
     assert runner_options(dask_args(dask_cluster), 3).get_all_options()["npartitions"] == 3
-    options = runner_options([f"--runner={DASK_RUNNER}", "--dask_partition_size", "7"], 40).get_all_options()
-    assert options["partition_size"] == 7 and not options["npartitions"]
+    options = runner_options(["--runner=DaskRunner", "--dask_partition_size", "7"], 40).get_all_options()
+    assert options["runner"] == DASK_RUNNER and options["partition_size"] == 7 and not options["npartitions"]
 
 
 # ---------------------------------------------------------------- Beam's portable runner

@@ -145,3 +145,21 @@ def test_junk_first_records_are_dead_letters_not_a_refused_job(tmp_path, model_d
                           + BEAM_TEST_ARGS)
     assert manifest["counts"]["written"] == 5
     assert manifest["counts"]["dead_lettered_by_reason"] == {"bad_record": 1, "missing_image": 1}
+
+
+def test_a_part_that_did_not_report_stops_the_manifest():
+    from pipeline.accounting import reported
+
+    summaries = [{"part": "out/latents-00000-of-00002.parquet"}, {"part": "out/latents-00000-of-00002.parquet"}]
+    with pytest.raises(RuntimeError, match=r"1 part\(s\) were not written, e.g. out/latents-00001-of-00002"):
+        reported(summaries, ["out/latents-00000-of-00002.parquet", "out/latents-00001-of-00002.parquet"], "written")
+    assert list(reported(summaries, ["out/latents-00000-of-00002.parquet"], "written")) == [
+        "out/latents-00000-of-00002.parquet"]  # a retried task's second report counts once
+
+
+def test_job_options_in_beams_snake_case_as_launchers_write_them(shards, model_dir, tmp_path):
+    """Airflow's Beam operators and Dataflow templates pass options from a dict: `--model_dir=...`."""
+    out = str(tmp_path / "lat")
+    manifest = encode.run([f"--input={shards.pattern}", "--input_format=tfrecord", f"--model_dir={model_dir}",
+                           f"--output={out}", "--batch_size", "7", "--skip_existing"] + BEAM_TEST_ARGS)
+    assert manifest["counts"]["written"] == 120 and manifest["incremental"]

@@ -217,5 +217,16 @@ def test_parquet_column_options_and_errors(tmp_path, digits, model_dir):
     with pytest.raises(LatentpackError, match=r"no column 'label' for the label \(the table has: id \(string\), "
                                               r"pixels \(binary\)"):
         run_encode(str(tmp_path / "t.parquet"), "parquet", model_dir, tmp_path / "lat2", "--label-feature", "label")
+    # Hugging Face's {bytes, path} cell without bytes: the image is read from its path, relative to the file.
+    (tmp_path / "img").mkdir()
+    for i, x in enumerate(digits[0]):
+        (tmp_path / "img" / f"{i}.png").write_bytes(png(x))
+    cells = [{"bytes": None, "path": f"img/{i}.png"} for i in range(N)]
+    cells[5] = {"bytes": None, "path": "img/absent.png"}
+    pq.write_table(pa.table({"image": cells, "label": digits[1].tolist()}), tmp_path / "paths.parquet")
+    manifest = run_encode(str(tmp_path / "paths.parquet"), "parquet", model_dir, tmp_path / "lat4",
+                          "--max-bad-fraction", "0.1")
+    assert manifest["counts"]["written"] == N - 1
+    assert manifest["counts"]["dead_lettered_by_reason"] == {"missing_image": 1}
     with pytest.raises(LatentpackError, match="do not apply to --input-format npz"):
         run_encode(str(tmp_path / "t.parquet"), "npz", model_dir, tmp_path / "lat3", "--image-feature", "pixels")
