@@ -5,7 +5,9 @@
 
 Format version 1 (latentpack 0.1) knows one family, `dense` (a fixed image shape and a
 latent vector per image). Version 2 adds `family`, and the `spatial` family: any image
-size, latents [ceil(H/16), ceil(W/16), M] coded per channel. Version-1 files still load.
+size, latents [ceil(H/16), ceil(W/16), M] coded per channel; and the `hyperprior` family:
+the same latents coded with Gaussian tables chosen by an integer hyper-synthesis from side
+information of `hyper_channels` channels. Version-1 files still load.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pipeline.errors import LatentpackError
 FORMAT = "latentpack-codec"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-FAMILIES = ("dense", "spatial")
+FAMILIES = ("dense", "spatial", "hyperprior")
 LATENT_DTYPES = ("int8", "int16")
 
 
@@ -73,6 +75,8 @@ class CodecSpec:
     stride: Optional[int] = None
     channels: Optional[int] = None
     latent_channels: Optional[int] = None
+    # hyperprior family: channels of the side information z.
+    hyper_channels: Optional[int] = None
 
     @property
     def arch(self) -> str:
@@ -130,11 +134,35 @@ class CodecSpec:
                    stride=need("stride", int, lambda v: v in (8, 16, 32, 64)),
                    channels=need("channels", int, lambda v: v == 3),
                    latent_channels=need("latent_channels", int, lambda v: 0 < v <= 1024),
+                   hyper_channels=need("hyper_channels", int, lambda v: 0 < v <= 1024) if family == "hyperprior"
+                   else None,
                    entropy_model=_freeze(need("entropy_model", dict)))
         if spec.latent_dtype != "int16":
-            raise LatentpackError(f"{where}: spatial models store int16 latents")
-        validate_tables(raw["entropy_model"], spec.latent_channels, where)
+            raise LatentpackError(f"{where}: {family} models store int16 latents")
+        if family == "spatial":
+            validate_tables(raw["entropy_model"], spec.latent_channels, where)
+        else:
+            validate_hyperprior(raw["entropy_model"], spec.hyper_channels, where)
         return spec
+
+
+def validate_hyperprior(model, hyper_channels: int, where: str) -> None:
+    """The side information's tables, the Gaussian tables, and the integer hyper-synthesis layers."""
+    if not isinstance(model, dict) or model.get("kind") != "scale-hyperprior":
+        raise LatentpackError(f"{where}: invalid entropy_model: expected kind 'scale-hyperprior'")
+    validate_tables(model.get("hyper"), hyper_channels, where)
+    gaussian = model.get("gaussian")
+    count = len(gaussian.get("offsets") or []) if isinstance(gaussian, dict) else 0
+    validate_tables(gaussian, max(count, 1), where)
+    if any(o != -(len(t) // 2) or len(t) % 2 != 1 for o, t in zip(gaussian["offsets"], gaussian["frequencies"])):
+        raise LatentpackError(f"{where}: invalid entropy_model: Gaussian tables must be symmetric around zero")
+    layers = model.get("hyper_synthesis")
+    ints = lambda layer, *names: all(isinstance(layer.get(n), int) and not isinstance(layer.get(n), bool)  # noqa: E731
+                                     for n in names)
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, dict) for x in layers) or \
+            not all(ints(x, "stride", "shift") for x in layers[:-1]) or \
+            not ints(layers[-1], "stride", "index_offset", "index_step"):
+        raise LatentpackError(f"{where}: invalid entropy_model: malformed hyper_synthesis layers")
 
 
 def validate_tables(model, count: int, where: str) -> None:

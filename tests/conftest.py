@@ -93,3 +93,22 @@ def spatial_model_dir(tmp_path_factory, photo_folder):
                            checkpoint_every=20, validate_every=40, val_images=2, holdout_every=6)
     train(config, str(photo_folder / "*.png"), "images", str(out / "artifact"), str(out / "checkpoints"))
     return str(out / "artifact")
+
+
+@pytest.fixture(scope="session")
+def hyperprior_model_dir(tmp_path_factory, photo_folder, spatial_model_dir):
+    """A tiny scale-hyperprior artifact: the spatial fixture's transforms, then 30 steps."""
+    from training.spatial import SpatialConfig, train
+
+    out = tmp_path_factory.mktemp("hyperprior")
+    config = SpatialConfig(filters=16, latent_channels=8, crop=32, batch_size=4, steps=30, learning_rate=1e-3,
+                           checkpoint_every=30, validate_every=30, val_images=2, holdout_every=6, prior="hyperprior")
+    train(config, str(photo_folder / "*.png"), "images", str(out / "artifact"), str(out / "checkpoints"),
+          init_from=os.path.join(os.path.dirname(spatial_model_dir), "checkpoints"))
+    return str(out / "artifact")
+
+
+@pytest.fixture(scope="session", params=["spatial", "hyperprior"])
+def photo_model_dir(request):
+    """Each photo model family in turn (the tests that hold for both)."""
+    return request.getfixturevalue(f"{request.param}_model_dir")

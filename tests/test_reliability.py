@@ -288,8 +288,8 @@ def test_fuzz_decode_side_random_codes_dense(rd_model_dir, codes, keys):
 @given(codes=st.lists(st.binary(max_size=200), min_size=1, max_size=4),
        sizes=st.lists(st.tuples(st.integers(-3, 70), st.integers(-3, 70), st.sampled_from([0, 1, 3, 4])),
                       min_size=4, max_size=4))
-def test_fuzz_decode_side_random_codes_and_sizes_spatial(spatial_model_dir, codes, sizes):
-    codec = _codec_cache(spatial_model_dir)
+def test_fuzz_decode_side_random_codes_and_sizes_spatial(photo_model_dir, codes, sizes):
+    codec = _codec_cache(photo_model_dir)
     n = len(codes)
     columns = {"code": pa.array(codes, pa.binary()),
                "height": pa.array([s[0] for s in sizes[:n]], pa.int32()),

@@ -54,8 +54,8 @@ def test_artifact_is_format_2_spatial(spatial_model_dir):
 
 
 @pytest.mark.parametrize("size", [(1, 1), (17, 33), (16, 16), (45, 7)])
-def test_compress_pads_and_decompress_crops_back_to_the_exact_size(spatial_model_dir, size):
-    codec = load_codec(spatial_model_dir)
+def test_compress_pads_and_decompress_crops_back_to_the_exact_size(photo_model_dir, size):
+    codec = load_codec(photo_model_dir)
     images = np.stack(smooth_photos(np.random.default_rng(1), 2, sizes=[size]))
     for latent_format in ("code", "int"):
         columns = codec.compress(ImageBatch(["a", "b"], images, np.array([3, -1]), np.array([True, False])),
@@ -68,8 +68,8 @@ def test_compress_pads_and_decompress_crops_back_to_the_exact_size(spatial_model
         assert batch.labels.tolist() == [3, -1] and batch.has_label.tolist() == [True, False]
 
 
-def test_tiled_transforms_match_the_whole_image(spatial_model_dir, monkeypatch):
-    codec = load_codec(spatial_model_dir)
+def test_tiled_transforms_match_the_whole_image(photo_model_dir, monkeypatch):
+    codec = load_codec(photo_model_dir)
     image = np.stack(smooth_photos(np.random.default_rng(2), 1, sizes=[(160, 208)]))
     whole_latent, whole = codec.analysis(image), None
     whole = codec.synthesis(whole_latent)
@@ -122,12 +122,12 @@ def _modes_folder(folder):
     return rgb
 
 
-def test_mixed_sizes_and_modes_round_trip_through_the_jobs(spatial_model_dir, tmp_path):
+def test_mixed_sizes_and_modes_round_trip_through_the_jobs(photo_model_dir, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
     rgb = _modes_folder(photos)
     lat, out = str(tmp_path / "lat"), str(tmp_path / "out")
-    manifest = encode.run(["--input", str(photos / "*"), "--input-format", "images", "--model-dir", spatial_model_dir,
+    manifest = encode.run(["--input", str(photos / "*"), "--input-format", "images", "--model-dir", photo_model_dir,
                            "--output", lat, "--max-bad-fraction", "0.5"] + BEAM_TEST_ARGS)
     c = manifest["counts"]
     assert (c["read"], c["written"]) == (12, 10)
@@ -139,7 +139,7 @@ def test_mixed_sizes_and_modes_round_trip_through_the_jobs(spatial_model_dir, tm
     channels = dict(zip(table.column("key").to_pylist(), table.column("channels").to_pylist()))
     assert channels["grey"] == 1 and channels["sixteen"] == 1 and channels["cmyk"] == 3
 
-    decode.run(["--input", lat, "--model-dir", spatial_model_dir, "--output", out] + BEAM_TEST_ARGS)
+    decode.run(["--input", lat, "--model-dir", photo_model_dir, "--output", out] + BEAM_TEST_ARGS)
     for i, x in enumerate(rgb):
         back = np.asarray(Image.open(os.path.join(out, f"rgb{i}.png")))
         assert back.shape == x.shape
@@ -208,12 +208,12 @@ np.savez(sys.argv[3], **out)
 """
 
 
-def test_codes_decode_identically_in_another_process_with_other_settings(spatial_model_dir, photo_folder, tmp_path):
+def test_codes_decode_identically_in_another_process_with_other_settings(photo_model_dir, photo_folder, tmp_path):
     """Integer tables make the latents exact; the decoded pixels must match too, with oneDNN
     off and one thread instead of the default."""
     lat = str(tmp_path / "lat")
     manifest = encode.run(["--input", str(photo_folder / "*.png"), "--input-format", "images",
-                           "--model-dir", spatial_model_dir, "--output", lat] + BEAM_TEST_ARGS)
+                           "--model-dir", photo_model_dir, "--output", lat] + BEAM_TEST_ARGS)
     (part,) = latents.part_paths(lat, manifest)
     here = str(tmp_path / "here.npz")
     there = str(tmp_path / "there.npz")
@@ -221,10 +221,10 @@ def test_codes_decode_identically_in_another_process_with_other_settings(spatial
     with open(script, "w") as f:
         f.write(DECODE_ELSEWHERE)
     env = dict(os.environ, PYTHONPATH=ROOT)
-    subprocess.run([sys.executable, script, spatial_model_dir, part, here], env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, script, photo_model_dir, part, here], env=env, check=True, capture_output=True)
     env.update(TF_ENABLE_ONEDNN_OPTS="0", OMP_NUM_THREADS="1", TF_NUM_INTRAOP_THREADS="1",
                TF_NUM_INTEROP_THREADS="1")
-    subprocess.run([sys.executable, script, spatial_model_dir, part, there], env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, script, photo_model_dir, part, there], env=env, check=True, capture_output=True)
     a, b = np.load(here), np.load(there)
     assert sorted(a.files) == sorted(b.files) and len(a.files) == 24
     for key in a.files:
@@ -232,7 +232,7 @@ def test_codes_decode_identically_in_another_process_with_other_settings(spatial
     # And the codes themselves are the same bytes when the same images are encoded again.
     again = str(tmp_path / "again")
     encode.run(["--input", str(photo_folder / "*.png"), "--input-format", "images",
-                "--model-dir", spatial_model_dir, "--output", again] + BEAM_TEST_ARGS)
+                "--model-dir", photo_model_dir, "--output", again] + BEAM_TEST_ARGS)
     first = pq.read_table(part).sort_by("key").column("code").to_pylist()
     second = pq.ParquetDataset(latents.part_paths(again, completion.read_manifest(again))).read().sort_by("key")
     assert first == second.column("code").to_pylist()
@@ -254,10 +254,10 @@ def test_init_from_restores_transforms_and_prior(tmp_path, photo_folder):
     assert int(fresh.step) == 0  # a new run: its own step count and optimizer
 
 
-def test_int_latents_outside_the_tables_are_dead_letters(spatial_model_dir):
+def test_int_latents_outside_the_tables_are_dead_letters(photo_model_dir):
     import pyarrow as pa
 
-    codec = load_codec(spatial_model_dir)
+    codec = load_codec(photo_model_dir)
     images = np.stack(smooth_photos(np.random.default_rng(8), 2, sizes=[(32, 32)]))
     columns = codec.compress(ImageBatch(["a", "b"], images, np.array([-1, -1]), np.array([False, False])), "int")
     values = columns["latent"].to_pylist()

@@ -50,6 +50,7 @@ class SpatialConfig:
     val_images: int = 24
     holdout_every: int = 10  # keys with crc32(key) % holdout_every == 0 are never trained on
     seed: int = 0
+    prior: str = "factorized"  # or "hyperprior" (training/hyperprior.py)
 
 
 def build_transforms(filters: int, latent_channels: int, channels: int = 3):
@@ -209,6 +210,12 @@ class SpatialTrainer:
 
         self.train_step = train_step
 
+    def init_from(self, checkpoint: str) -> str:
+        return init_weights_from(self, checkpoint)
+
+    def export(self, model_dir: str, holdout, history: dict, extra: dict) -> dict:
+        return export(self, model_dir, holdout, history, extra)
+
     def schedule(self, step: int) -> float:
         """Constant, then the last 15% of --steps anneals linearly to 1/10 of the rate."""
         start = 0.85 * self.config.steps
@@ -276,7 +283,11 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
     import tensorflow as tf
 
     keras.utils.set_random_seed(config.seed)
-    trainer = SpatialTrainer(config)
+    if config.prior == "hyperprior":
+        from training.hyperprior import HyperpriorTrainer
+        trainer = HyperpriorTrainer(config)
+    else:
+        trainer = SpatialTrainer(config)
     manager = tf.train.CheckpointManager(trainer.checkpoint, checkpoint_dir, max_to_keep=2)
     history_path = os.path.join(checkpoint_dir, "history.json")
     history = {"train": [], "val": [], "seconds": 0.0}
@@ -287,12 +298,12 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
                 history = json.load(f)
         log.info("resumed from %s at step %d", manager.latest_checkpoint, int(trainer.step))
     elif init_from:
-        latest = init_weights_from(trainer, init_from)
+        latest = trainer.init_from(init_from)
         log.info("initialized weights from %s", latest)
     os.makedirs(checkpoint_dir, exist_ok=True)
     holdout = load_holdout(pattern, input_format, config)
-    log.info("spatial model N=%d M=%d lambda=%g: %d held-out validation images, crops %d, batch %d, to step %d",
-                 config.filters, config.latent_channels, config.lmbda, len(holdout), config.crop,
+    log.info("%s model N=%d M=%d lambda=%g: %d held-out validation images, crops %d, batch %d, to step %d",
+                 config.prior, config.filters, config.latent_channels, config.lmbda, len(holdout), config.crop,
                  config.batch_size, config.steps)
     crops = tf.data.Dataset.from_generator(
         lambda: random_crops(pattern, input_format, config, config.seed + int(trainer.step)),
@@ -331,8 +342,7 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
                 json.dump(history, f)
             os.replace(history_path + ".tmp", history_path)
     log.info("trained to step %d in %.0f s this run", step, time.time() - started)
-    return export(trainer, model_dir, holdout, history,
-                  dict(extra or {}, input=pattern, input_format=input_format))
+    return trainer.export(model_dir, holdout, history, dict(extra or {}, input=pattern, input_format=input_format))
 
 
 def export(trainer: SpatialTrainer, model_dir: str, holdout, history: dict, extra: dict) -> dict:
@@ -402,14 +412,17 @@ def transform_weights(analysis, synthesis) -> dict:
     return {"analysis": layers_of(analysis), "synthesis": layers_of(synthesis)}
 
 
-def SpatialModule(weights: dict, latent_channels: int, storage=np.float16):
+def SpatialModule(weights: dict, latent_channels: int, storage=np.float16, synthesis_dtype: str = "float32"):
     """A tf.Module whose `encode`/`decode` signatures are the artifact's file format:
     uint8 images [N, H, W, 3] (H, W multiples of 16) <-> int16 latents [N, H/16, W/16, M].
 
     The graph is written with TensorFlow ops alone (no Keras objects in the SavedModel), and
     convolution kernels are stored as float16 (computed in float32): half the bytes for a
     shipped model, at a cost measured at export (`metrics`). GDN parameters stay float32,
-    since gamma is often below float16's normal range.
+    since gamma is often below float16's normal range. With `synthesis_dtype="float64"` the
+    decoder computes in double precision: its pixels then match on any machine, thread count or
+    oneDNN setting except in the rarest ties (in float32 about one pixel in 20,000 differed by one
+    level between such settings in a test), at about twice the synthesis time.
     """
     import tensorflow as tf
 
@@ -422,17 +435,19 @@ def SpatialModule(weights: dict, latent_channels: int, storage=np.float16):
         return out
 
     def apply(layers, x):
+        dtype = x.dtype
         for kind, a, b, flag in layers:
+            a, b = (a if kind == "conv" else tf.cast(a, dtype)), tf.cast(b, dtype)
             if kind == "gdn":
                 norm = tf.sqrt(tf.tensordot(tf.square(x), tf.transpose(b), axes=[[-1], [0]]) + a)
                 x = x * norm if flag else x / norm
             elif flag:  # transposed convolution, stride 2, "same": output twice the input
-                kernel = tf.cast(a, tf.float32)
+                kernel = tf.cast(a, dtype)
                 shape = tf.shape(x)
                 out = tf.stack([shape[0], 2 * shape[1], 2 * shape[2], tf.shape(kernel)[2]])
                 x = tf.nn.conv2d_transpose(x, kernel, out, strides=2, padding="SAME") + b
             else:
-                x = tf.nn.conv2d(x, tf.cast(a, tf.float32), strides=2, padding="SAME") + b
+                x = tf.nn.conv2d(x, tf.cast(a, dtype), strides=2, padding="SAME") + b
         return x
 
     class _Module(tf.Module):
@@ -448,7 +463,7 @@ def SpatialModule(weights: dict, latent_channels: int, storage=np.float16):
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, latent_channels], tf.int16, name="latent")])
         def decode(self, latent):
-            x = apply(self.synthesis, tf.cast(latent, tf.float32))
+            x = apply(self.synthesis, tf.cast(latent, synthesis_dtype))
             return {"image": tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)}
 
     return _Module()
@@ -463,12 +478,13 @@ def main(args) -> int:
         lmbda=lmbda, quality=args.quality if args.lmbda is None else None, crop=args.crop,
         batch_size=args.batch_size or defaults.batch_size, steps=args.steps,
         learning_rate=args.learning_rate or defaults.learning_rate, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, validate_every=args.validate_every)
+        checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
+        prior="hyperprior" if args.arch == "hyperprior" else "factorized")
     checkpoint_dir = args.checkpoint_dir or args.model_dir.rstrip("/") + "-checkpoints"
     spec = train(config, args.input, args.input_format, args.model_dir, checkpoint_dir,
                  resume=args.resume, init_from=args.init_from)
     m = spec["metrics"]
-    print(f"model written to {args.model_dir}: spatial, {config.latent_channels} latent channels, "
+    print(f"model written to {args.model_dir}: {args.arch}, {config.latent_channels} latent channels, "
           f"held-out {m.get('val_psnr', float('nan')):.2f} dB at {m.get('val_bpp', float('nan')):.3f} bpp "
           f"on {m.get('val_images', 0)} images; fingerprint {spec['fingerprint'][:19]}…")
     return 0

@@ -52,9 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--input", help="glob of training shards (not needed for mnist-sample)")
     p.add_argument("--input-format", default="tfrecord", choices=sorted(READERS), help="format of --input")
     p.add_argument("--model-dir", required=True, help="where to write the model artifact")
-    p.add_argument("--arch", default=defaults.arch, choices=["conv", "mlp", "spatial"],
+    p.add_argument("--arch", default=defaults.arch, choices=["conv", "mlp", "spatial", "hyperprior"],
                    help="conv: convolutional with a linear bottleneck (one image size); mlp: the reference tutorial "
-                        "model; spatial: the fully convolutional photo codec (any image size, training/spatial.py)")
+                        "model; spatial: the fully convolutional photo codec (any image size, training/spatial.py); "
+                        "hyperprior: the same with a scale hyperprior (training/hyperprior.py)")
     p.add_argument("--latent-dim", type=int, default=defaults.latent_dim, help="latent values per image")
     p.add_argument("--width", type=int, default=defaults.width, help="conv arch: channels of the first stage")
     p.add_argument("--latent-bits", type=int, default=defaults.latent_bits, choices=range(2, 17), metavar="2..16",
@@ -175,11 +176,11 @@ def train_autoencoder(config: TrainConfig, train_x: np.ndarray, val_x: np.ndarra
 def main(argv=None) -> int:
     show_progress()
     args = parse_args(argv)
-    if args.arch == "spatial":
+    if args.arch in ("spatial", "hyperprior"):
         from training import spatial
         if not args.input:
             from pipeline.errors import LatentpackError
-            raise LatentpackError("--arch spatial needs --input (photos: images, parquet, tfrecord or webdataset)")
+            raise LatentpackError(f"--arch {args.arch} needs --input (photos: images, parquet, tfrecord or webdataset)")
         return spatial.main(args)
     # The mlp arch reproduces the reference tutorial's settings unless told otherwise.
     reference = args.arch == "mlp"

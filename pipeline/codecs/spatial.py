@@ -36,7 +36,10 @@ class SpatialCodec(ModelCodec):
     def __init__(self, model_dir, spec):
         super().__init__(model_dir, spec)
         self.stride = spec.stride
-        self.coder = ChannelCoder(spec.entropy_model)
+        self.coder = self.make_coder()
+
+    def make_coder(self):
+        return ChannelCoder(self.spec.entropy_model)
 
     def check_signatures(self):
         enc_in, enc_out, dec_in = self._signature_shapes()
@@ -96,18 +99,25 @@ class SpatialCodec(ModelCodec):
                 out[:, s(y0):s(y1), s(x0):s(x1)] = piece[:, s(y0 - ya):s(y1 - ya), s(x0 - xa):s(x1 - xa)]
         return out
 
+    def latent_values(self, latent: np.ndarray, latent_format: str) -> list:
+        """Per image of a batch of latents: its code, or (int format) its latents flattened."""
+        if latent_format == "code":
+            return [self.coder.encode(z) for z in latent]
+        # Clipped to the tables as the codes are, so both formats hold the same latents.
+        low, high = self.coder.offsets, self.coder.offsets + self.coder.sizes - 1
+        return [np.clip(z, low, high).astype(np.int16).reshape(-1) for z in latent]
+
+    def out_of_tables(self, latent: np.ndarray) -> bool:
+        """Whether int-format latents hold values no code could hold (a damaged or foreign row)."""
+        return bool(((latent < self.coder.offsets) | (latent >= self.coder.offsets + self.coder.sizes)).any())
+
     # --- the pair the jobs call ----------------------------------------------------------------
     def compress(self, batch, latent_format):
         n, height, width, channels = batch.images.shape
         rgb = batch.images if channels == 3 else np.repeat(batch.images, 3, axis=-1)
         latent = self.analysis(rgb)
-        if latent_format == "code":
-            value = pa.array([self.coder.encode(z) for z in latent], pa.binary())
-        else:
-            # Clipped to the tables as the codes are, so both formats hold the same latents.
-            low, high = self.coder.offsets, self.coder.offsets + self.coder.sizes - 1
-            value = pa.array([np.clip(z, low, high).astype(np.int16).reshape(-1) for z in latent],
-                             pa.list_(pa.int16()))
+        values = self.latent_values(latent, latent_format)
+        value = pa.array(values, pa.binary() if latent_format == "code" else pa.list_(pa.int16()))
         modes = batch.modes or [("L" if channels == 1 else "RGB")] * n
         return {"code" if latent_format == "code" else "latent": value,
                 "height": pa.array(np.full(n, height, np.int32)),
@@ -137,7 +147,7 @@ class SpatialCodec(ModelCodec):
                 else:
                     flat = values[i].values.to_numpy(zero_copy_only=False)
                     latent = flat.reshape(grid + (self.spec.latent_channels,))
-                    if ((latent < self.coder.offsets) | (latent >= self.coder.offsets + self.coder.sizes)).any():
+                    if self.out_of_tables(latent):
                         yield DeadLetter(keys[i], "", i, "bad_latent", "latent values outside the model's tables")
                         continue
             except Exception as e:  # a damaged code or a latent list of the wrong length

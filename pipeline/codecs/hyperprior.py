@@ -1,0 +1,197 @@
+"""The hyperprior family: the spatial codec plus a scale hyperprior (Ballé et al. 2018).
+
+Same rows, sizes, padding and tiling as the spatial family (`spatial.py`); only the code
+differs. Per image: side information z (the hyper-analysis of the latents, [ceil(h/4),
+ceil(w/4), N]) coded with per-channel integer tables, then every latent coded with the
+Gaussian table whose index the hyper-synthesis predicts from z, all in one byte string.
+
+Determinism policy: the decoder must choose exactly the tables the encoder chose, on any
+machine. The hyper-synthesis that chooses them is an integer network
+(`IntegerHyperSynthesis`): integer kernels (|k| <= 2**12), integer activations (<= 2**16,
+rounded down after each layer by a right shift), and the table index is an integer
+division of the last layer's integer output. It is evaluated with float64 matrix products
+whose operands, products and partial sums are all integers below 2**53, hence exact in any
+summation order, thread count or BLAS; the bounds are checked when a model is loaded. The
+image transforms stay in float32 TensorFlow: they decide pixels, never which table is used.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import constriction
+import numpy as np
+
+from pipeline.codecs import register
+from pipeline.codecs.spatial import SpatialCodec
+from pipeline.errors import LatentpackError
+
+EXACT = 2.0 ** 53
+WEIGHT_LIMIT, ACTIVATION_LIMIT = 2 ** 12, 2 ** 16 - 1
+
+
+def entropy_model_spec(z_tables: dict, gaussian: dict, integer: dict) -> dict:
+    """codec.json's entropy_model of a hyperprior artifact (integer kernels live in the SavedModel)."""
+    layers = [{k: v for k, v in layer.items() if k not in ("kernel", "bias")} | {
+        "kernel_shape": list(layer["kernel"].shape)} for layer in integer["layers"]]
+    return {"kind": "scale-hyperprior", "precision": z_tables["precision"],
+            "hyper": {"precision": z_tables["precision"], "offsets": z_tables["offsets"],
+                      "frequencies": z_tables["frequencies"]},
+            "gaussian": gaussian, "hyper_synthesis": layers}
+
+
+class IntegerHyperSynthesis:
+    """z (integers [h, w, N]) -> Gaussian table index of every latent ([4h, 4w, M]), exactly.
+
+    Layers are transposed convolutions ("same" padding, as Keras' Conv2DTranspose): output
+    position s*i + k - (K - s)//2 receives input i times kernel tap k."""
+
+    def __init__(self, layers: List[dict], kernels: List[np.ndarray], biases: List[np.ndarray], levels: int):
+        self.layers, self.levels = layers, levels
+        self.kernels = [np.asarray(k, np.float64) for k in kernels]
+        self.biases = [np.asarray(b, np.int64) for b in biases]
+        peak = 2 ** 15  # |z| is clipped to this before the first layer
+        for layer, kernel, bias in zip(layers, self.kernels, self.biases):
+            taps = kernel.shape[0] * kernel.shape[1] * kernel.shape[3]
+            if np.abs(kernel).max() > WEIGHT_LIMIT or taps * WEIGHT_LIMIT * max(peak, ACTIVATION_LIMIT) + \
+                    np.abs(bias).max() >= EXACT:
+                raise LatentpackError("hyper-synthesis weights exceed the exact integer range")
+            if kernel.shape[0] != kernel.shape[1] or layer["stride"] not in (1, 2):
+                raise LatentpackError("hyper-synthesis layers must be square, stride 1 or 2")
+            if "shift" in layer and not 0 <= layer["shift"] < 62:
+                raise LatentpackError("hyper-synthesis shift out of range")
+            peak = ACTIVATION_LIMIT
+        last = layers[-1]
+        if not (isinstance(last.get("index_step"), int) and last["index_step"] > 0
+                and isinstance(last.get("index_offset"), int)):
+            raise LatentpackError("hyper-synthesis has no integer index mapping")
+
+    @staticmethod
+    def _transpose_conv(x: np.ndarray, kernel: np.ndarray, stride: int) -> np.ndarray:
+        """x [h, w, Cin] (integer-valued float64), kernel [K, K, Cout, Cin] -> [s*h, s*w, Cout]."""
+        h, w, cin = x.shape
+        size, cout = kernel.shape[0], kernel.shape[2]
+        before = (size - stride) // 2
+        out = np.zeros((stride * h + size, stride * w + size, cout))
+        flat = x.reshape(-1, cin)
+        for ky in range(size):
+            for kx in range(size):
+                contribution = (flat @ kernel[ky, kx].T).reshape(h, w, cout)
+                out[ky:ky + stride * h:stride, kx:kx + stride * w:stride] += contribution
+        return out[before:before + stride * h, before:before + stride * w]
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        x = np.clip(np.asarray(z, np.float64), -2 ** 15, 2 ** 15)
+        for layer, kernel, bias in zip(self.layers, self.kernels, self.biases):
+            acc = self._transpose_conv(x, kernel, layer["stride"]).astype(np.int64) + bias
+            if layer.get("relu"):
+                acc = np.maximum(acc, 0)
+            if "shift" in layer:
+                x = np.minimum(acc >> layer["shift"], ACTIVATION_LIMIT).astype(np.float64)
+        index = (acc - layer["index_offset"]) // layer["index_step"]
+        return np.clip(index, 0, self.levels - 1).astype(np.int64)
+
+
+def _trim(data: bytes) -> bytes:
+    """constriction emits 32-bit words; up to 3 trailing zero bytes carry nothing."""
+    end = len(data)
+    while end > len(data) - 3 and end > 0 and data[end - 1] == 0:
+        end -= 1
+    return data[:end]
+
+
+class HyperCoder:
+    """Latents [h, w, M] with their side information z <-> one byte string."""
+
+    def __init__(self, model: dict, kernels, biases):
+        def categorical(tables, precision):
+            total = float(1 << precision)
+            return [constriction.stream.model.Categorical(np.asarray(t, np.float64) / total, perfect=False)
+                    if len(t) > 1 else None for t in tables]
+
+        hyper, gaussian = model["hyper"], model["gaussian"]
+        self.z_offsets = np.asarray(hyper["offsets"], np.int64)
+        self.z_sizes = np.array([len(t) for t in hyper["frequencies"]], np.int64)
+        self.z_models = categorical(hyper["frequencies"], hyper["precision"])
+        self.radius = -np.asarray(gaussian["offsets"], np.int64)
+        self.y_models = categorical(gaussian["frequencies"], gaussian["precision"])
+        self.synthesis = IntegerHyperSynthesis([dict(layer) for layer in model["hyper_synthesis"]],
+                                               kernels, biases, len(self.radius))
+        self.max_radius = int(self.radius.max())
+
+    def indexes(self, z: np.ndarray, grid: Tuple[int, int]) -> np.ndarray:
+        return self.synthesis(z)[:grid[0], :grid[1]]
+
+    def clip(self, y: np.ndarray, index: np.ndarray) -> np.ndarray:
+        r = self.radius[index]
+        return np.clip(y.astype(np.int64), -r, r)
+
+    def encode(self, y: np.ndarray, z: np.ndarray) -> Tuple[bytes, np.ndarray]:
+        """(code, the latents it holds: y clipped to its tables)."""
+        h, w, _ = y.shape
+        hz, wz = -(-h // 4), -(-w // 4)
+        z = np.clip(z[:hz, :wz].astype(np.int64) - self.z_offsets, 0, self.z_sizes - 1).astype(np.int32)
+        coder = constriction.stream.queue.RangeEncoder()
+        for c, model in enumerate(self.z_models):
+            if model is not None:
+                coder.encode(np.ascontiguousarray(z[..., c]).reshape(-1), model)
+        z_hat = z.astype(np.int64) + self.z_offsets
+        index = self.indexes(z_hat, (h, w)).reshape(-1)
+        y = self.clip(y, index.reshape(y.shape))
+        flat = y.reshape(-1)
+        order = np.argsort(index, kind="stable")
+        bounds = np.searchsorted(index[order], np.arange(len(self.y_models) + 1))
+        for j, model in enumerate(self.y_models):
+            if bounds[j + 1] > bounds[j]:
+                chosen = order[bounds[j]:bounds[j + 1]]
+                coder.encode((flat[chosen] + self.radius[j]).astype(np.int32), model)
+        return _trim(coder.get_compressed().tobytes()), y.astype(np.int16)
+
+    def decode(self, code: bytes, height: int, width: int) -> np.ndarray:
+        """One code -> latents [height, width, M] (height, width: the latent grid)."""
+        coder = constriction.stream.queue.RangeDecoder(np.frombuffer(code + b"\0" * (-len(code) % 4), np.uint32))
+        hz, wz = -(-height // 4), -(-width // 4)
+        z = np.zeros((len(self.z_models), hz * wz), np.int64)
+        for c, model in enumerate(self.z_models):
+            if model is not None:
+                z[c] = coder.decode(model, hz * wz)
+        z_hat = z.T.reshape(hz, wz, -1) + self.z_offsets
+        index = self.indexes(z_hat, (height, width))
+        flat_index = index.reshape(-1)
+        out = np.zeros(flat_index.shape, np.int64)
+        order = np.argsort(flat_index, kind="stable")
+        bounds = np.searchsorted(flat_index[order], np.arange(len(self.y_models) + 1))
+        for j, model in enumerate(self.y_models):
+            if bounds[j + 1] > bounds[j]:
+                chosen = order[bounds[j]:bounds[j + 1]]
+                out[chosen] = coder.decode(model, len(chosen)).astype(np.int64) - self.radius[j]
+        return out.reshape(index.shape)
+
+
+@register
+class HyperpriorCodec(SpatialCodec):
+    family = "hyperprior"
+
+    def make_coder(self):
+        try:
+            self._hyper_encode = self._model.signatures["hyper_encode"]
+            kernels = [k.numpy() for k in self._model.hyper_kernels]
+            biases = [b.numpy() for b in self._model.hyper_biases]
+        except (KeyError, AttributeError) as e:
+            raise LatentpackError(f"{self.model_dir}: the SavedModel lacks the hyperprior ({e})") from None
+        layers = self.spec.entropy_model["hyper_synthesis"]
+        if len(kernels) != len(layers) or any(list(k.shape) != list(layer["kernel_shape"])
+                                              for k, layer in zip(kernels, layers)):
+            raise LatentpackError(f"{self.model_dir}: codec.json's hyper-synthesis does not match its SavedModel")
+        return HyperCoder(self.spec.entropy_model, kernels, biases)
+
+    def latent_values(self, latent: np.ndarray, latent_format: str) -> list:
+        """Codes (or the clipped latents, for the int format) of a batch of same-shaped latents."""
+        z = self._hyper_encode(latent=np.ascontiguousarray(latent, np.int16))["hyper"].numpy()
+        coded = [self.coder.encode(y, side) for y, side in zip(latent, z)]
+        if latent_format == "code":
+            return [code for code, _ in coded]
+        return [y.reshape(-1) for _, y in coded]
+
+    def out_of_tables(self, latent: np.ndarray) -> bool:
+        return bool((np.abs(latent) > self.coder.max_radius).any())
+

@@ -1,0 +1,121 @@
+"""The scale-hyperprior family: its integer hyper-synthesis (the determinism policy), its
+artifact and codes. Behaviour it shares with the spatial family (exact sizes, mixed sizes and
+modes through the jobs, tiles, decoding identically in another process with oneDNN off and
+one thread) is tested for both families in test_spatial.py through `photo_model_dir`."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import smooth_photos
+from pipeline.artifact import compute_fingerprint, read_spec
+from pipeline.codecs import load_codec
+from pipeline.codecs.hyperprior import ACTIVATION_LIMIT, WEIGHT_LIMIT, HyperCoder, IntegerHyperSynthesis
+from pipeline.errors import LatentpackError
+
+
+def _int_transpose_conv(x, kernel, stride):
+    """The same operation in int64 arithmetic (numpy's integer matmul: no BLAS, no rounding)."""
+    h, w, cin = x.shape
+    size, cout = kernel.shape[0], kernel.shape[2]
+    before = (size - stride) // 2
+    out = np.zeros((stride * h + size, stride * w + size, cout), np.int64)
+    for ky in range(size):
+        for kx in range(size):
+            out[ky:ky + stride * h:stride, kx:kx + stride * w:stride] += \
+                (x.reshape(-1, cin) @ kernel[ky, kx].T.astype(np.int64)).reshape(h, w, cout)
+    return out[before:before + stride * h, before:before + stride * w]
+
+
+@pytest.mark.parametrize("stride,size", [(2, 5), (1, 3)])
+def test_transposed_convolution_is_keras_conv2d_transpose(stride, size):
+    import keras
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(-8, 9, (1, 5, 7, 4)).astype(np.float32)
+    layer = keras.layers.Conv2DTranspose(3, size, strides=stride, padding="same", use_bias=False)
+    layer.build(x.shape)
+    kernel = rng.integers(-8, 9, tuple(layer.kernel.shape)).astype(np.float32)
+    layer.kernel.assign(kernel)
+    expected = layer(x).numpy()[0]  # small integers: exact in float32
+    got = IntegerHyperSynthesis._transpose_conv(x[0].astype(np.float64), kernel.astype(np.float64), stride)
+    assert got.shape == expected.shape and np.array_equal(got, expected)
+
+
+def test_float64_products_are_exact_at_the_largest_allowed_values():
+    """The policy's claim: at the bounds the loader enforces, float64 BLAS equals integer arithmetic."""
+    rng = np.random.default_rng(1)
+    kernel = rng.integers(0, WEIGHT_LIMIT + 1, (5, 5, 64, 64))  # one sign: no cancellation, largest sums
+    kernel[0, 0] = WEIGHT_LIMIT  # worst case present
+    x = rng.integers(0, ACTIVATION_LIMIT + 1, (6, 9, 64))
+    x[0, 0] = ACTIVATION_LIMIT
+    exact = _int_transpose_conv(x, kernel, 2)
+    fast = IntegerHyperSynthesis._transpose_conv(x.astype(np.float64), kernel.astype(np.float64), 2)
+    assert np.abs(exact).max() > 2 ** 34  # far beyond float32's exact integers (2**24)
+    assert np.array_equal(fast.astype(np.int64), exact)
+
+
+def test_artifact_is_a_hyperprior(hyperprior_model_dir):
+    spec = read_spec(hyperprior_model_dir)
+    assert (spec.format_version, spec.family, spec.arch, spec.stride) == (2, "hyperprior", "hyperprior", 16)
+    assert (spec.latent_channels, spec.hyper_channels) == (8, 16)
+    model = spec.entropy_model
+    assert len(model["hyper"]["frequencies"]) == 16 and len(model["gaussian"]["frequencies"]) == 64
+    assert [layer["stride"] for layer in model["hyper_synthesis"]] == [2, 2, 1]
+    assert spec.metrics["val_bpp"] > 0 and spec.metrics["val_psnr"] > 5
+    assert spec.training["prior"] == "hyperprior" and spec.training["steps_done"] == 30
+
+
+def test_the_side_information_decides_the_tables(hyperprior_model_dir):
+    """A code holds z then y; the decoder recomputes the indexes from z alone, so the latents it
+    returns are exactly the (clipped) latents the encoder coded."""
+    codec = load_codec(hyperprior_model_dir)
+    images = np.stack(smooth_photos(np.random.default_rng(5), 3, sizes=[(70, 50)]))
+    latent = codec.analysis(images)
+    z = codec._hyper_encode(latent=latent)["hyper"].numpy()
+    assert z.shape == (3, 2, 1, 16)
+    for y, side in zip(latent, z):
+        code, coded = codec.coder.encode(y, side)
+        assert np.array_equal(codec.coder.decode(code, *y.shape[:2]), coded)
+        index = codec.coder.indexes(side.astype(np.int64), y.shape[:2])
+        assert np.array_equal(coded, codec.coder.clip(y, index))
+
+
+def _altered_copy(model_dir, tmp_path, change):
+    copy = str(tmp_path / "altered")
+    shutil.copytree(model_dir, copy)
+    path = os.path.join(copy, "codec.json")
+    with open(path) as f:
+        spec = json.load(f)
+    change(spec)
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    spec["fingerprint"] = compute_fingerprint(copy)
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    return copy
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda s: s["entropy_model"]["hyper_synthesis"][-1].pop("index_step"), "hyper_synthesis"),
+    (lambda s: s["entropy_model"]["gaussian"]["offsets"].__setitem__(0, 3), "symmetric"),
+    (lambda s: s["entropy_model"]["hyper"]["frequencies"].pop(), "tables"),
+    (lambda s: s["entropy_model"]["hyper_synthesis"][0].__setitem__("kernel_shape", [3, 3, 1, 1]), "does not match"),
+    (lambda s: s["entropy_model"]["hyper_synthesis"][0].__setitem__("shift", 99), "shift"),
+])
+def test_an_inconsistent_hyperprior_artifact_is_one_clear_error(hyperprior_model_dir, tmp_path, change, message):
+    copy = _altered_copy(hyperprior_model_dir, tmp_path, change)
+    with pytest.raises(LatentpackError, match=message):
+        load_codec(copy)
+
+
+def test_kernels_beyond_the_exact_range_are_refused(hyperprior_model_dir):
+    spec = read_spec(hyperprior_model_dir)
+    codec = load_codec(hyperprior_model_dir)
+    kernels = [k.numpy() for k in codec._model.hyper_kernels]
+    biases = [b.numpy() for b in codec._model.hyper_biases]
+    kernels[1] = kernels[1].astype(np.int64) * 0 + WEIGHT_LIMIT + 1
+    with pytest.raises(LatentpackError, match="exact integer range"):
+        HyperCoder(spec.entropy_model, kernels, biases)

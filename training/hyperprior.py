@@ -1,0 +1,336 @@
+"""The scale-hyperprior photo codec (Ballé et al. 2018, "bmshj2018-hyperprior"): training and export.
+
+    latentpack train --arch hyperprior --input 'photos/*.jpg' --input-format images \
+        --quality 4 --steps 8000 --init-from photo-q4-checkpoints --model-dir photo-q4/
+
+The image transforms are the spatial family's (`training.spatial.build_transforms`); on top
+of them a hyper-analysis summarizes |y| into side information z at 1/64 of the image size,
+coded with a per-channel non-parametric prior, and a hyper-synthesis predicts from z the
+scale of a zero-mean Gaussian for every latent. Rates: bits(y | sigma) + bits(z).
+
+Determinism policy (the table chosen for each latent must be the same on any machine).
+Training is in floating point. At export the hyper-synthesis is frozen into an INTEGER
+network (`pipeline.codecs.hyperprior.IntegerHyperSynthesis`): integer kernels of at most
+12 bits, integer biases, activations rounded down to at most 16 bits after every layer,
+and the Gaussian table index computed from the last layer's integer output by integer
+division. Every product and partial sum is an integer below 2**53, so evaluating it with
+float64 matrix products is exact whatever the summation order, thread count or BLAS;
+encoder and decoder therefore choose bit-identical tables. The Gaussian tables themselves
+(64 log-spaced scales from 0.11 to 64) are integers in codec.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import List
+
+import numpy as np
+
+from pipeline.errors import log
+from training import spatial
+
+SCALE_MIN, SCALE_MAX, SCALE_LEVELS = 0.11, 64.0, 64
+# Symbols of the Gaussian table for scale s: [-R, R], R = ceil(TAIL_SIGMAS * s) within [MIN_RADIUS, MAX_RADIUS].
+TAIL_SIGMAS, MIN_RADIUS, MAX_RADIUS = 6.0, 16, 511
+WEIGHT_BITS, ACTIVATION_BITS = 12, 16
+
+
+def build_hyper_transforms(filters: int, latent_channels: int):
+    """(hyper_analysis, hyper_synthesis): |y| -> z at 1/4 of the latent grid; z -> log-scales of y."""
+    import keras
+    from keras import layers
+
+    hyper_analysis = keras.Sequential([
+        keras.Input((None, None, latent_channels)),
+        layers.Conv2D(filters, 3, padding="same", activation="relu", name="hconv0"),
+        layers.Conv2D(filters, 5, strides=2, padding="same", activation="relu", name="hconv1"),
+        layers.Conv2D(filters, 5, strides=2, padding="same", name="hconv2"),
+    ], name="hyper_analysis")
+    hyper_synthesis = keras.Sequential([
+        keras.Input((None, None, filters)),
+        layers.Conv2DTranspose(filters, 5, strides=2, padding="same", activation="relu", name="hdeconv0"),
+        layers.Conv2DTranspose(filters, 5, strides=2, padding="same", activation="relu", name="hdeconv1"),
+        layers.Conv2DTranspose(latent_channels, 3, strides=1, padding="same", name="hdeconv2"),
+    ], name="hyper_synthesis")
+    return hyper_analysis, hyper_synthesis
+
+
+def gaussian_bits(y, log_scale):
+    """Bits of each value of y (noisy or integer) under a zero-mean Gaussian of scale exp(log_scale)
+    integrated over [y - 0.5, y + 0.5]; scales clipped to the tables' range."""
+    import tensorflow as tf
+
+    scale = tf.exp(tf.clip_by_value(log_scale, float(np.log(SCALE_MIN)), float(np.log(SCALE_MAX))))
+    v = tf.abs(y)
+    # Upper tail difference, where both terms are small: stable far from zero.
+    c = 1.0 / (scale * float(np.sqrt(2.0)))
+    p = 0.5 * (tf.math.erfc((v - 0.5) * c) - tf.math.erfc((v + 0.5) * c))
+    return -tf.math.log(tf.maximum(p, 1e-9)) / float(np.log(2.0))
+
+
+def pad_grid(y, multiple: int = 4):
+    """Edge-pad a latent tensor [N, h, w, C] to multiples of `multiple` (what the hyper-analysis sees)."""
+    import tensorflow as tf
+
+    shape = tf.shape(y)
+    ph, pw = (-shape[1]) % multiple, (-shape[2]) % multiple
+    y = tf.concat([y, tf.repeat(y[:, -1:], ph, axis=1)], axis=1)
+    return tf.concat([y, tf.repeat(y[:, :, -1:], pw, axis=2)], axis=2)
+
+
+class HyperpriorTrainer(spatial.SpatialTrainer):
+    """Variables, optimizer, step and checkpoint of a hyperprior model (schedule as SpatialTrainer)."""
+
+    def __init__(self, config: spatial.SpatialConfig):  # the factorized model's __init__ is not wanted
+        import keras
+        import tensorflow as tf
+
+        from training.prior import DeepFactorizedPrior
+
+        self.config = config
+        self.analysis, self.synthesis = spatial.build_transforms(config.filters, config.latent_channels)
+        self.hyper_analysis, self.hyper_synthesis = build_hyper_transforms(config.filters, config.latent_channels)
+        self.prior = DeepFactorizedPrior(config.filters, name="hyper_prior")
+        self.variables = (self.analysis.trainable_variables + self.synthesis.trainable_variables
+                          + self.hyper_analysis.trainable_variables + self.hyper_synthesis.trainable_variables
+                          + self.prior.trainable_variables)
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
+        self.optimizer.build(self.variables)
+        self.checkpoint = tf.train.Checkpoint(
+            step=self.step, optimizer=self.optimizer, analysis=self.analysis, synthesis=self.synthesis,
+            hyper_analysis=self.hyper_analysis, hyper_synthesis=self.hyper_synthesis, prior=self.prior)
+        lmbda = tf.constant(config.lmbda * 255.0 ** 2, tf.float32)
+
+        @tf.function
+        def train_step(x):
+            with tf.GradientTape() as tape:
+                mse, bpp = self._losses(x, training=True)
+                loss = lmbda * mse + bpp
+            grads = tape.gradient(loss, self.variables)
+            grads, _ = tf.clip_by_global_norm(grads, config.clip_norm)
+            self.optimizer.apply_gradients(zip(grads, self.variables))
+            self.step.assign_add(1)
+            return loss, mse, bpp
+
+        self.train_step = train_step
+
+    def _losses(self, x, training: bool):
+        import tensorflow as tf
+
+        y = self.analysis(x, training=training)
+        # The decoder and the hyper-analysis see the rounded latents the codec has (straight-through).
+        y_hat = y + tf.stop_gradient(tf.round(y) - y)
+        z = self.hyper_analysis(tf.abs(pad_grid(y_hat)), training=training)
+        if training:
+            noisy_y = y + tf.random.uniform(tf.shape(y), -0.5, 0.5)
+            z_hat = z + tf.random.uniform(tf.shape(z), -0.5, 0.5)
+        else:
+            noisy_y = y_hat = tf.round(y)
+            z_hat = tf.round(z)
+        log_scale = self.hyper_synthesis(z_hat, training=training)[:, :tf.shape(y)[1], :tf.shape(y)[2]]
+        x_hat = self.synthesis(y_hat, training=training)
+        mse = tf.reduce_mean(tf.square(x - x_hat))
+        pixels = tf.cast(tf.reduce_prod(tf.shape(x)[1:3]), tf.float32)
+        bits = tf.reduce_sum(gaussian_bits(noisy_y, log_scale), axis=[1, 2, 3]) + self.prior.bits(z_hat)
+        return mse, tf.reduce_mean(bits) / pixels
+
+    def init_from(self, checkpoint: str) -> str:
+        """Start from a spatial (factorized) run's image transforms: the hyperprior, new, trains
+        quickly on top of transforms that already took hours."""
+        import tensorflow as tf
+
+        latest = tf.train.latest_checkpoint(checkpoint) or checkpoint
+        before = self.synthesis.layers[-1].kernel.numpy().copy()
+        tf.train.Checkpoint(analysis=self.analysis, synthesis=self.synthesis).restore(latest).expect_partial()
+        if np.array_equal(before, self.synthesis.layers[-1].kernel.numpy()):
+            raise ValueError(f"{latest}: holds no spatial transforms to start from")
+        return latest
+
+    def evaluate(self, images: List[np.ndarray]) -> dict:
+        """Validation on whole images (padded, cropped back): PSNR and estimated bits per pixel."""
+        import tensorflow as tf
+
+        psnrs, bpps = [], []
+        for image in images:
+            h, w = image.shape[:2]
+            y = tf.round(self.analysis(spatial.padded_batch(image).astype(np.float32) / 255.0, training=False))
+            z = tf.round(self.hyper_analysis(tf.abs(pad_grid(y)), training=False))
+            log_scale = self.hyper_synthesis(z, training=False)[:, :y.shape[1], :y.shape[2]]
+            bits = tf.reduce_sum(gaussian_bits(y, log_scale)) + self.prior.bits(z)[0]
+            x_hat = self.synthesis(y, training=False).numpy()[0, :h, :w]
+            recon = np.round(np.clip(x_hat, 0, 1) * 255.0)
+            mse = np.mean((recon - image.astype(np.float64)) ** 2)
+            psnrs.append(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+            bpps.append(float(bits) / (h * w))
+        return {"val_psnr": float(np.mean(psnrs)), "val_bpp": float(np.mean(bpps))}
+
+    def export(self, model_dir: str, holdout, history: dict, extra: dict) -> dict:
+        return export(self, model_dir, holdout, history, extra)
+
+
+def HyperpriorModule(weights: dict, hyper_weights: list, integer: dict, latent_channels: int, hyper_channels: int):
+    """The spatial module (encode/decode signatures) plus `hyper_encode` (int16 latents [N, h, w, M]
+    -> int16 side information [N, ceil(h/4), ceil(w/4), N]) and the integer hyper-synthesis
+    weights as int16 kernels / int64 biases (`hyper_kernels`, `hyper_biases`)."""
+    import tensorflow as tf
+
+    module = spatial.SpatialModule(weights, latent_channels, synthesis_dtype="float64")
+    module.hyper_analysis = [(tf.Variable(k.astype(np.float16), trainable=False, name=f"hyper_analysis{i}_k"),
+                              tf.Variable(b.astype(np.float32), trainable=False, name=f"hyper_analysis{i}_b"), s)
+                             for i, (k, b, s) in enumerate(hyper_weights)]
+    module.hyper_kernels = [tf.Variable(layer["kernel"].astype(np.int16), trainable=False, name=f"hyper_synthesis{i}_k")
+                            for i, layer in enumerate(integer["layers"])]
+    module.hyper_biases = [tf.Variable(layer["bias"].astype(np.int64), trainable=False, name=f"hyper_synthesis{i}_b")
+                           for i, layer in enumerate(integer["layers"])]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, latent_channels], tf.int16, name="latent")])
+    def hyper_encode(latent):
+        y = tf.abs(tf.cast(latent, tf.float32))
+        shape = tf.shape(y)
+        ph, pw = (-shape[1]) % 4, (-shape[2]) % 4
+        y = tf.concat([y, tf.repeat(y[:, -1:], ph, axis=1)], axis=1)
+        y = tf.concat([y, tf.repeat(y[:, :, -1:], pw, axis=2)], axis=2)
+        for i, (kernel, bias, stride) in enumerate(module.hyper_analysis):
+            y = tf.nn.conv2d(y, tf.cast(kernel, tf.float32), strides=stride, padding="SAME") + bias
+            if i < len(module.hyper_analysis) - 1:
+                y = tf.nn.relu(y)
+        return {"hyper": tf.cast(tf.clip_by_value(tf.round(y), -32767.0, 32767.0), tf.int16)}
+
+    module.hyper_encode = hyper_encode
+    return module
+
+
+# --- export -----------------------------------------------------------------------------------
+
+def gaussian_tables() -> dict:
+    """Integer tables for SCALE_LEVELS log-spaced scales (offset -R, frequencies of -R..R)."""
+    from scipy.special import ndtr
+
+    from training.prior import PRECISION, quantize_pmf
+
+    scales = np.exp(np.linspace(np.log(SCALE_MIN), np.log(SCALE_MAX), SCALE_LEVELS))
+    offsets, tables = [], []
+    for s in scales:
+        radius = int(min(MAX_RADIUS, max(MIN_RADIUS, np.ceil(TAIL_SIGMAS * s))))
+        k = np.arange(-radius, radius + 1, dtype=np.float64)
+        pmf = ndtr((k + 0.5) / s) - ndtr((k - 0.5) / s)
+        pmf[0] += ndtr((-radius - 0.5) / s)  # the tails, folded into the end symbols (values are clipped)
+        pmf[-1] += ndtr((-radius - 0.5) / s)
+        offsets.append(-radius)
+        tables.append(quantize_pmf(np.maximum(pmf, 1e-300)).tolist())
+    return {"precision": PRECISION, "scales": scales.tolist(), "offsets": offsets, "frequencies": tables}
+
+
+def integer_hyper_synthesis(hyper_synthesis, calibration: List[np.ndarray]) -> dict:
+    """Freeze the hyper-synthesis into the integer network of the determinism policy.
+
+    Per layer: kernel * 2**k rounded (|kernel| <= 2**WEIGHT_BITS), bias at the accumulator's
+    scale, and the right shift that brings the (ReLU'd) accumulator to the next layer's
+    activation precision, chosen from the largest activation seen on `calibration` (z tensors)
+    with 2x headroom; activations saturate at 2**ACTIVATION_BITS - 1. The last layer's
+    accumulator is mapped to a table index by integer arithmetic (`index_offset`, `index_step`).
+    """
+    layers = hyper_synthesis.layers
+    kernels = [np.asarray(layer.kernel, np.float64) for layer in layers]
+    biases = [np.asarray(layer.bias, np.float64) for layer in layers]
+    # Float activations of each layer on the calibration set (ReLU'd for hidden layers).
+    peaks = [0.0] * len(layers)
+    for z in calibration:
+        x = z
+        for i, layer in enumerate(layers):
+            x = layer(x).numpy()
+            peaks[i] = max(peaks[i], float(np.abs(x).max()))
+    frac = 0  # fractional bits of the current layer's input (z is an integer: 0)
+    out = []
+    for i, (kernel, bias) in enumerate(zip(kernels, biases)):
+        wbits = int(np.floor(WEIGHT_BITS - np.log2(max(np.abs(kernel).max(), 1e-12))))
+        wbits = min(wbits, 24)
+        k_int = np.clip(np.round(kernel * 2.0 ** wbits), -(2 ** WEIGHT_BITS), 2 ** WEIGHT_BITS).astype(np.int64)
+        acc_bits = frac + wbits
+        b_int = np.round(bias * 2.0 ** acc_bits).astype(np.int64)
+        layer = {"kernel": k_int, "bias": b_int, "stride": int(layers[i].strides[0]),
+                 "relu": i < len(layers) - 1}
+        if i < len(layers) - 1:
+            next_frac = int(np.floor(np.log2((2 ** ACTIVATION_BITS - 1) / max(2.0 * peaks[i], 1e-6))))
+            next_frac = min(next_frac, acc_bits)
+            layer["shift"] = acc_bits - next_frac
+            frac = next_frac
+        else:
+            delta = (np.log(SCALE_MAX) - np.log(SCALE_MIN)) / (SCALE_LEVELS - 1)
+            # index = round((u - log SCALE_MIN) / delta) = floor((acc - offset) / step)
+            layer["index_offset"] = int(np.round((np.log(SCALE_MIN) - delta / 2) * 2.0 ** acc_bits))
+            layer["index_step"] = int(np.round(delta * 2.0 ** acc_bits))
+        out.append(layer)
+    return {"layers": out}
+
+
+def export(trainer: HyperpriorTrainer, model_dir: str, holdout, history: dict, extra: dict) -> dict:
+    """Freeze the priors and the integer hyper-synthesis; write the SavedModel and codec.json."""
+    import tensorflow as tf
+
+    from pipeline.codecs.hyperprior import entropy_model_spec
+    from training import export as artifact_export
+    from training.prior import freeze_channels
+
+    config = trainer.config
+    z_tables = freeze_channels(trainer.prior)
+    calibration = []
+    for image in holdout:
+        y = tf.round(trainer.analysis(spatial.padded_batch(image).astype(np.float32) / 255.0, training=False))
+        calibration.append(tf.round(trainer.hyper_analysis(tf.abs(pad_grid(y)), training=False)).numpy())
+    integer = integer_hyper_synthesis(trainer.hyper_synthesis, calibration)
+    weights = spatial.transform_weights(trainer.analysis, trainer.synthesis)
+    hyper_weights = [(np.asarray(layer.kernel), np.asarray(layer.bias), int(layer.strides[0]))
+                     for layer in trainer.hyper_analysis.layers]
+    module = HyperpriorModule(weights, hyper_weights, integer, config.latent_channels, config.filters)
+    entropy_model = entropy_model_spec(z_tables, gaussian_tables(), integer)
+    spec = {
+        "family": "hyperprior",
+        "stride": spatial.STRIDE,
+        "channels": 3,
+        "latent_channels": config.latent_channels,
+        "hyper_channels": config.filters,
+        "latent_dtype": "int16",
+        "architecture": {"arch": "hyperprior", "filters": config.filters, "latent_channels": config.latent_channels,
+                         "transform": "bls2017-gdn", "prior": "scale-hyperprior-integer"},
+        "training": dict(dataclasses.asdict(config), steps_done=int(trainer.step),
+                         seconds=round(history.get("seconds", 0.0), 1), **extra),
+        "entropy_model": entropy_model,
+    }
+    os.makedirs(model_dir, exist_ok=True)
+    spatial.save_curves(history, os.path.join(model_dir, "loss.png"))
+    with open(os.path.join(model_dir, "history.json"), "w") as f:
+        import json
+        json.dump(history, f)
+    tf.saved_model.save(module, model_dir, signatures={"encode": module.encode, "decode": module.decode,
+                                                       "hyper_encode": module.hyper_encode})
+    spec["metrics"] = measure(model_dir, entropy_model, holdout)
+    log.info("held-out: %.2f dB at %.3f bpp (exact code lengths)", spec["metrics"].get("val_psnr", 0),
+             spec["metrics"].get("val_bpp", 0))
+    return artifact_export.write_codec_json(model_dir, spec)
+
+
+def measure(model_dir: str, entropy_model: dict, images) -> dict:
+    """Held-out PSNR and bits per pixel of the real codes (the SavedModel just written, the integer
+    hyper-synthesis and the range coder)."""
+    import tensorflow as tf
+
+    from pipeline.codecs.hyperprior import HyperCoder
+
+    if not images:
+        return {}
+    module = tf.saved_model.load(model_dir)
+    coder = HyperCoder(entropy_model, [k.numpy() for k in module.hyper_kernels],
+                       [b.numpy() for b in module.hyper_biases])
+    psnrs, bpps = [], []
+    for image in images:
+        h, w = image.shape[:2]
+        y = module.signatures["encode"](images=spatial.padded_batch(image))["latent"].numpy()
+        z = module.signatures["hyper_encode"](latent=y)["hyper"].numpy()
+        code, y_coded = coder.encode(y[0], z[0])
+        recon = module.signatures["decode"](latent=y_coded[None])["image"].numpy()[0, :h, :w]
+        mse = np.mean((recon.astype(np.float64) - image) ** 2)
+        psnrs.append(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+        bpps.append(len(code) * 8.0 / (h * w))
+    return {"val_psnr": float(np.mean(psnrs)), "val_bpp": float(np.mean(bpps)), "val_images": len(images)}
