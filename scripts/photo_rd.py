@@ -2,11 +2,14 @@
 
     python scripts/photo_rd.py --out rd-photos [--models photo:2 photo:4 photo:6] [--record]
     (what `make photo-rd` runs)
+    python scripts/photo_rd.py --dataset cifar10 --out rd-cifar --models cifar-q1/ ... [--record]
 
 The evaluation photos are the BSDS500 images of ../shared/data/bsds500 that training
 holds out (crc32 of the key divisible by 10, `training.spatial.is_holdout`): the photo
 models never saw them, and no public benchmark set (Kodak, CLIC, Tecnick) is used for
-anything. They are written losslessly as PNG into the work folder and run through
+anything. With `--dataset cifar10`, the held-out images (same rule on the Parquet keys) of
+the shared CIFAR-10 training set, for models fine-tuned on the rest; the record is then
+bytes per image at WebP's qualities. They are written losslessly as PNG into the work folder and run through
 `latentpack evaluate` (the real encode and decode jobs). With --record, the table, the
 BD-rates and the plot go into BENCHMARKS.md.
 """
@@ -23,11 +26,13 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BSDS = os.path.join(ROOT, "..", "shared", "data", "bsds500")
+CIFAR = os.path.join(ROOT, "..", "shared", "data", "cifar10")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", choices=["bsds500", "cifar10"], default="bsds500", help="held-out images of which set")
     p.add_argument("--out", default="rd-photos", help="work folder")
     p.add_argument("--models", nargs="+", default=["photo:2", "photo:4", "photo:6"], help="models to evaluate")
     p.add_argument("--limit", type=int, help="at most this many held-out photos")
@@ -38,20 +43,17 @@ def main(argv=None) -> int:
         import json
         record(args, argv, json.load(open(os.path.join(args.out, "rd.json")))["images"])
         return 0
-    if not os.path.isdir(BSDS):
-        sys.exit(f"photo_rd: {BSDS} is missing; this benchmark needs ../shared/data/bsds500")
+    source = BSDS if args.dataset == "bsds500" else CIFAR
+    if not os.path.isdir(source):
+        sys.exit(f"photo_rd: {source} is missing; this benchmark needs it")
     sys.path.insert(0, ROOT)
     from latentpack import cli
-    from training.spatial import holdout_files
 
-    names = [os.path.basename(p) for p in holdout_files(BSDS)]
-    names = names[:args.limit] if args.limit else names
     photos = os.path.join(args.out, "holdout")
     shutil.rmtree(photos, ignore_errors=True)
     os.makedirs(photos)
-    for name in names:
-        Image.open(os.path.join(BSDS, name)).convert("RGB").save(os.path.join(photos, name[:-4] + ".png"))
-    print(f"photo_rd: {len(names)} held-out BSDS500 photos", flush=True)
+    names = write_holdout(args.dataset, photos, args.limit or (None if args.dataset == "bsds500" else 1000))
+    print(f"photo_rd: {len(names)} held-out {args.dataset} images", flush=True)
     argv_eval = ["evaluate", "--input", os.path.join(photos, "*.png"), "--input-format", "images",
                  "--output", args.out, "--runner=FnApiRunner"]
     for model in args.models:
@@ -63,6 +65,24 @@ def main(argv=None) -> int:
     return 0
 
 
+def write_holdout(dataset: str, folder: str, limit) -> list:
+    """Write the held-out images of `dataset` into `folder` as PNG; returns their names."""
+    from training.spatial import _photos, holdout_files
+
+    if dataset == "bsds500":
+        names = [os.path.basename(p) for p in holdout_files(BSDS)][:limit]
+        for name in names:
+            Image.open(os.path.join(BSDS, name)).convert("RGB").save(os.path.join(folder, name[:-4] + ".png"))
+        return names
+    names = []
+    for key, image in _photos(os.path.join(CIFAR, "*.parquet"), "parquet", None, True, 10):
+        names.append(key.replace(":", "_") + ".png")
+        Image.fromarray(image).save(os.path.join(folder, names[-1]))
+        if limit and len(names) >= limit:
+            break
+    return names
+
+
 def at_bpp(points, family, bpp):
     """PSNR of a family's curve at `bpp`, interpolated (None outside its range)."""
     pts = sorted((p["bpp"], p["psnr"]) for p in points if p["family"] == family and p["psnr"] < 99)
@@ -70,6 +90,14 @@ def at_bpp(points, family, bpp):
     if not pts or not pts[0][0] * 0.99 <= bpp <= pts[-1][0] * 1.01:
         return None
     return float(np.interp(bpp, [a for a, _ in pts], [b for _, b in pts]))
+
+
+def bytes_at(points, family, psnr):
+    """Bytes per image of a family's curve at `psnr` (log-bytes interpolated; None outside)."""
+    pts = sorted((p["psnr"], p["bytes_per_image"]) for p in points if p["family"] == family and p["psnr"] < 99)
+    if not pts or not pts[0][0] - 0.05 <= psnr <= pts[-1][0] + 0.05:
+        return None
+    return float(np.exp(np.interp(psnr, [a for a, _ in pts], [np.log(b) for _, b in pts])))
 
 
 def record(args, argv, n) -> None:
@@ -80,17 +108,34 @@ def record(args, argv, n) -> None:
 
     report = json.load(open(os.path.join(args.out, "rd.json")))
     table = open(os.path.join(args.out, "rd.md")).read().strip()
-    rows = ["| bits/pixel | latentpack | JPEG | WebP | AVIF |", "|---:|---:|---:|---:|---:|"]
-    for bpp in (0.25, 0.5, 1.0):
-        cells = [at_bpp(report["points"], f, bpp) for f in ("latentpack-spatial", "jpeg", "webp", "avif")]
-        rows.append(f"| {bpp} | " + " | ".join("—" if c is None else f"{c:.2f}" for c in cells) + " |")
+    ours = sorted({p["family"] for p in report["points"] if p["family"].startswith("latentpack")})
+    names = [f.replace("latentpack-", "latentpack ") for f in ours]
     command = " ".join(["python scripts/photo_rd.py"] + (argv if argv is not None else sys.argv[1:]))
+    if args.dataset == "cifar10":
+        rows = ["| WebP setting | PSNR dB | WebP bytes/image | " + " | ".join(f"{n} bytes/image (ratio)" for n in names)
+                + " |", "|---|---:|---:|" + "---:|" * len(names)]
+        for p in sorted((p for p in report["points"] if p["family"] == "webp"), key=lambda p: p["psnr"]):
+            cells = []
+            for family in ours:
+                b = bytes_at(report["points"], family, p["psnr"])
+                cells.append("—" if b is None else f"{b:.1f} ({b / p['bytes_per_image']:.2f}×)")
+            rows.append(f"| {p['name']} | {p['psnr']:.2f} | {p['bytes_per_image']:.1f} | " + " | ".join(cells) + " |")
+        replace_section("cifar-rd", f"Measured with `{command}` ({time.strftime('%Y-%m-%d')}) on {n} held-out "
+                                    f"CIFAR-10 training images (32x32), never used in training.\n\n"
+                                    f"Bytes per image (every Parquet byte; WebP: the file) at the PSNR of each WebP "
+                                    f"setting, interpolated along each curve (— outside it):\n\n" + "\n".join(rows)
+                        + f"\n\nEvery point:\n\n{table}\n\n![CIFAR-10 rate-distortion](rd-cifar.png)")
+        shutil.copy(os.path.join(args.out, "rd.png"), os.path.join(os.path.dirname(BENCHMARKS), "rd-cifar.png"))
+        return
+    rows = ["| bits/pixel | " + " | ".join(names) + " | JPEG | WebP | AVIF |", "|---:|" + "---:|" * (len(names) + 3)]
+    for bpp in (0.25, 0.5, 1.0):
+        cells = [at_bpp(report["points"], f, bpp) for f in ours + ["jpeg", "webp", "avif"]]
+        rows.append(f"| {bpp} | " + " | ".join("—" if c is None else f"{c:.2f}" for c in cells) + " |")
     replace_section("photo-rd", f"Measured with `{command}` ({time.strftime('%Y-%m-%d')}) on {n} held-out "
                                 f"BSDS500 photographs ({', '.join(report['sizes'])}), never used in training.\n\n"
                                 f"PSNR (dB) at fixed rates, interpolated along each curve (— outside it):\n\n"
                                 + "\n".join(rows) + f"\n\nEvery point:\n\n{table}\n\n![photo rate-distortion](rd-photos.png)")
     shutil.copy(os.path.join(args.out, "rd.png"), os.path.join(os.path.dirname(BENCHMARKS), "rd-photos.png"))
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -119,3 +119,21 @@ def test_kernels_beyond_the_exact_range_are_refused(hyperprior_model_dir):
     kernels[1] = kernels[1].astype(np.int64) * 0 + WEIGHT_LIMIT + 1
     with pytest.raises(LatentpackError, match="exact integer range"):
         HyperCoder(spec.entropy_model, kernels, biases)
+
+
+def test_train_command_builds_a_hyperprior_on_spatial_transforms(tmp_path, photo_folder, spatial_model_dir, capsys):
+    from training.train import main
+
+    out = str(tmp_path / "model")
+    assert main(["--arch", "hyperprior", "--input", str(photo_folder / "*.png"), "--input-format", "images",
+                 "--quality", "3", "--filters", "16", "--latent-channels", "8", "--crop", "32", "--batch-size", "2",
+                 "--steps", "4", "--validate-every", "4", "--checkpoint-every", "4", "--model-dir", out,
+                 "--init-from", os.path.join(os.path.dirname(spatial_model_dir), "checkpoints")]) == 0
+    assert "model written to" in capsys.readouterr().out
+    spec = read_spec(out)
+    assert spec.family == "hyperprior" and spec.training["lmbda"] == 0.0067 and spec.training["steps_done"] == 4
+    # A missing starting point is one clear error, not a fresh start or a traceback.
+    with pytest.raises(LatentpackError, match="no training checkpoint"):
+        main(["--arch", "hyperprior", "--input", str(photo_folder / "*.png"), "--input-format", "images",
+              "--filters", "16", "--latent-channels", "8", "--crop", "32", "--steps", "2",
+              "--model-dir", str(tmp_path / "other"), "--init-from", str(tmp_path / "nowhere")])

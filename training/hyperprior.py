@@ -144,7 +144,8 @@ class HyperpriorTrainer(spatial.SpatialTrainer):
         before = self.synthesis.layers[-1].kernel.numpy().copy()
         tf.train.Checkpoint(analysis=self.analysis, synthesis=self.synthesis).restore(latest).expect_partial()
         if np.array_equal(before, self.synthesis.layers[-1].kernel.numpy()):
-            raise ValueError(f"{latest}: holds no spatial transforms to start from")
+            from pipeline.errors import LatentpackError
+            raise LatentpackError(f"--init-from {latest}: holds no spatial transforms to start from")
         return latest
 
     def evaluate(self, images: List[np.ndarray]) -> dict:

@@ -137,7 +137,9 @@ def random_crops(pattern: str, input_format: str, config: SpatialConfig, seed: i
             if image.shape[0] < size or image.shape[1] < size:
                 image = np.pad(image, ((0, max(0, size - image.shape[0])), (0, max(0, size - image.shape[1])),
                                        (0, 0)), mode="reflect" if min(image.shape[:2]) > 1 else "edge")
-            for _ in range(config.crops_per_image):
+            # An image no larger than the crop (CIFAR-10's 32x32 at crop 32) gives one crop, not copies.
+            same = image.shape[0] == size and image.shape[1] == size
+            for _ in range(1 if same else config.crops_per_image):
                 y = rng.integers(0, image.shape[0] - size + 1)
                 x = rng.integers(0, image.shape[1] - size + 1)
                 crop = image[y:y + size, x:x + size]
@@ -298,6 +300,9 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
                 history = json.load(f)
         log.info("resumed from %s at step %d", manager.latest_checkpoint, int(trainer.step))
     elif init_from:
+        if not (tf.train.latest_checkpoint(init_from) or tf.io.gfile.exists(init_from + ".index")):
+            from pipeline.errors import LatentpackError
+            raise LatentpackError(f"--init-from {init_from}: no training checkpoint there")
         latest = trainer.init_from(init_from)
         log.info("initialized weights from %s", latest)
     os.makedirs(checkpoint_dir, exist_ok=True)
