@@ -20,8 +20,6 @@ encoder and decoder therefore choose bit-identical tables. The Gaussian tables t
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 from typing import List
 
 import numpy as np
@@ -81,55 +79,25 @@ def pad_grid(y, multiple: int = 4):
 class HyperpriorTrainer(spatial.SpatialTrainer):
     """Variables, optimizer, step and checkpoint of a hyperprior model (schedule as SpatialTrainer)."""
 
-    def __init__(self, config: spatial.SpatialConfig):  # the factorized model's __init__ is not wanted
-        import keras
-        import tensorflow as tf
-
+    def build(self, config: spatial.SpatialConfig) -> dict:
         from training.prior import DeepFactorizedPrior
 
-        self.config = config
-        self.analysis, self.synthesis = spatial.build_transforms(config.filters, config.latent_channels)
-        self.hyper_analysis, self.hyper_synthesis = build_hyper_transforms(config.filters, config.latent_channels)
-        self.prior = DeepFactorizedPrior(config.filters, name="hyper_prior")
-        self.variables = (self.analysis.trainable_variables + self.synthesis.trainable_variables
-                          + self.hyper_analysis.trainable_variables + self.hyper_synthesis.trainable_variables
-                          + self.prior.trainable_variables)
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
-        self.optimizer.build(self.variables)
-        self.checkpoint = tf.train.Checkpoint(
-            step=self.step, optimizer=self.optimizer, analysis=self.analysis, synthesis=self.synthesis,
-            hyper_analysis=self.hyper_analysis, hyper_synthesis=self.hyper_synthesis, prior=self.prior)
-        lmbda = tf.constant(config.lmbda * 255.0 ** 2, tf.float32)
+        analysis, synthesis = spatial.build_transforms(config.filters, config.latent_channels)
+        hyper_analysis, hyper_synthesis = build_hyper_transforms(config.filters, config.latent_channels)
+        return {"analysis": analysis, "synthesis": synthesis, "hyper_analysis": hyper_analysis,
+                "hyper_synthesis": hyper_synthesis, "prior": DeepFactorizedPrior(config.filters, name="hyper_prior")}
 
-        @tf.function
-        def train_step(x):
-            with tf.GradientTape() as tape:
-                mse, bpp = self._losses(x, training=True)
-                loss = lmbda * mse + bpp
-            grads = tape.gradient(loss, self.variables)
-            grads, _ = tf.clip_by_global_norm(grads, config.clip_norm)
-            self.optimizer.apply_gradients(zip(grads, self.variables))
-            self.step.assign_add(1)
-            return loss, mse, bpp
-
-        self.train_step = train_step
-
-    def _losses(self, x, training: bool):
+    def losses(self, x):
         import tensorflow as tf
 
-        y = self.analysis(x, training=training)
+        y = self.analysis(x, training=True)
         # The decoder and the hyper-analysis see the rounded latents the codec has (straight-through).
         y_hat = y + tf.stop_gradient(tf.round(y) - y)
-        z = self.hyper_analysis(tf.abs(pad_grid(y_hat)), training=training)
-        if training:
-            noisy_y = y + tf.random.uniform(tf.shape(y), -0.5, 0.5)
-            z_hat = z + tf.random.uniform(tf.shape(z), -0.5, 0.5)
-        else:
-            noisy_y = y_hat = tf.round(y)
-            z_hat = tf.round(z)
-        log_scale = self.hyper_synthesis(z_hat, training=training)[:, :tf.shape(y)[1], :tf.shape(y)[2]]
-        x_hat = self.synthesis(y_hat, training=training)
+        z = self.hyper_analysis(tf.abs(pad_grid(y_hat)), training=True)
+        noisy_y = y + tf.random.uniform(tf.shape(y), -0.5, 0.5)
+        z_hat = z + tf.random.uniform(tf.shape(z), -0.5, 0.5)
+        log_scale = self.hyper_synthesis(z_hat, training=True)[:, :tf.shape(y)[1], :tf.shape(y)[2]]
+        x_hat = self.synthesis(y_hat, training=True)
         mse = tf.reduce_mean(tf.square(x - x_hat))
         pixels = tf.cast(tf.reduce_prod(tf.shape(x)[1:3]), tf.float32)
         bits = tf.reduce_sum(gaussian_bits(noisy_y, log_scale), axis=[1, 2, 3]) + self.prior.bits(z_hat)
@@ -271,7 +239,6 @@ def export(trainer: HyperpriorTrainer, model_dir: str, holdout, history: dict, e
     import tensorflow as tf
 
     from pipeline.codecs.hyperprior import entropy_model_spec
-    from training import export as artifact_export
     from training.prior import freeze_channels
 
     config = trainer.config
@@ -286,30 +253,13 @@ def export(trainer: HyperpriorTrainer, model_dir: str, holdout, history: dict, e
                      for layer in trainer.hyper_analysis.layers]
     module = HyperpriorModule(weights, hyper_weights, integer, config.latent_channels, config.filters)
     entropy_model = entropy_model_spec(z_tables, gaussian_tables(), integer)
-    spec = {
-        "family": "hyperprior",
-        "stride": spatial.STRIDE,
-        "channels": 3,
-        "latent_channels": config.latent_channels,
-        "hyper_channels": config.filters,
-        "latent_dtype": "int16",
-        "architecture": {"arch": "hyperprior", "filters": config.filters, "latent_channels": config.latent_channels,
-                         "transform": "bls2017-gdn", "prior": "scale-hyperprior-integer"},
-        "training": dict(dataclasses.asdict(config), steps_done=int(trainer.step),
-                         seconds=round(history.get("seconds", 0.0), 1), **extra),
-        "entropy_model": entropy_model,
-    }
-    os.makedirs(model_dir, exist_ok=True)
-    spatial.save_curves(history, os.path.join(model_dir, "loss.png"))
-    with open(os.path.join(model_dir, "history.json"), "w") as f:
-        import json
-        json.dump(history, f)
-    tf.saved_model.save(module, model_dir, signatures={"encode": module.encode, "decode": module.decode,
-                                                       "hyper_encode": module.hyper_encode})
+    spec = dict(spatial.artifact_spec(trainer, "hyperprior", "scale-hyperprior-integer", entropy_model, history,
+                                      extra), hyper_channels=config.filters)
+    spatial.save_artifact(model_dir, module, ("encode", "decode", "hyper_encode"), history)
     spec["metrics"] = measure(model_dir, entropy_model, holdout)
     log.info("held-out: %.2f dB at %.3f bpp (exact code lengths)", spec["metrics"].get("val_psnr", 0),
              spec["metrics"].get("val_bpp", 0))
-    return artifact_export.write_codec_json(model_dir, spec)
+    return spatial.write_codec_json(model_dir, spec)
 
 
 def measure(model_dir: str, entropy_model: dict, images) -> dict:

@@ -172,37 +172,28 @@ def init_weights_from(trainer, checkpoint: str) -> str:
 
 
 class SpatialTrainer:
-    """The model's variables, optimizer and step, with checkpointing."""
+    """The model's variables, optimizer and step, with checkpointing. Subclasses (the hyperprior)
+    change `build` (the named parts, in checkpoint order) and `losses`."""
 
     def __init__(self, config: SpatialConfig):
         import keras
         import tensorflow as tf
 
-        from training.prior import DeepFactorizedPrior
-
         self.config = config
-        self.analysis, self.synthesis = build_transforms(config.filters, config.latent_channels)
-        self.prior = DeepFactorizedPrior(config.latent_channels)
-        self.variables = (self.analysis.trainable_variables + self.synthesis.trainable_variables
-                          + self.prior.trainable_variables)
+        parts = self.build(config)
+        for name, part in parts.items():
+            setattr(self, name, part)
+        self.variables = [v for part in parts.values() for v in part.trainable_variables]
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
         self.optimizer.build(self.variables)
-        self.checkpoint = tf.train.Checkpoint(step=self.step, optimizer=self.optimizer, analysis=self.analysis,
-                                              synthesis=self.synthesis, prior=self.prior)
+        self.checkpoint = tf.train.Checkpoint(step=self.step, optimizer=self.optimizer, **parts)
         lmbda = tf.constant(config.lmbda * 255.0 ** 2, tf.float32)
 
         @tf.function
         def train_step(x):
             with tf.GradientTape() as tape:
-                y = self.analysis(x, training=True)
-                noisy = y + tf.random.uniform(tf.shape(y), -0.5, 0.5)
-                # The decoder sees the rounded latents it will get at inference (straight-through).
-                rounded = y + tf.stop_gradient(tf.round(y) - y)
-                x_hat = self.synthesis(rounded, training=True)
-                mse = tf.reduce_mean(tf.square(x - x_hat))
-                pixels = tf.cast(tf.reduce_prod(tf.shape(x)[1:3]), tf.float32)
-                bpp = tf.reduce_mean(self.prior.bits(noisy)) / pixels
+                mse, bpp = self.losses(x)
                 loss = lmbda * mse + bpp
             grads = tape.gradient(loss, self.variables)
             grads, _ = tf.clip_by_global_norm(grads, config.clip_norm)
@@ -211,6 +202,25 @@ class SpatialTrainer:
             return loss, mse, bpp
 
         self.train_step = train_step
+
+    def build(self, config: SpatialConfig) -> dict:
+        from training.prior import DeepFactorizedPrior
+
+        analysis, synthesis = build_transforms(config.filters, config.latent_channels)
+        return {"analysis": analysis, "synthesis": synthesis, "prior": DeepFactorizedPrior(config.latent_channels)}
+
+    def losses(self, x):
+        """(MSE, bits per pixel) of a training batch: noisy latents for the rate, rounded ones
+        (straight-through) for the decoder, as it will get them at inference."""
+        import tensorflow as tf
+
+        y = self.analysis(x, training=True)
+        noisy = y + tf.random.uniform(tf.shape(y), -0.5, 0.5)
+        rounded = y + tf.stop_gradient(tf.round(y) - y)
+        x_hat = self.synthesis(rounded, training=True)
+        mse = tf.reduce_mean(tf.square(x - x_hat))
+        pixels = tf.cast(tf.reduce_prod(tf.shape(x)[1:3]), tf.float32)
+        return mse, tf.reduce_mean(self.prior.bits(noisy)) / pixels
 
     def init_from(self, checkpoint: str) -> str:
         return init_weights_from(self, checkpoint)
@@ -352,33 +362,48 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
 
 def export(trainer: SpatialTrainer, model_dir: str, holdout, history: dict, extra: dict) -> dict:
     """Freeze the prior to integer tables, write the SavedModel and codec.json (format 2)."""
-    import tensorflow as tf
-
-    from training import export as artifact_export
     from training.prior import freeze_channels
 
     entropy_model = freeze_channels(trainer.prior)
     module = SpatialModule(transform_weights(trainer.analysis, trainer.synthesis), trainer.config.latent_channels)
-    metrics = measure(module, entropy_model, holdout)
+    spec = artifact_spec(trainer, "spatial", "deep-factorized-per-channel", entropy_model, history, extra)
+    spec["metrics"] = measure(module, entropy_model, holdout)
+    save_artifact(model_dir, module, ("encode", "decode"), history)
+    return write_codec_json(model_dir, spec)
+
+
+def artifact_spec(trainer: SpatialTrainer, family: str, prior: str, entropy_model: dict, history: dict,
+                  extra: dict) -> dict:
+    """codec.json's fields shared by the photo families (metrics and fingerprint still to add)."""
     config = trainer.config
-    spec = {
-        "family": "spatial",
+    return {
+        "family": family,
         "stride": STRIDE,
         "channels": 3,
         "latent_channels": config.latent_channels,
         "latent_dtype": "int16",
-        "architecture": {"arch": "spatial", "filters": config.filters, "latent_channels": config.latent_channels,
-                         "transform": "bls2017-gdn", "prior": "deep-factorized-per-channel"},
+        "architecture": {"arch": family, "filters": config.filters, "latent_channels": config.latent_channels,
+                         "transform": "bls2017-gdn", "prior": prior},
         "training": dict(dataclasses.asdict(config), steps_done=int(trainer.step),
                          seconds=round(history.get("seconds", 0.0), 1), **extra),
         "entropy_model": entropy_model,
-        "metrics": metrics,
     }
+
+
+def save_artifact(model_dir: str, module, signatures, history: dict) -> None:
+    """The SavedModel with the module's named signatures, and the training curves beside it."""
+    import tensorflow as tf
+
     os.makedirs(model_dir, exist_ok=True)
     save_curves(history, os.path.join(model_dir, "loss.png"))
     with open(os.path.join(model_dir, "history.json"), "w") as f:
         json.dump(history, f)
-    tf.saved_model.save(module, model_dir, signatures={"encode": module.encode, "decode": module.decode})
+    tf.saved_model.save(module, model_dir, signatures={name: getattr(module, name) for name in signatures})
+
+
+def write_codec_json(model_dir: str, spec: dict) -> dict:
+    from training import export as artifact_export
+
     return artifact_export.write_codec_json(model_dir, spec)
 
 
