@@ -269,3 +269,21 @@ def test_int_latents_outside_the_tables_are_dead_letters(photo_model_dir):
     letters = [o for o in out if not isinstance(o, ImageBatch)]
     assert [(d.key, d.reason) for d in letters] == [("b", "bad_latent")]
     assert [b.keys for b in out if isinstance(b, ImageBatch)] == [["a"]]
+
+
+def test_a_stride_8_model_has_latents_at_an_eighth(tmp_path, photo_folder):
+    """--stride 8 (three stages) for very small images: 32x32 gives a 4x4 latent grid."""
+    from training.spatial import SpatialConfig, train
+
+    config = SpatialConfig(filters=8, latent_channels=4, crop=32, batch_size=2, steps=4, checkpoint_every=4,
+                           validate_every=4, val_images=1, holdout_every=6, stride=8)
+    spec = train(config, str(photo_folder / "*.png"), "images", str(tmp_path / "a"), str(tmp_path / "ck"))
+    assert spec["stride"] == 8
+    codec = load_codec(str(tmp_path / "a"))
+    images = np.stack(smooth_photos(np.random.default_rng(9), 2, sizes=[(32, 20)]))
+    assert codec.analysis(images).shape == (2, 4, 3, 4)
+    columns = codec.compress(ImageBatch(["a", "b"], images, np.array([-1, -1]), np.array([False, False])), "code")
+    table = latents.to_table(["a", "b"], columns, np.array([-1, -1]), np.array([False, False]),
+                             latents.schema(codec.spec, "code"))
+    (batch,) = list(codec.decompress(table))
+    assert batch.images.shape == (2, 32, 20, 3)

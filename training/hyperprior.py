@@ -82,7 +82,7 @@ class HyperpriorTrainer(spatial.SpatialTrainer):
     def build(self, config: spatial.SpatialConfig) -> dict:
         from training.prior import DeepFactorizedPrior
 
-        analysis, synthesis = spatial.build_transforms(config.filters, config.latent_channels)
+        analysis, synthesis = spatial.build_transforms(config.filters, config.latent_channels, stride=config.stride)
         hyper_analysis, hyper_synthesis = build_hyper_transforms(config.filters, config.latent_channels)
         return {"analysis": analysis, "synthesis": synthesis, "hyper_analysis": hyper_analysis,
                 "hyper_synthesis": hyper_synthesis, "prior": DeepFactorizedPrior(config.filters, name="hyper_prior")}
@@ -123,7 +123,7 @@ class HyperpriorTrainer(spatial.SpatialTrainer):
         psnrs, bpps = [], []
         for image in images:
             h, w = image.shape[:2]
-            y = tf.round(self.analysis(spatial.padded_batch(image).astype(np.float32) / 255.0, training=False))
+            y = tf.round(self.analysis(spatial.padded_batch(image, self.config.stride).astype(np.float32) / 255.0, training=False))
             z = tf.round(self.hyper_analysis(tf.abs(pad_grid(y)), training=False))
             log_scale = self.hyper_synthesis(z, training=False)[:, :y.shape[1], :y.shape[2]]
             bits = tf.reduce_sum(gaussian_bits(y, log_scale)) + self.prior.bits(z)[0]
@@ -245,7 +245,7 @@ def export(trainer: HyperpriorTrainer, model_dir: str, holdout, history: dict, e
     z_tables = freeze_channels(trainer.prior)
     calibration = []
     for image in holdout:
-        y = tf.round(trainer.analysis(spatial.padded_batch(image).astype(np.float32) / 255.0, training=False))
+        y = tf.round(trainer.analysis(spatial.padded_batch(image, config.stride).astype(np.float32) / 255.0, training=False))
         calibration.append(tf.round(trainer.hyper_analysis(tf.abs(pad_grid(y)), training=False)).numpy())
     integer = integer_hyper_synthesis(trainer.hyper_synthesis, calibration)
     weights = spatial.transform_weights(trainer.analysis, trainer.synthesis)
@@ -256,13 +256,13 @@ def export(trainer: HyperpriorTrainer, model_dir: str, holdout, history: dict, e
     spec = dict(spatial.artifact_spec(trainer, "hyperprior", "scale-hyperprior-integer", entropy_model, history,
                                       extra), hyper_channels=config.filters)
     spatial.save_artifact(model_dir, module, ("encode", "decode", "hyper_encode"), history)
-    spec["metrics"] = measure(model_dir, entropy_model, holdout)
+    spec["metrics"] = measure(model_dir, entropy_model, holdout, config.stride)
     log.info("held-out: %.2f dB at %.3f bpp (exact code lengths)", spec["metrics"].get("val_psnr", 0),
              spec["metrics"].get("val_bpp", 0))
     return spatial.write_codec_json(model_dir, spec)
 
 
-def measure(model_dir: str, entropy_model: dict, images) -> dict:
+def measure(model_dir: str, entropy_model: dict, images, stride: int = spatial.STRIDE) -> dict:
     """Held-out PSNR and bits per pixel of the real codes (the SavedModel just written, the integer
     hyper-synthesis and the range coder)."""
     import tensorflow as tf
@@ -277,7 +277,7 @@ def measure(model_dir: str, entropy_model: dict, images) -> dict:
     psnrs, bpps = [], []
     for image in images:
         h, w = image.shape[:2]
-        y = module.signatures["encode"](images=spatial.padded_batch(image))["latent"].numpy()
+        y = module.signatures["encode"](images=spatial.padded_batch(image, stride))["latent"].numpy()
         z = module.signatures["hyper_encode"](latent=y)["hyper"].numpy()
         code, y_coded = coder.encode(y[0], z[0])
         recon = module.signatures["decode"](latent=y_coded[None])["image"].numpy()[0, :h, :w]

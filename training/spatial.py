@@ -51,10 +51,12 @@ class SpatialConfig:
     holdout_every: int = 10  # keys with crc32(key) % holdout_every == 0 are never trained on
     seed: int = 0
     prior: str = "factorized"  # or "hyperprior" (training/hyperprior.py)
+    stride: int = STRIDE  # 16: four stride-2 stages (photos); 8: three, for very small images (CIFAR-10)
 
 
-def build_transforms(filters: int, latent_channels: int, channels: int = 3):
-    """(analysis, synthesis) Keras models for images of any size (a multiple of 16)."""
+def build_transforms(filters: int, latent_channels: int, channels: int = 3, stride: int = STRIDE):
+    """(analysis, synthesis) Keras models for images of any size (a multiple of `stride`): log2(stride)
+    stride-2 stages, GDN between them."""
     import keras
     from keras import layers
 
@@ -66,32 +68,25 @@ def build_transforms(filters: int, latent_channels: int, channels: int = 3):
     def deconv(n, name):
         return layers.Conv2DTranspose(n, 5, strides=2, padding="same", name=name)
 
-    analysis = keras.Sequential([
-        keras.Input((None, None, channels)),
-        conv(filters, "conv0"), GDN(name="gdn0"),
-        conv(filters, "conv1"), GDN(name="gdn1"),
-        conv(filters, "conv2"), GDN(name="gdn2"),
-        conv(latent_channels, "conv3"),
-    ], name="analysis")
-    synthesis = keras.Sequential([
-        keras.Input((None, None, latent_channels)),
-        deconv(filters, "deconv0"), GDN(inverse=True, name="igdn0"),
-        deconv(filters, "deconv1"), GDN(inverse=True, name="igdn1"),
-        deconv(filters, "deconv2"), GDN(inverse=True, name="igdn2"),
-        deconv(channels, "deconv3"),
-    ], name="synthesis")
-    return analysis, synthesis
+    stages = int(np.log2(stride))
+    analysis, synthesis = [keras.Input((None, None, channels))], [keras.Input((None, None, latent_channels))]
+    for i in range(stages - 1):
+        analysis += [conv(filters, f"conv{i}"), GDN(name=f"gdn{i}")]
+        synthesis += [deconv(filters, f"deconv{i}"), GDN(inverse=True, name=f"igdn{i}")]
+    analysis.append(conv(latent_channels, f"conv{stages - 1}"))
+    synthesis.append(deconv(channels, f"deconv{stages - 1}"))
+    return keras.Sequential(analysis, name="analysis"), keras.Sequential(synthesis, name="synthesis")
 
 
 def is_holdout(key: str, every: int) -> bool:
     return every > 0 and zlib.crc32(key.encode()) % every == 0
 
 
-def padded_batch(image: np.ndarray) -> np.ndarray:
+def padded_batch(image: np.ndarray, stride: int = STRIDE) -> np.ndarray:
     """One (H, W, C) image as a batch of one, edge-padded as the pipeline pads it for the model."""
     from pipeline.codecs.spatial import pad_to_multiple
 
-    return pad_to_multiple(image[None], STRIDE)
+    return pad_to_multiple(image[None], stride)
 
 
 def holdout_files(folder: str, every: int = SpatialConfig.holdout_every, ext: str = ".jpg") -> list:
@@ -206,7 +201,7 @@ class SpatialTrainer:
     def build(self, config: SpatialConfig) -> dict:
         from training.prior import DeepFactorizedPrior
 
-        analysis, synthesis = build_transforms(config.filters, config.latent_channels)
+        analysis, synthesis = build_transforms(config.filters, config.latent_channels, stride=config.stride)
         return {"analysis": analysis, "synthesis": synthesis, "prior": DeepFactorizedPrior(config.latent_channels)}
 
     def losses(self, x):
@@ -242,7 +237,7 @@ class SpatialTrainer:
 
         psnrs, bpps = [], []
         for image in images:
-            padded = padded_batch(image).astype(np.float32) / 255.0
+            padded = padded_batch(image, self.config.stride).astype(np.float32) / 255.0
             y = tf.round(self.analysis(padded, training=False))
             x_hat = self.synthesis(y, training=False).numpy()[0, :image.shape[0], :image.shape[1]]
             recon = np.round(np.clip(x_hat, 0, 1) * 255.0)
@@ -367,7 +362,7 @@ def export(trainer: SpatialTrainer, model_dir: str, holdout, history: dict, extr
     entropy_model = freeze_channels(trainer.prior)
     module = SpatialModule(transform_weights(trainer.analysis, trainer.synthesis), trainer.config.latent_channels)
     spec = artifact_spec(trainer, "spatial", "deep-factorized-per-channel", entropy_model, history, extra)
-    spec["metrics"] = measure(module, entropy_model, holdout)
+    spec["metrics"] = measure(module, entropy_model, holdout, trainer.config.stride)
     save_artifact(model_dir, module, ("encode", "decode"), history)
     return write_codec_json(model_dir, spec)
 
@@ -378,7 +373,7 @@ def artifact_spec(trainer: SpatialTrainer, family: str, prior: str, entropy_mode
     config = trainer.config
     return {
         "family": family,
-        "stride": STRIDE,
+        "stride": config.stride,
         "channels": 3,
         "latent_channels": config.latent_channels,
         "latent_dtype": "int16",
@@ -407,7 +402,7 @@ def write_codec_json(model_dir: str, spec: dict) -> dict:
     return artifact_export.write_codec_json(model_dir, spec)
 
 
-def measure(module, entropy_model: dict, images) -> dict:
+def measure(module, entropy_model: dict, images, stride: int = STRIDE) -> dict:
     """Held-out PSNR and the exact ideal code length from the frozen integer tables."""
     if not images:
         return {}
@@ -417,7 +412,7 @@ def measure(module, entropy_model: dict, images) -> dict:
     psnrs, bpps = [], []
     for image in images:
         h, w = image.shape[:2]
-        latent = module.encode(padded_batch(image))["latent"].numpy()[0]
+        latent = module.encode(padded_batch(image, stride))["latent"].numpy()[0]
         recon = module.decode(latent[None])["image"].numpy()[0, :h, :w]
         bits = 0.0
         for c in range(latent.shape[-1]):
@@ -509,7 +504,7 @@ def main(args) -> int:
         batch_size=args.batch_size or defaults.batch_size, steps=args.steps,
         learning_rate=args.learning_rate or defaults.learning_rate, seed=args.seed,
         checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
-        prior="hyperprior" if args.arch == "hyperprior" else "factorized")
+        prior="hyperprior" if args.arch == "hyperprior" else "factorized", stride=args.stride)
     checkpoint_dir = args.checkpoint_dir or args.model_dir.rstrip("/") + "-checkpoints"
     spec = train(config, args.input, args.input_format, args.model_dir, checkpoint_dir,
                  resume=args.resume, init_from=args.init_from)
