@@ -124,7 +124,7 @@ def record(args, argv, n) -> None:
                                     f"CIFAR-10 training images (32x32), never used in training.\n\n"
                                     f"Bytes per image (every Parquet byte; WebP: the file) at the PSNR of each WebP "
                                     f"setting, interpolated along each curve (— outside it):\n\n" + "\n".join(rows)
-                        + f"\n\nEvery point:\n\n{table}\n\n![CIFAR-10 rate-distortion](rd-cifar.png)")
+                        + f"\n\nEvery point:\n\n{table}\n\n![CIFAR-10 rate-distortion](rd-cifar.png)", BENCHMARKS)
         shutil.copy(os.path.join(args.out, "rd.png"), os.path.join(os.path.dirname(BENCHMARKS), "rd-cifar.png"))
         return
     rows = ["| bits/pixel | " + " | ".join(names) + " | JPEG | WebP | AVIF |", "|---:|" + "---:|" * (len(names) + 3)]
@@ -134,7 +134,8 @@ def record(args, argv, n) -> None:
     replace_section("photo-rd", f"Measured with `{command}` ({time.strftime('%Y-%m-%d')}) on {n} held-out "
                                 f"BSDS500 photographs ({', '.join(report['sizes'])}), never used in training.\n\n"
                                 f"PSNR (dB) at fixed rates, interpolated along each curve (— outside it):\n\n"
-                                + "\n".join(rows) + f"\n\nEvery point:\n\n{table}\n\n![photo rate-distortion](rd-photos.png)")
+                                + "\n".join(rows) + f"\n\nEvery point:\n\n{table}\n\n![photo rate-distortion](rd-photos.png)",
+                    BENCHMARKS)
     shutil.copy(os.path.join(args.out, "rd.png"), os.path.join(os.path.dirname(BENCHMARKS), "rd-photos.png"))
 
 if __name__ == "__main__":

@@ -73,3 +73,38 @@ def test_photo_rd_script_on_two_held_out_photos(tmp_path, spatial_model_dir):
     webp = photo_rd.at_bpp(report["points"], "webp", sorted(p["bpp"] for p in report["points"]
                                                              if p["family"] == "webp")[2])
     assert webp is not None and 15 < webp < 60
+
+
+def test_photo_rd_script_on_held_out_cifar10_images(tmp_path, spatial_model_dir):
+    """`photo_rd.py --dataset cifar10` on four held-out CIFAR-10 images, recorded into a scratch
+    BENCHMARKS.md (needs ../shared/data/cifar10)."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(root, "..", "shared", "data", "cifar10")):
+        pytest.skip("../shared/data/cifar10 is not here")
+    out = str(tmp_path / "rd")
+    subprocess.run([sys.executable, os.path.join(root, "scripts", "photo_rd.py"), "--dataset", "cifar10", "--out", out,
+                    "--models", spatial_model_dir, "--limit", "4"], cwd=root, check=True, capture_output=True,
+                   timeout=600)
+    report = json.load(open(os.path.join(out, "rd.json")))
+    assert report["images"] == 4 and report["sizes"] == ["32x32"]
+    from training.spatial import is_holdout
+    names = sorted(os.listdir(os.path.join(out, "holdout")))
+    assert len(names) == 4 and all(is_holdout(n[:-4].replace("_", ":"), 10) for n in names)
+    sys.path.insert(0, os.path.join(root, "scripts"))
+    import photo_rd
+    import record
+    target = tmp_path / "BENCHMARKS.md"
+    target.write_text("# Benchmarks\n")
+    original = record.BENCHMARKS
+    record.BENCHMARKS = str(target)
+    try:
+        photo_rd.record(photo_rd.argparse.Namespace(dataset="cifar10", out=out), ["--dataset", "cifar10"], 4)
+    finally:
+        record.BENCHMARKS = original
+    text = target.read_text()
+    assert "<!-- cifar-rd:begin -->" in text and "| webp q0 |" in text
