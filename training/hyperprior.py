@@ -243,9 +243,11 @@ def export(trainer: HyperpriorTrainer, model_dir: str, holdout, history: dict, e
 
     config = trainer.config
     z_tables = freeze_channels(trainer.prior)
+    # Activation ranges of the integer hyper-synthesis, from training crops (never the held-out images).
+    crops = spatial.random_crops(extra["input"], extra["input_format"], config, config.seed + 1)
     calibration = []
-    for image in holdout:
-        y = tf.round(trainer.analysis(spatial.padded_batch(image, config.stride).astype(np.float32) / 255.0, training=False))
+    for _ in range(8):
+        y = tf.round(trainer.analysis(np.stack([next(crops) for _ in range(16)]), training=False))
         calibration.append(tf.round(trainer.hyper_analysis(tf.abs(pad_grid(y)), training=False)).numpy())
     integer = integer_hyper_synthesis(trainer.hyper_synthesis, calibration)
     weights = spatial.transform_weights(trainer.analysis, trainer.synthesis)
