@@ -166,8 +166,9 @@ def model_point(model_dir, output, input_pattern, input_format, beam_args, keys,
     code_bytes = [sizes[k] if sizes[k] is not None else total / len(keys) for k in keys]
     training = spec.training
     quality = training.get("quality")
-    label = (f"latentpack {spec.family} q{quality}" if quality else
-             f"latentpack {spec.family} λ={training['lmbda']}" if training.get("lmbda") is not None else
+    title = f"latentpack {spec.family}" + (f" stride {spec.stride}" if spec.stride not in (None, 16) else "")
+    label = (f"{title} q{quality}" if quality else
+             f"{title} λ={training['lmbda']}" if training.get("lmbda") is not None else
              f"{spec.arch} autoencoder")
     family = f"latentpack-{spec.family}" if spec.entropy_coded else f"{spec.arch}-ae"
     return point(label, family, code_bytes, images, [recon[k] for k in keys], container_bytes=total,
