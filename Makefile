@@ -46,4 +46,4 @@ scaling: $(STAMP)
 	$(PY) scripts/scaling.py --out scaling-out --record
 
 clean:
-	rm -rf demo-out bench-out rd-photos scaling-out build *.egg-info .pytest_cache
+	rm -rf demo-out bench-out rd-photos rd-cifar scaling-out build *.egg-info .pytest_cache
