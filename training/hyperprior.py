@@ -144,7 +144,7 @@ def HyperpriorModule(weights: dict, hyper_weights: list, integer: dict, latent_c
     weights as int16 kernels / int64 biases (`hyper_kernels`, `hyper_biases`)."""
     import tensorflow as tf
 
-    module = spatial.SpatialModule(weights, latent_channels, synthesis_dtype="float64")
+    module = spatial.SpatialModule(weights, latent_channels)
     module.hyper_analysis = [(tf.Variable(k.astype(np.float16), trainable=False, name=f"hyper_analysis{i}_k"),
                               tf.Variable(b.astype(np.float32), trainable=False, name=f"hyper_analysis{i}_b"), s)
                              for i, (k, b, s) in enumerate(hyper_weights)]

@@ -437,17 +437,17 @@ def transform_weights(analysis, synthesis) -> dict:
     return {"analysis": layers_of(analysis), "synthesis": layers_of(synthesis)}
 
 
-def SpatialModule(weights: dict, latent_channels: int, storage=np.float16, synthesis_dtype: str = "float32"):
+def SpatialModule(weights: dict, latent_channels: int, storage=np.float16, synthesis_dtype: str = "float64"):
     """A tf.Module whose `encode`/`decode` signatures are the artifact's file format:
     uint8 images [N, H, W, 3] (H, W multiples of 16) <-> int16 latents [N, H/16, W/16, M].
 
     The graph is written with TensorFlow ops alone (no Keras objects in the SavedModel), and
     convolution kernels are stored as float16 (computed in float32): half the bytes for a
     shipped model, at a cost measured at export (`metrics`). GDN parameters stay float32,
-    since gamma is often below float16's normal range. With `synthesis_dtype="float64"` the
-    decoder computes in double precision: its pixels then match on any machine, thread count or
-    oneDNN setting except in the rarest ties (in float32 about one pixel in 20,000 differed by one
-    level between such settings in a test), at about twice the synthesis time.
+    since gamma is often below float16's normal range. The decoder computes in float64
+    (`synthesis_dtype`): its pixels then match on any machine, thread count or oneDNN setting
+    except in the rarest ties, where float32 left about one pixel in 20,000 one level apart
+    between such settings in a test; it costs about twice the synthesis time.
     """
     import tensorflow as tf
 
