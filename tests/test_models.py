@@ -14,9 +14,9 @@ from pipeline.images import ImageBatch
 # The exact artifacts that ship. A change here means a new model: retrain it with the command in
 # models/README.md, record how, and update the fingerprint together with BENCHMARKS.md.
 PINNED = {
-    "photo:2": "sha256:b97db424d50218ed10fe8c85c7984f61d3a3ba5876d9c53273b1c862bfed171c",
-    "photo:4": "sha256:c8f47fc210d179c68088479f987ce26a34cb1cc3831c3929d031535a9f4d3471",
-    "photo:6": "sha256:9ef8628bd3c6d21d9c4048bbd722aead667c799f86271540ba4058e1f6da56e4",
+    "photo:2": "sha256:b5f6ac76058d51eaf910aba3b6d6465679d9eeadd5a96e225edd533882ac4e75",
+    "photo:4": "sha256:c8ae5d93c7c508462077cd10090eb5e6c9d7656c32523b9b6035f28249ef4b97",
+    "photo:6": "sha256:62b2a17f7464f33932c13130d6d46067e60d63c7580a8511200260dbfde29a82",
 }
 
 
