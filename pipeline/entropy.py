@@ -37,20 +37,13 @@ class EntropyCoder:
         for row in self.symbols(latents):
             coder = constriction.stream.queue.RangeEncoder()
             coder.encode(row, self.family, self.probabilities)
-            data = coder.get_compressed().tobytes()
-            # The coder emits 32-bit words; up to 3 trailing zero bytes carry nothing.
-            end = len(data)
-            while end > len(data) - 3 and end > 0 and data[end - 1] == 0:
-                end -= 1
-            codes.append(data[:end])
+            codes.append(finish(coder))
         return codes
 
     def decode(self, codes: Sequence[bytes]) -> np.ndarray:
         out = np.empty((len(codes), len(self.sizes)), np.int64)
         for i, code in enumerate(codes):
-            padded = code + b"\0" * (-len(code) % 4)
-            coder = constriction.stream.queue.RangeDecoder(np.frombuffer(padded, np.uint32))
-            out[i] = coder.decode(self.family, self.probabilities)
+            out[i] = reader(code).decode(self.family, self.probabilities)
         return out + self.offsets
 
 
@@ -75,24 +68,40 @@ class ChannelCoder:
         """Latents [h, w, C] -> table indices, clipped to each table."""
         return np.clip(latent.astype(np.int64) - self.offsets, 0, self.sizes - 1).astype(np.int32)
 
-    def encode(self, latent: np.ndarray) -> bytes:
+    def write(self, coder, latent: np.ndarray) -> None:
+        """Append latents [h, w, C] to a range coder (channel after channel)."""
         symbols = self.symbols(latent)
-        coder = constriction.stream.queue.RangeEncoder()
         for c, model in enumerate(self.models):
             if model is not None:
                 coder.encode(np.ascontiguousarray(symbols[..., c]).reshape(-1), model)
-        data = coder.get_compressed().tobytes()
-        end = len(data)
-        while end > len(data) - 3 and end > 0 and data[end - 1] == 0:
-            end -= 1
-        return data[:end]
 
-    def decode(self, code: bytes, height: int, width: int) -> np.ndarray:
-        """One code -> latents [height, width, C] (height, width: the latent grid)."""
-        padded = code + b"\0" * (-len(code) % 4)
-        coder = constriction.stream.queue.RangeDecoder(np.frombuffer(padded, np.uint32))
+    def read(self, coder, height: int, width: int) -> np.ndarray:
+        """The next latents [height, width, C] from a range decoder (the mirror of `write`)."""
         out = np.zeros((len(self.models), height * width), np.int64)
         for c, model in enumerate(self.models):
             if model is not None:
                 out[c] = coder.decode(model, height * width)
         return (out.T.reshape(height, width, -1) + self.offsets).astype(np.int64)
+
+    def encode(self, latent: np.ndarray) -> bytes:
+        coder = constriction.stream.queue.RangeEncoder()
+        self.write(coder, latent)
+        return finish(coder)
+
+    def decode(self, code: bytes, height: int, width: int) -> np.ndarray:
+        """One code -> latents [height, width, C] (height, width: the latent grid)."""
+        return self.read(reader(code), height, width)
+
+
+def finish(coder) -> bytes:
+    """A range encoder's bytes. It emits 32-bit words; up to 3 trailing zero bytes carry nothing."""
+    data = coder.get_compressed().tobytes()
+    end = len(data)
+    while end > len(data) - 3 and end > 0 and data[end - 1] == 0:
+        end -= 1
+    return data[:end]
+
+
+def reader(code: bytes):
+    """A range decoder over a code written by `finish` (its trimmed zero bytes restored)."""
+    return constriction.stream.queue.RangeDecoder(np.frombuffer(code + b"\0" * (-len(code) % 4), np.uint32))

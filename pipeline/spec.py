@@ -154,8 +154,10 @@ def validate_hyperprior(model, hyper_channels: int, where: str) -> None:
     gaussian = model.get("gaussian")
     count = len(gaussian.get("offsets") or []) if isinstance(gaussian, dict) else 0
     validate_tables(gaussian, max(count, 1), where)
-    if any(o != -(len(t) // 2) or len(t) % 2 != 1 for o, t in zip(gaussian["offsets"], gaussian["frequencies"])):
-        raise LatentpackError(f"{where}: invalid entropy_model: Gaussian tables must be symmetric around zero")
+    if any(o != -(len(t) // 2) or len(t) % 2 != 1 or len(t) < 3
+           for o, t in zip(gaussian["offsets"], gaussian["frequencies"])):
+        raise LatentpackError(f"{where}: invalid entropy_model: Gaussian tables must be symmetric around zero "
+                              "(at least -1..1)")
     layers = model.get("hyper_synthesis")
     ints = lambda layer, *names: all(isinstance(layer.get(n), int) and not isinstance(layer.get(n), bool)  # noqa: E731
                                      for n in names)

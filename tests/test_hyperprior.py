@@ -81,6 +81,7 @@ def test_the_side_information_decides_the_tables(hyperprior_model_dir):
         assert np.array_equal(codec.coder.decode(code, *y.shape[:2]), coded)
         index = codec.coder.indexes(side.astype(np.int64), y.shape[:2])
         assert np.array_equal(coded, codec.coder.clip(y, index))
+        assert np.array_equal(codec.coder.clipped(y, side), coded)  # what the int format stores
 
 
 def _altered_copy(model_dir, tmp_path, change):
@@ -101,6 +102,8 @@ def _altered_copy(model_dir, tmp_path, change):
 @pytest.mark.parametrize("change,message", [
     (lambda s: s["entropy_model"]["hyper_synthesis"][-1].pop("index_step"), "hyper_synthesis"),
     (lambda s: s["entropy_model"]["gaussian"]["offsets"].__setitem__(0, 3), "symmetric"),
+    (lambda s: (s["entropy_model"]["gaussian"]["offsets"].__setitem__(0, 0),
+                s["entropy_model"]["gaussian"]["frequencies"].__setitem__(0, [65536])), "at least"),
     (lambda s: s["entropy_model"]["hyper"]["frequencies"].pop(), "tables"),
     (lambda s: s["entropy_model"]["hyper_synthesis"][0].__setitem__("kernel_shape", [3, 3, 1, 1]), "does not match"),
     (lambda s: s["entropy_model"]["hyper_synthesis"][0].__setitem__("shift", 99), "shift"),

@@ -277,12 +277,13 @@ def test_int_latents_outside_the_tables_are_dead_letters(photo_model_dir):
 
 def test_a_stride_8_model_has_latents_at_an_eighth(tmp_path, photo_folder):
     """--stride 8 (three stages) for very small images: 32x32 gives a 4x4 latent grid."""
-    from training.spatial import SpatialConfig, train
+    from training.train import main
 
-    config = SpatialConfig(filters=8, latent_channels=4, crop=32, batch_size=2, steps=4, checkpoint_every=4,
-                           validate_every=4, val_images=1, holdout_every=6, stride=8)
-    spec = train(config, str(photo_folder / "*.png"), "images", str(tmp_path / "a"), str(tmp_path / "ck"))
-    assert spec["stride"] == 8
+    assert main(["--arch", "spatial", "--stride", "8", "--input", str(photo_folder / "*.png"), "--input-format",
+                 "images", "--filters", "8", "--latent-channels", "4", "--crop", "32", "--batch-size", "2",
+                 "--steps", "4", "--validate-every", "4", "--checkpoint-every", "4", "--model-dir",
+                 str(tmp_path / "a")]) == 0
+    assert read_spec(str(tmp_path / "a")).stride == 8
     codec = load_codec(str(tmp_path / "a"))
     images = np.stack(smooth_photos(np.random.default_rng(9), 2, sizes=[(32, 20)]))
     assert codec.analysis(images).shape == (2, 4, 3, 4)

@@ -116,23 +116,13 @@ class HyperpriorTrainer(spatial.SpatialTrainer):
             raise LatentpackError(f"--init-from {latest}: holds no spatial transforms to start from")
         return latest
 
-    def evaluate(self, images: List[np.ndarray]) -> dict:
-        """Validation on whole images (padded, cropped back): PSNR and estimated bits per pixel."""
+    def bits(self, y) -> float:
+        """Estimated bits of one image's rounded latents [1, h, w, M]: y given z, and z."""
         import tensorflow as tf
 
-        psnrs, bpps = [], []
-        for image in images:
-            h, w = image.shape[:2]
-            y = tf.round(self.analysis(spatial.padded_batch(image, self.config.stride).astype(np.float32) / 255.0, training=False))
-            z = tf.round(self.hyper_analysis(tf.abs(pad_grid(y)), training=False))
-            log_scale = self.hyper_synthesis(z, training=False)[:, :y.shape[1], :y.shape[2]]
-            bits = tf.reduce_sum(gaussian_bits(y, log_scale)) + self.prior.bits(z)[0]
-            x_hat = self.synthesis(y, training=False).numpy()[0, :h, :w]
-            recon = np.round(np.clip(x_hat, 0, 1) * 255.0)
-            mse = np.mean((recon - image.astype(np.float64)) ** 2)
-            psnrs.append(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
-            bpps.append(float(bits) / (h * w))
-        return {"val_psnr": float(np.mean(psnrs)), "val_bpp": float(np.mean(bpps))}
+        z = tf.round(self.hyper_analysis(tf.abs(pad_grid(y)), training=False))
+        log_scale = self.hyper_synthesis(z, training=False)[:, :y.shape[1], :y.shape[2]]
+        return float(tf.reduce_sum(gaussian_bits(y, log_scale)) + self.prior.bits(z)[0])
 
     def export(self, model_dir: str, holdout, history: dict, extra: dict) -> dict:
         return export(self, model_dir, holdout, history, extra)
@@ -239,6 +229,7 @@ def export(trainer: HyperpriorTrainer, model_dir: str, holdout, history: dict, e
     import tensorflow as tf
 
     from pipeline.codecs.hyperprior import entropy_model_spec
+    from training.export import write_codec_json
     from training.prior import freeze_channels
 
     config = trainer.config
@@ -261,7 +252,7 @@ def export(trainer: HyperpriorTrainer, model_dir: str, holdout, history: dict, e
     spec["metrics"] = measure(model_dir, entropy_model, holdout, config.stride)
     log.info("held-out: %.2f dB at %.3f bpp (exact code lengths)", spec["metrics"].get("val_psnr", 0),
              spec["metrics"].get("val_bpp", 0))
-    return spatial.write_codec_json(model_dir, spec)
+    return write_codec_json(model_dir, spec)
 
 
 def measure(model_dir: str, entropy_model: dict, images, stride: int = spatial.STRIDE) -> dict:
@@ -270,6 +261,7 @@ def measure(model_dir: str, entropy_model: dict, images, stride: int = spatial.S
     import tensorflow as tf
 
     from pipeline.codecs.hyperprior import HyperCoder
+    from pipeline.images import psnr
 
     if not images:
         return {}
@@ -283,7 +275,6 @@ def measure(model_dir: str, entropy_model: dict, images, stride: int = spatial.S
         z = module.signatures["hyper_encode"](latent=y)["hyper"].numpy()
         code, y_coded = coder.encode(y[0], z[0])
         recon = module.signatures["decode"](latent=y_coded[None])["image"].numpy()[0, :h, :w]
-        mse = np.mean((recon.astype(np.float64) - image) ** 2)
-        psnrs.append(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+        psnrs.append(psnr(image[None], recon[None])[0])
         bpps.append(len(code) * 8.0 / (h * w))
     return {"val_psnr": float(np.mean(psnrs)), "val_bpp": float(np.mean(bpps)), "val_images": len(images)}

@@ -235,16 +235,21 @@ class SpatialTrainer:
         """Validation on whole images (padded, cropped back): PSNR and estimated bits per pixel."""
         import tensorflow as tf
 
+        from pipeline.images import psnr
+
         psnrs, bpps = [], []
         for image in images:
-            padded = padded_batch(image, self.config.stride).astype(np.float32) / 255.0
-            y = tf.round(self.analysis(padded, training=False))
-            x_hat = self.synthesis(y, training=False).numpy()[0, :image.shape[0], :image.shape[1]]
-            recon = np.round(np.clip(x_hat, 0, 1) * 255.0)
-            mse = np.mean((recon - image.astype(np.float64)) ** 2)
-            psnrs.append(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
-            bpps.append(float(self.prior.bits(y).numpy()[0]) / (image.shape[0] * image.shape[1]))
+            h, w = image.shape[:2]
+            y = tf.round(self.analysis(padded_batch(image, self.config.stride).astype(np.float32) / 255.0,
+                                       training=False))
+            x_hat = self.synthesis(y, training=False).numpy()[0, :h, :w]
+            psnrs.append(psnr(image[None], np.round(np.clip(x_hat, 0, 1) * 255.0)[None])[0])
+            bpps.append(self.bits(y) / (h * w))
         return {"val_psnr": float(np.mean(psnrs)), "val_bpp": float(np.mean(bpps))}
+
+    def bits(self, y) -> float:
+        """Estimated bits of one image's rounded latents [1, h, w, M]."""
+        return float(self.prior.bits(y).numpy()[0])
 
 
 def load_holdout(pattern: str, input_format: str, config: SpatialConfig) -> List[np.ndarray]:
@@ -357,6 +362,7 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
 
 def export(trainer: SpatialTrainer, model_dir: str, holdout, history: dict, extra: dict) -> dict:
     """Freeze the prior to integer tables, write the SavedModel and codec.json (format 2)."""
+    from training.export import write_codec_json
     from training.prior import freeze_channels
 
     entropy_model = freeze_channels(trainer.prior)
@@ -396,14 +402,10 @@ def save_artifact(model_dir: str, module, signatures, history: dict) -> None:
     tf.saved_model.save(module, model_dir, signatures={name: getattr(module, name) for name in signatures})
 
 
-def write_codec_json(model_dir: str, spec: dict) -> dict:
-    from training import export as artifact_export
-
-    return artifact_export.write_codec_json(model_dir, spec)
-
-
 def measure(module, entropy_model: dict, images, stride: int = STRIDE) -> dict:
     """Held-out PSNR and the exact ideal code length from the frozen integer tables."""
+    from pipeline.images import psnr
+
     if not images:
         return {}
     offsets = np.asarray(entropy_model["offsets"])
@@ -418,8 +420,7 @@ def measure(module, entropy_model: dict, images, stride: int = STRIDE) -> dict:
         for c in range(latent.shape[-1]):
             symbols = np.clip(latent[..., c].astype(np.int64) - offsets[c], 0, len(tables[c]) - 1)
             bits -= logp[c][symbols].sum()
-        mse = np.mean((recon.astype(np.float64) - image) ** 2)
-        psnrs.append(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+        psnrs.append(psnr(image[None], recon[None])[0])
         bpps.append(bits / (h * w))
     return {"val_psnr": float(np.mean(psnrs)), "val_bpp": float(np.mean(bpps)), "val_images": len(images)}
 
@@ -446,8 +447,8 @@ def SpatialModule(weights: dict, latent_channels: int, storage=np.float16, synth
     shipped model, at a cost measured at export (`metrics`). GDN parameters stay float32,
     since gamma is often below float16's normal range. The decoder computes in float64
     (`synthesis_dtype`): its pixels then match on any machine, thread count or oneDNN setting
-    except in the rarest ties, where float32 left about one pixel in 20,000 one level apart
-    between such settings in a test; it costs about twice the synthesis time.
+    except in the rarest ties (in float32, isolated pixels came out one level apart between oneDNN
+    on and off); it costs about twice the synthesis time.
     """
     import tensorflow as tf
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline.codecs import register
 from pipeline.codecs.spatial import SpatialCodec
+from pipeline.entropy import ChannelCoder, finish, reader
 from pipeline.errors import LatentpackError
 
 EXACT = 2.0 ** 53
@@ -91,32 +92,22 @@ class IntegerHyperSynthesis:
         return np.clip(index, 0, self.levels - 1).astype(np.int64)
 
 
-def _trim(data: bytes) -> bytes:
-    """constriction emits 32-bit words; up to 3 trailing zero bytes carry nothing."""
-    end = len(data)
-    while end > len(data) - 3 and end > 0 and data[end - 1] == 0:
-        end -= 1
-    return data[:end]
-
-
 class HyperCoder:
-    """Latents [h, w, M] with their side information z <-> one byte string."""
+    """Latents [h, w, M] with their side information z <-> one byte string: z channel by channel
+    with its own tables, then the latents grouped by the Gaussian table chosen for each."""
 
     def __init__(self, model: dict, kernels, biases):
-        def categorical(tables, precision):
-            total = float(1 << precision)
-            return [constriction.stream.model.Categorical(np.asarray(t, np.float64) / total, perfect=False)
-                    if len(t) > 1 else None for t in tables]
-
-        hyper, gaussian = model["hyper"], model["gaussian"]
-        self.z_offsets = np.asarray(hyper["offsets"], np.int64)
-        self.z_sizes = np.array([len(t) for t in hyper["frequencies"]], np.int64)
-        self.z_models = categorical(hyper["frequencies"], hyper["precision"])
-        self.radius = -np.asarray(gaussian["offsets"], np.int64)
-        self.y_models = categorical(gaussian["frequencies"], gaussian["precision"])
+        self.side = ChannelCoder(model["hyper"])
+        self.tables = ChannelCoder(model["gaussian"])  # table j: the symbols -R_j .. R_j
+        self.radius = -self.tables.offsets
+        self.max_radius = int(self.radius.max())
         self.synthesis = IntegerHyperSynthesis([dict(layer) for layer in model["hyper_synthesis"]],
                                                kernels, biases, len(self.radius))
-        self.max_radius = int(self.radius.max())
+
+    def side_information(self, z: np.ndarray, grid: Tuple[int, int]) -> np.ndarray:
+        """z as the decoder will have it: cropped to the latent grid's quarter, clipped to its tables."""
+        z = z[:-(-grid[0] // 4), :-(-grid[1] // 4)]
+        return self.side.symbols(z) + self.side.offsets
 
     def indexes(self, z: np.ndarray, grid: Tuple[int, int]) -> np.ndarray:
         return self.synthesis(z)[:grid[0], :grid[1]]
@@ -125,45 +116,41 @@ class HyperCoder:
         r = self.radius[index]
         return np.clip(y.astype(np.int64), -r, r)
 
+    def clipped(self, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """The latents a code of (y, z) holds, without coding them: y clipped to its tables."""
+        grid = y.shape[:2]
+        return self.clip(y, self.indexes(self.side_information(z, grid), grid)).astype(np.int16)
+
+    def _groups(self, index: np.ndarray):
+        """(table, flat positions in raster order) for each table in use, in table order."""
+        flat = index.reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        bounds = np.searchsorted(flat[order], np.arange(len(self.radius) + 1))
+        for j in range(len(self.radius)):
+            if bounds[j + 1] > bounds[j]:
+                yield j, order[bounds[j]:bounds[j + 1]]
+
     def encode(self, y: np.ndarray, z: np.ndarray) -> Tuple[bytes, np.ndarray]:
         """(code, the latents it holds: y clipped to its tables)."""
-        h, w, _ = y.shape
-        hz, wz = -(-h // 4), -(-w // 4)
-        z = np.clip(z[:hz, :wz].astype(np.int64) - self.z_offsets, 0, self.z_sizes - 1).astype(np.int32)
+        grid = y.shape[:2]
+        z_hat = self.side_information(z, grid)
+        index = self.indexes(z_hat, grid)
+        y = self.clip(y, index)
         coder = constriction.stream.queue.RangeEncoder()
-        for c, model in enumerate(self.z_models):
-            if model is not None:
-                coder.encode(np.ascontiguousarray(z[..., c]).reshape(-1), model)
-        z_hat = z.astype(np.int64) + self.z_offsets
-        index = self.indexes(z_hat, (h, w)).reshape(-1)
-        y = self.clip(y, index.reshape(y.shape))
+        self.side.write(coder, z_hat)
         flat = y.reshape(-1)
-        order = np.argsort(index, kind="stable")
-        bounds = np.searchsorted(index[order], np.arange(len(self.y_models) + 1))
-        for j, model in enumerate(self.y_models):
-            if bounds[j + 1] > bounds[j]:
-                chosen = order[bounds[j]:bounds[j + 1]]
-                coder.encode((flat[chosen] + self.radius[j]).astype(np.int32), model)
-        return _trim(coder.get_compressed().tobytes()), y.astype(np.int16)
+        for j, chosen in self._groups(index):
+            coder.encode((flat[chosen] + self.radius[j]).astype(np.int32), self.tables.models[j])
+        return finish(coder), y.astype(np.int16)
 
     def decode(self, code: bytes, height: int, width: int) -> np.ndarray:
         """One code -> latents [height, width, M] (height, width: the latent grid)."""
-        coder = constriction.stream.queue.RangeDecoder(np.frombuffer(code + b"\0" * (-len(code) % 4), np.uint32))
-        hz, wz = -(-height // 4), -(-width // 4)
-        z = np.zeros((len(self.z_models), hz * wz), np.int64)
-        for c, model in enumerate(self.z_models):
-            if model is not None:
-                z[c] = coder.decode(model, hz * wz)
-        z_hat = z.T.reshape(hz, wz, -1) + self.z_offsets
+        coder = reader(code)
+        z_hat = self.side.read(coder, -(-height // 4), -(-width // 4))
         index = self.indexes(z_hat, (height, width))
-        flat_index = index.reshape(-1)
-        out = np.zeros(flat_index.shape, np.int64)
-        order = np.argsort(flat_index, kind="stable")
-        bounds = np.searchsorted(flat_index[order], np.arange(len(self.y_models) + 1))
-        for j, model in enumerate(self.y_models):
-            if bounds[j + 1] > bounds[j]:
-                chosen = order[bounds[j]:bounds[j + 1]]
-                out[chosen] = coder.decode(model, len(chosen)).astype(np.int64) - self.radius[j]
+        out = np.zeros(index.size, np.int64)
+        for j, chosen in self._groups(index):
+            out[chosen] = coder.decode(self.tables.models[j], len(chosen)).astype(np.int64) - self.radius[j]
         return out.reshape(index.shape)
 
 
@@ -187,10 +174,9 @@ class HyperpriorCodec(SpatialCodec):
     def latent_values(self, latent: np.ndarray, latent_format: str) -> list:
         """Codes (or the clipped latents, for the int format) of a batch of same-shaped latents."""
         z = self._hyper_encode(latent=np.ascontiguousarray(latent, np.int16))["hyper"].numpy()
-        coded = [self.coder.encode(y, side) for y, side in zip(latent, z)]
         if latent_format == "code":
-            return [code for code, _ in coded]
-        return [y.reshape(-1) for _, y in coded]
+            return [self.coder.encode(y, side)[0] for y, side in zip(latent, z)]
+        return [self.coder.clipped(y, side).reshape(-1) for y, side in zip(latent, z)]
 
     def out_of_tables(self, latent: np.ndarray) -> bool:
         return bool((np.abs(latent) > self.coder.max_radius).any())
