@@ -222,7 +222,8 @@ def parse_args(argv) -> tuple:
                                          "otherwise the file and record index)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch element")
     p.add_argument("--num-shards", type=int, default=d.num_shards,
-                   help="output Parquet parts, each of whole input shards (0: one per input shard, or per 256 image files)")
+                   help="output Parquet parts, each of whole input shards (0: one per input shard; for image folders, "
+                        "parts of at least 256 files and 16 MiB)")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels,
                    help="reject images with more pixels than this, before decoding them")
     p.add_argument("--max-bad-fraction", type=float, default=d.max_bad_fraction,
@@ -287,7 +288,8 @@ def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, latent_fo
         sink = sinks.WritePartPerShard(output, spec, latent_format, extra, options.max_bad_fraction, fatal)
     else:
         sink = sinks.WriteLatentDataset(output, spec, latent_format, extra, options.num_shards,
-                                        options.max_bad_fraction, fatal, reader.shards_per_part)
+                                        options.max_bad_fraction, fatal, reader.part_files, reader.part_bytes,
+                                        reader.sizes)
     sink.prepare(shards)
     p = test_pipeline or beam.Pipeline(options=runner_options(beam_args, len(shards)))
     # With --skip-existing, keys already stored in the folder's older parts count as first occurrences.

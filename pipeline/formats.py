@@ -117,9 +117,11 @@ class Reader:
     """Interface: `match(pattern) -> (shards, root)`, `read(shard, root) -> SourceRecords`."""
 
     name = ""
-    # Input shards per output part by default: container files are parts of their own; a folder
-    # of single images is stored as parts of this many files.
-    shards_per_part = 1
+    # Output parts by default: a container file is a part of its own; a folder of single images is
+    # stored as parts of consecutive files, each closed once it holds at least `part_files` files
+    # and `part_bytes` bytes of input, so that tiny images share a part's footer among thousands.
+    part_files, part_bytes = 1, 0
+    sizes: dict = {}  # input bytes of each shard `match` found
 
     def match(self, pattern: str) -> Tuple[List[str], str]:
         if not pattern:
@@ -131,6 +133,7 @@ class Reader:
         shards = sorted(m.path for m in found if not posixpath.basename(m.path).startswith("."))
         if not shards:
             raise LatentpackError(f"no files match --input {pattern!r}")
+        self.sizes = {m.path: m.size_in_bytes for m in found}
         return shards, glob_root(pattern)
 
     def configure(self, fields: Fields, shards: List[str], root: str) -> "Reader":
@@ -394,7 +397,7 @@ class ImageFolderReader(Reader):
     """PNG/JPEG files; key = path relative to the glob's fixed directory, without extension."""
 
     name = "images"
-    shards_per_part = 256
+    part_files, part_bytes = 256, 16 << 20
 
     def read(self, shard, root):
         rel = shard[len(root):].lstrip("/") if root and shard.startswith(root) else posixpath.basename(shard)

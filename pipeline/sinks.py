@@ -8,8 +8,8 @@ then a rename) with its dead letters beside it in `dead_letter/<part>.jsonl`, an
 GroupByKey and single-output ParDos only, so it runs the same on every Beam runner.
 
 - `WriteLatentDataset`: parts `latents-JJJJJ-of-NNNNN.parquet`, one per input shard for
-  container formats (TFRecord, Parquet, tar, ...), one per 256 files for image folders, or
-  `--num-shards` of them.
+  container formats (TFRecord, Parquet, tar, ...), of at least 256 files and 16 MiB of input
+  for image folders (`plan_parts`), or `--num-shards` of them.
 - `WritePartPerShard` (`--skip-existing`): `latents-<shard>-<hash>.parquet` per input shard,
   with the shard's counts in the file's metadata; shards whose part exists for the same model
   and latent format are not read again, and the manifest covers every part in the folder. A
@@ -20,10 +20,10 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import math
 import posixpath
 import re
 import zlib
+from typing import Optional
 
 import apache_beam as beam
 import pyarrow.parquet as pq
@@ -151,24 +151,43 @@ class WriteManifest(beam.DoFn):
         yield payload
 
 
+def plan_parts(shards, sizes: dict, min_files: int = 1, min_bytes: int = 0, num_parts: int = 0) -> list:
+    """The part index of each shard (in order): `num_parts` parts of equal shard counts, or else
+    consecutive shards until a part holds at least `min_files` of them and `min_bytes` of input
+    (a shard of unknown size counts as 0 bytes); a short remainder joins the last part."""
+    if num_parts:
+        n = min(num_parts, len(shards))
+        return [i * n // len(shards) for i in range(len(shards))]
+    index, part, files, size = [], 0, 0, 0
+    for shard in shards:
+        if files >= min_files and size >= min_bytes:
+            part, files, size = part + 1, 0, 0
+        index.append(part)
+        files, size = files + 1, size + (sizes.get(shard) or 0)
+    if part and (files < min_files or size < min_bytes):  # the remainder is not a part's worth
+        index = [min(i, part - 1) for i in index]
+    return index
+
+
 class WriteLatentDataset(_LatentSink):
-    """Parts of whole input shards (`--num-shards` of them, or one per shard / per 256 files)."""
+    """Parts of whole input shards (`--num-shards` of them, or planned by `plan_parts`)."""
 
     def __init__(self, output: str, spec, latent_format: str, extra: dict, num_shards: int = 0,
-                 max_bad_fraction: float = 0.01, fatal_reasons=(), shards_per_part: int = 1):
+                 max_bad_fraction: float = 0.01, fatal_reasons=(), part_files: int = 1, part_bytes: int = 0,
+                 sizes: Optional[dict] = None):
         super().__init__(output, spec, latent_format, extra, max_bad_fraction, fatal_reasons)
-        self.num_shards, self.per_part = num_shards, shards_per_part
+        self.num_shards, self.part_files, self.part_bytes = num_shards, part_files, part_bytes
+        self.sizes = dict(sizes or {})
 
     def prepare(self, shards):
         """In the driver, before the job: remove what an earlier run of this job wrote; plan the parts."""
         clear_previous(self.output, [f"{latents.PART_PREFIX}-*.parquet", f"{latents.PART_PREFIX}-*.parquet.tmp",
                                      f"{DEAD_LETTER_DIR}/*.jsonl", f"{DEAD_LETTER_DIR}/*.jsonl.tmp"])
-        n = self.num_shards or math.ceil(len(shards) / self.per_part)
-        if n > len(shards):
-            log.info("--num-shards %d: a part holds whole input shards, so %d part(s)", n, len(shards))
-            n = len(shards)
-        self.part_of = {shard: f"{latents.PART_PREFIX}-{i * n // len(shards):05d}-of-{n:05d}.parquet"
-                        for i, shard in enumerate(shards)}
+        if self.num_shards > len(shards):
+            log.info("--num-shards %d: a part holds whole input shards, so %d part(s)", self.num_shards, len(shards))
+        index = plan_parts(shards, self.sizes, self.part_files, self.part_bytes, self.num_shards)
+        n = index[-1] + 1 if index else 0
+        self.part_of = {shard: f"{latents.PART_PREFIX}-{i:05d}-of-{n:05d}.parquet" for shard, i in zip(shards, index)}
         return shards
 
     def manifest_fn(self):

@@ -163,3 +163,44 @@ def test_job_options_in_beams_snake_case_as_launchers_write_them(shards, model_d
     manifest = encode.run([f"--input={shards.pattern}", "--input_format=tfrecord", f"--model_dir={model_dir}",
                            f"--output={out}", "--batch_size", "7", "--skip_existing"] + BEAM_TEST_ARGS)
     assert manifest["counts"]["written"] == 120 and manifest["incremental"]
+
+
+def test_plan_parts_by_files_and_bytes():
+    shards = [f"s{i:03d}" for i in range(10)]
+    # Container shards: a part each; --num-shards: equal shard counts.
+    assert sinks.plan_parts(shards, {}) == list(range(10))
+    assert sinks.plan_parts(shards, {}, num_parts=3) == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert sinks.plan_parts(shards[:2], {}, num_parts=5) == [0, 1]
+    # Folders: a part closes at >= min_files and >= min_bytes; a short remainder joins the last.
+    sizes = {s: 100 for s in shards}
+    assert sinks.plan_parts(shards, sizes, min_files=3, min_bytes=0) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
+    assert sinks.plan_parts(shards, sizes, min_files=3, min_bytes=450) == [0] * 5 + [1] * 5
+    assert sinks.plan_parts(shards, sizes, min_files=3, min_bytes=10 ** 6) == [0] * 10
+    big = dict(sizes, s000=10 ** 6)
+    assert sinks.plan_parts(shards, big, min_files=3, min_bytes=450) == [0, 0, 0, 1, 1, 1, 1, 1, 1, 1]
+    assert sinks.plan_parts([], sizes, min_files=3) == []
+
+
+def test_a_folder_of_small_images_is_one_part_and_large_images_several(tmp_path, model_dir):
+    from PIL import Image
+
+    small, large = tmp_path / "small", tmp_path / "large"
+    small.mkdir(), large.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(small / f"{i:03d}.png")
+    reader = get_reader("images")
+    shards, _ = reader.match(str(small / "*.png"))
+    assert len(reader.sizes) == 300 and all(reader.sizes[s] > 0 for s in shards)
+    spec = read_spec(model_dir)
+    sink = sinks.WriteLatentDataset(str(tmp_path / "out"), spec, "code", {}, 0, 0.01, (), reader.part_files,
+                                    reader.part_bytes, reader.sizes)
+    sink.prepare(shards)
+    assert set(sink.part_of.values()) == {"latents-00000-of-00001.parquet"}  # 300 files, far below 16 MiB
+    # Photo-sized files: parts of 256 files once they pass 16 MiB.
+    sizes = {f"p{i:04d}.jpg": 200_000 for i in range(600)}
+    sink = sinks.WriteLatentDataset(str(tmp_path / "out2"), spec, "code", {}, 0, 0.01, (), reader.part_files,
+                                    reader.part_bytes, sizes)
+    sink.prepare(sorted(sizes))
+    assert sorted(set(sink.part_of.values())) == ["latents-00000-of-00002.parquet", "latents-00001-of-00002.parquet"]
+    assert list(sink.part_of.values()).count("latents-00001-of-00002.parquet") == 344
