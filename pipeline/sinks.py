@@ -38,18 +38,36 @@ from pipeline.images import DeadLetter
 
 NAMESPACE = "latentpack.encode"
 COUNTS_KEY = b"latentpack_counts"
-SOURCES_KEY = b"latentpack_sources_zlib"
+SOURCES_KEY = b"latentpack_source_range"
+OLD_SOURCES_KEYS = (b"latentpack_sources_zlib", b"latentpack_sources")  # parts written before this format
 
 
 def sources_metadata(shards) -> bytes:
-    """The input shards of a part, as zlib-compressed JSON in base64: for a folder of small images
-    (one file per shard) the plain list cost about 60 bytes per image in every part's footer."""
-    return base64.b64encode(zlib.compress(json.dumps(shards).encode(), 9))
+    """The input shards of a part: a part holds a run of consecutive shards of the job's sorted
+    list, so the first, the last and how many (JSON) describe them in a few hundred bytes
+    whatever their number. Listing them cost about 5 bytes per image for a folder of thumbnails
+    (one file per shard); each file's name is in its row's key or its dead letter anyway."""
+    shards = sorted(shards)
+    return json.dumps({"first": shards[0] if shards else None, "last": shards[-1] if shards else None,
+                       "shards": len(shards)}).encode()
 
 
-def read_sources(metadata: dict) -> list:
-    """The input shards a part was written from (its schema metadata -> list of paths)."""
-    return json.loads(zlib.decompress(base64.b64decode(metadata[SOURCES_KEY])))
+def read_sources(metadata: dict) -> dict:
+    """The input shards a part was written from (its Parquet key-value metadata): {"first",
+    "last", "shards"} (the run of the job's sorted input shards from first to last), and "files"
+    (the full list) for parts written before this format, which listed them."""
+    if SOURCES_KEY in metadata:
+        return json.loads(metadata[SOURCES_KEY])
+    old, plain = OLD_SOURCES_KEYS
+    if old in metadata:
+        files = json.loads(zlib.decompress(base64.b64decode(metadata[old])))
+    elif plain in metadata:
+        files = json.loads(metadata[plain])
+    else:
+        raise KeyError("the part records no input shards")
+    files = sorted(files)
+    return {"first": files[0] if files else None, "last": files[-1] if files else None, "shards": len(files),
+            "files": files}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -204,3 +204,19 @@ def test_a_folder_of_small_images_is_one_part_and_large_images_several(tmp_path,
     sink.prepare(sorted(sizes))
     assert sorted(set(sink.part_of.values())) == ["latents-00000-of-00002.parquet", "latents-00001-of-00002.parquet"]
     assert list(sink.part_of.values()).count("latents-00001-of-00002.parquet") == 344
+
+
+def test_a_part_records_its_run_of_input_shards_and_older_lists_still_read():
+    import base64
+    import zlib
+
+    files = [f"/data/img/{i:05d}.png" for i in range(3000)]
+    meta = {sinks.SOURCES_KEY: sinks.sources_metadata(reversed(files))}
+    assert len(meta[sinks.SOURCES_KEY]) < 100  # whatever the number of files
+    assert sinks.read_sources(meta) == {"first": files[0], "last": files[-1], "shards": 3000}
+    older = {b"latentpack_sources_zlib": base64.b64encode(zlib.compress(json.dumps(files[:2]).encode()))}
+    oldest = {b"latentpack_sources": json.dumps(files[:2]).encode()}
+    for m in (older, oldest):
+        assert sinks.read_sources(m) == {"first": files[0], "last": files[1], "shards": 2, "files": files[:2]}
+    with pytest.raises(KeyError):
+        sinks.read_sources({})
