@@ -135,6 +135,19 @@ def test_train_command_builds_a_hyperprior_on_spatial_transforms(tmp_path, photo
     assert "model written to" in capsys.readouterr().out
     spec = read_spec(out)
     assert spec.family == "hyperprior" and spec.training["lmbda"] == 0.0067 and spec.training["steps_done"] == 4
+    # Another quality level starts from that hyperprior run: every weight, the hyper-transforms too.
+    import tensorflow as tf
+
+    from training.hyperprior import HyperpriorTrainer
+    from training.spatial import SpatialConfig
+
+    trainer = HyperpriorTrainer(SpatialConfig(filters=16, latent_channels=8, lmbda=0.0018, prior="hyperprior"))
+    latest = trainer.init_from(out + "-checkpoints")
+    restored = HyperpriorTrainer(SpatialConfig(filters=16, latent_channels=8, prior="hyperprior"))
+    restored.checkpoint.restore(latest).assert_existing_objects_matched()
+    for a, b in zip(trainer.variables, restored.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert any(v.path.startswith("hyper_synthesis") for v in trainer.variables)
     # A missing starting point is one clear error, not a fresh start or a traceback.
     with pytest.raises(LatentpackError, match="no training checkpoint"):
         main(["--arch", "hyperprior", "--input", str(photo_folder / "*.png"), "--input-format", "images",

@@ -159,8 +159,7 @@ def init_weights_from(trainer, checkpoint: str) -> str:
 
     throwaway = keras.optimizers.Adam()
     throwaway.build(trainer.variables)
-    source = tf.train.Checkpoint(analysis=trainer.analysis, synthesis=trainer.synthesis, prior=trainer.prior,
-                                 optimizer=throwaway)
+    source = tf.train.Checkpoint(optimizer=throwaway, **trainer.parts)
     latest = tf.train.latest_checkpoint(checkpoint) or checkpoint
     source.restore(latest).expect_partial()
     return latest
@@ -175,7 +174,7 @@ class SpatialTrainer:
         import tensorflow as tf
 
         self.config = config
-        parts = self.build(config)
+        self.parts = parts = self.build(config)
         for name, part in parts.items():
             setattr(self, name, part)
         self.variables = [v for part in parts.values() for v in part.trainable_variables]
