@@ -14,9 +14,9 @@ from pipeline.images import ImageBatch
 # The exact artifacts that ship. A change here means a new model: retrain it with the command in
 # models/README.md, record how, and update the fingerprint together with BENCHMARKS.md.
 PINNED = {
-    "photo:2": "sha256:b5f6ac76058d51eaf910aba3b6d6465679d9eeadd5a96e225edd533882ac4e75",
-    "photo:4": "sha256:c8ae5d93c7c508462077cd10090eb5e6c9d7656c32523b9b6035f28249ef4b97",
-    "photo:6": "sha256:62b2a17f7464f33932c13130d6d46067e60d63c7580a8511200260dbfde29a82",
+    "photo:2": "sha256:d274bcfc67d46d23649b22d7a8e111a9a8a0f6e882094ede86dcb1616026d846",
+    "photo:4": "sha256:23c4438841145bf951cffb97c384a60335f503a919fa59c506d7d33eb53b30f0",
+    "photo:6": "sha256:81a9d50756cb2dab1a4149cc071d0e0713577cb4cc59adb16b02cae011cea33e",
 }
 
 
