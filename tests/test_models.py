@@ -14,9 +14,9 @@ from pipeline.images import ImageBatch
 # The exact artifacts that ship. A change here means a new model: retrain it with the command in
 # models/README.md, record how, and update the fingerprint together with BENCHMARKS.md.
 PINNED = {
-    "photo:2": "sha256:d274bcfc67d46d23649b22d7a8e111a9a8a0f6e882094ede86dcb1616026d846",
-    "photo:4": "sha256:23c4438841145bf951cffb97c384a60335f503a919fa59c506d7d33eb53b30f0",
-    "photo:6": "sha256:81a9d50756cb2dab1a4149cc071d0e0713577cb4cc59adb16b02cae011cea33e",
+    "photo:2": "sha256:d4b9b5b939436294dbe7296403f65fe52efed77842816f780fe90d7f3d1f7fd5",
+    "photo:4": "sha256:9ee24602a7f5246eaffec0f42701e4e1c703b4ea9c9afad1f6270c5fb1212d48",
+    "photo:6": "sha256:52073e6654c37b6c01e2153f4c533edfe6cc6190dc114b62396b4a62b10fbe37",
 }
 
 
