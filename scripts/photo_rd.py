@@ -142,9 +142,22 @@ def record(args, argv, n) -> None:
     replace_section("photo-rd", f"Measured with `{command}` ({time.strftime('%Y-%m-%d')}) on {n} held-out "
                                 f"BSDS500 photographs ({', '.join(report['sizes'])}), never used in training.\n\n"
                                 f"PSNR (dB) at fixed rates, interpolated along each curve (— outside it):\n\n"
-                                + "\n".join(rows) + f"\n\nEvery point:\n\n{table}\n\n![photo rate-distortion](rd-photos.png)",
-                    BENCHMARKS)
+                                + "\n".join(rows) + f"\n\nEvery point:\n\n{table}" + shipped_bd_rates(report["points"])
+                                + "\n\n![photo rate-distortion](rd-photos.png)", BENCHMARKS)
     shutil.copy(os.path.join(args.out, "rd.png"), os.path.join(os.path.dirname(BENCHMARKS), "rd-photos.png"))
+
+def shipped_bd_rates(points) -> str:
+    """When other models share the curve with the shipped ones: the BD-rates of the shipped alone."""
+    from pipeline.evaluate import bd_rate
+
+    ours = [p for p in points if p["family"].startswith("latentpack")]
+    shipped = [p for p in ours if str(p.get("model_dir", "")).startswith("photo:")]
+    if len(shipped) < 2 or len(shipped) == len(ours):
+        return ""
+    rates = [(f, bd_rate([p for p in points if p["family"] == f], shipped)) for f in ("webp", "jpeg", "avif")]
+    return ("\n\nBD-rate of the shipped models alone (" + ", ".join(sorted(p["model_dir"] for p in shipped)) + "): "
+            + ", ".join(f"{f}: {r:+.1f}%" for f, r in rates if r is not None))
+
 
 if __name__ == "__main__":
     sys.exit(main())

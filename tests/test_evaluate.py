@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 
 import numpy as np
 from PIL import Image
@@ -108,3 +109,15 @@ def test_photo_rd_script_on_held_out_cifar10_images(tmp_path, spatial_model_dir)
         record.BENCHMARKS = original
     text = target.read_text()
     assert "<!-- cifar-rd:begin -->" in text and "| webp q0 |" in text
+
+
+def test_photo_rd_gives_the_shipped_models_bd_rates_when_others_share_the_curve():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import photo_rd
+
+    webp = [{"family": "webp", "bpp": b, "psnr": q} for b, q in ((0.2, 26.0), (0.5, 30.0), (1.0, 33.0))]
+    ours = [{"family": "latentpack-hyperprior", "model_dir": m, "bpp": b, "psnr": q}
+            for m, b, q in (("extra", 0.1, 26.0), ("photo:2", 0.2, 27.0), ("photo:4", 0.4, 29.0))]
+    line = photo_rd.shipped_bd_rates(webp + ours)
+    assert "(photo:2, photo:4)" in line and "webp: -" in line and "jpeg" not in line
+    assert photo_rd.shipped_bd_rates(webp + ours[1:]) == ""  # the shipped models alone: nothing to add
