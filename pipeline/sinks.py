@@ -47,9 +47,12 @@ def sources_metadata(shards) -> bytes:
     list, so the first, the last and how many (JSON) describe them in a few hundred bytes
     whatever their number. Listing them cost about 5 bytes per image for a folder of thumbnails
     (one file per shard); each file's name is in its row's key or its dead letter anyway."""
+    return json.dumps(_run(shards)).encode()
+
+
+def _run(shards) -> dict:
     shards = sorted(shards)
-    return json.dumps({"first": shards[0] if shards else None, "last": shards[-1] if shards else None,
-                       "shards": len(shards)}).encode()
+    return {"first": shards[0] if shards else None, "last": shards[-1] if shards else None, "shards": len(shards)}
 
 
 def read_sources(metadata: dict) -> dict:
@@ -65,9 +68,7 @@ def read_sources(metadata: dict) -> dict:
         files = json.loads(metadata[plain])
     else:
         raise KeyError("the part records no input shards")
-    files = sorted(files)
-    return {"first": files[0] if files else None, "last": files[-1] if files else None, "shards": len(files),
-            "files": files}
+    return dict(_run(files), files=sorted(files))
 
 
 @dataclasses.dataclass(frozen=True)
