@@ -4,7 +4,7 @@
         --model-dir model/ --output latents/ [Beam options, e.g. --runner DataflowRunner]
 
 EncodeImages (each input shard read and encoded on one worker, in batches of same-shaped
-images) -> WriteLatentDataset (or, with --skip-existing, WritePartPerShard). The model is
+images) -> WriteLatentDataset (or, with --skip-existing, WriteNewShards). The model is
 loaded once per worker process and called only through its family's `compress`, so the job
 knows nothing of quantizers, tables or latent shapes. The graph uses only Create, ParDo,
 GroupByKey and Flatten, so one graph runs on the DirectRunner, Dask and the portable runner
@@ -229,8 +229,8 @@ def parse_args(argv) -> tuple:
     p.add_argument("--max-bad-fraction", type=float, default=d.max_bad_fraction,
                    help="fail the job, leaving the output unmarked, if more than this fraction of inputs is bad")
     p.add_argument("--skip-existing", action="store_true",
-                   help="incremental: one output part per input shard, skipping shards whose part already exists "
-                        "for this model; the manifest covers every part in --output")
+                   help="incremental: encode only the input shards that no part in --output holds yet (for this "
+                        "model and latent format), into new parts; the manifest covers every part in --output")
     p.add_argument("--duplicate-keys", choices=["keep-first", "fail"], default=d.duplicate_keys,
                    help="a key seen again: keep its first occurrence (by shard, then record index) and "
                         "dead-letter the others, or fail the job")
@@ -250,7 +250,7 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
     if options.batch_size < 1:
         raise LatentpackError(f"--batch-size must be at least 1 (got {options.batch_size})")
     if options.skip_existing and options.num_shards:
-        raise LatentpackError("--num-shards cannot apply with --skip-existing (it writes one part per input shard)")
+        raise LatentpackError("--num-shards cannot apply with --skip-existing (its parts are planned among the new shards)")
     from pipeline import models
     model_dir = models.resolve(options.model_dir)
     spec = read_spec(model_dir)
@@ -285,7 +285,8 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
 def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, latent_format, reader, shards, root, output,
                    extra, fatal, claim):
     if options.skip_existing:
-        sink = sinks.WritePartPerShard(output, spec, latent_format, extra, options.max_bad_fraction, fatal)
+        sink = sinks.WriteNewShards(output, spec, latent_format, extra, options.max_bad_fraction, fatal,
+                                    reader.part_files, reader.part_bytes, reader.sizes)
     else:
         sink = sinks.WriteLatentDataset(output, spec, latent_format, extra, options.num_shards,
                                         options.max_bad_fraction, fatal, reader.part_files, reader.part_bytes,

@@ -10,10 +10,11 @@ GroupByKey and single-output ParDos only, so it runs the same on every Beam runn
 - `WriteLatentDataset`: parts `latents-JJJJJ-of-NNNNN.parquet`, one per input shard for
   container formats (TFRecord, Parquet, tar, ...), of at least 256 files and 16 MiB of input
   for image folders (`plan_parts`), or `--num-shards` of them.
-- `WritePartPerShard` (`--skip-existing`): `latents-<shard>-<hash>.parquet` per input shard,
-  with the shard's counts in the file's metadata; shards whose part exists for the same model
-  and latent format are not read again, and the manifest covers every part in the folder. A
-  nightly job over a growing set of shards encodes only the new ones.
+- `WriteNewShards` (`--skip-existing`): parts for the input shards that no part in the folder
+  holds yet (for the same model and latent format), planned like the above among those shards
+  and named after them (`latents-<first shard>-<hash>.parquet`); each part's footer names its
+  shards exactly, so the next run knows what is done; the manifest covers every part in the
+  folder. A nightly job over a growing set of shards encodes only the new ones.
 """
 from __future__ import annotations
 
@@ -33,13 +34,14 @@ from pipeline import latents
 from pipeline.accounting import (Gather, add_reasons, count_dead_letter, count_reasons, counts, finish, reported,
                                  write_dead_letters)
 from pipeline.completion import DEAD_LETTER_DIR, FAILED, clear_previous, write_json
-from pipeline.errors import log
+from pipeline.errors import LatentpackError, log
 from pipeline.images import DeadLetter
 
 NAMESPACE = "latentpack.encode"
 COUNTS_KEY = b"latentpack_counts"
 SOURCES_KEY = b"latentpack_source_range"
-OLD_SOURCES_KEYS = (b"latentpack_sources_zlib", b"latentpack_sources")  # parts written before this format
+FILES_KEY = b"latentpack_sources_zlib"  # the exact list (incremental parts; every part before the range)
+OLD_FILES_KEY = b"latentpack_sources"  # the oldest parts: a plain JSON list
 
 
 def sources_metadata(shards) -> bytes:
@@ -55,17 +57,27 @@ def _run(shards) -> dict:
     return {"first": shards[0] if shards else None, "last": shards[-1] if shards else None, "shards": len(shards)}
 
 
+def sources_entry(shards, exact: bool) -> dict:
+    """A part's footer entry for its input shards: the run (`sources_metadata`), or with `exact`
+    (an incremental part of several shards, which the next run must match file by file) the list
+    itself, zlib-compressed."""
+    shards = sorted(shards)
+    if exact and len(shards) > 1:
+        return {FILES_KEY: base64.b64encode(zlib.compress(json.dumps(shards).encode(), 9))}
+    return {SOURCES_KEY: sources_metadata(shards)}
+
+
 def read_sources(metadata: dict) -> dict:
     """The input shards a part was written from (its Parquet key-value metadata): {"first",
     "last", "shards"} (the run of the job's sorted input shards from first to last), and "files"
-    (the full list) for parts written before this format, which listed them."""
+    (the full list) for parts that list them (incremental parts of several shards, and parts
+    written before the run format)."""
     if SOURCES_KEY in metadata:
         return json.loads(metadata[SOURCES_KEY])
-    old, plain = OLD_SOURCES_KEYS
-    if old in metadata:
-        files = json.loads(zlib.decompress(base64.b64decode(metadata[old])))
-    elif plain in metadata:
-        files = json.loads(metadata[plain])
+    if FILES_KEY in metadata:
+        files = json.loads(zlib.decompress(base64.b64decode(metadata[FILES_KEY])))
+    elif OLD_FILES_KEY in metadata:
+        files = json.loads(metadata[OLD_FILES_KEY])
     else:
         raise KeyError("the part records no input shards")
     return dict(_run(files), files=sorted(files))
@@ -82,9 +94,9 @@ class WritePart(beam.DoFn):
     """(part name, [tables, dead letters, ShardDone]) -> the part and its dead letters, written
     whole; yields a summary {part, dead_letters, rows, reasons}."""
 
-    def __init__(self, output: str, spec, latent_format: str, shards_per_part: dict):
+    def __init__(self, output: str, spec, latent_format: str, shards_per_part: dict, exact_sources: bool = False):
         self.output, self.spec, self.latent_format = output, spec, latent_format
-        self.shards_per_part = dict(shards_per_part)
+        self.shards_per_part, self.exact_sources = dict(shards_per_part), exact_sources
 
     def process(self, element):
         name, items = element
@@ -110,7 +122,7 @@ class WritePart(beam.DoFn):
         write_dead_letters(letters_path, letters)
         latents.write_part(path, tables, latents.schema(self.spec, self.latent_format), self.latent_format,
                            {COUNTS_KEY: json.dumps(counts(rows, reasons)),
-                            SOURCES_KEY: sources_metadata(sorted(done))})
+                            **sources_entry(done, self.exact_sources)})
         yield {"part": path, "dead_letters": letters_path, "rows": rows, "reasons": reasons}
 
 
@@ -138,11 +150,13 @@ class _LatentSink(beam.PTransform):
     def manifest_fn(self) -> beam.DoFn:
         raise NotImplementedError
 
+    exact_sources = False  # footers list their shards (rather than first, last, count)
+
     def expand(self, items):
         return (items
                 | "GroupByPart" >> beam.GroupByKey()
                 | "WriteParts" >> beam.ParDo(WritePart(self.output, self.spec, self.latent_format,
-                                                       self.shards_per_part()))
+                                                       self.shards_per_part(), self.exact_sources))
                 | "GatherSummaries" >> Gather()
                 | "WriteManifest" >> beam.ParDo(self.manifest_fn()))
 
@@ -214,19 +228,38 @@ class WriteLatentDataset(_LatentSink):
                              self.max_bad_fraction, self.fatal_reasons)
 
 
-def part_name(shard: str) -> str:
-    """A stable, filesystem-safe part name for an input shard."""
-    base = re.sub(r"[^A-Za-z0-9._-]", "_", posixpath.basename(shard))[:80]
-    return f"{latents.PART_PREFIX}-{base}-{zlib.crc32(shard.encode('utf-8', 'surrogatepass')):08x}.parquet"
+def part_name(shards) -> str:
+    """A stable, filesystem-safe part name for a run of input shards (one, or several)."""
+    shards = sorted(shards)
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", posixpath.basename(shards[0]))[:80]
+    more = f"-{len(shards)}-shards" if len(shards) > 1 else ""
+    crc = zlib.crc32("\n".join(shards).encode("utf-8", "surrogatepass"))
+    return f"{latents.PART_PREFIX}-{base}{more}-{crc:08x}.parquet"
 
 
-def part_state(path: str):
-    """(fingerprint, latent_format, counts) of an existing part, or None if it is unreadable."""
+@dataclasses.dataclass
+class PartState:
+    """What an existing part's footer says: the model and latent format it was written with, its
+    counts, and its input shards (`read_sources`; None where it records none)."""
+
+    fingerprint: str
+    latent_format: str
+    counts: dict
+    sources: Optional[dict]
+
+
+def part_state(path: str) -> Optional[PartState]:
+    """The footer of an existing part, or None if it is unreadable."""
     try:
         with FileSystems.open(path) as f:
             meta = pq.ParquetFile(f).metadata.metadata or {}
         info = json.loads(meta[latents.METADATA_KEY])
-        return info["model_fingerprint"], info.get("latent_format", "int"), json.loads(meta[COUNTS_KEY])
+        try:
+            sources = read_sources(meta)
+        except KeyError:
+            sources = None
+        return PartState(info["model_fingerprint"], info.get("latent_format", "int"), json.loads(meta[COUNTS_KEY]),
+                         sources)
     except Exception:
         return None
 
@@ -247,12 +280,12 @@ class WriteFolderManifest(beam.DoFn):
         total = {"read": 0, "written": 0, "dead_lettered": 0, "dead_lettered_by_reason": {}}
         for path in paths:
             state = part_state(path)
-            if state is None or state[:2] != (self.spec.fingerprint, self.latent_format):
+            if state is None or (state.fingerprint, state.latent_format) != (self.spec.fingerprint, self.latent_format):
                 failure = (f"{path} was not written by an incremental (--skip-existing) run with this model and "
                            "latent format; move it away, or encode without --skip-existing")
                 write_json(posixpath.join(self.output, FAILED), {"complete": False, "failure": failure})
                 return
-            part_counts = state[2]
+            part_counts = state.counts
             for k in ("read", "written", "dead_lettered"):
                 total[k] += part_counts[k]
             add_reasons(total["dead_lettered_by_reason"], part_counts["dead_lettered_by_reason"])
@@ -265,27 +298,62 @@ class WriteFolderManifest(beam.DoFn):
         yield payload
 
 
-class WritePartPerShard(_LatentSink):
-    """The `--skip-existing` sink: one part per shard read this run, then a manifest over the folder."""
+class WriteNewShards(_LatentSink):
+    """The `--skip-existing` sink: parts for the shards no part in the folder holds yet (planned
+    among them as `WriteLatentDataset` does), then a manifest over the folder."""
+
+    exact_sources = True
+
+    def __init__(self, output: str, spec, latent_format: str, extra: dict, max_bad_fraction: float = 0.01,
+                 fatal_reasons=(), part_files: int = 1, part_bytes: int = 0, sizes: Optional[dict] = None):
+        super().__init__(output, spec, latent_format, extra, max_bad_fraction, fatal_reasons)
+        self.part_files, self.part_bytes, self.sizes = part_files, part_bytes, dict(sizes or {})
 
     def prepare(self, shards):
         """In the driver: drop unfinished temporary files, and return the shards that still need a part."""
         clear_previous(self.output, [f"{latents.PART_PREFIX}-*.parquet.tmp", f"{DEAD_LETTER_DIR}/*.jsonl.tmp"])
-        todo = []
-        for shard in shards:
-            path = posixpath.join(self.output, part_name(shard))
-            state = part_state(path) if FileSystems.exists(path) else None
-            if not (state and state[:2] == (self.spec.fingerprint, self.latent_format)):
-                todo.append(shard)
+        found = sorted(m.path for m in FileSystems.match(
+            [posixpath.join(self.output, f"{latents.PART_PREFIX}-*.parquet")])[0].metadata_list)
+        held = self.held_shards(shards, found)
+        todo = [shard for shard in shards if shard not in held]
         log.info("%d of %d shard(s) already have a part; encoding %d", len(shards) - len(todo), len(shards),
                  len(todo))
-        self.part_of = {shard: part_name(shard) for shard in todo}
-        rewritten = {posixpath.join(self.output, part_name(s)) for s in todo}
-        # Every part that stays (for these shards or others): its keys come before any new one.
-        self.existing = sorted(m.path for m in FileSystems.match(
-            [posixpath.join(self.output, f"{latents.PART_PREFIX}-*.parquet")])[0].metadata_list
-            if m.path not in rewritten)
+        index = plan_parts(todo, self.sizes, self.part_files, self.part_bytes)
+        runs = {}
+        for shard, i in zip(todo, index):
+            runs.setdefault(i, []).append(shard)
+        self.part_of = {shard: part_name(run) for run in runs.values() for shard in run}
+        rewritten = {posixpath.join(self.output, name) for name in self.part_of.values()}
+        # Every part that stays: its keys come before any new one.
+        self.existing = [path for path in found if path not in rewritten]
         return todo
+
+    def held_shards(self, shards, paths) -> set:
+        """The shards of this run that a part (for this model and latent format) already holds: by
+        its footer's list of shards, or its run of them (first to last: the shards of the input
+        between them must be as many as the part recorded), or, for parts that record neither, by
+        its name (one part per shard)."""
+        held = set()
+        for path in paths:
+            state = part_state(path)
+            if state is None or (state.fingerprint, state.latent_format) != (self.spec.fingerprint, self.latent_format):
+                continue
+            sources = state.sources
+            if sources is None:
+                held.update(s for s in shards if posixpath.basename(path) == part_name([s]))
+            elif "files" in sources:
+                held.update(sources["files"])
+            elif sources["shards"] == 1:
+                held.add(sources["first"])
+            elif sources["shards"]:
+                run = [s for s in shards if sources["first"] <= s <= sources["last"]]
+                if len(run) != sources["shards"]:
+                    raise LatentpackError(
+                        f"{path} holds {sources['shards']} input shard(s) from {sources['first']} to "
+                        f"{sources['last']}, and the input now has {len(run)} there: it was not written by an "
+                        "incremental run over this input; move it away, or encode without --skip-existing")
+                held.update(run)
+        return held
 
     def manifest_fn(self):
         return WriteFolderManifest(self.output, self.spec, self.latent_format, self.extra, self.max_bad_fraction,

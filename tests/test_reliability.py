@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -374,3 +375,51 @@ def test_skip_existing_checks_keys_against_the_older_parts(tmp_path, mnist, mode
     write_tfrecord(folder / "day3.tfrecord", mnist[0][10:12], keys=["k0", "new"])
     with pytest.raises(LatentpackError, match="duplicate_key"):
         encode.run(args + ["--duplicate-keys", "fail"])
+
+
+def test_skip_existing_on_an_image_folder_writes_one_part_per_night(tmp_path, mnist, model_dir):
+    """A folder that grows by a few files a night: each night's new files share one part (not a
+    part, and a footer, per file), whose footer lists them, so the next night skips exactly them."""
+    from pipeline import sinks
+
+    folder, out = tmp_path / "in", str(tmp_path / "lat")
+    folder.mkdir()
+
+    def add(names):
+        for i, name in enumerate(names):
+            (folder / f"{name}.png").write_bytes(encode_png(mnist[0][len(name) * 7 + i]))
+
+    add(["a0", "a1", "a2", "a3", "a4"])
+    (folder / "bad.png").write_bytes(b"not a png")
+    def argv(output, incremental=True):
+        return (["--input", str(folder / "*.png"), "--input-format", "images", "--model-dir", model_dir,
+                 "--output", output, "--max-bad-fraction", "0.5"] + ["--skip-existing"] * incremental
+                + BEAM_TEST_ARGS)
+
+    args = argv(out)
+    first = encode.run(args)
+    assert first["counts"]["read"] == 6 and first["counts"]["written"] == 5 and len(first["files"]) == 1
+    part = os.path.join(out, first["files"][0]["name"])
+    meta = pq.ParquetFile(part).metadata.metadata
+    assert sinks.read_sources(meta)["files"] == sorted(str(p) for p in folder.iterdir())
+    mtime = os.stat(part).st_mtime_ns
+    # The next night: three new files, one of them between the old ones by name.
+    add(["a1x", "z0", "z1"])
+    second = encode.run(args)
+    assert second["counts"]["read"] == 9 and second["counts"]["written"] == 8 and len(second["files"]) == 2
+    assert second["parts_this_run"] == 1 and os.stat(part).st_mtime_ns == mtime
+    new = sorted({f["name"] for f in second["files"]} - {os.path.basename(part)})
+    assert new[0].startswith("latents-a1x.png-3-shards-")
+    assert rows(out).column("key").to_pylist() == ["a0", "a1", "a1x", "a2", "a3", "a4", "z0", "z1"]
+    # A night with nothing new writes no part.
+    assert encode.run(args)["parts_this_run"] == 0
+    # A part from an ordinary run counts as holding its run of files while the input has as many there.
+    plain = str(tmp_path / "plain")
+    encode.run(argv(plain, incremental=False))
+    add(["zz"])
+    third = encode.run(argv(plain))
+    assert third["parts_this_run"] == 1 and third["counts"]["written"] == 9
+    add(["a0a"])
+    with pytest.raises(LatentpackError, match="not written by an incremental run"):
+        encode.run(argv(plain))
+    assert sinks.part_name(["/x/y z.png"]) == f"latents-y_z.png-{zlib.crc32(b'/x/y z.png'):08x}.parquet"
