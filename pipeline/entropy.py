@@ -3,6 +3,13 @@
 Each image becomes one byte string. The tables are integers stored in codec.json;
 they are handed to constriction as probabilities `frequency / 2**precision`, which
 are exact in float64, so a code decodes identically on any machine.
+
+A code's bytes (`finish`, `reader`): since dataset format 3, the range coder's 32-bit words in
+big-endian order, its final state written as the point of its last interval with the fewest
+significant bits, and trailing zero bytes dropped (the decoder reads zeros past the end): about
+1.6 bytes per code fewer than constriction's own sealing, which matters for thumbnails (a CIFAR
+code is ~30 bytes). Formats 1 and 2 stored constriction's sealed words in little-endian order;
+`words_for` says which a dataset uses, and both read.
 """
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ from typing import List, Sequence
 
 import constriction
 import numpy as np
+
+BIG, LITTLE = "big", "little"  # a code's 32-bit words in its bytes: format 3, formats 1-2
 
 
 class EntropyCoder:
@@ -40,10 +49,10 @@ class EntropyCoder:
             codes.append(finish(coder))
         return codes
 
-    def decode(self, codes: Sequence[bytes]) -> np.ndarray:
+    def decode(self, codes: Sequence[bytes], words: str = BIG) -> np.ndarray:
         out = np.empty((len(codes), len(self.sizes)), np.int64)
         for i, code in enumerate(codes):
-            out[i] = reader(code).decode(self.family, self.probabilities)
+            out[i] = reader(code, words).decode(self.family, self.probabilities)
         return out + self.offsets
 
 
@@ -88,20 +97,40 @@ class ChannelCoder:
         self.write(coder, latent)
         return finish(coder)
 
-    def decode(self, code: bytes, height: int, width: int) -> np.ndarray:
+    def decode(self, code: bytes, height: int, width: int, words: str = BIG) -> np.ndarray:
         """One code -> latents [height, width, C] (height, width: the latent grid)."""
-        return self.read(reader(code), height, width)
+        return self.read(reader(code, words), height, width)
+
+
+def words_for(format_version: int) -> str:
+    """The byte layout of the codes in a dataset of this format version."""
+    return BIG if format_version >= 3 else LITTLE
 
 
 def finish(coder) -> bytes:
-    """A range encoder's bytes. It emits 32-bit words; up to 3 trailing zero bytes carry nothing."""
-    data = coder.get_compressed().tobytes()
-    end = len(data)
-    while end > len(data) - 3 and end > 0 and data[end - 1] == 0:
-        end -= 1
-    return data[:end]
+    """A range encoder's code: the words it has emitted, then a point of its final interval
+    [lower, lower + range) with as many trailing zero bits as the interval allows, as big-endian
+    32-bit words with the trailing zero bytes dropped. (Should the interval reach past 2**64, a
+    point there would carry into the emitted words: then constriction's own final words.)"""
+    position, (lower, size) = coder.pos()
+    words = coder.get_compressed()
+    if lower + size <= 1 << 64:
+        point = shortest_point(lower, lower + size)
+        words = np.concatenate([words[:position], np.array([point >> 32, point & 0xFFFFFFFF], np.uint32)])
+    return words.astype(">u4").tobytes().rstrip(b"\0")
 
 
-def reader(code: bytes):
-    """A range decoder over a code written by `finish` (its trimmed zero bytes restored)."""
-    return constriction.stream.queue.RangeDecoder(np.frombuffer(code + b"\0" * (-len(code) % 4), np.uint32))
+def shortest_point(lower: int, upper: int) -> int:
+    """The number in [lower, upper) with the most trailing zero bits."""
+    for bits in range(64, -1, -1):
+        point = -(-lower // (1 << bits)) << bits
+        if point < upper:
+            return point
+    raise ValueError(f"empty interval [{lower}, {upper})")
+
+
+def reader(code: bytes, words: str = BIG):
+    """A range decoder over a code (`finish`'s, or with `words=LITTLE` one of formats 1 and 2)."""
+    padded = code + b"\0" * (-len(code) % 4)
+    return constriction.stream.queue.RangeDecoder(
+        np.frombuffer(padded, ">u4" if words == BIG else "<u4").astype(np.uint32))

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import BEAM_TEST_ARGS
-from pipeline import completion, decode, encode, latents
+from pipeline import completion, decode, encode, entropy, latents
 from pipeline.codecs import load_codec
 from pipeline.artifact import read_spec
 from pipeline.entropy import EntropyCoder
@@ -24,16 +24,47 @@ GOLDEN_FILE = os.path.join(os.path.dirname(__file__), "golden", "entropy_codes.j
 
 
 def test_golden_codes_are_stable():
+    """Today's codes (format 3) never change; format 2's (little-endian words) still decode."""
     coder = EntropyCoder(GOLDEN_MODEL)
     codes = [c.hex() for c in coder.encode(GOLDEN_LATENTS)]
-    if os.environ.get("LATENTPACK_REGENERATE_GOLDEN"):
-        with open(GOLDEN_FILE, "w") as f:
-            json.dump({"model": GOLDEN_MODEL, "latents": GOLDEN_LATENTS.tolist(), "codes": codes}, f, indent=1)
     with open(GOLDEN_FILE) as f:
         golden = json.load(f)
+    if os.environ.get("LATENTPACK_REGENERATE_GOLDEN"):
+        golden["codes_format_3"] = codes
+        with open(GOLDEN_FILE, "w") as f:
+            json.dump(golden, f, indent=1)
     assert golden["model"] == GOLDEN_MODEL and golden["latents"] == GOLDEN_LATENTS.tolist()
-    assert codes == golden["codes"]
-    assert np.array_equal(coder.decode([bytes.fromhex(c) for c in golden["codes"]]), GOLDEN_LATENTS)
+    assert codes == golden["codes_format_3"]
+    assert np.array_equal(coder.decode([bytes.fromhex(c) for c in codes]), GOLDEN_LATENTS)
+    old = [bytes.fromhex(c) for c in golden["codes_format_2"]]
+    assert np.array_equal(coder.decode(old, entropy.LITTLE), GOLDEN_LATENTS)
+    assert sum(map(len, old)) - sum(len(c) // 2 for c in codes) >= len(codes)  # a byte or more each
+
+
+def test_the_shortest_final_word_round_trips_and_saves_bytes():
+    """Random streams of random tables, empty ones included, and both ends of `finish` (a point of
+    the final interval, or constriction's own words where the interval passes 2**64)."""
+    import constriction
+
+    rng = np.random.default_rng(3)
+    ours = sealed = 0
+    paths = set()
+    for t in range(3000):
+        probs = rng.dirichlet(np.ones(int(rng.integers(2, 40))) * rng.uniform(0.05, 2.0))
+        model = constriction.stream.model.Categorical(probs, perfect=False)
+        symbols = rng.choice(len(probs), size=int(rng.integers(0, 120)), p=probs).astype(np.int32)
+        coder = constriction.stream.queue.RangeEncoder()
+        coder.encode(symbols, model)
+        _, (lower, size) = coder.pos()
+        paths.add(lower + size <= 1 << 64)
+        code = entropy.finish(coder)
+        assert np.array_equal(entropy.reader(code).decode(model, len(symbols)), symbols)
+        ours += len(code)
+        sealed += len(coder.get_compressed().tobytes())
+    assert paths == {True, False}
+    assert ours / 3000 < sealed / 3000 - 1.5
+    assert entropy.shortest_point(0x1234_5678_9000_0001, 0x1234_5679_0000_0000) == 0x1234_5678_C000_0000
+    assert entropy.shortest_point(0, 1) == 0 and entropy.shortest_point(5, 6) == 5
 
 
 def test_tables_are_exact_dyadic_probabilities():

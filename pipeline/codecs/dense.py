@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.codecs import register
-from pipeline.codecs.base import ModelCodec, row_labels
+from pipeline.codecs.base import ModelCodec, code_words, row_labels
 from pipeline.entropy import EntropyCoder
 from pipeline.errors import LatentpackError
 from pipeline.images import DeadLetter, ImageBatch
@@ -95,9 +95,10 @@ class DenseCodec(ModelCodec):
         ok = np.ones(n, bool)
         why = {}
         if "code" in part.column_names:
+            words = code_words(part)
             for i, code in enumerate(part.column("code").to_pylist()):
                 try:
-                    latent[i] = self.entropy.decode([code])[0]
+                    latent[i] = self.entropy.decode([code], words)[0]
                 except Exception as e:  # constriction reports a bad stream in several ways
                     ok[i], why[i] = False, ("bad_code", f"entropy code does not decode: {e}")
         else:

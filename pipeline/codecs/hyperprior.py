@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.codecs import register
 from pipeline.codecs.spatial import SpatialCodec
-from pipeline.entropy import ChannelCoder, finish, reader
+from pipeline.entropy import BIG, ChannelCoder, finish, reader
 from pipeline.errors import LatentpackError
 
 EXACT = 2.0 ** 53
@@ -143,9 +143,9 @@ class HyperCoder:
             coder.encode((flat[chosen] + self.radius[j]).astype(np.int32), self.tables.models[j])
         return finish(coder), y.astype(np.int16)
 
-    def decode(self, code: bytes, height: int, width: int) -> np.ndarray:
+    def decode(self, code: bytes, height: int, width: int, words: str = BIG) -> np.ndarray:
         """One code -> latents [height, width, M] (height, width: the latent grid)."""
-        coder = reader(code)
+        coder = reader(code, words)
         z_hat = self.side.read(coder, -(-height // 4), -(-width // 4))
         index = self.indexes(z_hat, (height, width))
         out = np.zeros(index.size, np.int64)

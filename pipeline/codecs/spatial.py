@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.codecs import register
-from pipeline.codecs.base import ModelCodec, row_labels
+from pipeline.codecs.base import ModelCodec, code_words, row_labels
 from pipeline.entropy import ChannelCoder
 from pipeline.errors import LatentpackError
 from pipeline.images import DeadLetter, ImageBatch
@@ -133,6 +133,7 @@ class SpatialCodec(ModelCodec):
         channels = table.column("channels").to_numpy(zero_copy_only=False)
         modes = table.column("mode").to_pylist()
         coded = "code" in table.column_names
+        words = code_words(table)
         values = table.column("code" if coded else "latent")
         groups = {}
         for i in range(table.num_rows):
@@ -143,7 +144,7 @@ class SpatialCodec(ModelCodec):
             grid = (-(-h // self.stride), -(-w // self.stride))
             try:
                 if coded:
-                    latent = self.coder.decode(values[i].as_py(), *grid)
+                    latent = self.coder.decode(values[i].as_py(), *grid, words)
                 else:
                     flat = values[i].values.to_numpy(zero_copy_only=False)
                     latent = flat.reshape(grid + (self.spec.latent_channels,))
