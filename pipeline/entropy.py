@@ -121,12 +121,16 @@ def finish(coder) -> bytes:
 
 
 def shortest_point(lower: int, upper: int) -> int:
-    """The number in [lower, upper) with the most trailing zero bits."""
-    for bits in range(64, -1, -1):
-        point = -(-lower // (1 << bits)) << bits
-        if point < upper:
-            return point
-    raise ValueError(f"empty interval [{lower}, {upper})")
+    """The number in [lower, upper) with the most trailing zero bits: above the highest bit where
+    lower and upper - 1 differ they agree; below it, upper - 1 with its lower bits cleared, unless
+    lower itself has them all zero."""
+    top = upper - 1
+    if top < lower:
+        raise ValueError(f"empty interval [{lower}, {upper})")
+    differ = (lower ^ top).bit_length()
+    if lower & ((1 << differ) - 1) == 0:
+        return lower
+    return (top >> (differ - 1)) << (differ - 1)
 
 
 def reader(code: bytes, words: str = BIG):

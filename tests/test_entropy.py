@@ -66,6 +66,14 @@ def test_the_shortest_final_word_round_trips_and_saves_bytes():
     assert entropy.shortest_point(0x1234_5678_9000_0001, 0x1234_5679_0000_0000) == 0x1234_5678_C000_0000
     assert entropy.shortest_point(0, 1) == 0 and entropy.shortest_point(5, 6) == 5
 
+    def slow(lower, upper):  # the definition, by search
+        return next(p for bits in range(65, -1, -1) for p in [-(-lower // (1 << bits)) << bits] if p < upper)
+
+    for _ in range(20000):
+        lower = int(rng.integers(0, 1 << 62)) >> int(rng.integers(0, 62))
+        upper = lower + 1 + (int(rng.integers(0, 1 << 62)) >> int(rng.integers(0, 62)))
+        assert entropy.shortest_point(lower, upper) == slow(lower, upper)
+
 
 def test_tables_are_exact_dyadic_probabilities():
     coder = EntropyCoder(GOLDEN_MODEL)
