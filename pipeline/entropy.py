@@ -115,8 +115,8 @@ def finish(coder) -> bytes:
     position, (lower, size) = coder.pos()
     words = coder.get_compressed()
     if lower + size <= 1 << 64:
-        point = shortest_point(lower, lower + size)
-        words = np.concatenate([words[:position], np.array([point >> 32, point & 0xFFFFFFFF], np.uint32)])
+        return (words[:position].astype(">u4").tobytes()
+                + shortest_point(lower, lower + size).to_bytes(8, "big")).rstrip(b"\0")
     return words.astype(">u4").tobytes().rstrip(b"\0")
 
 
