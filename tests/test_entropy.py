@@ -131,6 +131,11 @@ def test_code_dataset_round_trip(rd_model_dir, shards, tmp_path):
     assert manifest["latent_format"] == "code"
     table = pq.ParquetDataset(latents.part_paths(lat, manifest)).read().sort_by("key")
     assert table.schema.names == ["key", "code", "label"]
+    # No min/max statistics for the codes (two whole codes per page and in the footer), keys keep theirs.
+    for part in latents.part_paths(lat, manifest):
+        chunk = pq.ParquetFile(part).metadata.row_group(0)
+        assert chunk.column(1).path_in_schema == "code" and chunk.column(1).statistics is None
+        assert chunk.column(0).statistics.has_min_max
     codec = load_codec(rd_model_dir)
     assert table.column("code").to_pylist() == codec.entropy.encode(codec.encode(shards.images))
     decode.run(["--input", lat, "--model-dir", rd_model_dir, "--output", dec, "--output-format", "npz"]
