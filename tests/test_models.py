@@ -14,9 +14,9 @@ from pipeline.images import ImageBatch
 # The exact artifacts that ship. A change here means a new model: retrain it with the command in
 # models/README.md, record how, and update the fingerprint together with BENCHMARKS.md.
 PINNED = {
-    "photo:2": "sha256:d4b9b5b939436294dbe7296403f65fe52efed77842816f780fe90d7f3d1f7fd5",
-    "photo:4": "sha256:9ee24602a7f5246eaffec0f42701e4e1c703b4ea9c9afad1f6270c5fb1212d48",
-    "photo:6": "sha256:52073e6654c37b6c01e2153f4c533edfe6cc6190dc114b62396b4a62b10fbe37",
+    "photo:2": "sha256:fb7e923acdfa29978ea976d133858289b0310fa252ed918a06ccd78a4b2283bc",
+    "photo:4": "sha256:325ed631f85a8cb4711ebce4768ee2c3741d468100603c77b4eb0b9218a5c783",
+    "photo:6": "sha256:2ede1f03526a75cc0d0466ada86e9368647068467fd5ca48a1e4970d4378fb85",
 }
 
 
