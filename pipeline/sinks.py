@@ -256,12 +256,23 @@ def part_state(path: str) -> Optional[PartState]:
         info = json.loads(meta[latents.METADATA_KEY])
         try:
             sources = read_sources(meta)
-        except KeyError:
+        except (KeyError, ValueError, TypeError, zlib.error):
+            sources = None
+        if not _well_formed(sources):  # a damaged footer: the part is known by its name alone
             sources = None
         return PartState(info["model_fingerprint"], info.get("latent_format", "int"), json.loads(meta[COUNTS_KEY]),
                          sources)
     except Exception:
         return None
+
+
+def _well_formed(sources) -> bool:
+    if not isinstance(sources, dict):
+        return False
+    if "files" in sources:
+        return isinstance(sources["files"], list) and all(isinstance(f, str) for f in sources["files"])
+    return (isinstance(sources.get("shards"), int) and (sources["shards"] == 0 or (
+        isinstance(sources.get("first"), str) and isinstance(sources.get("last"), str))))
 
 
 class WriteFolderManifest(beam.DoFn):

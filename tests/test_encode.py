@@ -220,3 +220,15 @@ def test_a_part_records_its_run_of_input_shards_and_older_lists_still_read():
         assert sinks.read_sources(m) == {"first": files[0], "last": files[1], "shards": 2, "files": files[:2]}
     with pytest.raises(KeyError):
         sinks.read_sources({})
+
+
+def test_a_damaged_shard_record_in_a_footer_leaves_the_part_known_by_name(tmp_path):
+    path = str(tmp_path / "latents-x.parquet")
+    for bad in (b'{"first": 1, "last": null, "shards": "x"}', b"not json", b'["a"]'):
+        table = pa.table({"key": ["a"]}).replace_schema_metadata({
+            latents.METADATA_KEY: json.dumps({"model_fingerprint": "sha256:0", "latent_format": "code"}).encode(),
+            sinks.COUNTS_KEY: b'{"read": 1, "written": 1, "dead_lettered": 0, "dead_lettered_by_reason": {}}',
+            sinks.SOURCES_KEY: bad})
+        pq.write_table(table, path)
+        state = sinks.part_state(path)
+        assert (state.fingerprint, state.latent_format, state.sources) == ("sha256:0", "code", None)
