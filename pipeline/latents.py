@@ -91,9 +91,17 @@ def write_part(path: str, tables, schema_: pa.Schema, latent_format: str, metada
     and a retried task simply writes it again. Returns the rows written."""
     tables = [t for t in tables if t.num_rows]
     table = pa.concat_tables(tables).sort_by("key") if tables else schema_.empty_table()
+    # Code parts have no nested columns, so the Parquet schema alone reads back the same Arrow
+    # types: they skip the serialized Arrow schema (~0.7 KB of footer, the codec metadata in it a
+    # second time) and carry the codec metadata as the file's own key-value metadata, which
+    # readers show as the schema's. (A dense `int` part's fixed-size lists need the Arrow schema.)
+    flat = latent_format == "code"
+    if flat:
+        metadata = {**(schema_.metadata or {}), **(metadata or {})}
+        schema_, table = schema_.remove_metadata(), table.replace_schema_metadata(None)
     tmp = path + ".tmp"
     with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        writer = pq.ParquetWriter(handle, schema_, **writer_options(schema_, latent_format))
+        writer = pq.ParquetWriter(handle, schema_, store_schema=not flat, **writer_options(schema_, latent_format))
         row_bytes = max(table.nbytes // max(table.num_rows, 1), 1)
         step = max(1, min(ROW_GROUP_ROWS, ROW_GROUP_BYTES // row_bytes))
         for start in range(0, table.num_rows, step):
