@@ -7,7 +7,7 @@ are exact in float64, so a code decodes identically on any machine.
 A code's bytes (`finish`, `reader`): since dataset format 3, the range coder's 32-bit words in
 big-endian order, its final state written as the point of its last interval with the fewest
 significant bits, and trailing zero bytes dropped (the decoder reads zeros past the end): about
-1.6 bytes per code fewer than constriction's own sealing, which matters for thumbnails (a CIFAR
+1.6 bytes per code fewer than constriction's own sealing (`scripts/code_ends.py`), which matters for thumbnails (a CIFAR
 code is ~30 bytes). Formats 1 and 2 stored constriction's sealed words in little-endian order;
 `words_for` says which a dataset uses, and both read.
 """

@@ -95,6 +95,22 @@ def grid(rows: list, path: str, scale: int = 3, cell: int = 192) -> None:
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
+def byte_split(paths) -> dict:
+    """Where a dataset's bytes go, from its parts' footers alone: each column's compressed bytes
+    (the values and their page headers) and the footers themselves."""
+    out = {}
+    for path in paths:
+        with FileSystems.open(path) as f:
+            meta = pq.ParquetFile(f).metadata
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                column = group.column(c)
+                out[column.path_in_schema] = out.get(column.path_in_schema, 0) + column.total_compressed_size
+        out["footer"] = out.get("footer", 0) + meta.serialized_size
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     dataset = args.dataset.rstrip("/")
@@ -122,6 +138,7 @@ def main(argv=None) -> int:
     if images:
         print(f"images       {images:,} in {len(paths)} part(s), {manifest['total_bytes']:,} bytes, "
               f"{manifest['total_bytes'] / images:.1f} bytes per image")
+        print("bytes/image  " + ", ".join(f"{name} {size / images:.2f}" for name, size in byte_split(paths).items()))
     if "counts" in manifest:
         print(f"counts       {json.dumps(manifest['counts'], sort_keys=True)}")
     print("schema")

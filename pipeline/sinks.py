@@ -19,6 +19,7 @@ GroupByKey and single-output ParDos only, so it runs the same on every Beam runn
 from __future__ import annotations
 
 import base64
+import bisect
 import dataclasses
 import json
 import posixpath
@@ -344,6 +345,8 @@ class WriteNewShards(_LatentSink):
         its footer's list of shards, or its run of them (first to last: the shards of the input
         between them must be as many as the part recorded), or, for parts that record neither, by
         its name (one part per shard)."""
+        ordered = sorted(shards)
+        by_name = {}  # part name -> shard, for parts that record no shards (built on first need)
         held = set()
         for path in paths:
             state = part_state(path)
@@ -351,13 +354,16 @@ class WriteNewShards(_LatentSink):
                 continue
             sources = state.sources
             if sources is None:
-                held.update(s for s in shards if posixpath.basename(path) == part_name([s]))
+                by_name = by_name or {part_name([s]): s for s in shards}
+                if posixpath.basename(path) in by_name:
+                    held.add(by_name[posixpath.basename(path)])
             elif "files" in sources:
                 held.update(sources["files"])
             elif sources["shards"] == 1:
                 held.add(sources["first"])
             elif sources["shards"]:
-                run = [s for s in shards if sources["first"] <= s <= sources["last"]]
+                run = ordered[bisect.bisect_left(ordered, sources["first"]):
+                              bisect.bisect_right(ordered, sources["last"])]
                 if len(run) != sources["shards"]:
                     raise LatentpackError(
                         f"{path} holds {sources['shards']} input shard(s) from {sources['first']} to "

@@ -232,3 +232,9 @@ def test_a_damaged_shard_record_in_a_footer_leaves_the_part_known_by_name(tmp_pa
         pq.write_table(table, path)
         state = sinks.part_state(path)
         assert (state.fingerprint, state.latent_format, state.sources) == ("sha256:0", "code", None)
+    # Such a part (or one from before parts recorded their shards) holds the shard its name is made of.
+    import types
+    named = str(tmp_path / sinks.part_name(["/in/b.tfrecord"]))
+    os.rename(path, named)
+    sink = sinks.WriteNewShards(str(tmp_path), types.SimpleNamespace(fingerprint="sha256:0"), "code", {})
+    assert sink.held_shards(["/in/a.tfrecord", "/in/b.tfrecord"], [named]) == {"/in/b.tfrecord"}

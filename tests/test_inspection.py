@@ -6,7 +6,7 @@ from PIL import Image
 
 from conftest import BEAM_TEST_ARGS
 from latentpack import cli
-from pipeline import completion, encode, latents
+from pipeline import completion, encode, inspection, latents
 
 
 @pytest.fixture
@@ -24,6 +24,14 @@ def test_inspect_prints_summary_quality_and_picture(dataset, model_dir, shards, 
     out = capsys.readouterr().out
     assert "(complete)" in out and "120 in 2 part(s)" in out and "bytes per image" in out
     assert "latent   fixed_size_list<element: int8>[16]" in out
+    # Where the bytes go: every column and the footers, which with Parquet's 12 framing bytes per
+    # file make up the whole of each part.
+    assert "bytes/image  key " in out and ", footer " in out
+    manifest = completion.read_manifest(dataset)
+    paths = latents.part_paths(dataset, manifest)
+    split = inspection.byte_split(paths)
+    assert sorted(split) == ["footer", "key", "label", "latent.list.element"]
+    assert sum(split.values()) + 12 * len(paths) == manifest["total_bytes"]
     assert "PSNR mean" in out and "on 6 sampled images" in out
     assert Image.open(picture).size == (6 * 30 * 3, 2 * 30 * 3)  # 2 rows (original, reconstruction) of 6
 

@@ -88,14 +88,11 @@ class ModelCodec:
 def code_words(table) -> str:
     """How the codes of a table read from a dataset part lay out their bytes (`entropy.words_for`
     its format version); a table without latentpack metadata is this version's (codes just made)."""
-    import json
-
     from pipeline import entropy, latents
 
-    raw = (table.schema.metadata or {}).get(latents.METADATA_KEY)
     try:
-        version = json.loads(raw).get("format_version", 1) if raw is not None else latents.FORMAT_VERSION
-    except (ValueError, AttributeError):
+        version = latents.metadata_of(table.schema).get("format_version", 1)
+    except (LatentpackError, ValueError, AttributeError):  # no (readable) metadata: codes just made
         version = latents.FORMAT_VERSION
     return entropy.words_for(version if isinstance(version, int) else latents.FORMAT_VERSION)
 
