@@ -53,6 +53,30 @@ def test_artifact_is_format_2_spatial(spatial_model_dir):
     assert os.path.exists(os.path.join(spatial_model_dir, "loss.png"))
 
 
+def test_kernels_are_stored_as_int8_with_a_scale_per_filter(photo_model_dir):
+    import tensorflow as tf
+
+    from training.spatial import dequantize, stored_kernel
+
+    rng = np.random.default_rng(4)
+    kernel = rng.normal(size=(5, 5, 6, 7)) * rng.uniform(1e-4, 1.0, size=(1, 1, 6, 7))
+    kernel[:, :, 2, 3] = 0.0  # an all-zero filter keeps a usable scale
+    q, scale = stored_kernel(kernel.astype(np.float32))
+    assert q.dtype == tf.int8 and scale.shape == (1, 1, 6, 7) and np.abs(q.numpy()).max() == 127
+    back = dequantize(q, scale, tf.float64).numpy()
+    peak = np.abs(kernel).max(axis=(0, 1), keepdims=True)
+    assert (np.abs(back - kernel) <= peak / 254 * 1.0001 + 1e-12).all()  # half a step of each filter's own scale
+    assert (back[:, :, 2, 3] == 0).all()
+    half, none = stored_kernel(kernel, "float16")
+    assert half.dtype == tf.float16 and none is None
+    # Exported artifacts hold int8 kernels (and no float16 ones) for every convolution.
+    reader = tf.train.load_checkpoint(os.path.join(photo_model_dir, "variables", "variables"))
+    kernels = {k: d for k, d in reader.get_variable_to_dtype_map().items()
+               if len(reader.get_variable_to_shape_map()[k]) == 4 and not k.startswith("hyper_kernels")}  # integer hyper-synthesis: int16
+    assert kernels and {d.name for d in kernels.values()} <= {"int8", "float32"}
+    assert sum(d == tf.int8 for d in kernels.values()) == sum(d == tf.float32 for d in kernels.values())
+
+
 @pytest.mark.parametrize("size", [(1, 1), (17, 33), (16, 16), (45, 7)])
 def test_compress_pads_and_decompress_crops_back_to_the_exact_size(photo_model_dir, size):
     codec = load_codec(photo_model_dir)

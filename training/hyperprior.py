@@ -136,14 +136,15 @@ class HyperpriorTrainer(spatial.SpatialTrainer):
         return export(self, model_dir, holdout, history, extra)
 
 
-def HyperpriorModule(weights: dict, hyper_weights: list, integer: dict, latent_channels: int, hyper_channels: int):
+def HyperpriorModule(weights: dict, hyper_weights: list, integer: dict, latent_channels: int, hyper_channels: int,
+                     storage: str = spatial.KERNEL_STORAGE):
     """The spatial module (encode/decode signatures) plus `hyper_encode` (int16 latents [N, h, w, M]
     -> int16 side information [N, ceil(h/4), ceil(w/4), N]) and the integer hyper-synthesis
     weights as int16 kernels / int64 biases (`hyper_kernels`, `hyper_biases`)."""
     import tensorflow as tf
 
-    module = spatial.SpatialModule(weights, latent_channels)
-    module.hyper_analysis = [(tf.Variable(k.astype(np.float16), trainable=False, name=f"hyper_analysis{i}_k"),
+    module = spatial.SpatialModule(weights, latent_channels, storage)
+    module.hyper_analysis = [(*spatial.stored_kernel(k, storage, f"hyper_analysis{i}_k"),
                               tf.Variable(b.astype(np.float32), trainable=False, name=f"hyper_analysis{i}_b"), s)
                              for i, (k, b, s) in enumerate(hyper_weights)]
     module.hyper_kernels = [tf.Variable(layer["kernel"].astype(np.int16), trainable=False, name=f"hyper_synthesis{i}_k")
@@ -158,8 +159,8 @@ def HyperpriorModule(weights: dict, hyper_weights: list, integer: dict, latent_c
         ph, pw = (-shape[1]) % 4, (-shape[2]) % 4
         y = tf.concat([y, tf.repeat(y[:, -1:], ph, axis=1)], axis=1)
         y = tf.concat([y, tf.repeat(y[:, :, -1:], pw, axis=2)], axis=2)
-        for i, (kernel, bias, stride) in enumerate(module.hyper_analysis):
-            y = tf.nn.conv2d(y, tf.cast(kernel, tf.float32), strides=stride, padding="SAME") + bias
+        for i, (kernel, scale, bias, stride) in enumerate(module.hyper_analysis):
+            y = tf.nn.conv2d(y, spatial.dequantize(kernel, scale, tf.float32), strides=stride, padding="SAME") + bias
             if i < len(module.hyper_analysis) - 1:
                 y = tf.nn.relu(y)
         return {"hyper": tf.cast(tf.clip_by_value(tf.round(y), -32767.0, 32767.0), tf.int16)}
