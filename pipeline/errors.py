@@ -56,6 +56,19 @@ def environment_error(e: BaseException):
     return None
 
 
+def _interrupted() -> int:
+    """Report an interrupt; a second one while the interpreter shuts down (joining Beam's and
+    TensorFlow's threads) exits at once with the same status, not with a traceback."""
+    import os
+    import signal
+    import threading
+
+    print("latentpack: interrupted", file=sys.stderr)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    return 130
+
+
 def guarded(main):
     """Wrap an entry point so user mistakes print one clear line and exit 2, and an interrupt
     exits 130, never with a traceback."""
@@ -67,12 +80,10 @@ def guarded(main):
             print(f"latentpack: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("latentpack: interrupted", file=sys.stderr)
-            return 130
+            return _interrupted()
         except Exception as e:
             if str(e).startswith("KeyboardInterrupt"):  # Beam re-raises it from a DoFn as a RuntimeError
-                print("latentpack: interrupted", file=sys.stderr)
-                return 130
+                return _interrupted()
             line = environment_error(e)
             if line is None:
                 raise

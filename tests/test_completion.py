@@ -99,6 +99,18 @@ def test_an_interrupted_job_exits_130_unmarked_and_unlocked(tmp_path, mnist, mod
     assert not os.path.exists(os.path.join(out, completion.LOCK))
 
 
+def test_a_second_interrupt_during_shutdown_still_exits_130():
+    script = ("import os, signal, sys, time\n"
+              "from pipeline.errors import guarded\n"
+              "def main(argv):\n    raise KeyboardInterrupt\n"
+              "status = guarded(main)([])\n"
+              "os.kill(os.getpid(), signal.SIGINT)  # as if pressed again while threads are joined\n"
+              "time.sleep(30)\n"
+              "sys.exit(status)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and proc.stderr.strip() == "latentpack: interrupted", proc.stderr
+
+
 def test_a_full_disk_is_one_line_naming_the_file(tmp_path, shards, model_dir):
     lat = str(tmp_path / "lat")
     encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", lat] + BEAM_TEST_ARGS)
