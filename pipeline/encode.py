@@ -74,7 +74,8 @@ def _drop_later_duplicates(records, later):
     for rec in records:
         first = later.get(rec.index)
         if first is not None and rec.error is None:
-            rec.error = BadImage("duplicate_key", f"key also at {first[0]}:{first[1]}; the first one is kept")
+            rec.error = BadImage("duplicate_key",
+                                 f"key also at {first[0]}:{first[1]}; only the first input of a key is encoded")
         yield rec
 
 

@@ -77,8 +77,24 @@ def png_header(data: bytes) -> Optional[tuple]:
     return width, height, data[24], data[25]
 
 
+def _png_frames(data: bytes) -> int:
+    """Frames of an animated PNG (its acTL chunk, which comes before the image data), else 1."""
+    offset = 8
+    while offset + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        if kind == b"IDAT":
+            break
+        if kind == b"acTL":
+            return struct.unpack(">I", data[offset + 8:offset + 12])[0]
+        offset += 12 + length
+    return 1
+
+
 def _load_png(data: bytes, height: int, width: int) -> np.ndarray:
     """An 8-bit grey or RGB PNG through libspng, checked against its header's size, or BadImage."""
+    frames = _png_frames(data)
+    if frames > 1:  # libspng reads the default image alone
+        raise _animated("PNG", frames)
     try:
         pixels = pyspng.load(data)
     except Exception as e:  # libspng reports every decoding failure as RuntimeError
@@ -86,6 +102,20 @@ def _load_png(data: bytes, height: int, width: int) -> np.ndarray:
     if pixels.dtype != np.uint8 or pixels.shape[:2] != (height, width):
         raise BadImage("undecodable", f"PNG decoded to {pixels.dtype} {pixels.shape}, not its header's shape")
     return pixels
+
+
+def _one_picture(img: Image.Image) -> None:
+    """An animation or a multi-page file is a BadImage: one picture per image is stored, and
+    keeping only the first frame would lose the rest without a word. A camera's MPO JPEG (the
+    photo plus embedded previews or depth maps) is its first picture, as every viewer shows it."""
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1 and img.format != "MPO":
+        raise _animated(img.format, frames)
+
+
+def _animated(kind: str, frames: int) -> BadImage:
+    return BadImage("animated", f"{kind} image with {frames} frames or pages; one picture per image is stored "
+                                "(split the frames into images first)")
 
 
 def decode_image(data: bytes, shape: tuple, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -112,6 +142,7 @@ def decode_image(data: bytes, shape: tuple, max_pixels: int = DEFAULT_MAX_PIXELS
         raise BadImage("too_many_pixels", f"{img.width}x{img.height} exceeds the {max_pixels}-pixel limit")
     if (img.height, img.width) != (height, width):
         raise BadImage("wrong_size", f"image is {img.width}x{img.height}, the model takes {width}x{height}")
+    _one_picture(img)
     try:
         img.load()
     except Exception as e:
@@ -147,7 +178,8 @@ def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
     EXIF orientation is applied; palettes are expanded (grey palettes to one channel); CMYK
     and other colour spaces become RGB; 16-bit grey becomes 8-bit (the top byte); an alpha
     channel is dropped only when every pixel is opaque. What cannot be stored faithfully is a
-    BadImage: float images (`wrong_mode`), transparency (`transparent`).
+    BadImage: float and 32-bit integer images (`wrong_mode`), transparency (`transparent`),
+    animations and multi-page files (`animated`).
     """
     header = png_header(data)
     if header is not None:
@@ -162,6 +194,10 @@ def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
         raise BadImage("undecodable", f"not a readable image: {_reason(e)}") from None
     if img.width * img.height > max_pixels:
         raise BadImage("too_many_pixels", f"{img.width}x{img.height} exceeds the {max_pixels}-pixel limit")
+    _one_picture(img)
+    if img.mode == "I" and img.format != "PNG":  # PNG's "I" is 16-bit grey (older Pillows); elsewhere 32-bit
+        raise BadImage("wrong_mode", f"32-bit integer {img.format} image: no 8-bit reading of it is "
+                                     "canonical (convert it to 8 or 16 bits first)")
     try:
         img.load()
         orientation = int(img.getexif().get(0x0112, 1) or 1)

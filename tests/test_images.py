@@ -24,6 +24,36 @@ def test_rgb_round_trip():
     assert np.array_equal(decode_image(encode_png(image), (32, 32, 3)), image)
 
 
+def animation(frames, fmt, shape=(28, 28)):
+    out = io.BytesIO()
+    images = [Image.fromarray(np.full(shape, 40 * i, np.uint8)) for i in range(frames)]
+    images[0].save(out, format=fmt, save_all=True, append_images=images[1:])
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("frames,fmt", [(3, "GIF"), (2, "PNG"), (2, "WEBP"), (2, "TIFF")])
+def test_animations_and_multi_page_files_are_dead_letters(frames, fmt):
+    from pipeline.images import decode_photo
+
+    data = animation(frames, fmt)
+    for decode in (lambda: decode_image(data, (28, 28, 1)), lambda: decode_photo(data)):
+        with pytest.raises(BadImage) as e:
+            decode()
+        assert e.value.reason == "animated" and f"{frames} frames" in str(e.value)
+    # One frame of the same formats is an ordinary image.
+    assert decode_photo(animation(1, fmt)).pixels.shape[:2] == (28, 28)
+
+
+def test_a_camera_mpo_jpeg_is_its_first_picture():
+    from pipeline.images import decode_photo
+
+    out = io.BytesIO()
+    main, preview = (Image.fromarray(np.full((24, 32, 3), v, np.uint8)) for v in (200, 30))
+    main.save(out, format="MPO", save_all=True, append_images=[preview])
+    photo = decode_photo(out.getvalue())
+    assert photo.pixels.shape == (24, 32, 3) and abs(int(photo.pixels.mean()) - 200) <= 2
+
+
 @pytest.mark.parametrize("data,shape,reason", [
     (b"not an image", (28, 28, 1), "undecodable"),
     (png(np.zeros((20, 28), np.uint8)), (28, 28, 1), "wrong_size"),

@@ -195,6 +195,11 @@ def test_decode_photo_conversions():
     assert palette.pixels.shape[-1] == 1 and palette.mode == "P"
     cmyk = decode_photo(as_bytes(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95))
     assert cmyk.pixels.shape == (12, 20, 3) and cmyk.mode == "CMYK"
+    # 32-bit integers (TIFF) have no canonical 8-bit reading: a dead letter, not a black picture.
+    from pipeline.errors import BadImage
+    with pytest.raises(BadImage, match="32-bit integer TIFF") as e:
+        decode_photo(as_bytes(Image.fromarray(np.full((4, 5), 200, np.int32)), "TIFF"))
+    assert e.value.reason == "wrong_mode"
 
 
 def test_training_resumes_from_its_checkpoint(tmp_path, photo_folder):
