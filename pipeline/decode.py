@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import posixpath
 import sys
+from typing import Optional
 
 import apache_beam as beam
 import pyarrow as pa
@@ -40,7 +41,7 @@ def check_dataset(dataset_dir: str, spec) -> tuple:
     manifest = read_manifest(dataset_dir)
     if manifest.get("format") != "latentpack-dataset":
         raise LatentpackError(f"{dataset_dir}: {MANIFEST} is not a latentpack dataset manifest")
-    check_fingerprint(posixpath.join(dataset_dir, MANIFEST), manifest.get("model_fingerprint"), spec)
+    check_fingerprint(posixpath.join(dataset_dir, MANIFEST), manifest.get("model_fingerprint"), spec, manifest)
     paths = latents.part_paths(dataset_dir, manifest)
     family = codec_class(spec)
     # Sizes and row counts here, before anything is written; checksums in the workers.
@@ -72,11 +73,37 @@ def check_dataset(dataset_dir: str, spec) -> tuple:
     return paths, manifest["files"], manifest
 
 
-def check_fingerprint(path: str, fingerprint: str, spec) -> None:
-    if fingerprint != spec.fingerprint:
+def check_fingerprint(path: str, fingerprint: str, spec, manifest: Optional[dict] = None) -> None:
+    if fingerprint == spec.fingerprint:
+        return
+    from pipeline import models
+
+    name, version = (manifest or {}).get("model"), (manifest or {}).get("latentpack_version")
+    if name:  # a shipped model: this installation may ship a newer one under the same name
+        shipped = models.by_fingerprint(fingerprint)
         raise LatentpackError(
-            f"{path} was encoded with model {fingerprint}, but --model-dir {spec.fingerprint} is "
-            "a different model; decode it with the model that encoded it")
+            f"{path} was encoded with the shipped model {name} of latentpack {version} ({fingerprint}); "
+            + (f"this installation ships it as {shipped}: decode with --model-dir {shipped}" if shipped else
+               f"this installation does not ship that model (its {name} is a different one): decode with the "
+               f"model folder of latentpack {version}, e.g. from `pip install latentpack=={version}`"))
+    raise LatentpackError(
+        f"{path} was encoded with model {fingerprint}, but --model-dir {spec.fingerprint} is "
+        "a different model; decode it with the model that encoded it")
+
+
+def model_for(dataset_dir: str, model_dir: Optional[str]) -> str:
+    """--model-dir as given, or, when it is left out, the shipped model that encoded the dataset."""
+    from pipeline import models
+
+    if model_dir:
+        return models.resolve(model_dir)
+    manifest = read_manifest(dataset_dir)
+    fingerprint = manifest.get("model_fingerprint")
+    name = models.by_fingerprint(fingerprint) if fingerprint else None
+    if name is None:
+        raise LatentpackError(f"--model-dir is needed: {dataset_dir} was encoded with model {fingerprint}, which "
+                              "this installation does not ship; give that model's folder")
+    return models.resolve(name)
 
 
 def part_stem(path: str) -> str:
@@ -182,7 +209,7 @@ class DecodeOptions:
     """The decode job's own settings (Beam's options travel separately)."""
 
     input: str
-    model_dir: str
+    model_dir: Optional[str]
     output: str
     output_format: str = "png"
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
@@ -195,8 +222,9 @@ def parse_args(argv) -> tuple:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="Any other option is passed to Beam (--runner, --direct_num_workers, ...).")
     p.add_argument("--input", required=True, help="latent dataset directory (from latentpack encode)")
-    p.add_argument("--model-dir", required=True,
-                   help="the model artifact that encoded the dataset, or a shipped model: photo:<1-8>")
+    p.add_argument("--model-dir", default=None,
+                   help="the model artifact that encoded the dataset, or a shipped model: photo:<1-8>; when left "
+                        "out, the shipped model that encoded it (found by its fingerprint)")
     p.add_argument("--output", required=True, help="directory for the decoded images")
     p.add_argument("--output-format", default="png", choices=sorted(WRITERS), help="how to write the images")
     p.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
@@ -216,10 +244,9 @@ def run(argv=None, test_pipeline=None):
 
 def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     """Build and run the decode job; returns the output manifest dict."""
-    from pipeline import models
-    model_dir = models.resolve(options.model_dir)
-    spec = read_spec(model_dir)
     dataset = options.input.rstrip("/")
+    model_dir = model_for(dataset, options.model_dir)
+    spec = read_spec(model_dir)
     paths, entries, manifest = check_dataset(dataset, spec)
     output = options.output.rstrip("/")
     if (output + "/").startswith(dataset + "/"):

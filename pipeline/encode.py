@@ -272,7 +272,10 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
     log.info("encoding %d shard(s) of %s with model %s", len(shards), options.input_format, spec.fingerprint[:19])
     extra = {"job": "encode", "input": options.input, "input_format": options.input_format, "shards": len(shards),
              "latent_format": latent_format, "duplicate_keys": options.duplicate_keys,
-             "codec": latents.metadata_of(latents.schema(spec, latent_format))}
+             "codec": latents.metadata_of(latents.schema(spec, latent_format)),
+             # Which shipped model, of which release: a later release may ship a better (different) one.
+             "model": options.model_dir if models.is_shipped_name(options.model_dir) else None,
+             "latentpack_version": models.package_version()}
     if reader.label_names():  # class names the input declares (TFDS, Hugging Face): decode's Parquet keeps them
         extra["label_names"] = reader.label_names()
     fatal = ("duplicate_key",) if options.duplicate_keys == "fail" else ()

@@ -7,9 +7,10 @@ training anything; how each one was trained is in its codec.json and models/READ
 """
 from __future__ import annotations
 
+import json
 import os
 import re
-from typing import Dict
+from typing import Dict, Optional
 
 from pipeline.errors import LatentpackError
 
@@ -33,11 +34,38 @@ def shipped() -> Dict[str, str]:
 
 def resolve(model_dir: str) -> str:
     """A folder path as is; `photo:<quality>` -> the shipped artifact's folder."""
-    m = re.fullmatch(r"(\w+):(\d+)", model_dir or "")
-    if not m or m.group(1) not in PREFIX:
+    if not is_shipped_name(model_dir):
         return model_dir
     available = shipped()
     if model_dir not in available:
         names = ", ".join(available) or "none in this installation"
         raise LatentpackError(f"no shipped model {model_dir!r}; shipped models: {names}")
     return available[model_dir]
+
+
+def is_shipped_name(model_dir: str) -> bool:
+    m = re.fullmatch(r"(\w+):(\d+)", model_dir or "")
+    return bool(m) and m.group(1) in PREFIX
+
+
+def by_fingerprint(fingerprint: str) -> Optional[str]:
+    """The name of the shipped model with this fingerprint (as its codec.json records it; loading
+    it verifies every file), or None."""
+    for name, folder in shipped().items():
+        try:
+            with open(os.path.join(folder, "codec.json")) as f:
+                if json.load(f).get("fingerprint") == fingerprint:
+                    return name
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def package_version() -> str:
+    """This installation's latentpack version, recorded in what it writes."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("latentpack")
+    except metadata.PackageNotFoundError:
+        return "unknown"

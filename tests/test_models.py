@@ -56,3 +56,31 @@ def test_unknown_shipped_model_is_one_clear_error():
     with pytest.raises(LatentpackError, match="no shipped model 'photo:9'"):
         models.resolve("photo:9")
     assert models.resolve("some/folder") == "some/folder"
+
+
+def test_a_dataset_names_its_shipped_model_and_decode_finds_it(monkeypatch, tmp_path, photo_folder,
+                                                               spatial_model_dir, hyperprior_model_dir):
+    """Shipped models improve between releases under the same name; a dataset records which one
+    (fingerprint, name, release), decode finds it when --model-dir is left out, and a dataset of a
+    model this installation no longer ships is one clear error, not a decode with the wrong model."""
+    from conftest import BEAM_TEST_ARGS
+    from pipeline import decode, encode
+
+    monkeypatch.setattr(models, "shipped", lambda: {"photo:4": hyperprior_model_dir})
+    lat = str(tmp_path / "lat")
+    manifest = encode.run(["--input", str(photo_folder / "img0*.png"), "--input-format", "images",
+                           "--model-dir", "photo:4", "--output", lat] + BEAM_TEST_ARGS)
+    assert manifest["model"] == "photo:4" and manifest["latentpack_version"] == models.package_version() != "unknown"
+    out = decode.run(["--input", lat, "--output", str(tmp_path / "out")] + BEAM_TEST_ARGS)
+    assert out["counts"]["written"] == 10 and out["model_fingerprint"] == read_spec(hyperprior_model_dir).fingerprint
+    # A later release whose photo:4 is another model.
+    monkeypatch.setattr(models, "shipped", lambda: {"photo:4": spatial_model_dir})
+    with pytest.raises(LatentpackError, match="--model-dir is needed: .* which this installation does not ship"):
+        decode.run(["--input", lat, "--output", str(tmp_path / "out2")] + BEAM_TEST_ARGS)
+    with pytest.raises(LatentpackError, match=r"shipped model photo:4 of latentpack [\d.]+ .*does not ship that "
+                                              r"model .*pip install latentpack=="):
+        decode.run(["--input", lat, "--model-dir", "photo:4", "--output", str(tmp_path / "out2")] + BEAM_TEST_ARGS)
+    assert not os.path.exists(tmp_path / "out2" / "_manifest.json")
+    # Given the model's folder, it decodes as before.
+    decode.run(["--input", lat, "--model-dir", hyperprior_model_dir, "--output", str(tmp_path / "out3")]
+               + BEAM_TEST_ARGS)
