@@ -84,8 +84,9 @@ def check_fingerprint(path: str, fingerprint: str, spec, manifest: Optional[dict
         raise LatentpackError(
             f"{path} was encoded with the shipped model {name} of latentpack {version} ({fingerprint}); "
             + (f"this installation ships it as {shipped}: decode with --model-dir {shipped}" if shipped else
-               f"this installation does not ship that model (its {name} is a different one): decode with the "
-               f"model folder of latentpack {version}, e.g. from `pip install latentpack=={version}`"))
+               f"this installation does not ship that model (its {name} is a different one): decode with "
+               f"--model-dir set to that model's folder (models/{models.PREFIX.get(name.split(':')[0], '')}"
+               f"{name.split(':')[-1]} of latentpack {version})"))
     raise LatentpackError(
         f"{path} was encoded with model {fingerprint}, but --model-dir {spec.fingerprint} is "
         "a different model; decode it with the model that encoded it")

@@ -78,7 +78,7 @@ def test_a_dataset_names_its_shipped_model_and_decode_finds_it(monkeypatch, tmp_
     with pytest.raises(LatentpackError, match="--model-dir is needed: .* which this installation does not ship"):
         decode.run(["--input", lat, "--output", str(tmp_path / "out2")] + BEAM_TEST_ARGS)
     with pytest.raises(LatentpackError, match=r"shipped model photo:4 of latentpack [\d.]+ .*does not ship that "
-                                              r"model .*pip install latentpack=="):
+                                              r"model .*models/photo-q4 of latentpack"):
         decode.run(["--input", lat, "--model-dir", "photo:4", "--output", str(tmp_path / "out2")] + BEAM_TEST_ARGS)
     assert not os.path.exists(tmp_path / "out2" / "_manifest.json")
     # Given the model's folder, it decodes as before.
