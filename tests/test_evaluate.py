@@ -3,6 +3,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import BEAM_TEST_ARGS
@@ -121,3 +122,22 @@ def test_photo_rd_gives_the_shipped_models_bd_rates_when_others_share_the_curve(
     line = photo_rd.shipped_bd_rates(webp + ours)
     assert "(photo:2, photo:4)" in line and "webp: -" in line and "jpeg" not in line
     assert photo_rd.shipped_bd_rates(webp + ours[1:]) == ""  # the shipped models alone: nothing to add
+
+
+def test_photo_rd_bytes_at_follows_each_curve_and_the_best_model_of_any_family():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import photo_rd
+
+    def point(family, psnr, stored):
+        return {"family": family, "psnr": psnr, "stored_bytes": stored * 10, "images": 10, "bytes_per_image": stored}
+
+    points = [point("latentpack-spatial", 25.0, 60.0), point("latentpack-spatial", 27.0, 100.0),
+              point("latentpack-hyperprior", 25.5, 60.0), point("latentpack-hyperprior", 26.5, 80.0),
+              point("webp", 26.0, 150.0)]
+    assert photo_rd.bytes_at(points, "latentpack-spatial", 26.0) == pytest.approx(np.sqrt(60.0 * 100.0))
+    assert photo_rd.bytes_at(points, "latentpack-hyperprior", 25.0) is None  # below its curve
+    # Together, the spatial point at 25.0 dB is beaten (the hyperprior's 25.5 dB costs as little):
+    # the curve runs 60 bytes at 25.5, 80 at 26.5, 100 at 27.0.
+    assert photo_rd.bytes_at(points, None, 26.0) == pytest.approx(np.sqrt(60.0 * 80.0))
+    assert photo_rd.bytes_at(points, None, 26.75) == pytest.approx(np.sqrt(80.0 * 100.0))
+    assert photo_rd.bytes_at(points, None, 24.0) is None
