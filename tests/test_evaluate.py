@@ -124,7 +124,7 @@ def test_photo_rd_gives_the_shipped_models_bd_rates_when_others_share_the_curve(
     assert photo_rd.shipped_bd_rates(webp + ours[1:]) == ""  # the shipped models alone: nothing to add
 
 
-def test_photo_rd_bytes_at_follows_each_curve_and_the_best_model_of_any_family():
+def test_photo_rd_bytes_at_follows_each_curve_and_the_best_family():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
     import photo_rd
 
@@ -136,8 +136,8 @@ def test_photo_rd_bytes_at_follows_each_curve_and_the_best_model_of_any_family()
               point("webp", 26.0, 150.0)]
     assert photo_rd.bytes_at(points, "latentpack-spatial", 26.0) == pytest.approx(np.sqrt(60.0 * 100.0))
     assert photo_rd.bytes_at(points, "latentpack-hyperprior", 25.0) is None  # below its curve
-    # Together, the spatial point at 25.0 dB is beaten (the hyperprior's 25.5 dB costs as little):
-    # the curve runs 60 bytes at 25.5, 80 at 26.5, 100 at 27.0.
+    # The best family at each PSNR: the hyperprior's curve where it reaches, else the spatial one.
     assert photo_rd.bytes_at(points, None, 26.0) == pytest.approx(np.sqrt(60.0 * 80.0))
-    assert photo_rd.bytes_at(points, None, 26.75) == pytest.approx(np.sqrt(80.0 * 100.0))
+    assert photo_rd.bytes_at(points, None, 26.75) == photo_rd.bytes_at(points, "latentpack-spatial", 26.75)
+    assert photo_rd.bytes_at(points, None, 25.2) == photo_rd.bytes_at(points, "latentpack-spatial", 25.2)
     assert photo_rd.bytes_at(points, None, 24.0) is None
