@@ -224,7 +224,7 @@ def parse_args(argv) -> tuple:
                                 epilog="Any other option is passed to Beam (--runner, --direct_num_workers, ...).")
     p.add_argument("--input", required=True, help="latent dataset directory (from latentpack encode)")
     p.add_argument("--model-dir", default=None,
-                   help="the model artifact that encoded the dataset, or a shipped model: photo:<1-8>; when left "
+                   help="the model artifact that encoded the dataset, or a shipped model: photo:<q> (1, 2, 4, 6); when left "
                         "out, the shipped model that encoded it (found by its fingerprint)")
     p.add_argument("--output", required=True, help="directory for the decoded images")
     p.add_argument("--output-format", default="png", choices=sorted(WRITERS), help="how to write the images")

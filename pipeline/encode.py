@@ -210,7 +210,7 @@ def parse_args(argv) -> tuple:
     p.add_argument("--input", help="glob of input shards, local or on any Beam filesystem (gs://, s3://)")
     p.add_argument("--input-format", default=d.input_format, choices=sorted(READERS), help="format of --input")
     p.add_argument("--model-dir", required=True,
-                   help="model artifact directory (from latentpack train), or a shipped model: photo:<1-8>")
+                   help="model artifact directory (from latentpack train), or a shipped model: photo:<q> (1, 2, 4, 6)")
     p.add_argument("--output", required=True, help="directory for the latent dataset")
     p.add_argument("--latent-format", choices=latents.LATENT_FORMATS,
                    help="code: entropy-coded bytes per image (the compact default for models trained with "

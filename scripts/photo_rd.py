@@ -1,6 +1,6 @@
 """Rate-distortion of the photo models on held-out photographs, beside JPEG, WebP and AVIF.
 
-    python scripts/photo_rd.py --out rd-photos [--models photo:2 photo:4 photo:6] [--record]
+    python scripts/photo_rd.py --out rd-photos [--models photo:1 photo:2 ...] [--record]
     (what `make photo-rd` runs)
     python scripts/photo_rd.py --dataset cifar10 --out rd-cifar --models cifar-q1/ ... [--record]
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", choices=["bsds500", "cifar10"], default="bsds500", help="held-out images of which set")
     p.add_argument("--out", default="rd-photos", help="work folder")
-    p.add_argument("--models", nargs="+", default=["photo:2", "photo:4", "photo:6"], help="models to evaluate")
+    p.add_argument("--models", nargs="+", help="models to evaluate (default: every shipped photo model)")
     p.add_argument("--limit", type=int, help="at most this many held-out photos")
     p.add_argument("--record", action="store_true", help="write the results into BENCHMARKS.md")
     p.add_argument("--record-only", action="store_true", help="only record an earlier run's rd.json from --out")
@@ -43,6 +43,10 @@ def main(argv=None) -> int:
         import json
         record(args, argv, json.load(open(os.path.join(args.out, "rd.json")))["images"])
         return 0
+    if not args.models:
+        sys.path.insert(0, ROOT)
+        from pipeline import models
+        args.models = sorted(models.shipped(), key=lambda name: int(name.split(":")[1]))
     source = BSDS if args.dataset == "bsds500" else CIFAR
     if not os.path.isdir(source):
         sys.exit(f"photo_rd: {source} is missing; this benchmark needs it")

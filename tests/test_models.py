@@ -14,9 +14,10 @@ from pipeline.images import ImageBatch
 # The exact artifacts that ship. A change here means a new model: retrain it with the command in
 # models/README.md, record how, and update the fingerprint together with BENCHMARKS.md.
 PINNED = {
-    "photo:2": "sha256:fb7e923acdfa29978ea976d133858289b0310fa252ed918a06ccd78a4b2283bc",
-    "photo:4": "sha256:325ed631f85a8cb4711ebce4768ee2c3741d468100603c77b4eb0b9218a5c783",
-    "photo:6": "sha256:2ede1f03526a75cc0d0466ada86e9368647068467fd5ca48a1e4970d4378fb85",
+    "photo:1": "sha256:0065cd5cfad7456c6d6b10359a5e210ebe135467d9560510b8a865d5cd6d5033",
+    "photo:2": "sha256:61b23d855f8ba4b80a8f1dd86508a069889e9dc81cb62cc4757cb4b94cfebef9",
+    "photo:4": "sha256:85f7c302018168ad96eddebd6814083400bbad203060da67e5e8208c5c06b281",
+    "photo:6": "sha256:887808f3a735cabfcff4c83968ffbdee59442078b933033d5d87e66deb106cd5",
 }
 
 
