@@ -250,6 +250,9 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
     """Build and run the encode job; returns the manifest dict."""
     if options.batch_size < 1:
         raise LatentpackError(f"--batch-size must be at least 1 (got {options.batch_size})")
+    if options.max_pixels < 1:
+        raise LatentpackError(f"--max-pixels must be at least 1 (got {options.max_pixels}); it is the largest "
+                              "image, in pixels, that is decoded (larger ones are dead letters)")
     if options.skip_existing and options.num_shards:
         raise LatentpackError("--num-shards cannot apply with --skip-existing (its parts are planned among the new shards)")
     from pipeline import models

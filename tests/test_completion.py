@@ -57,6 +57,10 @@ def test_encode_refuses_an_output_its_input_reads_and_an_output_that_is_a_file(t
     with pytest.raises(LatentpackError, match="--batch-size must be at least 1"):
         encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", str(tmp_path / "o"),
                     "--batch-size", "0"] + BEAM_TEST_ARGS)
+    with pytest.raises(LatentpackError, match="--max-pixels must be at least 1"):
+        encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", str(tmp_path / "o"),
+                    "--max-pixels", "0"] + BEAM_TEST_ARGS)
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_a_second_job_on_the_same_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path, shards, model_dir):
