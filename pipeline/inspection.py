@@ -25,7 +25,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="latentpack inspect", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dataset", help="latent dataset directory")
-    p.add_argument("--model-dir", help="the model artifact, to decode samples and measure quality")
+    p.add_argument("--model-dir", help="the model artifact, to decode samples and measure quality (default: the "
+                                       "shipped model that made the dataset, if it is one)")
     p.add_argument("--samples", type=int, default=0, help="rows to decode (needs --model-dir)")
     p.add_argument("--picture", help="write an original-vs-reconstruction grid of the samples here (PNG)")
     p.add_argument("--source", help="glob of the original images, to compare against")
@@ -145,12 +146,14 @@ def main(argv=None) -> int:
     for field in schema:
         print(f"  {field.name:<8} {field.type}")
     if args.samples:
-        if not args.model_dir:
-            raise LatentpackError("--samples needs --model-dir to decode")
         from pipeline import models
         from pipeline.codecs import codec_class, load_codec
         from pipeline.images import DeadLetter
-        codec = load_codec(models.resolve(args.model_dir))
+        model_dir = args.model_dir or models.by_fingerprint(meta["model_fingerprint"])
+        if not model_dir:
+            raise LatentpackError(f"--samples needs --model-dir to decode (the dataset's model "
+                                  f"{meta['model_fingerprint']} is not a shipped one)")
+        codec = load_codec(models.resolve(model_dir))
         if codec.fingerprint != meta["model_fingerprint"]:
             raise LatentpackError(f"--model-dir {codec.fingerprint} did not make this dataset "
                                   f"({meta['model_fingerprint']})")

@@ -74,6 +74,8 @@ def test_a_dataset_names_its_shipped_model_and_decode_finds_it(monkeypatch, tmp_
     assert manifest["model"] == "photo:4" and manifest["latentpack_version"] == models.package_version() != "unknown"
     out = decode.run(["--input", lat, "--output", str(tmp_path / "out")] + BEAM_TEST_ARGS)
     assert out["counts"]["written"] == 10 and out["model_fingerprint"] == read_spec(hyperprior_model_dir).fingerprint
+    from pipeline import inspection
+    assert inspection.main([lat, "--samples", "2"]) == 0  # inspect finds it the same way
     # A later release whose photo:4 is another model.
     monkeypatch.setattr(models, "shipped", lambda: {"photo:4": spatial_model_dir})
     with pytest.raises(LatentpackError, match="--model-dir is needed: .* which this installation does not ship"):
@@ -82,6 +84,8 @@ def test_a_dataset_names_its_shipped_model_and_decode_finds_it(monkeypatch, tmp_
                                               r"model .*models/photo-q4 of latentpack"):
         decode.run(["--input", lat, "--model-dir", "photo:4", "--output", str(tmp_path / "out2")] + BEAM_TEST_ARGS)
     assert not os.path.exists(tmp_path / "out2" / "_manifest.json")
+    with pytest.raises(LatentpackError, match="--samples needs --model-dir .* is not a shipped one"):
+        inspection.main([lat, "--samples", "2"])
     # Given the model's folder, it decodes as before.
     decode.run(["--input", lat, "--model-dir", hyperprior_model_dir, "--output", str(tmp_path / "out3")]
                + BEAM_TEST_ARGS)
