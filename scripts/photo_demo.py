@@ -84,7 +84,7 @@ def run(out: str, model: str, beam_args=()) -> dict:
     import pyarrow.parquet as pq
 
     from latentpack import cli
-    from pipeline import latents
+    from pipeline import latents, models
     from pipeline.completion import read_manifest
 
     files = photo_files()
@@ -97,8 +97,9 @@ def run(out: str, model: str, beam_args=()) -> dict:
         shutil.copy(path, f"{out}/photos/")
     for title, argv in (("encode photos", ["encode", "--input", f"{out}/photos/*", "--input-format", "images",
                                            "--model-dir", model, "--output", f"{out}/latents"]),
-                        ("decode photos", ["decode", "--input", f"{out}/latents", "--model-dir", model,
-                                           "--output", f"{out}/decoded"])):
+                        # A shipped model is found from the dataset's own record; a folder is given.
+                        ("decode photos", ["decode", "--input", f"{out}/latents", "--output", f"{out}/decoded"]
+                         + ([] if models.is_shipped_name(model) else ["--model-dir", model]))):
         print(f"\n== {title}: latentpack {' '.join(argv)}", flush=True)
         started = time.time()
         if cli.main(argv + list(beam_args)):
