@@ -36,9 +36,9 @@ from pipeline.runners import either_spelling, runner_options
 NAMESPACE = "latentpack.decode"
 
 
-def check_dataset(dataset_dir: str, spec) -> tuple:
-    """Validate a latent dataset against the model; returns (part paths, their manifest entries, the manifest)."""
-    manifest = read_manifest(dataset_dir)
+def check_dataset(dataset_dir: str, spec, manifest: dict) -> tuple:
+    """Validate a latent dataset (its manifest already read) against the model; returns (part paths,
+    their manifest entries)."""
     if manifest.get("format") != "latentpack-dataset":
         raise LatentpackError(f"{dataset_dir}: {MANIFEST} is not a latentpack dataset manifest")
     check_fingerprint(posixpath.join(dataset_dir, MANIFEST), manifest.get("model_fingerprint"), spec, manifest)
@@ -70,7 +70,7 @@ def check_dataset(dataset_dir: str, spec) -> tuple:
             if schema.field(field.name).type != field.type:
                 raise LatentpackError(f"{path}: column {field.name!r} is {schema.field(field.name).type}, "
                                       f"the model needs {field.type}")
-    return paths, manifest["files"], manifest
+    return paths, manifest["files"]
 
 
 def check_fingerprint(path: str, fingerprint: str, spec, manifest: Optional[dict] = None) -> None:
@@ -85,20 +85,18 @@ def check_fingerprint(path: str, fingerprint: str, spec, manifest: Optional[dict
             f"{path} was encoded with the shipped model {name} of latentpack {version} ({fingerprint}); "
             + (f"this installation ships it as {shipped}: decode with --model-dir {shipped}" if shipped else
                f"this installation does not ship that model (its {name} is a different one): decode with "
-               f"--model-dir set to that model's folder (models/{models.PREFIX.get(name.split(':')[0], '')}"
-               f"{name.split(':')[-1]} of latentpack {version})"))
+               f"--model-dir set to that model's folder ({models.folder_name(name)} of latentpack {version})"))
     raise LatentpackError(
         f"{path} was encoded with model {fingerprint}, but --model-dir {spec.fingerprint} is "
         "a different model; decode it with the model that encoded it")
 
 
-def model_for(dataset_dir: str, model_dir: Optional[str]) -> str:
+def model_for(dataset_dir: str, manifest: dict, model_dir: Optional[str]) -> str:
     """--model-dir as given, or, when it is left out, the shipped model that encoded the dataset."""
     from pipeline import models
 
     if model_dir:
         return models.resolve(model_dir)
-    manifest = read_manifest(dataset_dir)
     fingerprint = manifest.get("model_fingerprint")
     name = models.by_fingerprint(fingerprint) if fingerprint else None
     if name is None:
@@ -246,9 +244,10 @@ def run(argv=None, test_pipeline=None):
 def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     """Build and run the decode job; returns the output manifest dict."""
     dataset = options.input.rstrip("/")
-    model_dir = model_for(dataset, options.model_dir)
+    manifest = read_manifest(dataset)
+    model_dir = model_for(dataset, manifest, options.model_dir)
     spec = read_spec(model_dir)
-    paths, entries, manifest = check_dataset(dataset, spec)
+    paths, entries = check_dataset(dataset, spec, manifest)
     output = options.output.rstrip("/")
     if (output + "/").startswith(dataset + "/"):
         raise LatentpackError(f"--output {output} is, or is inside, the --input dataset {dataset}; decoding there "

@@ -43,6 +43,12 @@ def resolve(model_dir: str) -> str:
     return available[model_dir]
 
 
+def folder_name(name: str) -> str:
+    """`photo:4` -> `models/photo-q4`, where the repository (and a release's package) keeps it."""
+    kind, quality = name.split(":")
+    return f"models/{PREFIX[kind]}{quality}"
+
+
 def is_shipped_name(model_dir: str) -> bool:
     m = re.fullmatch(r"(\w+):(\d+)", model_dir or "")
     return bool(m) and m.group(1) in PREFIX

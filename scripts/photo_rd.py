@@ -43,14 +43,13 @@ def main(argv=None) -> int:
         import json
         record(args, argv, json.load(open(os.path.join(args.out, "rd.json")))["images"])
         return 0
+    sys.path.insert(0, ROOT)
     if not args.models:
-        sys.path.insert(0, ROOT)
         from pipeline import models
         args.models = sorted(models.shipped(), key=lambda name: int(name.split(":")[1]))
     source = BSDS if args.dataset == "bsds500" else CIFAR
     if not os.path.isdir(source):
         sys.exit(f"photo_rd: {source} is missing; this benchmark needs it")
-    sys.path.insert(0, ROOT)
     from latentpack import cli
 
     photos = os.path.join(args.out, "holdout")

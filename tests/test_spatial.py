@@ -77,6 +77,29 @@ def test_kernels_are_stored_as_int8_with_a_scale_per_filter(photo_model_dir):
     assert sum(d == tf.int8 for d in kernels.values()) == sum(d == tf.float32 for d in kernels.values())
 
 
+def test_kernel_storage_float16_exports_the_same_checkpoint_the_other_way(spatial_model_dir, photo_folder, tmp_path):
+    import shutil
+
+    import tensorflow as tf
+
+    from training.spatial import SpatialConfig, train
+
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(os.path.join(os.path.dirname(spatial_model_dir), "checkpoints"), checkpoints)
+    config = SpatialConfig(filters=16, latent_channels=8, crop=32, batch_size=4, steps=40, learning_rate=1e-3,
+                           checkpoint_every=20, validate_every=40, val_images=2, holdout_every=6,
+                           kernel_storage="float16")
+    spec = train(config, str(photo_folder / "*.png"), "images", str(tmp_path / "half"), str(checkpoints), resume=True)
+    assert spec["training"]["steps_done"] == 40 and spec["training"]["kernel_storage"] == "float16"
+    reader = tf.train.load_checkpoint(str(tmp_path / "half" / "variables" / "variables"))
+    dtypes = {d.name for k, d in reader.get_variable_to_dtype_map().items()
+              if len(reader.get_variable_to_shape_map()[k]) == 4}
+    assert dtypes == {"float16"}
+    int8 = read_spec(spatial_model_dir)
+    assert int8.training["kernel_storage"] == "int8"
+    assert abs(spec["metrics"]["val_psnr"] - int8.metrics["val_psnr"]) < 0.1
+
+
 @pytest.mark.parametrize("size", [(1, 1), (17, 33), (16, 16), (45, 7)])
 def test_compress_pads_and_decompress_crops_back_to_the_exact_size(photo_model_dir, size):
     codec = load_codec(photo_model_dir)

@@ -253,7 +253,8 @@ def export(trainer: HyperpriorTrainer, model_dir: str, holdout, history: dict, e
     weights = spatial.transform_weights(trainer.analysis, trainer.synthesis)
     hyper_weights = [(np.asarray(layer.kernel), np.asarray(layer.bias), int(layer.strides[0]))
                      for layer in trainer.hyper_analysis.layers]
-    module = HyperpriorModule(weights, hyper_weights, integer, config.latent_channels, config.filters)
+    module = HyperpriorModule(weights, hyper_weights, integer, config.latent_channels, config.filters,
+                              config.kernel_storage)
     entropy_model = entropy_model_spec(z_tables, gaussian_tables(), integer)
     spec = dict(spatial.artifact_spec(trainer, "hyperprior", "scale-hyperprior-integer", entropy_model, history,
                                       extra), hyper_channels=config.filters)

@@ -53,6 +53,7 @@ class SpatialConfig:
     seed: int = 0
     prior: str = "factorized"  # or "hyperprior" (training/hyperprior.py)
     stride: int = STRIDE  # 16: four stride-2 stages (photos); 8: three, for very small images (CIFAR-10)
+    kernel_storage: str = KERNEL_STORAGE  # how the exported SavedModel stores kernels (`stored_kernel`)
 
 
 def build_transforms(filters: int, latent_channels: int, channels: int = 3, stride: int = STRIDE):
@@ -366,7 +367,8 @@ def export(trainer: SpatialTrainer, model_dir: str, holdout, history: dict, extr
     from training.prior import freeze_channels
 
     entropy_model = freeze_channels(trainer.prior)
-    module = SpatialModule(transform_weights(trainer.analysis, trainer.synthesis), trainer.config.latent_channels)
+    module = SpatialModule(transform_weights(trainer.analysis, trainer.synthesis), trainer.config.latent_channels,
+                           trainer.config.kernel_storage)
     spec = artifact_spec(trainer, "spatial", "deep-factorized-per-channel", entropy_model, history, extra)
     spec["metrics"] = measure(module, entropy_model, holdout, trainer.config.stride)
     save_artifact(model_dir, module, ("encode", "decode"), history)
@@ -438,7 +440,7 @@ def transform_weights(analysis, synthesis) -> dict:
     return {"analysis": layers_of(analysis), "synthesis": layers_of(synthesis)}
 
 
-def stored_kernel(kernel: np.ndarray, storage: str = "int8", name: str = "kernel"):
+def stored_kernel(kernel: np.ndarray, storage: str = KERNEL_STORAGE, name: str = "kernel"):
     """A convolution kernel [kh, kw, a, b] as the SavedModel stores it: (variable, scale variable or None).
 
     "int8": symmetric 8-bit integers with one float32 scale per filter (per input and output
@@ -472,8 +474,8 @@ def SpatialModule(weights: dict, latent_channels: int, storage: str = KERNEL_STO
     The graph is written with TensorFlow ops alone (no Keras objects in the SavedModel).
     Convolution kernels are stored as int8 with a float32 scale per filter
     (`stored_kernel`; models exported before 2026-11-30 store float16) and computed in floating
-    point: about 30% of float32's bytes, for about 0.02 dB measured at export (`metrics` hold the
-    figures of the stored model). GDN parameters stay float32, since gamma is often below
+    point: about 30% of float32's bytes, for 0.01–0.02 dB on the shipped models (`metrics` hold
+    the figures of the stored model; `--kernel-storage float16` exports the other way). GDN parameters stay float32, since gamma is often below
     float16's normal range. The decoder computes in float64 (`synthesis_dtype`): its pixels then
     match on any machine, thread count or oneDNN setting except in the rarest ties (in float32,
     isolated pixels came out one level apart between oneDNN on and off); it costs about twice
@@ -536,7 +538,8 @@ def main(args) -> int:
         batch_size=args.batch_size or defaults.batch_size, steps=args.steps,
         learning_rate=args.learning_rate or defaults.learning_rate, seed=args.seed,
         checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
-        prior="hyperprior" if args.arch == "hyperprior" else "factorized", stride=args.stride)
+        prior="hyperprior" if args.arch == "hyperprior" else "factorized", stride=args.stride,
+        kernel_storage=args.kernel_storage)
     checkpoint_dir = args.checkpoint_dir or args.model_dir.rstrip("/") + "-checkpoints"
     spec = train(config, args.input, args.input_format, args.model_dir, checkpoint_dir,
                  resume=args.resume, init_from=args.init_from)

@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.formats import READERS
+from training.spatial import KERNEL_STORAGE
 from pipeline.errors import log, show_progress
 
 
@@ -73,6 +74,9 @@ def parse_args(argv=None):
     spatial.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     spatial.add_argument("--validate-every", type=int, default=2500, help="steps between held-out validations")
     spatial.add_argument("--init-from", help="start from another run's checkpoint weights (e.g. a new --quality)")
+    spatial.add_argument("--kernel-storage", default=KERNEL_STORAGE, choices=["int8", "float16"],
+                         help="how the exported model stores convolution kernels: int8 with a scale per filter "
+                              "(30%% of float32's bytes) or float16 (half)")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"images per training step (default: {defaults.batch_size} for conv, 256 for mlp)")
     p.add_argument("--learning-rate", type=float, default=None,
