@@ -66,6 +66,8 @@ def check_dataset(dataset_dir: str, spec, manifest: dict) -> tuple:
             raise LatentpackError(f"{path}: latent format {latent_format!r} cannot be decoded with this model")
         for field in latents.schema(spec, latent_format):
             if field.name not in schema.names:
+                if version < latents.COLUMN_SINCE.get(field.name, 1):
+                    continue  # a column added since this dataset's version
                 raise LatentpackError(f"{path}: lacks the {field.name!r} column")
             if schema.field(field.name).type != field.type:
                 raise LatentpackError(f"{path}: column {field.name!r} is {schema.field(field.name).type}, "

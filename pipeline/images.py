@@ -59,9 +59,15 @@ class ImageBatch:
     modes: Optional[list] = None
     # The shard the images came from (the encode job's per-shard sink groups by it).
     shard: str = ""
+    # Per image, the ICC colour profile its pixels are in (None: none, i.e. sRGB); None: none at all.
+    icc_profiles: Optional[list] = None
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def png(self, i: int) -> bytes:
+        """Image i as PNG bytes, with its colour profile when it has one."""
+        return encode_png(self.images[i], self.icc_profiles[i] if self.icc_profiles else None)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -77,22 +83,27 @@ def png_header(data: bytes) -> Optional[tuple]:
     return width, height, data[24], data[25]
 
 
-def _png_frames(data: bytes) -> int:
-    """Frames of an animated PNG (its acTL chunk, which comes before the image data), else 1."""
-    offset = 8
+def _png_chunks(data: bytes) -> dict:
+    """The chunks before a PNG's image data (where acTL and iCCP must be): kind -> first payload."""
+    chunks, offset = {}, 8
     while offset + 12 <= len(data):
         length, kind = struct.unpack(">I4s", data[offset:offset + 8])
         if kind == b"IDAT":
             break
-        if kind == b"acTL":
-            return struct.unpack(">I", data[offset + 8:offset + 12])[0]
+        chunks.setdefault(kind, data[offset + 8:offset + 8 + length])
         offset += 12 + length
-    return 1
+    return chunks
 
 
-def _load_png(data: bytes, height: int, width: int) -> np.ndarray:
+def _png_frames(chunks: dict) -> int:
+    """Frames of an animated PNG (its acTL chunk), else 1."""
+    actl = chunks.get(b"acTL", b"")
+    return struct.unpack(">I", actl[:4])[0] if len(actl) >= 4 else 1
+
+
+def _load_png(data: bytes, height: int, width: int, chunks: Optional[dict] = None) -> np.ndarray:
     """An 8-bit grey or RGB PNG through libspng, checked against its header's size, or BadImage."""
-    frames = _png_frames(data)
+    frames = _png_frames(_png_chunks(data) if chunks is None else chunks)
     if frames > 1:  # libspng reads the default image alone
         raise _animated("PNG", frames)
     try:
@@ -157,6 +168,7 @@ class Photo:
     pixels: np.ndarray  # uint8 (H, W, 1) or (H, W, 3)
     mode: str  # the source's pixel mode (Pillow's name) before conversion: "RGB", "L", "CMYK", "I;16", ...
     orientation: int = 1  # the EXIF orientation that was applied (1: none)
+    icc: Optional[bytes] = None  # the embedded ICC colour profile the pixels are in (None: sRGB)
 
 
 # Modes converted to RGB by Pillow's own conversion (recorded per row as the source mode).
@@ -176,18 +188,22 @@ def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
     """PNG/JPEG/WebP/... bytes of any size -> 8-bit grey or RGB pixels as a viewer shows them.
 
     EXIF orientation is applied; palettes are expanded (grey palettes to one channel); CMYK
-    and other colour spaces become RGB; 16-bit grey becomes 8-bit (the top byte); an alpha
-    channel is dropped only when every pixel is opaque. What cannot be stored faithfully is a
-    BadImage: float and 32-bit integer images (`wrong_mode`), transparency (`transparent`),
-    animations and multi-page files (`animated`).
+    and other colour spaces become RGB (a CMYK image's own ICC profile through littleCMS, to
+    sRGB); 16-bit grey becomes 8-bit (the top byte); an alpha channel is dropped only when
+    every pixel is opaque. An embedded ICC profile of grey or RGB pixels is kept (`icc`), for
+    the decoded image to carry it again: the pixels are coded as they are, in that colour
+    space. What cannot be stored faithfully is a BadImage: float and 32-bit integer images
+    (`wrong_mode`), transparency (`transparent`), animations and multi-page files (`animated`).
     """
     header = png_header(data)
     if header is not None:
         width, height, depth, colour = header
         if width * height > max_pixels:
             raise BadImage("too_many_pixels", f"{width}x{height} exceeds the {max_pixels}-pixel limit")
-        if depth == 8 and colour in (0, 2):
-            return Photo(_load_png(data, height, width).reshape(height, width, -1), "L" if colour == 0 else "RGB")
+        chunks = _png_chunks(data)
+        if depth == 8 and colour in (0, 2) and b"iCCP" not in chunks:  # a profile: Pillow reads it
+            return Photo(_load_png(data, height, width, chunks).reshape(height, width, -1),
+                         "L" if colour == 0 else "RGB")
     try:
         img = Image.open(io.BytesIO(data))
     except Exception as e:
@@ -209,6 +225,7 @@ def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
     except Exception as e:
         raise BadImage("undecodable", f"truncated or corrupt image data: {e}") from None
     mode = source_mode = img.mode
+    icc = img.info.get("icc_profile") or None
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         mode = img.mode
@@ -225,18 +242,40 @@ def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
     if mode in _SIXTEEN_BIT:
         wide = np.asarray(img, dtype=np.int64)
         arr = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
-        return Photo(arr[..., None], source_mode, orientation)
+        return Photo(arr[..., None], source_mode, orientation, _profile_for(icc, 1))
     if mode == "1":
         img, mode = img.convert("L"), "L"
     if mode in _TO_RGB:
-        img, mode = img.convert("RGB"), "RGB"
+        img, mode, icc = _to_srgb(img, icc), "RGB", None
     if mode not in ("L", "RGB"):
         raise BadImage("wrong_mode", f"{source_mode} images cannot be stored (8-bit grey or colour only)")
     arr = np.asarray(img, dtype=np.uint8)
     if mode == "RGB" and source_mode == "P" and np.array_equal(arr[..., 0], arr[..., 1]) \
             and np.array_equal(arr[..., 0], arr[..., 2]):
         arr = arr[..., :1]
-    return Photo(arr.reshape(arr.shape[0], arr.shape[1], -1), source_mode, orientation)
+    arr = arr.reshape(arr.shape[0], arr.shape[1], -1)
+    return Photo(arr, source_mode, orientation, _profile_for(icc, arr.shape[-1]))
+
+
+def _profile_for(icc: Optional[bytes], channels: int) -> Optional[bytes]:
+    """The ICC profile to keep with pixels of `channels`: one whose header says it describes such
+    pixels (colour space GRAY for 1 channel, RGB for 3), else none (a grey palette's RGB profile,
+    or bytes that are no profile, would make the decoded file wrong)."""
+    wanted = {1: b"GRAY", 3: b"RGB "}[channels]
+    return icc if icc and len(icc) >= 128 and icc[16:20] == wanted and icc[36:40] == b"acsp" else None
+
+
+def _to_srgb(img: Image.Image, icc: Optional[bytes]) -> Image.Image:
+    """A CMYK (or Lab, HSV, YCbCr) image as RGB: through its own ICC profile to sRGB when it has
+    a usable one (littleCMS, in Pillow), else by Pillow's plain conversion."""
+    if icc and img.mode == "CMYK":
+        from PIL import ImageCms
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            return ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # a damaged or non-CMYK profile: the plain conversion, as for no profile
+    return img.convert("RGB")
 
 
 def _to_channels(img: Image.Image, channels: int) -> np.ndarray:
@@ -270,11 +309,11 @@ def check_pixels(pixels: np.ndarray, shape: tuple) -> np.ndarray:
     return arr
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 (H, W, C) -> PNG bytes (Pillow's real codec)."""
+def encode_png(image: np.ndarray, icc: Optional[bytes] = None) -> bytes:
+    """uint8 (H, W, C) -> PNG bytes (Pillow's real codec), with an ICC profile (iCCP) if given."""
     arr = image[..., 0] if image.shape[-1] == 1 else image
     out = io.BytesIO()
-    Image.fromarray(arr).save(out, format="PNG")
+    Image.fromarray(arr).save(out, format="PNG", **({"icc_profile": icc} if icc else {}))
     return out.getvalue()
 
 
@@ -352,10 +391,11 @@ def batch_photos(records: Iterable[SourceRecord], batch_size: int, max_pixels: i
     groups = {}
 
     def flush(shape):
-        keys, images, labels, modes = groups.pop(shape)
+        keys, images, labels, modes, profiles = groups.pop(shape)
         has = np.array([label is not None for label in labels], bool)
         values = np.array([-1 if label is None else label for label in labels], np.int64)
-        return ImageBatch(keys, np.stack(images), values, has, modes)
+        return ImageBatch(keys, np.stack(images), values, has, modes,
+                          icc_profiles=profiles if any(p is not None for p in profiles) else None)
 
     for rec in records:
         try:
@@ -364,8 +404,8 @@ def batch_photos(records: Iterable[SourceRecord], batch_size: int, max_pixels: i
             yield DeadLetter(rec.key, rec.source, rec.index, e.reason, str(e))
             continue
         shape = photo.pixels.shape
-        group = groups.setdefault(shape, ([], [], [], []))
-        for column, value in zip(group, (rec.key, photo.pixels, rec.label, photo.mode)):
+        group = groups.setdefault(shape, ([], [], [], [], []))
+        for column, value in zip(group, (rec.key, photo.pixels, rec.label, photo.mode, photo.icc)):
             column.append(value)
         if len(group[0]) >= batch_size or len(group[0]) * shape[0] * shape[1] >= batch_pixels:
             yield flush(shape)

@@ -26,8 +26,11 @@ from pipeline.errors import LatentpackError
 METADATA_KEY = b"latentpack"
 # 2: the codec family decides the value columns (spatial rows add height, width, channels, mode).
 # 3: codes are big-endian words with a shorter final state (`entropy.finish`), ~1.6 bytes fewer.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 4: photo rows add `icc_profile` (the source's colour profile; older readers would drop it).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+# Columns that datasets of earlier versions lack (their readers take them as null).
+COLUMN_SINCE = {"icc_profile": 4}
 PART_PREFIX = "latents"
 
 

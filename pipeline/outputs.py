@@ -15,7 +15,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import tfrecord
 from pipeline.completion import commit, write_bytes
-from pipeline.images import DeadLetter, encode_png
+from pipeline.images import DeadLetter
 
 WRITERS: Dict[str, Callable] = {}
 NAME_MAX = 255  # bytes in one file or folder name on common file systems
@@ -59,18 +59,17 @@ class PngFiles:
                 continue
             paths.append(posixpath.join(self.output, rel + ".png"))
             rows.append(i)
-        images = batch.images if len(rows) == len(batch) else batch.images[rows]
-        return paths, images, letters
+        return paths, rows, letters
 
-    def write_files(self, paths, images):
+    def write_files(self, paths, batch, rows):
         """(images written, dead letters): a key whose file cannot exist (a file where its folder
         should be, as for keys `a.png` and `a.png/b`) is a dead letter; a full or read-only disk
         fails the job, naming the file."""
         written, letters = 0, []
-        for path, image in zip(paths, images):
+        for path, row in zip(paths, rows):
             try:
                 with FileSystems.create(path) as f:
-                    f.write(encode_png(image))
+                    f.write(batch.png(row))
                 written += 1
             except OSError as e:
                 if e.errno not in _KEY_ERRNOS:  # name the file: "no space left" alone does not say where
@@ -81,8 +80,8 @@ class PngFiles:
 
     def write(self, batch):
         """(images written, dead letters)."""
-        paths, images, letters = self.plan(batch)
-        written, more = self.write_files(paths, images)
+        paths, rows, letters = self.plan(batch)
+        written, more = self.write_files(paths, batch, rows)
         return written, letters + more
 
     def close(self) -> list:
@@ -168,7 +167,7 @@ class WebDatasetShard(_RenamedOnClose):
                 safe_relative_path(key)
                 if "." in posixpath.basename(key):
                     raise ValueError(f"key {key!r} has a '.' in its last component, where WebDataset ends keys")
-                self._add(key + ".png", encode_png(batch.images[i]))
+                self._add(key + ".png", batch.png(i))
             except ValueError as e:
                 letters.append(DeadLetter(key, "", i, "unsafe_key", str(e)))
                 continue
@@ -212,7 +211,7 @@ def frame_examples(batch) -> bytes:
     """An ImageBatch as TFRecord-framed tf.train.Examples, one blob per batch."""
     return b"".join(
         tfrecord.frame(tfrecord.make_example(
-            encode_png(batch.images[i]), key, int(batch.labels[i]) if batch.has_label[i] else None))
+            batch.png(i), key, int(batch.labels[i]) if batch.has_label[i] else None))
         for i, key in enumerate(batch.keys))
 
 
@@ -220,7 +219,7 @@ def image_table(batch):
     """An ImageBatch as an Arrow table in Hugging Face's image layout."""
     import pyarrow as pa
 
-    pngs = pa.array([encode_png(x) for x in batch.images], pa.binary())
+    pngs = pa.array([batch.png(i) for i in range(len(batch))], pa.binary())
     paths = pa.array([k + ".png" for k in batch.keys], pa.string())
     image = pa.StructArray.from_arrays([pngs, paths], names=["bytes", "path"])
     label = pa.array(batch.labels, pa.int64(), mask=~batch.has_label)

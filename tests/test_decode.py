@@ -188,3 +188,24 @@ def test_keys_that_cannot_be_files_are_dead_letters_not_a_failed_job(tmp_path, m
     assert (c["read"], c["written"], c["dead_lettered"]) == (5, 3, 2)
     assert c["dead_lettered_by_reason"] == {"unsafe_key": 1, "unwritable_key": 1}
     assert os.path.exists(os.path.join(out, "fine.png")) and os.path.exists(os.path.join(out, "also", "fine.png"))
+
+
+@pytest.mark.parametrize("fmt", ["png", "tfrecord", "parquet", "webdataset"])
+def test_every_image_output_carries_the_colour_profile_of_a_row_that_has_one(tmp_path, fmt):
+    from PIL import ImageCms
+
+    from pipeline.images import ImageBatch, decode_photo
+    from pipeline.outputs import WRITERS
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    images = np.random.default_rng(0).integers(0, 256, (2, 6, 5, 3), np.uint8)
+    batch = ImageBatch(["with", "without"], images, np.array([1, -1]), np.array([True, False]),
+                       icc_profiles=[icc, None])
+    writer = WRITERS[fmt](str(tmp_path), "00000-of-00001")
+    assert writer.write(batch) == (2, [])
+    writer.close()
+    reader = get_reader("images" if fmt == "png" else fmt)
+    paths, root = reader.match(str(tmp_path / ("*.png" if fmt == "png" else f"*.{'tar' if fmt == 'webdataset' else fmt}")))
+    photos = {r.key: decode_photo(r.encoded) for p in paths for r in reader.read(p, root)}
+    assert {k: (p.icc, p.pixels.tobytes()) for k, p in photos.items()} == {
+        "with": (icc, images[0].tobytes()), "without": (None, images[1].tobytes())}

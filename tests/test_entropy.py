@@ -137,7 +137,7 @@ def test_code_dataset_round_trip(rd_model_dir, shards, tmp_path):
         # No serialized Arrow schema in a code part's footer; the types and the codec metadata read back.
         assert b"ARROW:schema" not in pq.ParquetFile(part).metadata.metadata
         assert pq.read_schema(part).equals(latents.schema(read_spec(rd_model_dir), "code"), check_metadata=False)
-        assert latents.metadata_of(pq.read_schema(part))["format_version"] == 3
+        assert latents.metadata_of(pq.read_schema(part))["format_version"] == latents.FORMAT_VERSION
     codec = load_codec(rd_model_dir)
     assert table.column("code").to_pylist() == codec.entropy.encode(codec.encode(shards.images))
     decode.run(["--input", lat, "--model-dir", rd_model_dir, "--output", dec, "--output-format", "npz"]

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from conftest import BEAM_TEST_ARGS
 from pipeline import completion, decode, encode, latents
@@ -17,6 +18,7 @@ from pipeline.errors import LatentpackError
 
 V1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "v1")
 V2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "v2")
+V3 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "v3")
 
 
 def decoded_npz(folder) -> dict:
@@ -46,12 +48,12 @@ def test_version_1_dataset_decodes_to_the_pixels_version_1_decoded(tmp_path):
         assert np.array_equal(decoded[key], image), key
 
 
-def test_version_1_model_encodes_into_a_version_3_dataset_that_decodes_the_same(tmp_path):
+def test_version_1_model_encodes_into_a_current_dataset_that_decodes_the_same(tmp_path):
     out = str(tmp_path / "lat")
     manifest = encode.run(["--input", os.path.join(V1, "shards", "*.tfrecord"), "--model-dir",
                            os.path.join(V1, "model"), "--output", out] + BEAM_TEST_ARGS)
     new = pq.ParquetDataset(latents.part_paths(out, manifest)).read().sort_by("key")
-    assert latents.metadata_of(new.schema)["format_version"] == latents.FORMAT_VERSION == 3
+    assert latents.metadata_of(new.schema)["format_version"] == latents.FORMAT_VERSION == 4
     old = pq.read_table(os.path.join(V1, "dataset", "latents-00000-of-00001.parquet")).sort_by("key")
     assert latents.metadata_of(old.schema)["format_version"] == 1
     # The same latents, in shorter codes.
@@ -73,17 +75,33 @@ def test_version_2_photo_datasets_decode_to_the_pixels_version_2_decoded(tmp_pat
     assert sorted(decoded) == sorted(expected["keys"].tolist()) == ["p0", "p1", "p2", "p3"]
     for key in expected["keys"].tolist():
         assert np.array_equal(decoded[key], expected[f"image_{key}"]), key
-    # Encoded again today: a version-3 dataset, other (shorter) codes, the same pixels.
+    # Encoded again today: a current dataset, other (shorter) codes, the same pixels.
     lat = str(tmp_path / "lat")
     encode.run(["--input", os.path.join(V2, "images", "*.png"), "--input-format", "images", "--model-dir", model,
                 "--output", lat] + BEAM_TEST_ARGS)
     old = pq.read_table(os.path.join(V2, family, "dataset", "latents-00000-of-00001.parquet")).sort_by("key")
     new = pq.ParquetDataset(latents.part_paths(lat, completion.read_manifest(lat))).read().sort_by("key")
-    assert latents.metadata_of(new.schema)["format_version"] == 3
+    assert latents.metadata_of(new.schema)["format_version"] == latents.FORMAT_VERSION
     assert sum(map(len, new.column("code").to_pylist())) < sum(map(len, old.column("code").to_pylist()))
     again = str(tmp_path / "npz2")
     decode.run(["--input", lat, "--model-dir", model, "--output", again, "--output-format", "npz"] + BEAM_TEST_ARGS)
     assert all(np.array_equal(image, decoded[key]) for key, image in decoded_npz(again).items())
+
+
+@pytest.mark.parametrize("family", ["spatial", "hyperprior"])
+def test_version_3_photo_datasets_without_colour_profiles_decode_to_the_pixels_version_3_decoded(tmp_path, family):
+    dataset = os.path.join(V3, family, "dataset")
+    part = pq.read_table(os.path.join(dataset, "latents-00000-of-00001.parquet"))
+    assert latents.metadata_of(part.schema)["format_version"] == 3 and "icc_profile" not in part.column_names
+    out = str(tmp_path / "png")
+    manifest = decode.run(["--input", dataset, "--model-dir", os.path.join(V2, family, "model"), "--output", out]
+                          + BEAM_TEST_ARGS)
+    assert manifest["counts"]["written"] == 4
+    expected = np.load(os.path.join(V3, family, "expected.npz"))
+    for key in expected["keys"].tolist():
+        with Image.open(os.path.join(out, key + ".png")) as image:
+            assert "icc_profile" not in image.info
+            assert np.array_equal(np.asarray(image), expected[f"image_{key}"]), key
 
 
 def test_a_future_dataset_version_is_refused(tmp_path):

@@ -166,7 +166,56 @@ def _modes_folder(folder):
     Image.new("RGBA", (30, 20), (1, 2, 3, 100)).save(folder / "transparent.png")
     Image.new("RGBA", (30, 20), (1, 2, 3, 255)).save(folder / "opaque_alpha.png")
     Image.fromarray(np.zeros((10, 10), np.float32), "F").save(folder / "float.tiff")
+    base.save(folder / "profiled.png", icc_profile=ICC)
+    base.save(folder / "profiled_jpg.jpg", icc_profile=ICC, quality=95)
     return rgb
+
+
+def _rgb_profile() -> bytes:
+    """An RGB ICC profile (littleCMS's sRGB: any RGB profile is carried as bytes)."""
+    from PIL import ImageCms
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    return profile.tobytes()
+
+
+ICC = _rgb_profile()
+
+
+def _cmyk_profile() -> bytes:
+    """A tiny CMYK printer profile (ICC v2, a lut8 A2B0 with 2 grid points to Lab): littleCMS converts
+    with it, to colours that differ from Pillow's plain CMYK conversion (no CMYK profile ships in a wheel)."""
+    import itertools
+    import struct
+
+    def s15(v):
+        return struct.pack(">i", int(round(v * 65536)))
+
+    def lab(rgb):
+        linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+        xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ linear
+        f = np.cbrt(np.maximum(xyz / np.array([0.9505, 1.0, 1.089]), 216 / 24389))
+        return 116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])
+
+    clut = bytearray()
+    for c, m, y, k in itertools.product((0, 1), repeat=4):
+        L, a, b = lab(np.array([1 - c, 1 - m, 1 - y]) * (1 - k) * 0.9 + 0.05)
+        clut += bytes([round(L * 2.55), round(a + 128), round(b + 128)])
+    ramp = bytes(range(256))
+    identity = b"".join(s15(v) for v in (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    text = b"test CMYK\0"
+    tags = [(b"desc", b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(8 + 70)),
+            (b"wtpt", b"XYZ " + bytes(4) + s15(0.9642) + s15(1.0) + s15(0.8249)),
+            (b"cprt", b"text" + bytes(4) + b"none\0"),
+            (b"A2B0", b"mft1" + bytes(4) + bytes([4, 3, 2, 0]) + identity + ramp * 4 + bytes(clut) + ramp * 3)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = struct.pack(">I", len(tags)), b""
+    for sig, body in tags:
+        body += bytes(-len(body) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (struct.pack(">I", offset + len(data)) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"prtrCMYKLab "
+              + bytes(12) + b"acsp" + bytes(28) + s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(48))
+    return header + table + data
 
 
 def test_mixed_sizes_and_modes_round_trip_through_the_jobs(photo_model_dir, tmp_path):
@@ -177,12 +226,12 @@ def test_mixed_sizes_and_modes_round_trip_through_the_jobs(photo_model_dir, tmp_
     manifest = encode.run(["--input", str(photos / "*"), "--input-format", "images", "--model-dir", photo_model_dir,
                            "--output", lat, "--max-bad-fraction", "0.5"] + BEAM_TEST_ARGS)
     c = manifest["counts"]
-    assert (c["read"], c["written"]) == (12, 10)
+    assert (c["read"], c["written"]) == (14, 12)
     # Each part records the run of input shards (here one file each) it holds: first, last, how many.
     from pipeline.sinks import read_sources
     files = sorted(str(f) for f in photos.iterdir())
     runs = [read_sources(pq.read_metadata(p).metadata) for p in latents.part_paths(lat, manifest)]
-    assert [(r["first"], r["last"], r["shards"]) for r in runs] == [(files[0], files[-1], 12)]
+    assert [(r["first"], r["last"], r["shards"]) for r in runs] == [(files[0], files[-1], 14)]
     assert c["dead_lettered_by_reason"] == {"transparent": 1, "wrong_mode": 1}
     table = pq.ParquetDataset(latents.part_paths(lat, manifest)).read().sort_by("key")
     modes = dict(zip(table.column("key").to_pylist(), table.column("mode").to_pylist()))
@@ -190,6 +239,10 @@ def test_mixed_sizes_and_modes_round_trip_through_the_jobs(photo_model_dir, tmp_
     assert modes["grey"] == "L" and modes["opaque_alpha"] == "RGBA"
     channels = dict(zip(table.column("key").to_pylist(), table.column("channels").to_pylist()))
     assert channels["grey"] == 1 and channels["sixteen"] == 1 and channels["cmyk"] == 3
+    # Embedded colour profiles are kept per row (the pixels are coded in their colour space) ...
+    profiles = dict(zip(table.column("key").to_pylist(), table.column("icc_profile").to_pylist()))
+    assert profiles.pop("profiled") == profiles.pop("profiled_jpg") == ICC
+    assert set(profiles.values()) == {None}
 
     decode.run(["--input", lat, "--model-dir", photo_model_dir, "--output", out] + BEAM_TEST_ARGS)
     for i, x in enumerate(rgb):
@@ -200,6 +253,9 @@ def test_mixed_sizes_and_modes_round_trip_through_the_jobs(photo_model_dir, tmp_
     # EXIF orientation applied: stored 40x56 landscape-rotated, shown (and decoded) as 56 wide, 40 high, turned.
     assert Image.open(os.path.join(out, "rotated.png")).size == (40, 56)
     assert not os.path.exists(os.path.join(out, "transparent.png"))
+    # ... and the decoded images carry them again; the others have none.
+    assert Image.open(os.path.join(out, "profiled.png")).info["icc_profile"] == ICC
+    assert "icc_profile" not in Image.open(os.path.join(out, "rgb0.png")).info
 
 
 def test_decode_photo_conversions():
@@ -218,6 +274,25 @@ def test_decode_photo_conversions():
     assert palette.pixels.shape[-1] == 1 and palette.mode == "P"
     cmyk = decode_photo(as_bytes(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95))
     assert cmyk.pixels.shape == (12, 20, 3) and cmyk.mode == "CMYK"
+    # Colour profiles: kept when they describe the stored pixels, on PNG (not libspng's path) and JPEG.
+    for fmt in ("PNG", "JPEG"):
+        assert decode_photo(as_bytes(Image.fromarray(rgb), fmt, icc_profile=ICC)).icc == ICC
+    assert decode_photo(as_bytes(Image.fromarray(rgb))).icc is None
+    # An RGB profile on a grey palette (decoded to one channel), or bytes that are no profile: dropped.
+    grey_palette = Image.fromarray(rgb).convert("L").convert("P")
+    assert decode_photo(as_bytes(grey_palette, icc_profile=ICC)).icc is None
+    assert decode_photo(as_bytes(Image.fromarray(rgb), icc_profile=b"not a profile" * 20)).icc is None
+    # A CMYK image's profile is applied (to sRGB), never kept; a damaged one falls back to Pillow's conversion.
+    from PIL import ImageCms
+    cmyk_icc = _cmyk_profile()
+    data = as_bytes(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95, icc_profile=cmyk_icc)
+    managed = decode_photo(data)
+    srgb = ImageCms.profileToProfile(Image.open(io.BytesIO(data)), ImageCms.ImageCmsProfile(io.BytesIO(cmyk_icc)),
+                                     ImageCms.createProfile("sRGB"), outputMode="RGB")
+    assert managed.icc is None and managed.mode == "CMYK" and np.array_equal(managed.pixels, np.asarray(srgb))
+    assert np.abs(managed.pixels.astype(int) - cmyk.pixels).mean() > 5  # not the plain conversion
+    broken = decode_photo(as_bytes(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95, icc_profile=b"x" * 200))
+    assert broken.icc is None and np.array_equal(broken.pixels, cmyk.pixels)
     # 32-bit integers (TIFF) have no canonical 8-bit reading: a dead letter, not a black picture.
     from pipeline.errors import BadImage
     with pytest.raises(BadImage, match="32-bit integer TIFF") as e:

@@ -3,8 +3,9 @@
 Each image is edge-padded to a multiple of the stride, transformed, and its latents
 coded channel by channel with the artifact's integer tables into one byte string. Rows
 record `height`, `width` (exact: the decoder crops back to them), `channels` (1 for grey
-sources, coded as RGB and returned as grey) and `mode` (the source's pixel mode, e.g.
-CMYK or I;16, before conversion to 8-bit grey or RGB). Large images go through the
+sources, coded as RGB and returned as grey), `mode` (the source's pixel mode, e.g.
+CMYK or I;16, before conversion to 8-bit grey or RGB) and `icc_profile` (the source's embedded
+colour profile, null for none; decoded images carry it again). Large images go through the
 transforms in overlapping tiles so memory stays bounded (a 24-megapixel photo fits in
 well under 3 GB).
 """
@@ -57,7 +58,8 @@ class SpatialCodec(ModelCodec):
                 pa.field("height", pa.int32(), nullable=False),
                 pa.field("width", pa.int32(), nullable=False),
                 pa.field("channels", pa.int8(), nullable=False),
-                pa.field("mode", pa.string(), nullable=False)]
+                pa.field("mode", pa.string(), nullable=False),
+                pa.field("icc_profile", pa.binary())]
 
     @classmethod
     def metadata(cls, spec):
@@ -123,7 +125,8 @@ class SpatialCodec(ModelCodec):
                 "height": pa.array(np.full(n, height, np.int32)),
                 "width": pa.array(np.full(n, width, np.int32)),
                 "channels": pa.array(np.full(n, channels, np.int8)),
-                "mode": pa.array(modes, pa.string())}
+                "mode": pa.array(modes, pa.string()),
+                "icc_profile": pa.array(batch.icc_profiles or [None] * n, pa.binary())}
 
     def decompress(self, table):
         keys = table.column("key").to_pylist()
@@ -132,6 +135,9 @@ class SpatialCodec(ModelCodec):
         widths = table.column("width").to_numpy(zero_copy_only=False)
         channels = table.column("channels").to_numpy(zero_copy_only=False)
         modes = table.column("mode").to_pylist()
+        # Datasets before format 4 have no profiles.
+        profiles = (table.column("icc_profile").to_pylist() if "icc_profile" in table.column_names
+                    else [None] * table.num_rows)
         coded = "code" in table.column_names
         words = code_words(table)
         values = table.column("code" if coded else "latent")
@@ -162,8 +168,10 @@ class SpatialCodec(ModelCodec):
                 if c == 1:
                     images = np.round(images.astype(np.float32).mean(axis=-1, keepdims=True)).astype(np.uint8)
                 idx = [i for i, _ in chunk]
+                kept = [profiles[i] for i in idx]
                 yield ImageBatch([keys[i] for i in idx], np.ascontiguousarray(images), labels[idx], has_label[idx],
-                                 modes=[modes[i] for i in idx])
+                                 modes=[modes[i] for i in idx],
+                                 icc_profiles=kept if any(p is not None for p in kept) else None)
 
 
 def pad_to_multiple(images: np.ndarray, multiple: int) -> np.ndarray:
