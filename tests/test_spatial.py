@@ -243,6 +243,10 @@ def test_mixed_sizes_and_modes_round_trip_through_the_jobs(photo_model_dir, tmp_
     profiles = dict(zip(table.column("key").to_pylist(), table.column("icc_profile").to_pylist()))
     assert profiles.pop("profiled") == profiles.pop("profiled_jpg") == ICC
     assert set(profiles.values()) == {None}
+    # ... dictionary-encoded, without min/max statistics (two whole profiles per page and footer).
+    meta = pq.ParquetFile(latents.part_paths(lat, manifest)[0]).metadata.row_group(0)
+    icc_chunk = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "icc_profile")
+    assert icc_chunk.statistics is None and "RLE_DICTIONARY" in icc_chunk.encodings
 
     decode.run(["--input", lat, "--model-dir", photo_model_dir, "--output", out] + BEAM_TEST_ARGS)
     for i, x in enumerate(rgb):
