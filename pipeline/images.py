@@ -242,7 +242,7 @@ def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
     if mode in _SIXTEEN_BIT:
         wide = np.asarray(img, dtype=np.int64)
         arr = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
-        return Photo(arr[..., None], source_mode, orientation, _profile_for(icc, 1))
+        return Photo(arr[..., None], source_mode, orientation, profile_for(icc, 1))
     if mode == "1":
         img, mode = img.convert("L"), "L"
     if mode in _TO_RGB:
@@ -254,10 +254,10 @@ def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
             and np.array_equal(arr[..., 0], arr[..., 2]):
         arr = arr[..., :1]
     arr = arr.reshape(arr.shape[0], arr.shape[1], -1)
-    return Photo(arr, source_mode, orientation, _profile_for(icc, arr.shape[-1]))
+    return Photo(arr, source_mode, orientation, profile_for(icc, arr.shape[-1]))
 
 
-def _profile_for(icc: Optional[bytes], channels: int) -> Optional[bytes]:
+def profile_for(icc: Optional[bytes], channels: int) -> Optional[bytes]:
     """The ICC profile to keep with pixels of `channels`: one whose header says it describes such
     pixels (colour space GRAY for 1 channel, RGB for 3), else none (a grey palette's RGB profile,
     or bytes that are no profile, would make the decoded file wrong)."""

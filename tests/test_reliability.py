@@ -285,24 +285,39 @@ def test_fuzz_decode_side_random_codes_dense(rd_model_dir, codes, keys):
     _decompress_all(codec, table)
 
 
+def _profile(kind: str) -> bytes:
+    from PIL import ImageCms
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile(kind)).tobytes()
+
+
+_ICC_RGB = _profile("sRGB")
+_ICC_GREY = _ICC_RGB[:16] + b"GRAY" + _ICC_RGB[20:]  # a header that says grey is all the check reads
+
+
 @FUZZ
 @given(codes=st.lists(st.binary(max_size=200), min_size=1, max_size=4),
        sizes=st.lists(st.tuples(st.integers(-3, 70), st.integers(-3, 70), st.sampled_from([0, 1, 3, 4])),
-                      min_size=4, max_size=4))
-def test_fuzz_decode_side_random_codes_and_sizes_spatial(photo_model_dir, codes, sizes):
+                      min_size=4, max_size=4),
+       profiles=st.lists(st.one_of(st.none(), st.binary(max_size=160), st.sampled_from([_ICC_RGB, _ICC_GREY])),
+                         min_size=4, max_size=4))
+def test_fuzz_decode_side_random_codes_and_sizes_spatial(photo_model_dir, codes, sizes, profiles):
     codec = _codec_cache(photo_model_dir)
     n = len(codes)
     columns = {"code": pa.array(codes, pa.binary()),
                "height": pa.array([s[0] for s in sizes[:n]], pa.int32()),
                "width": pa.array([s[1] for s in sizes[:n]], pa.int32()),
                "channels": pa.array([s[2] for s in sizes[:n]], pa.int8()),
-               "mode": pa.array(["RGB"] * n)}
+               "mode": pa.array(["RGB"] * n),
+               "icc_profile": pa.array(profiles[:n], pa.binary())}
     table = latents.to_table([f"k{i}" for i in range(n)], columns, np.full(n, -1), np.zeros(n, bool),
                              latents.schema(codec.spec, "code"))
     for item in _decompress_all(codec, table):
         if isinstance(item, ImageBatch):
             h, w = item.images.shape[1:3]
             assert 0 < h <= 70 and 0 < w <= 70
+            # A decoded image carries only a profile of its own colour space.
+            wanted = _ICC_GREY if item.images.shape[-1] == 1 else _ICC_RGB
+            assert all(p in (None, wanted) for p in item.icc_profiles or [])
 
 
 _CODECS = {}

@@ -20,7 +20,7 @@ from pipeline.codecs import register
 from pipeline.codecs.base import ModelCodec, code_words, row_labels
 from pipeline.entropy import ChannelCoder
 from pipeline.errors import LatentpackError
-from pipeline.images import DeadLetter, ImageBatch
+from pipeline.images import DeadLetter, ImageBatch, profile_for
 
 # Images above this many pixels go through the transforms in tiles of TILE pixels a side,
 # each with MARGIN pixels of context on every side (more than the transforms' reach, so
@@ -146,6 +146,10 @@ class SpatialCodec(ModelCodec):
             h, w, c = int(heights[i]), int(widths[i]), int(channels[i])
             if not (0 < h <= 1 << 16 and 0 < w <= 1 << 16 and c in (1, 3)):
                 yield DeadLetter(keys[i], "", i, "bad_row", f"invalid image size {h}x{w}x{c}")
+                continue
+            if profiles[i] is not None and profile_for(profiles[i], c) is None:
+                yield DeadLetter(keys[i], "", i, "bad_row", f"the row's colour profile does not describe {c}-channel "
+                                                            "pixels")
                 continue
             grid = (-(-h // self.stride), -(-w // self.stride))
             try:
