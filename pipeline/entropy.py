@@ -22,17 +22,28 @@ BIG, LITTLE = "big", "little"  # a code's 32-bit words in its bytes: format 3, f
 
 
 class EntropyCoder:
-    """Integer latents [N, D] <-> a list of N codes (bytes)."""
+    """Integer latents [N, D] <-> a list of N codes (bytes).
+
+    A `factorized-mixture` model (`training.prior.add_mixture`) has several table sets: each code
+    starts with the number of the set it uses (coded with the sets' own frequencies), chosen at
+    encode time as the one giving the shortest code; decoding reads it, so it never chooses."""
 
     def __init__(self, model: dict):
-        tables = model["frequencies"]
+        sets = model["components"] if model.get("kind") == "factorized-mixture" else [model["frequencies"]]
         self.offsets = np.asarray(model["offsets"], np.int64)
-        self.sizes = np.array([len(t) for t in tables], np.int64)
+        self.sizes = np.array([len(t) for t in sets[0]], np.int64)
         total = float(1 << model["precision"])
-        # One row per dimension, zero-padded to the widest table; padding is never encoded.
-        self.probabilities = np.zeros((len(tables), int(self.sizes.max())), np.float64)
-        for d, table in enumerate(tables):
-            self.probabilities[d, :len(table)] = np.asarray(table, np.float64) / total
+        # [set, dimension, value], zero-padded to the widest table; padding is never encoded.
+        self.probabilities = np.zeros((len(sets), len(self.sizes), int(self.sizes.max())), np.float64)
+        for k, tables in enumerate(sets):
+            for d, table in enumerate(tables):
+                self.probabilities[k, d, :len(table)] = np.asarray(table, np.float64) / total
+        self.weights = (np.asarray(model["weights"], np.float64)[None, :] / total if len(sets) > 1 else None)
+        if self.weights is not None:
+            # Code lengths in integer 1/1024ths of a bit, so the choice of set is the same everywhere.
+            with np.errstate(divide="ignore"):
+                self.costs = np.round(-1024 * np.log2(self.probabilities)).clip(max=1 << 40).astype(np.int64)
+                self.set_costs = np.round(-1024 * np.log2(self.weights[0])).astype(np.int64)
         self.family = constriction.stream.model.Categorical(perfect=False)
 
     def symbols(self, latents: np.ndarray) -> np.ndarray:
@@ -41,18 +52,31 @@ class EntropyCoder:
             raise ValueError("latent values outside the entropy model's tables")
         return symbols.astype(np.int32)
 
+    def choose(self, symbols: np.ndarray) -> np.ndarray:
+        """The table set coding each row [N, D] of symbols shortest: [N] (all 0 without a mixture)."""
+        if self.weights is None:
+            return np.zeros(len(symbols), np.int64)
+        dims = np.arange(symbols.shape[1])[None, :]
+        lengths = np.stack([self.costs[k][dims, symbols].sum(1) for k in range(len(self.costs))], axis=1)
+        return (lengths + self.set_costs[None, :]).argmin(1)
+
     def encode(self, latents: np.ndarray) -> List[bytes]:
         codes = []
-        for row in self.symbols(latents):
+        symbols = self.symbols(latents)
+        for row, k in zip(symbols, self.choose(symbols)):
             coder = constriction.stream.queue.RangeEncoder()
-            coder.encode(row, self.family, self.probabilities)
+            if self.weights is not None:
+                coder.encode(np.array([k], np.int32), self.family, self.weights)
+            coder.encode(row, self.family, self.probabilities[k])
             codes.append(finish(coder))
         return codes
 
     def decode(self, codes: Sequence[bytes], words: str = BIG) -> np.ndarray:
         out = np.empty((len(codes), len(self.sizes)), np.int64)
         for i, code in enumerate(codes):
-            out[i] = reader(code, words).decode(self.family, self.probabilities)
+            decoder = reader(code, words)
+            k = int(decoder.decode(self.family, self.weights)[0]) if self.weights is not None else 0
+            out[i] = decoder.decode(self.family, self.probabilities[k])
         return out + self.offsets
 
 

@@ -18,8 +18,10 @@ from typing import Any, Optional, Tuple
 from pipeline.errors import LatentpackError
 
 FORMAT = "latentpack-codec"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 2: spatial and hyperprior families. 3: a dense entropy model may be a mixture of table sets
+# (`factorized-mixture`), whose codes an older reader would decode wrongly, so it refuses them.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 FAMILIES = ("dense", "spatial", "hyperprior")
 LATENT_DTYPES = ("int8", "int16")
 
@@ -129,6 +131,8 @@ class CodecSpec:
                        entropy_model=_freeze(raw["entropy_model"]) if "entropy_model" in raw else None)
             if spec.entropy_model is not None:
                 validate_tables(raw["entropy_model"], spec.latent_dim, where)
+                if raw["entropy_model"].get("kind") == "factorized-mixture":
+                    validate_mixture(raw["entropy_model"], spec.latent_dim, where)
             return spec
         spec = cls(**common,
                    stride=need("stride", int, lambda v: v in (8, 16, 32, 64)),
@@ -165,6 +169,20 @@ def validate_hyperprior(model, hyper_channels: int, where: str) -> None:
             not all(ints(x, "stride", "shift") for x in layers[:-1]) or \
             not ints(layers[-1], "stride", "index_offset", "index_step"):
         raise LatentpackError(f"{where}: invalid entropy_model: malformed hyper_synthesis layers")
+
+
+def validate_mixture(model: dict, count: int, where: str) -> None:
+    """A mixture's table sets (each `count` tables of the base tables' sizes) and their frequencies."""
+    sets, weights = model.get("components"), model.get("weights")
+    if not isinstance(sets, list) or not 1 <= len(sets) <= 256 or not isinstance(weights, list) or \
+            len(weights) != len(sets):
+        raise LatentpackError(f"{where}: invalid entropy_model: a mixture needs 1-256 'components' and as many 'weights'")
+    validate_tables({"precision": model["precision"], "offsets": [0], "frequencies": [weights]}, 1, where)
+    sizes = [len(t) for t in model["frequencies"]]
+    for tables in sets:
+        validate_tables(dict(model, frequencies=tables), count, where)
+        if [len(t) for t in tables] != sizes:
+            raise LatentpackError(f"{where}: invalid entropy_model: mixture tables differ in size from the prior's")
 
 
 def validate_tables(model, count: int, where: str) -> None:

@@ -28,7 +28,7 @@ def test_artifact_round_trip(model_dir, mnist):
 def test_codec_json_describes_the_artifact(model_dir):
     spec = read_spec(model_dir)
     assert spec.image_shape == (28, 28, 1) and spec.latent_dim == 16 and spec.family == "dense"
-    assert spec.arch == "conv" and spec.format_version == 2
+    assert spec.arch == "conv" and spec.format_version == 3
     assert spec.training["epochs"] == 4 and spec.training["seed"] == 0
     assert 5 < spec.metrics["val_psnr"] < 60
     assert spec.fingerprint == compute_fingerprint(model_dir)

@@ -22,6 +22,9 @@ GOLDEN_MODEL = {"kind": "factorized-logistic", "precision": 16, "offsets": [-2, 
                 "frequencies": [[1000, 20000, 30000, 14000, 536], [60000, 5536], [1, 32767, 32767, 1]]}
 GOLDEN_LATENTS = np.array([[0, 0, 0], [2, 1, 1], [-2, 0, 2], [1, 1, -1], [-1, 0, 1], [0, 1, 0]])
 GOLDEN_FILE = os.path.join(os.path.dirname(__file__), "golden", "entropy_codes.json")
+# The same tables as set 0 of a mixture, with a second set that suits other latents.
+GOLDEN_MIXTURE = dict(GOLDEN_MODEL, kind="factorized-mixture", weights=[40000, 25536], components=[
+    GOLDEN_MODEL["frequencies"], [[100, 200, 5000, 30000, 30236], [5536, 60000], [30000, 1, 1, 35534]]])
 
 
 def test_golden_codes_are_stable():
@@ -30,8 +33,11 @@ def test_golden_codes_are_stable():
     codes = [c.hex() for c in coder.encode(GOLDEN_LATENTS)]
     with open(GOLDEN_FILE) as f:
         golden = json.load(f)
+    mixture = EntropyCoder(GOLDEN_MIXTURE)
+    mixed = [c.hex() for c in mixture.encode(GOLDEN_LATENTS)]
     if os.environ.get("LATENTPACK_REGENERATE_GOLDEN"):
         golden["codes_format_3"] = codes
+        golden["codes_mixture"] = mixed
         with open(GOLDEN_FILE, "w") as f:
             json.dump(golden, f, indent=1)
     assert golden["model"] == GOLDEN_MODEL and golden["latents"] == GOLDEN_LATENTS.tolist()
@@ -40,6 +46,45 @@ def test_golden_codes_are_stable():
     old = [bytes.fromhex(c) for c in golden["codes_format_2"]]
     assert np.array_equal(coder.decode(old, entropy.LITTLE), GOLDEN_LATENTS)
     assert sum(map(len, old)) - sum(len(c) // 2 for c in codes) >= len(codes)  # a byte or more each
+    # A mixture's codes name their table set first: pinned too, and each uses the set that codes it shortest.
+    assert mixed == golden["codes_mixture"]
+    assert np.array_equal(mixture.decode([bytes.fromhex(c) for c in mixed]), GOLDEN_LATENTS)
+    chosen = mixture.choose(mixture.symbols(GOLDEN_LATENTS))
+    assert set(chosen) == {0, 1}
+    alone = [EntropyCoder(dict(GOLDEN_MODEL, frequencies=tables)).encode(GOLDEN_LATENTS)
+             for tables in GOLDEN_MIXTURE["components"]]
+    for i, k in enumerate(chosen):  # the chosen set's code is never longer than the other's (bar the set's name)
+        assert len(alone[k][i]) <= len(alone[1 - k][i])
+
+
+def test_a_mixture_prior_fits_latents_that_depend_on_each_other_and_codes_them_shorter():
+    """Two kinds of images whose latents move together: one table set per kind beats one for all."""
+    from training.prior import add_mixture
+
+    rng = np.random.default_rng(0)
+    kind = rng.integers(0, 2, 4000)
+    latents = np.where(kind[:, None] == 1, 3, -3) + rng.integers(-1, 2, (4000, 12))
+    prior = FactorizedPrior(12)
+    prior.build((None, 12))
+    prior.loc.assign(np.zeros(12))
+    prior.log_scale.assign(np.full(12, np.log(2.0)))
+    base = freeze(prior)
+    offsets = np.array(base["offsets"])
+    model = add_mixture(base, latents[:3000] - offsets, components=4, seed=0)
+    assert model["kind"] == "factorized-mixture" and model["components"][0] == base["frequencies"]
+    assert len(model["components"]) == len(model["weights"]) == 4 and sum(model["weights"]) == 2 ** PRECISION
+    one, mixed = EntropyCoder(base), EntropyCoder(model)
+    held_out = latents[3000:]
+    codes = mixed.encode(held_out)
+    assert np.array_equal(mixed.decode(codes), held_out)
+    assert sum(map(len, codes)) < 0.8 * sum(map(len, one.encode(held_out)))
+    # Both kinds found their own set (besides set 0, the trained prior).
+    assert len(set(mixed.choose(held_out - offsets).tolist())) >= 2
+    # And the model passes the artifact's checks only while its tables are integers summing to 2**16.
+    from pipeline.spec import validate_mixture
+    validate_mixture(model, 12, "here")
+    with pytest.raises(LatentpackError, match="invalid entropy_model"):
+        validate_mixture(dict(model, weights=model["weights"][:-1] + [model["weights"][-1] + 1]), 12, "here")
 
 
 def test_the_shortest_final_word_round_trips_and_saves_bytes():
@@ -76,7 +121,7 @@ def test_the_shortest_final_word_round_trips_and_saves_bytes():
 def test_tables_are_exact_dyadic_probabilities():
     coder = EntropyCoder(GOLDEN_MODEL)
     for d, table in enumerate(GOLDEN_MODEL["frequencies"]):
-        row = coder.probabilities[d, :len(table)]
+        row = coder.probabilities[0, d, :len(table)]
         assert (row * 2 ** 16 == np.array(table)).all() and row.sum() == 1.0
 
 

@@ -59,7 +59,7 @@ def test_float64_products_are_exact_at_the_largest_allowed_values():
 
 def test_artifact_is_a_hyperprior(hyperprior_model_dir):
     spec = read_spec(hyperprior_model_dir)
-    assert (spec.format_version, spec.family, spec.arch, spec.stride) == (2, "hyperprior", "hyperprior", 16)
+    assert (spec.format_version, spec.family, spec.arch, spec.stride) == (3, "hyperprior", "hyperprior", 16)
     assert (spec.latent_channels, spec.hyper_channels) == (8, 16)
     model = spec.entropy_model
     assert len(model["hyper"]["frequencies"]) == 16 and len(model["gaussian"]["frequencies"]) == 64

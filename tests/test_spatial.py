@@ -46,7 +46,7 @@ def test_gdn_matches_its_formula_and_keeps_parameters_positive():
 
 def test_artifact_is_format_2_spatial(spatial_model_dir):
     spec = read_spec(spatial_model_dir)
-    assert (spec.format_version, spec.family, spec.stride, spec.latent_channels) == (2, "spatial", 16, 8)
+    assert (spec.format_version, spec.family, spec.stride, spec.latent_channels) == (3, "spatial", 16, 8)
     assert spec.arch == "spatial" and spec.training["steps_done"] == 40
     assert len(spec.entropy_model["frequencies"]) == 8
     assert spec.metrics["val_bpp"] > 0 and spec.metrics["val_psnr"] > 5

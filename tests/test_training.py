@@ -52,3 +52,38 @@ def test_quality_preset_from_the_command_line(tmp_path):
     assert (spec.training["quality"], spec.training["lmbda"], spec.latent_dim, spec.architecture["width"]) == (
         1, lmbda, latent_dim, width)
     assert TrainConfig.from_quality(1, epochs=3).epochs == 3
+    # The entropy model is a mixture of 16 table sets (set 0: the trained prior) unless told otherwise.
+    assert spec.entropy_model["kind"] == "factorized-mixture" and len(spec.entropy_model["components"]) == 16
+    assert spec.training["mixture"] == 16 and spec.format_version == 3
+
+
+def test_mixture_option_and_fitting_an_older_artifact(tmp_path, capsys):
+    import json
+    import shutil
+
+    from latentpack import cli
+    from pipeline.artifact import read_spec
+    from pipeline.formats import load_images
+    from training.train import add_mixture_to
+
+    plain = str(tmp_path / "plain")
+    args = ["train", "--input-format", "mnist-sample", "--lambda", "0.02", "--latent-dim", "16", "--epochs", "1",
+            "--limit", "600"]
+    assert cli.main(args + ["--mixture", "1", "--model-dir", plain]) == 0
+    spec = read_spec(plain)
+    assert spec.entropy_model["kind"] == "factorized-logistic" and spec.training["mixture"] == 1
+    assert cli.main(args + ["--mixture", "0", "--model-dir", str(tmp_path / "bad")]) == 2
+    assert "--mixture must be between 1 and 256" in capsys.readouterr().err
+    # An artifact exported before mixtures existed: its tables fitted as training fits them, same SavedModel.
+    older = str(tmp_path / "older")
+    shutil.copytree(plain, older)
+    _, images, _, _ = load_images(None, "mnist-sample", 600)
+    new = add_mixture_to(older, images)
+    assert new["entropy_model"]["kind"] == "factorized-mixture" and new["training"]["mixture"] == 16
+    assert new["fingerprint"] != spec.fingerprint and read_spec(older).fingerprint == new["fingerprint"]
+    assert new["metrics"]["val_code_bytes"] < spec.metrics["val_code_bytes"]
+    codec = load_codec(older)
+    latents = codec.encode(images[:50])
+    assert np.array_equal(codec.entropy.decode(codec.entropy.encode(latents)), latents)
+    with open(f"{older}/codec.json") as f:
+        assert json.load(f)["entropy_model"]["components"][0] == list(map(list, spec.entropy_model["frequencies"]))

@@ -36,6 +36,8 @@ class TrainConfig:
     # Rate-distortion training (training/rd.py) when set: loss = distortion + lmbda * bits per pixel.
     lmbda: Optional[float] = None
     quality: Optional[int] = None
+    # Table sets of the entropy model (training.prior.add_mixture); 1: the factorized prior alone.
+    mixture: int = 16
 
     @classmethod
     def from_quality(cls, quality: int, **settings) -> "TrainConfig":
@@ -81,6 +83,9 @@ def parse_args(argv=None):
                    help=f"images per training step (default: {defaults.batch_size} for conv, 256 for mlp)")
     p.add_argument("--learning-rate", type=float, default=None,
                    help=f"Adam learning rate (default: {defaults.learning_rate} for conv, 0.001 for mlp)")
+    p.add_argument("--mixture", type=int, default=defaults.mixture, metavar="K",
+                   help="with --quality/--lambda: table sets of the entropy model, each code naming the set that "
+                        "codes it shortest (1: one set, the learned factorized prior)")
     p.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
                    help="fraction of the images held out for validation")
     p.add_argument("--limit", type=int, default=None, help="use at most this many input images")
@@ -139,6 +144,10 @@ def train(config: TrainConfig, images: np.ndarray, model_dir: str, extra: Option
         from training import prior, rd
         encoder, decoder, learned_prior, history = rd.train_rd(config, train_x, val_x)
         entropy_model = prior.freeze(learned_prior)
+        if config.mixture > 1:
+            latents = encoder.predict(train_x.astype(np.float32) / 255.0, batch_size=1024, verbose=0)
+            entropy_model = prior.add_mixture(entropy_model, symbols_of(latents, entropy_model), config.mixture,
+                                              seed=config.seed)
         quantization = export.integer_quantization(entropy_model)
         entropy = {"entropy_model": entropy_model}
     spec = {
@@ -156,6 +165,42 @@ def train(config: TrainConfig, images: np.ndarray, model_dir: str, extra: Option
     with open(os.path.join(model_dir, "history.json"), "w") as f:
         json.dump(history, f)
     return export.export(model_dir, encoder, decoder, image_shape, quantization, spec, val_x)
+
+
+def symbols_of(latents: np.ndarray, entropy_model: dict) -> np.ndarray:
+    """Float latents [N, D] -> the symbols the entropy coder codes: rounded, clipped to the tables, minus
+    their offsets (what the exported `encode` signature and `EntropyCoder.symbols` make of them)."""
+    offsets = np.asarray(entropy_model["offsets"], np.int64)
+    sizes = np.array([len(t) for t in entropy_model["frequencies"]], np.int64)
+    return np.clip(np.round(latents).astype(np.int64) - offsets, 0, sizes - 1)
+
+
+def add_mixture_to(model_dir: str, images: np.ndarray, components: int = TrainConfig.mixture) -> dict:
+    """Give a dense rate-distortion artifact exported before mixtures existed its mixture tables,
+    fitted exactly as `train` fits them (on the training part of `images`, the same images it was
+    trained on, split as it split them), with its validation code bytes measured again. The
+    SavedModel is unchanged; codec.json and so the fingerprint change. Returns the new spec."""
+    from pipeline.artifact import CODEC_FILE
+    from pipeline.codecs import load_codec
+    from pipeline.entropy import EntropyCoder
+    from training import export, prior
+
+    with open(os.path.join(model_dir, CODEC_FILE)) as f:
+        raw = json.load(f)
+    settings = raw["training"]
+    train_x, val_x = split(images, settings["val_fraction"], settings["seed"])
+    codec = load_codec(model_dir)
+    offsets = np.asarray(raw["entropy_model"]["offsets"], np.int64)
+
+    def latents(x):
+        return np.concatenate([codec.encode(x[i:i + 4096]) for i in range(0, len(x), 4096)]).astype(np.int64)
+
+    model = prior.add_mixture(raw["entropy_model"], latents(train_x) - offsets, components, seed=settings["seed"])
+    metrics = dict(raw.get("metrics") or {})
+    if len(val_x):
+        metrics["val_code_bytes"] = float(np.mean([len(c) for c in EntropyCoder(model).encode(latents(val_x))]))
+    return export.write_codec_json(model_dir, dict(raw, entropy_model=model, metrics=metrics,
+                                                   training=dict(settings, mixture=components)))
 
 
 def train_autoencoder(config: TrainConfig, train_x: np.ndarray, val_x: np.ndarray):
@@ -194,9 +239,12 @@ def main(argv=None) -> int:
         arch=args.arch, latent_bits=args.latent_bits, epochs=args.epochs,
         batch_size=args.batch_size or (256 if reference else TrainConfig.batch_size),
         learning_rate=args.learning_rate or (1e-3 if reference else TrainConfig.learning_rate),
-        val_fraction=args.val_fraction, seed=args.seed)
+        val_fraction=args.val_fraction, seed=args.seed, mixture=args.mixture)
     config = (TrainConfig.from_quality(args.quality, **settings) if args.quality is not None else
               TrainConfig(latent_dim=args.latent_dim, width=args.width, lmbda=args.lmbda, **settings))
+    if not 1 <= args.mixture <= 256:
+        from pipeline.errors import LatentpackError
+        raise LatentpackError(f"--mixture must be between 1 and 256 (got {args.mixture})")
     from pipeline.formats import load_images
 
     _, images, _, bad = load_images(args.input, args.input_format, args.limit)
