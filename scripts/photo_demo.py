@@ -147,7 +147,7 @@ def run(out: str, model: str, beam_args=()) -> dict:
               f"{r['jpeg_psnr']:6.2f} dB          {r['webp_psnr']:6.2f} dB")
     print(f"  {'mean':<16} {'':>9} {report['bpp_mean']:6.3f} {report['psnr_mean']:6.2f}   "
           f"{report['jpeg_psnr_mean']:6.2f} dB          {report['webp_psnr_mean']:6.2f} dB")
-    print(f"  every stored byte (keys, sizes, Parquet): {report['stored_bpp']:.3f} bpp")
+    print(f"  every stored byte (keys, sizes, colour profiles, Parquet): {report['stored_bpp']:.3f} bpp")
     print(f"  written: {out}/report.json, {out}/compare/<photo>.png (original | latentpack | JPEG | WebP)")
     return report
 
