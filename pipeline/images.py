@@ -62,6 +62,10 @@ class ImageBatch:
     # Per image, the ICC colour profile its pixels are in (None: none, i.e. sRGB); None: none at all.
     icc_profiles: Optional[list] = None
 
+    def __post_init__(self):
+        if self.icc_profiles is not None and all(p is None for p in self.icc_profiles):
+            self.icc_profiles = None  # none at all: the common case costs nothing downstream
+
     def __len__(self) -> int:
         return len(self.keys)
 
@@ -394,8 +398,7 @@ def batch_photos(records: Iterable[SourceRecord], batch_size: int, max_pixels: i
         keys, images, labels, modes, profiles = groups.pop(shape)
         has = np.array([label is not None for label in labels], bool)
         values = np.array([-1 if label is None else label for label in labels], np.int64)
-        return ImageBatch(keys, np.stack(images), values, has, modes,
-                          icc_profiles=profiles if any(p is not None for p in profiles) else None)
+        return ImageBatch(keys, np.stack(images), values, has, modes, icc_profiles=profiles)
 
     for rec in records:
         try:

@@ -93,10 +93,9 @@ def main(argv=None) -> int:
 
 
 def has_mixture(model_dir: str) -> bool:
-    import json
+    from pipeline.artifact import read_spec
 
-    with open(os.path.join(model_dir, "codec.json")) as f:
-        return json.load(f).get("entropy_model", {}).get("kind") == "factorized-mixture"
+    return (read_spec(model_dir).entropy_model or {}).get("kind") == "factorized-mixture"
 
 
 def record(args) -> None:

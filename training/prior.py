@@ -75,8 +75,8 @@ def add_mixture(model: dict, symbols: np.ndarray, components: int = MIXTURE_COMP
     (`smoothing` added to every count, so no value is ever impossible). An image's code names
     its set first (with the sets' frequencies as the table), then its latents under that set,
     so decoding never chooses anything: the choice is in the code. On MNIST digits 16 sets save
-    4-7% of the code bytes of a factorized prior (its latents depend on each other through the
-    digit's shape, which no single table set can see)."""
+    3-6% of the code bytes of a factorized prior (its latents depend on each other through the
+    digit's shape, which no single table set can see; BENCHMARKS.md, "Rate-distortion")."""
     sizes = [len(t) for t in model["frequencies"]]
     n, dims = symbols.shape
     width = max(sizes)
@@ -90,7 +90,7 @@ def add_mixture(model: dict, symbols: np.ndarray, components: int = MIXTURE_COMP
         logs = -np.log2(np.where(valid, pmfs / pmfs.sum(-1, keepdims=True), 1.0))
         return np.stack([logs[k][rows, symbols].sum(1) for k in range(len(pmfs))], axis=1)
 
-    def refit(assign):
+    def refit(assign):  # (each set's counts [K, D, width], each set's count of images [K])
         pmfs = [base]
         for k in range(1, components):
             counts = np.zeros((dims, width))
@@ -98,18 +98,17 @@ def add_mixture(model: dict, symbols: np.ndarray, components: int = MIXTURE_COMP
             for d in range(dims):
                 counts[d] = np.bincount(members[:, d], minlength=width)[:width]
             pmfs.append(np.where(valid, counts + smoothing, 0.0))
-        return np.stack(pmfs)
+        return np.stack(pmfs), np.bincount(assign, minlength=components) + 1.0
 
     assign = np.random.default_rng(seed).integers(1, components, n) if components > 1 else np.zeros(n, int)
     for _ in range(iterations):
-        pmfs = refit(assign)
-        weights = np.bincount(assign, minlength=components) + 1.0
+        pmfs, weights = refit(assign)
         new = (costs(pmfs) - np.log2(weights / weights.sum())).argmin(1)
         if np.array_equal(new, assign):
             break
         assign = new
-    pmfs = refit(assign)
-    weights = np.bincount(assign, minlength=components) + 1.0
+    else:
+        pmfs, weights = refit(assign)
     sets = [[quantize_pmf(pmfs[k, d, :sizes[d]]).tolist() for d in range(dims)] for k in range(1, components)]
     return dict(model, kind="factorized-mixture", components=[model["frequencies"]] + sets,
                 weights=quantize_pmf(weights).tolist())

@@ -21,7 +21,7 @@ from training.prior import FactorizedPrior
 # --quality 1..8 -> (lambda, latent_dim, conv width): low to high quality. The prior makes unused
 # latent dimensions nearly free, so latent_dim is generous; the high presets need a wider model
 # to reach their distortion at all, and preset 8, the widest, keeps improving for many more
-# epochs than the others (scripts/rd.py trains it LONG_EPOCHS).
+# epochs than the others (scripts/rd.py trains LONG_PRESETS for --long-epochs).
 QUALITY_PRESETS = {
     1: (0.16, 64, 16), 2: (0.08, 64, 16), 3: (0.04, 64, 16), 4: (0.02, 64, 16),
     5: (0.01, 64, 32), 6: (0.005, 64, 32), 7: (0.002, 96, 48), 8: (0.0015, 128, 64),

@@ -190,12 +190,12 @@ def add_mixture_to(model_dir: str, images: np.ndarray, components: int = TrainCo
     settings = raw["training"]
     train_x, val_x = split(images, settings["val_fraction"], settings["seed"])
     codec = load_codec(model_dir)
-    offsets = np.asarray(raw["entropy_model"]["offsets"], np.int64)
 
     def latents(x):
         return np.concatenate([codec.encode(x[i:i + 4096]) for i in range(0, len(x), 4096)]).astype(np.int64)
 
-    model = prior.add_mixture(raw["entropy_model"], latents(train_x) - offsets, components, seed=settings["seed"])
+    model = prior.add_mixture(raw["entropy_model"], symbols_of(latents(train_x), raw["entropy_model"]), components,
+                              seed=settings["seed"])
     metrics = dict(raw.get("metrics") or {})
     if len(val_x):
         metrics["val_code_bytes"] = float(np.mean([len(c) for c in EntropyCoder(model).encode(latents(val_x))]))

@@ -172,10 +172,8 @@ class SpatialCodec(ModelCodec):
                 if c == 1:
                     images = np.round(images.astype(np.float32).mean(axis=-1, keepdims=True)).astype(np.uint8)
                 idx = [i for i, _ in chunk]
-                kept = [profiles[i] for i in idx]
                 yield ImageBatch([keys[i] for i in idx], np.ascontiguousarray(images), labels[idx], has_label[idx],
-                                 modes=[modes[i] for i in idx],
-                                 icc_profiles=kept if any(p is not None for p in kept) else None)
+                                 modes=[modes[i] for i in idx], icc_profiles=[profiles[i] for i in idx])
 
 
 def pad_to_multiple(images: np.ndarray, multiple: int) -> np.ndarray:
