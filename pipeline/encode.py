@@ -54,6 +54,7 @@ class EncodeOptions:
     image_feature: Optional[str] = None
     label_feature: Optional[str] = None
     key_feature: Optional[str] = None
+    refine: int = 0
 
 
 def shard_batches(reader, shard: str, root: str, shape, batch_size: int, max_pixels: int, later=None):
@@ -149,10 +150,10 @@ class EncodeShard(beam.DoFn):
     once per worker process and called only through its family's `compress`."""
 
     def __init__(self, reader, root: str, model_dir: str, spec, latent_format: str, batch_size: int,
-                 max_pixels: int):
+                 max_pixels: int, refine: int = 0):
         self.reader, self.root = reader, root
         self.model_dir, self.spec, self.latent_format = model_dir, spec, latent_format
-        self.batch_size, self.max_pixels = batch_size, max_pixels
+        self.batch_size, self.max_pixels, self.refine = batch_size, max_pixels, refine
 
     def setup(self):
         self.codec = shared_codec(self.model_dir, self.spec)
@@ -170,7 +171,7 @@ class EncodeShard(beam.DoFn):
             if isinstance(item, DeadLetter):
                 yield part, item
                 continue
-            columns = self.codec.compress(item, self.latent_format)
+            columns = self.codec.compress(item, self.latent_format, self.refine)
             yield part, latents.to_table(item.keys, columns, item.labels, item.has_label, self.schema)
             self.images.inc(len(item))
             self.progress.add(len(item))
@@ -182,11 +183,11 @@ class EncodeImages(beam.PTransform):
     twice, read and encode each shard on one worker."""
 
     def __init__(self, part_of: dict, reader, root: str, model_dir: str, spec, latent_format: str,
-                 batch_size: int = 1024, max_pixels: int = DEFAULT_MAX_PIXELS, existing_parts=()):
+                 batch_size: int = 1024, max_pixels: int = DEFAULT_MAX_PIXELS, existing_parts=(), refine: int = 0):
         super().__init__()
         self.part_of, self.existing_parts = dict(part_of), list(existing_parts)
         self.reader, self.root = reader, root
-        self.fn = EncodeShard(reader, root, model_dir, spec, latent_format, batch_size, max_pixels)
+        self.fn = EncodeShard(reader, root, model_dir, spec, latent_format, batch_size, max_pixels, refine)
 
     def expand(self, pbegin):
         planned = (pbegin
@@ -221,6 +222,10 @@ def parse_args(argv) -> tuple:
                                            "(default: image/class/label or label, or the dataset's class label)")
     p.add_argument("--key-feature", help="feature or column holding each image's key (default: image/key or key; "
                                          "otherwise the file and record index)")
+    p.add_argument("--refine", type=int, default=d.refine, metavar="STEPS",
+                   help="steps of encoder-side refinement: search each image's latents for a better rate-distortion "
+                        "trade-off than the encoder's (slower encoding, same decoder and code format; dense models "
+                        "with an entropy model; 0: off)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch element")
     p.add_argument("--num-shards", type=int, default=d.num_shards,
                    help="output Parquet parts, each of whole input shards (0: one per input shard; for image folders, "
@@ -253,6 +258,8 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
     if options.max_pixels < 1:
         raise LatentpackError(f"--max-pixels must be at least 1 (got {options.max_pixels}); it is the largest "
                               "image, in pixels, that is decoded (larger ones are dead letters)")
+    if options.refine < 0:
+        raise LatentpackError(f"--refine must be 0 or more steps (got {options.refine})")
     if options.skip_existing and options.num_shards:
         raise LatentpackError("--num-shards cannot apply with --skip-existing (its parts are planned among the new shards)")
     from pipeline import models
@@ -263,6 +270,10 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
     why_not = family.check_latent_format(spec, latent_format)
     if why_not:
         raise LatentpackError(f"{why_not}; {model_dir} cannot write --latent-format {latent_format}")
+    if options.refine:
+        why_not = family.check_refine(spec) or codec_class(spec)(model_dir, spec).missing_refinement()
+        if why_not:
+            raise LatentpackError(why_not)
     reader, shards, root = open_input(options.input_format, options.input,
                                       Fields(options.image_feature, options.label_feature, options.key_feature))
     output = options.output.rstrip("/")
@@ -274,7 +285,7 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
     claim.claim()
     log.info("encoding %d shard(s) of %s with model %s", len(shards), options.input_format, spec.fingerprint[:19])
     extra = {"job": "encode", "input": options.input, "input_format": options.input_format, "shards": len(shards),
-             "latent_format": latent_format, "duplicate_keys": options.duplicate_keys,
+             "latent_format": latent_format, "duplicate_keys": options.duplicate_keys, "refine": options.refine,
              "codec": latents.metadata_of(latents.schema(spec, latent_format)),
              # Which shipped model, of which release: a later release may ship a better (different) one.
              "model": options.model_dir if models.is_shipped_name(options.model_dir) else None,
@@ -303,7 +314,7 @@ def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, latent_fo
     # With --skip-existing, keys already stored in the folder's older parts count as first occurrences.
     (p
      | "EncodeImages" >> EncodeImages(sink.part_of, reader, root, model_dir, spec, latent_format,
-                                      options.batch_size, options.max_pixels, sink.existing)
+                                      options.batch_size, options.max_pixels, sink.existing, options.refine)
      | "WriteLatentDataset" >> sink)
     return run_to_completion(p, output, claim=claim)
 

@@ -39,11 +39,12 @@ class EntropyCoder:
             for d, table in enumerate(tables):
                 self.probabilities[k, d, :len(table)] = np.asarray(table, np.float64) / total
         self.weights = (np.asarray(model["weights"], np.float64)[None, :] / total if len(sets) > 1 else None)
-        if self.weights is not None:
-            # Code lengths in integer 1/1024ths of a bit, so the choice of set is the same everywhere.
-            with np.errstate(divide="ignore"):
-                self.costs = np.round(-1024 * np.log2(self.probabilities)).clip(max=1 << 40).astype(np.int64)
-                self.set_costs = np.round(-1024 * np.log2(self.weights[0])).astype(np.int64)
+        # Code lengths [set, dimension, value] in integer 1/1024ths of a bit, so the choice of set is the
+        # same everywhere; and each set's own (its number's) length, none without a mixture.
+        with np.errstate(divide="ignore"):
+            self.costs = np.round(-1024 * np.log2(self.probabilities)).clip(max=1 << 40).astype(np.int64)
+            self.set_costs = (np.round(-1024 * np.log2(self.weights[0])).astype(np.int64) if self.weights is not None
+                              else np.zeros(1, np.int64))
         self.family = constriction.stream.model.Categorical(perfect=False)
 
     def symbols(self, latents: np.ndarray) -> np.ndarray:

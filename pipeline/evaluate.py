@@ -31,6 +31,7 @@ from PIL import Image
 
 from pipeline import decode, encode, latents
 from pipeline.artifact import read_spec
+from pipeline.codecs import codec_class
 from pipeline.errors import LatentpackError
 from pipeline.formats import READERS, get_reader
 from pipeline.images import ImageBatch, batch_photos, psnr
@@ -134,7 +135,7 @@ def point(name, family, code_bytes, images, recon, container_bytes=None, **extra
     return dict(out, **extra)
 
 
-def model_point(model_dir, output, input_pattern, input_format, beam_args, keys, images, index):
+def model_point(model_dir, output, input_pattern, input_format, beam_args, keys, images, index, refine=0):
     from pipeline import models
 
     spec = read_spec(models.resolve(model_dir))
@@ -143,7 +144,8 @@ def model_point(model_dir, output, input_pattern, input_format, beam_args, keys,
     lat, dec = os.path.join(work, "latents"), os.path.join(work, "decoded")
     started = time.time()
     manifest = encode.run_job(encode.EncodeOptions(input=input_pattern, input_format=input_format,
-                                                   model_dir=model_dir, output=lat, max_bad_fraction=1.0),
+                                                   model_dir=model_dir, output=lat, max_bad_fraction=1.0,
+                                                   refine=refine),
                               beam_args)
     encode_s = time.time() - started
     started = time.time()
@@ -171,9 +173,11 @@ def model_point(model_dir, output, input_pattern, input_format, beam_args, keys,
              f"{title} λ={training['lmbda']}" if training.get("lmbda") is not None else
              f"{spec.arch} autoencoder")
     family = f"latentpack-{spec.family}" if spec.entropy_coded else f"{spec.arch}-ae"
+    if refine:
+        label, family = f"{label} refined {refine}", f"{family}-refined"
     return point(label, family, code_bytes, images, [recon[k] for k in keys], container_bytes=total,
                  model_dir=model_dir, fingerprint=spec.fingerprint, latent_format=manifest["latent_format"],
-                 encode_seconds=encode_s, decode_seconds=decode_s)
+                 encode_seconds=encode_s, decode_seconds=decode_s, refine=refine)
 
 
 def bd_rate(anchor: list, test: list) -> Optional[float]:
@@ -233,7 +237,8 @@ def plot(points, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     styles = {"jpeg": ("s-", "C0"), "webp": ("^-", "C2"), "avif": ("v-", "C4"), "latentpack-spatial": ("o-", "C3"),
-              "latentpack-dense": ("o-", "C1"), "mlp-ae": ("D", "C5"), "conv-ae": ("v", "C6")}
+              "latentpack-dense": ("o-", "C1"), "latentpack-dense-refined": ("*--", "C1"), "mlp-ae": ("D", "C5"),
+              "conv-ae": ("v", "C6")}
     for family in dict.fromkeys(p["family"] for p in points):
         pts = sorted((p for p in points if p["family"] == family and p["psnr"] < 99.9), key=lambda p: p["bpp"])
         if not pts:
@@ -267,6 +272,9 @@ def parse_args(argv):
     p.add_argument("--classical", nargs="*", default=["png", "jpeg", "webp", "avif"],
                    choices=["png", "jpeg", "webp", "avif"], help="classical codecs to sweep (none: only models)")
     p.add_argument("--limit", type=int, help="evaluate on at most this many images (first keys)")
+    p.add_argument("--refine", type=int, nargs="+", default=[0], metavar="STEPS",
+                   help="encode each model with these steps of refinement (encode --refine), one curve each; "
+                        "e.g. 0 50 for the model as it is and refined")
     return p.parse_known_args(argv)
 
 
@@ -281,8 +289,11 @@ def run(argv=None) -> dict:
         pattern = write_subset(os.path.join(args.output, "subset"), keys, images)
         args.input_format = "npz"
     points = []
-    for i, model_dir in enumerate(args.model_dir):
-        points.append(model_point(model_dir, args.output, pattern, args.input_format, beam_args, keys, images, i))
+    runs = [(model_dir, refine) for refine in dict.fromkeys(args.refine) for model_dir in args.model_dir
+            if not refine or refinable(model_dir)]
+    for i, (model_dir, refine) in enumerate(runs):
+        points.append(model_point(model_dir, args.output, pattern, args.input_format, beam_args, keys, images, i,
+                                  refine))
         print(f"  {points[-1]['name']}: {points[-1]['bpp']:.3f} bpp, {points[-1]['psnr']:.2f} dB", flush=True)
     for p in classical_points(keys, images, args.classical):
         points.append(p)
@@ -296,6 +307,18 @@ def run(argv=None) -> dict:
         f.write(markdown(points, bd) + "\n")
     plot(points, os.path.join(args.output, "rd.png"))
     return report
+
+
+def refinable(model_dir: str) -> bool:
+    """Whether the model's kind can be refined (an entropy-coded dense model); others are evaluated
+    only as they are, with a note."""
+    from pipeline import models
+
+    spec = read_spec(models.resolve(model_dir))
+    why = codec_class(spec).check_refine(spec)
+    if why:
+        print(f"  {model_dir}: evaluated without refinement ({why})", flush=True)
+    return why is None
 
 
 def write_subset(folder: str, keys, images) -> str:

@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--val", type=int, default=10000, help="validation images kept out of training")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many of them")
     p.add_argument("--mlp-epochs", type=int, default=50, help="epochs for the reference MLP")
+    p.add_argument("--refine", type=int, nargs="+", default=[0, 50], metavar="STEPS",
+                   help="evaluate the presets encoded with these steps of refinement (encode --refine), a curve each")
     args = p.parse_args(argv)
     if not os.path.exists(MNIST):
         sys.exit(f"rd: {MNIST} is missing; this benchmark needs the MNIST training set in ../shared/data/mnist")
@@ -41,6 +43,7 @@ def main(argv=None) -> int:
     from latentpack import cli
     from pipeline.formats import load_images
     from training.rd import LONG_PRESETS
+    from training.export import add_refinement_to, has_refinement
     from training.train import TrainConfig, add_mixture_to, train
 
     _, images, labels, _ = load_images(MNIST, "idx")
@@ -81,9 +84,12 @@ def main(argv=None) -> int:
             spec = add_mixture_to(model_dir, train_x)
             print(f"rd: {name} was trained before mixture priors: fitted its {spec['training']['mixture']} table "
                   f"sets, validation {spec['metrics']['val_code_bytes']:.1f} code bytes", flush=True)
+        if config.lmbda is not None and not has_refinement(model_dir):
+            add_refinement_to(model_dir)
+            print(f"rd: {name} was exported before refinement: re-exported with its signatures", flush=True)
 
     evaluate_args = ["evaluate", "--input", val_path, "--input-format", "npz", "--output", args.out,
-                     "--runner=FnApiRunner"]
+                     "--runner=FnApiRunner", "--refine", *map(str, args.refine)]
     for model_dir in model_dirs:
         evaluate_args += ["--model-dir", model_dir]
     if cli.main(evaluate_args):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import tensorflow as tf
@@ -41,7 +42,11 @@ def latent_dtype(quantization: dict) -> str:
 
 
 class CodecModule(tf.Module):
-    """encode: uint8 images -> integer latents; decode: the reverse. The quantizer is baked in."""
+    """encode: uint8 images -> integer latents; decode: the reverse. The quantizer is baked in.
+
+    Two more signatures serve encoder-side refinement (`pipeline/refine.py`, `encode --refine`):
+    `analyze`, the encoder's latents before rounding, in quantizer steps; `synthesize`, the
+    decoder's float image from such latents, differentiable. Readers without refinement ignore them."""
 
     def __init__(self, encoder, decoder, image_shape, quantization):
         super().__init__()
@@ -57,11 +62,21 @@ class CodecModule(tf.Module):
             tf.TensorSpec([None, *image_shape], tf.uint8, name="images")])
         self.decode = tf.function(self._decode, input_signature=[
             tf.TensorSpec([None, d], self._dtype, name="latent")])
+        self.analyze = tf.function(self._analyze, input_signature=[
+            tf.TensorSpec([None, *image_shape], tf.uint8, name="images")])
+        self.synthesize = tf.function(self._synthesize, input_signature=[
+            tf.TensorSpec([None, d], tf.float32, name="latent")])
+
+    def _analyze(self, images):
+        z = self.encoder(tf.cast(images, tf.float32) / 255.0, training=False)
+        return {"latent": (z - self._low) / self._step}
 
     def _encode(self, images):
-        z = self.encoder(tf.cast(images, tf.float32) / 255.0, training=False)
-        q = tf.clip_by_value(tf.round((z - self._low) / self._step), self._min, self._max)
+        q = tf.clip_by_value(tf.round(self._analyze(images)["latent"]), self._min, self._max)
         return {"latent": tf.cast(q, self._dtype)}
+
+    def _synthesize(self, latent):
+        return {"image": tf.clip_by_value(self.decoder(latent * self._step + self._low, training=False), 0.0, 1.0)}
 
     def _decode(self, latent):
         z = tf.cast(latent, tf.float32) * self._step + self._low
@@ -87,9 +102,44 @@ def export(model_dir: str, encoder, decoder, image_shape, quantization: dict, sp
             codes = EntropyCoder(spec["entropy_model"]).encode(latent)
             metrics["val_code_bytes"] = float(np.mean([len(c) for c in codes]))
     os.makedirs(model_dir, exist_ok=True)
-    tf.saved_model.save(module, model_dir, signatures={"encode": module.encode, "decode": module.decode})
+    tf.saved_model.save(module, model_dir, signatures={"encode": module.encode, "decode": module.decode,
+                                                       "analyze": module.analyze, "synthesize": module.synthesize})
     spec = dict(spec, family="dense", image_shape=list(image_shape), latent_dtype=latent_dtype(quantization),
                 quantization=quantization, metrics=metrics)
+    return write_codec_json(model_dir, spec)
+
+
+def has_refinement(model_dir: str) -> bool:
+    """Whether a dense artifact has the `analyze`/`synthesize` signatures refinement needs."""
+    return {"analyze", "synthesize"} <= set(tf.saved_model.load(model_dir).signatures)
+
+
+def add_refinement_to(model_dir: str) -> dict:
+    """Re-export a dense artifact made before refinement existed with the same weights, quantizer and
+    tables plus the `analyze`/`synthesize` signatures: codes it wrote stay valid, since `encode`
+    and `decode` compute exactly what they did. Its fingerprint changes (the SavedModel does)."""
+    from training import model
+
+    with open(os.path.join(model_dir, CODEC_FILE)) as f:
+        raw = json.load(f)
+    shape = tuple(raw["image_shape"])
+    arch = raw["architecture"]
+    encoder, decoder = model.build(arch["arch"], shape, arch["latent_dim"], arch.get("width", 16))
+    # The SavedModel's variables are a checkpoint of the CodecModule: encoder/..., decoder/...
+    status = tf.train.Checkpoint(encoder=encoder, decoder=decoder).read(os.path.join(model_dir, "variables", "variables"))
+    status.assert_existing_objects_matched().expect_partial()
+    module = CodecModule(encoder, decoder, shape, raw["quantization"])
+    tmp = model_dir.rstrip("/") + ".refinable"
+    tf.saved_model.save(module, tmp, signatures={"encode": module.encode, "decode": module.decode,
+                                                 "analyze": module.analyze, "synthesize": module.synthesize})
+    for name in ("saved_model.pb", "fingerprint.pb", "variables"):
+        target = os.path.join(model_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        if os.path.exists(os.path.join(tmp, name)):
+            os.replace(os.path.join(tmp, name), target)
+    shutil.rmtree(tmp)
+    spec = {k: v for k, v in raw.items() if k not in ("format", "format_version", "fingerprint")}
     return write_codec_json(model_dir, spec)
 
 

@@ -15,7 +15,7 @@ LATENT_FORMATS = ("code", "int")
 class ModelCodec:
     """A loaded model artifact. Subclasses set `family` and implement the four methods below.
 
-    `compress(batch, latent_format)` returns the dataset's value columns for a batch of
+    `compress(batch, latent_format, refine)` returns the dataset's value columns for a batch of
     same-shaped images (name -> Arrow array, in `fields` order); `decompress(table)` turns
     rows back into ImageBatches of same-shaped images, and a row whose value cannot be
     decoded into a DeadLetter, never an exception.
@@ -68,6 +68,15 @@ class ModelCodec:
         return None
 
     @classmethod
+    def check_refine(cls, spec) -> Optional[str]:
+        """None if encoding with this model can refine its latents (`pipeline/refine.py`), else why not."""
+        return f"--refine is not available for {spec.family} models yet (dense models with an entropy model only)"
+
+    def missing_refinement(self) -> Optional[str]:
+        """None if this loaded artifact can refine its latents, else why not."""
+        return self.check_refine(self.spec)
+
+    @classmethod
     def image_shape(cls, spec) -> Optional[Tuple[int, int, int]]:
         """The one (H, W, C) the model takes, or None when it takes any size."""
         return None
@@ -78,7 +87,8 @@ class ModelCodec:
         return {"family": spec.family, "arch": spec.arch}
 
     # --- the pair the jobs call ----------------------------------------------------------------
-    def compress(self, batch: ImageBatch, latent_format: str) -> dict:
+    def compress(self, batch: ImageBatch, latent_format: str, refine: int = 0) -> dict:
+        """`refine`: steps of encoder-side latent refinement (0: the encoder's latents as they are)."""
         raise NotImplementedError
 
     def decompress(self, table) -> Iterator[Union[ImageBatch, DeadLetter]]:

@@ -31,6 +31,13 @@ class DenseCodec(ModelCodec):
         self.latent_dtype = DTYPES[spec.latent_dtype][0]
         self.low = np.asarray(spec.quantization["min"], np.int64)
         self.high = np.asarray(spec.quantization["max"], np.int64)
+        self.refiner = None
+        signatures = self._model.signatures
+        if self.check_refine(spec) is None and "analyze" in signatures and "synthesize" in signatures:
+            from pipeline.refine import Refiner
+
+            self.refiner = Refiner(signatures["analyze"], signatures["synthesize"], self.entropy, self.low,
+                                   self.high, spec.training["lmbda"], int(np.prod(spec.image_shape)))
 
     def check_signatures(self):
         enc_in, enc_out, dec_in = self._signature_shapes()
@@ -51,6 +58,23 @@ class DenseCodec(ModelCodec):
         return tuple(spec.image_shape)
 
     @classmethod
+    def check_refine(cls, spec):
+        if not spec.entropy_coded or not isinstance(spec.training.get("lmbda"), (int, float)):
+            return "--refine needs a model trained with --quality or --lambda (it refines against its rate)"
+        if spec.quantization.get("kind") != "integer":
+            return "--refine needs a model whose latents are rounded to integers (an entropy-coded dense model)"
+        return None
+
+    def missing_refinement(self):
+        """None if this artifact can refine, else why not (it was exported without the signatures)."""
+        why = self.check_refine(self.spec)
+        if why is None and self.refiner is None:
+            why = (f"--refine needs the analyze and synthesize signatures, which {self.model_dir} was exported "
+                   "without (latentpack < 0.4); training.export.add_refinement_to re-exports it with them (README: "
+                   "Refinement)")
+        return why
+
+    @classmethod
     def metadata(cls, spec):
         return dict(super().metadata(spec), image_shape=list(spec.image_shape), latent_dim=spec.latent_dim,
                     latent_dtype=spec.latent_dtype, quantization_bits=spec.quantization["bits"])
@@ -67,8 +91,11 @@ class DenseCodec(ModelCodec):
             return np.zeros((0,) + tuple(self.spec.image_shape), np.uint8)
         return self._decode(latent=np.asarray(latents, self.latent_dtype))["image"].numpy()
 
-    def compress(self, batch, latent_format):
-        latent = self.encode(batch.images)
+    def compress(self, batch, latent_format, refine=0):
+        if refine and len(batch.images):
+            latent = self.refiner(batch.images, refine).astype(self.latent_dtype)
+        else:
+            latent = self.encode(batch.images)
         if latent_format == "code":
             return {"code": pa.array(self.entropy.encode(latent), pa.binary())}
         flat = pa.array(np.ascontiguousarray(latent).reshape(-1))

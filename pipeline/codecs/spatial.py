@@ -114,7 +114,7 @@ class SpatialCodec(ModelCodec):
         return bool(((latent < self.coder.offsets) | (latent >= self.coder.offsets + self.coder.sizes)).any())
 
     # --- the pair the jobs call ----------------------------------------------------------------
-    def compress(self, batch, latent_format):
+    def compress(self, batch, latent_format, refine=0):
         n, height, width, channels = batch.images.shape
         rgb = batch.images if channels == 3 else np.repeat(batch.images, 3, axis=-1)
         latent = self.analysis(rgb)
