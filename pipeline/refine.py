@@ -53,7 +53,9 @@ class Refiner:
         self.set_bits = tf.constant((coder.set_costs / 1024.0).astype(np.float32))
         self.offsets = tf.constant(coder.offsets.astype(np.float32))
         self.sizes = tf.constant(coder.sizes.astype(np.float32))
-        self._run = tf.function(self._refine, reduce_retracing=True)
+        shape = analyze.structured_input_signature[1]["images"].shape
+        self._run = tf.function(self._refine, input_signature=[
+            tf.TensorSpec(shape, tf.uint8), tf.TensorSpec([], tf.int32)])
 
     def rate(self, latent):
         """Estimated code bits [N] of float latents [N, D]: each table's code lengths interpolated

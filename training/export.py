@@ -140,7 +140,7 @@ def add_refinement_to(model_dir: str) -> dict:
             os.replace(os.path.join(tmp, name), target)
     shutil.rmtree(tmp)
     spec = {k: v for k, v in raw.items() if k not in ("format", "format_version", "fingerprint")}
-    return write_codec_json(model_dir, spec)
+    return write_codec_json(model_dir, dict(spec, family="dense"))  # format 1 had no family field
 
 
 def write_codec_json(model_dir: str, spec: dict) -> dict:

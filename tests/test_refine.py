@@ -1,0 +1,107 @@
+"""Encoder-side refinement (`encode --refine`, pipeline/refine.py): better codes, same decoder."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import BEAM_TEST_ARGS
+from pipeline import completion, decode, encode, latents
+from pipeline.artifact import read_spec
+from pipeline.codecs import load_codec
+
+V1_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "v1", "model")
+
+
+def encoded_and_decoded(shards, model_dir, out, *extra):
+    """({key: code bytes}, {key: decoded image}, manifest) of the encode and decode jobs."""
+    manifest = encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", str(out / "lat"),
+                           *extra] + BEAM_TEST_ARGS)
+    table = pq.ParquetDataset(latents.part_paths(str(out / "lat"), manifest)).read()
+    codes = dict(zip(table.column("key").to_pylist(), table.column("code").to_pylist()))
+    done = decode.run(["--input", str(out / "lat"), "--model-dir", model_dir, "--output", str(out / "npz"),
+                       "--output-format", "npz"] + BEAM_TEST_ARGS)
+    images = {}
+    for name in done["files"]:
+        with np.load(os.path.join(out / "npz", name)) as npz:
+            images.update(zip(npz["keys"].tolist(), npz["images"]))
+    return codes, images, manifest
+
+
+def objective(shards, codes, images, lmbda):
+    """Each image's distortion + lambda * rate as training measured it (MSE on [0, 1], bits per pixel)."""
+    out = []
+    for key, original in zip(shards.keys, shards.images):
+        mse = np.mean((original.astype(np.float64) - images[key].astype(np.float64)) ** 2) / 255.0 ** 2
+        out.append(mse + lmbda * 8 * len(codes[key]) / original.size)
+    return np.array(out)
+
+
+def test_refined_codes_decode_with_the_same_decoder_and_trade_better(shards, rd_model_dir, tmp_path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "refined").mkdir()
+    plain_codes, plain_images, _ = encoded_and_decoded(shards, rd_model_dir, tmp_path / "plain")
+    codes, images, manifest = encoded_and_decoded(shards, rd_model_dir, tmp_path / "refined", "--refine", "30")
+    assert manifest["refine"] == 30 and manifest["counts"]["written"] == len(shards.keys)
+    assert sorted(images) == sorted(shards.keys) and codes.keys() == plain_codes.keys()
+    assert codes != plain_codes  # the search moved latents
+    lmbda = read_spec(rd_model_dir).training["lmbda"]
+    before, after = objective(shards, plain_codes, plain_images, lmbda), objective(shards, codes, images, lmbda)
+    assert after.mean() < 0.97 * before.mean(), (after.mean(), before.mean())
+    # Per image the search keeps its best rounded latents by the tables' code lengths; the stored
+    # bytes can differ from those by the coder's last few bits, never by much.
+    assert (after <= before + lmbda * 8 * 2 / shards.images[0].size).all()
+
+
+def test_zero_steps_are_the_encoders_own_latents_and_the_rate_is_the_tables(rd_model_dir, mnist):
+    codec = load_codec(rd_model_dir)
+    images = mnist[0][:64]
+    plain = codec.encode(images).astype(np.int64)
+    assert np.array_equal(codec.refiner(images, 0), plain)
+    # At integers the interpolated rate is the tables' code length exactly; the range coder's bytes
+    # hold it to within its few bits of flushing.
+    estimate = codec.refiner.rate(plain.astype(np.float32)).numpy()
+    actual = np.array([8 * len(c) for c in codec.entropy.encode(plain)])
+    assert np.all(np.abs(actual - estimate) <= 16), (actual - estimate)
+    refined = codec.refiner(images, 10)
+    assert refined.shape == plain.shape
+    assert (refined >= codec.low).all() and (refined <= codec.high).all()
+
+
+def test_an_artifact_exported_before_refinement_gains_it_with_its_codes_unchanged(tmp_path, mnist):
+    from training.export import add_refinement_to, has_refinement
+
+    model = str(tmp_path / "model")
+    shutil.copytree(V1_MODEL, model)
+    os.chmod(model, 0o755)
+    images = mnist[0][:32]
+    before = load_codec(model)
+    assert not has_refinement(model) and before.missing_refinement() and "add_refinement_to" in \
+        before.missing_refinement()
+    spec = add_refinement_to(model)
+    assert spec["family"] == "dense" and read_spec(model).fingerprint == spec["fingerprint"]
+    after = load_codec(model)
+    assert after.missing_refinement() is None
+    assert np.array_equal(after.encode(images), before.encode(images))
+    latent = before.encode(images)
+    assert np.array_equal(after.decode(latent), before.decode(latent))
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, "-m", "latentpack.cli", "encode", *argv, *BEAM_TEST_ARGS],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case", ["negative", "no entropy model", "spatial", "exported before"])
+def test_refine_that_cannot_apply_is_one_clear_error(case, shards, model_dir, spatial_model_dir, tmp_path):
+    model, steps = {"negative": (model_dir, "-1"), "no entropy model": (model_dir, "5"),
+                    "spatial": (spatial_model_dir, "5"), "exported before": (V1_MODEL, "5")}[case]
+    proc = run_cli("--input", shards.pattern, "--model-dir", model, "--output", str(tmp_path / "out"),
+                   "--refine", steps)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("latentpack: error: --refine"), proc.stderr
+    assert not os.path.exists(tmp_path / "out" / completion.MANIFEST)
