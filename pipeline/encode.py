@@ -34,6 +34,7 @@ from pipeline.runners import either_spelling, runner_options
 from pipeline.errors import log, show_progress
 
 NAMESPACE = "latentpack.encode"
+MAX_REFINE = 10000  # steps of --refine: beyond this an encode job would run for days for nothing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,8 +259,8 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
     if options.max_pixels < 1:
         raise LatentpackError(f"--max-pixels must be at least 1 (got {options.max_pixels}); it is the largest "
                               "image, in pixels, that is decoded (larger ones are dead letters)")
-    if options.refine < 0:
-        raise LatentpackError(f"--refine must be 0 or more steps (got {options.refine})")
+    if not 0 <= options.refine <= MAX_REFINE:
+        raise LatentpackError(f"--refine must be 0 to {MAX_REFINE} steps (got {options.refine})")
     if options.skip_existing and options.num_shards:
         raise LatentpackError("--num-shards cannot apply with --skip-existing (its parts are planned among the new shards)")
     from pipeline import models

@@ -135,7 +135,8 @@ def main(argv=None) -> int:
                  f"images {'x'.join(map(str, meta['image_shape']))}")
     else:
         shape = f"{meta.get('latent_channels')} latent channels, any image size"
-    print(f"model        {meta['model_fingerprint']} ({meta.get('arch')}, {shape})")
+    print(f"model        {meta['model_fingerprint']} ({meta.get('arch')}, {shape})"
+          + (f", encoded with --refine {manifest['refine']}" if manifest.get("refine") else ""))
     if images:
         print(f"images       {images:,} in {len(paths)} part(s), {manifest['total_bytes']:,} bytes, "
               f"{manifest['total_bytes'] / images:.1f} bytes per image")

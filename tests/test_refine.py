@@ -40,7 +40,7 @@ def objective(shards, codes, images, lmbda):
     return np.array(out)
 
 
-def test_refined_codes_decode_with_the_same_decoder_and_trade_better(shards, rd_model_dir, tmp_path):
+def test_refined_codes_decode_with_the_same_decoder_and_trade_better(shards, rd_model_dir, tmp_path, capsys):
     (tmp_path / "plain").mkdir()
     (tmp_path / "refined").mkdir()
     plain_codes, plain_images, _ = encoded_and_decoded(shards, rd_model_dir, tmp_path / "plain")
@@ -54,6 +54,9 @@ def test_refined_codes_decode_with_the_same_decoder_and_trade_better(shards, rd_
     # Per image the search keeps its best rounded latents by the tables' code lengths; the stored
     # bytes can differ from those by the coder's last few bits, never by much.
     assert (after <= before + lmbda * 8 * 2 / shards.images[0].size).all()
+    from latentpack import cli
+    assert cli.main(["inspect", str(tmp_path / "refined" / "lat")]) == 0
+    assert "encoded with --refine 30" in capsys.readouterr().out
 
 
 def test_zero_steps_are_the_encoders_own_latents_and_the_rate_is_the_tables(rd_model_dir, mnist):
@@ -95,9 +98,10 @@ def run_cli(*argv):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("case", ["negative", "no entropy model", "spatial", "exported before"])
+@pytest.mark.parametrize("case", ["negative", "too many", "no entropy model", "spatial", "exported before"])
 def test_refine_that_cannot_apply_is_one_clear_error(case, shards, model_dir, spatial_model_dir, tmp_path):
-    model, steps = {"negative": (model_dir, "-1"), "no entropy model": (model_dir, "5"),
+    model, steps = {"negative": (model_dir, "-1"), "too many": (model_dir, "1000000"),
+                    "no entropy model": (model_dir, "5"),
                     "spatial": (spatial_model_dir, "5"), "exported before": (V1_MODEL, "5")}[case]
     proc = run_cli("--input", shards.pattern, "--model-dir", model, "--output", str(tmp_path / "out"),
                    "--refine", steps)
