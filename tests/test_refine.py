@@ -91,6 +91,16 @@ def test_an_artifact_exported_before_refinement_gains_it_with_its_codes_unchange
     assert np.array_equal(after.encode(images), before.encode(images))
     latent = before.encode(images)
     assert np.array_equal(after.decode(latent), before.decode(latent))
+    assert sorted(os.listdir(tmp_path)) == ["model"]  # nothing left beside it
+
+
+def test_re_export_interrupted_between_its_renames_is_finished_by_the_next_call(tmp_path):
+    from training.export import add_refinement_to, has_refinement
+
+    shutil.copytree(V1_MODEL, tmp_path / "model.before-refinement")  # the state a crash would leave
+    (tmp_path / "model.refinable").mkdir()
+    add_refinement_to(str(tmp_path / "model"))
+    assert has_refinement(str(tmp_path / "model")) and sorted(os.listdir(tmp_path)) == ["model"]
 
 
 def run_cli(*argv):

@@ -79,9 +79,13 @@ class CodecModule(tf.Module):
         return {"image": tf.clip_by_value(self.decoder(latent * self._step + self._low, training=False), 0.0, 1.0)}
 
     def _decode(self, latent):
-        z = tf.cast(latent, tf.float32) * self._step + self._low
-        x = self.decoder(z, training=False)
-        return {"image": tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)}
+        x = self._synthesize(tf.cast(latent, tf.float32))["image"]
+        return {"image": tf.cast(tf.round(x * 255.0), tf.uint8)}
+
+    def save(self, model_dir: str) -> None:
+        """The SavedModel with all four signatures."""
+        tf.saved_model.save(self, model_dir, signatures={"encode": self.encode, "decode": self.decode,
+                                                         "analyze": self.analyze, "synthesize": self.synthesize})
 
 
 def export(model_dir: str, encoder, decoder, image_shape, quantization: dict, spec: dict,
@@ -102,8 +106,7 @@ def export(model_dir: str, encoder, decoder, image_shape, quantization: dict, sp
             codes = EntropyCoder(spec["entropy_model"]).encode(latent)
             metrics["val_code_bytes"] = float(np.mean([len(c) for c in codes]))
     os.makedirs(model_dir, exist_ok=True)
-    tf.saved_model.save(module, model_dir, signatures={"encode": module.encode, "decode": module.decode,
-                                                       "analyze": module.analyze, "synthesize": module.synthesize})
+    module.save(model_dir)
     spec = dict(spec, family="dense", image_shape=list(image_shape), latent_dtype=latent_dtype(quantization),
                 quantization=quantization, metrics=metrics)
     return write_codec_json(model_dir, spec)
@@ -120,27 +123,29 @@ def add_refinement_to(model_dir: str) -> dict:
     and `decode` compute exactly what they did. Its fingerprint changes (the SavedModel does)."""
     from training import model
 
-    with open(os.path.join(model_dir, CODEC_FILE)) as f:
+    base = model_dir.rstrip("/")
+    tmp, old = base + ".refinable", base + ".before-refinement"
+    if not os.path.exists(base) and os.path.isdir(old):  # an earlier call stopped between its two renames
+        os.replace(old, base)
+    with open(os.path.join(base, CODEC_FILE)) as f:
         raw = json.load(f)
     shape = tuple(raw["image_shape"])
     arch = raw["architecture"]
     encoder, decoder = model.build(arch["arch"], shape, arch["latent_dim"], arch.get("width", 16))
     # The SavedModel's variables are a checkpoint of the CodecModule: encoder/..., decoder/...
-    status = tf.train.Checkpoint(encoder=encoder, decoder=decoder).read(os.path.join(model_dir, "variables", "variables"))
+    status = tf.train.Checkpoint(encoder=encoder, decoder=decoder).read(os.path.join(base, "variables", "variables"))
     status.assert_existing_objects_matched().expect_partial()
-    module = CodecModule(encoder, decoder, shape, raw["quantization"])
-    tmp = model_dir.rstrip("/") + ".refinable"
-    tf.saved_model.save(module, tmp, signatures={"encode": module.encode, "decode": module.decode,
-                                                 "analyze": module.analyze, "synthesize": module.synthesize})
-    for name in ("saved_model.pb", "fingerprint.pb", "variables"):
-        target = os.path.join(model_dir, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        if os.path.exists(os.path.join(tmp, name)):
-            os.replace(os.path.join(tmp, name), target)
-    shutil.rmtree(tmp)
+    # Written whole beside the artifact, then swapped in: an interruption leaves the old one intact.
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("saved_model.pb", "fingerprint.pb", "variables"))
+    CodecModule(encoder, decoder, shape, raw["quantization"]).save(tmp)
     spec = {k: v for k, v in raw.items() if k not in ("format", "format_version", "fingerprint")}
-    return write_codec_json(model_dir, dict(spec, family="dense"))  # format 1 had no family field
+    spec = write_codec_json(tmp, dict(spec, family="dense"))  # format 1 had no family field
+    os.replace(base, old)
+    os.replace(tmp, base)
+    shutil.rmtree(old)
+    return spec
 
 
 def write_codec_json(model_dir: str, spec: dict) -> dict:
