@@ -119,3 +119,18 @@ def test_refine_that_cannot_apply_is_one_clear_error(case, shards, model_dir, sp
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("latentpack: error: --refine"), proc.stderr
     assert not os.path.exists(tmp_path / "out" / completion.MANIFEST)
+
+
+def test_both_latent_formats_hold_the_same_refined_latents(shards, rd_model_dir, tmp_path):
+    tables = {}
+    for latent_format in ("code", "int"):
+        out = str(tmp_path / latent_format)
+        manifest = encode.run(["--input", shards.pattern, "--model-dir", rd_model_dir, "--output", out,
+                               "--latent-format", latent_format, "--refine", "20"] + BEAM_TEST_ARGS)
+        tables[latent_format] = pq.ParquetDataset(latents.part_paths(out, manifest)).read().sort_by("key")
+    codec = load_codec(rd_model_dir)
+    keys = tables["code"].column("key").to_pylist()
+    from_codes = codec._latents(tables["code"], keys)[0]
+    from_ints = codec._latents(tables["int"], keys)[0]
+    assert np.array_equal(from_codes, from_ints)
+    assert not np.array_equal(from_codes, codec.encode(np.stack([shards.images[shards.keys.index(k)] for k in keys])))
