@@ -32,12 +32,28 @@ class DenseCodec(ModelCodec):
         self.low = np.asarray(spec.quantization["min"], np.int64)
         self.high = np.asarray(spec.quantization["max"], np.int64)
         self.refiner = None
-        signatures = self._model.signatures
-        if self.check_refine(spec) is None and "analyze" in signatures and "synthesize" in signatures:
+        if self.check_refine(spec) is None and self._refinement_signatures():
             from pipeline.refine import Refiner
 
+            signatures = self._model.signatures
             self.refiner = Refiner(signatures["analyze"], signatures["synthesize"], self.entropy, self.low,
                                    self.high, spec.training["lmbda"], int(np.prod(spec.image_shape)))
+
+    def _refinement_signatures(self) -> bool:
+        """Whether the SavedModel has `analyze` and `synthesize` of this model's shapes."""
+        signatures = self._model.signatures
+        if "analyze" not in signatures or "synthesize" not in signatures:
+            return False
+        try:
+            analyze_in = signatures["analyze"].structured_input_signature[1]["images"].shape.as_list()
+            analyze_out = signatures["analyze"].structured_outputs["latent"].shape.as_list()
+            synthesize_in = signatures["synthesize"].structured_input_signature[1]["latent"].shape.as_list()
+            synthesize_out = signatures["synthesize"].structured_outputs["image"].shape.as_list()
+        except (KeyError, AttributeError, TypeError, ValueError):
+            return False
+        return (analyze_in[1:] == list(self.spec.image_shape) and analyze_out[-1:] == [self.spec.latent_dim]
+                and synthesize_in[-1:] == [self.spec.latent_dim]
+                and synthesize_out[1:] == list(self.spec.image_shape))
 
     def check_signatures(self):
         enc_in, enc_out, dec_in = self._signature_shapes()
@@ -69,9 +85,9 @@ class DenseCodec(ModelCodec):
         """None if this artifact can refine, else why not (it was exported without the signatures)."""
         why = self.check_refine(self.spec)
         if why is None and self.refiner is None:
-            why = (f"--refine needs the analyze and synthesize signatures, which {self.model_dir} was exported "
-                   "without (latentpack < 0.4); training.export.add_refinement_to re-exports it with them (README: "
-                   "Refinement)")
+            why = (f"--refine needs the analyze and synthesize signatures of this model's shapes, which "
+                   f"{self.model_dir} was exported without (latentpack < 0.4); training.export.add_refinement_to "
+                   "re-exports it with them (README: Refinement)")
         return why
 
     @classmethod
