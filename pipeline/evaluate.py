@@ -311,14 +311,21 @@ def run(argv=None) -> dict:
 
 def refinable(model_dir: str) -> bool:
     """Whether the model's kind can be refined (an entropy-coded dense model); others are evaluated
-    only as they are, with a note."""
+    only as they are, with a note. A model of the right kind exported without the signatures
+    refinement needs is a clear error now, before any evaluation runs."""
     from pipeline import models
+    from pipeline.codecs import load_codec
 
-    spec = read_spec(models.resolve(model_dir))
+    resolved = models.resolve(model_dir)
+    spec = read_spec(resolved)
     why = codec_class(spec).check_refine(spec)
     if why:
         print(f"  {model_dir}: evaluated without refinement ({why})", flush=True)
-    return why is None
+        return False
+    missing = load_codec(resolved, spec).missing_refinement()
+    if missing:
+        raise LatentpackError(missing)
+    return True
 
 
 def write_subset(folder: str, keys, images) -> str:

@@ -134,3 +134,26 @@ def test_both_latent_formats_hold_the_same_refined_latents(shards, rd_model_dir,
     from_ints = codec._latents(tables["int"], keys)[0]
     assert np.array_equal(from_codes, from_ints)
     assert not np.array_equal(from_codes, codec.encode(np.stack([shards.images[shards.keys.index(k)] for k in keys])))
+
+
+def test_evaluate_draws_a_refined_curve_beside_the_plain_one(tmp_path, mnist, model_dir, rd_model_dir, capsys):
+    import json
+
+    from latentpack import cli
+
+    np.savez(tmp_path / "val.npz", images=mnist[0][4900:4940], keys=np.array([f"v/{i:02d}" for i in range(40)]))
+    args = ["evaluate", "--input", str(tmp_path / "val.npz"), "--input-format", "npz", "--classical"]
+    out = str(tmp_path / "rd")
+    assert cli.main(args + ["--model-dir", rd_model_dir, "--model-dir", model_dir, "--refine", "0", "20",
+                            "--output", out] + BEAM_TEST_ARGS) == 0
+    points = {p["name"]: p for p in json.load(open(os.path.join(out, "rd.json")))["points"]}
+    assert sorted(points) == ["conv autoencoder", "latentpack dense λ=0.02", "latentpack dense λ=0.02 refined 20"]
+    plain, refined = points["latentpack dense λ=0.02"], points["latentpack dense λ=0.02 refined 20"]
+    assert (refined["family"], refined["refine"], plain["refine"]) == ("latentpack-dense-refined", 20, 0)
+    assert refined["psnr"] > plain["psnr"]
+    assert "evaluated without refinement" in capsys.readouterr().out
+    # A model of the right kind without the signatures: one clear error before anything is evaluated.
+    assert cli.main(args + ["--model-dir", V1_MODEL, "--refine", "0", "5", "--output", str(tmp_path / "v1")]
+                    + BEAM_TEST_ARGS) == 2
+    assert "add_refinement_to" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "v1" / "model-0")
