@@ -272,7 +272,8 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
     if why_not:
         raise LatentpackError(f"{why_not}; {model_dir} cannot write --latent-format {latent_format}")
     if options.refine:
-        why_not = family.check_refine(spec) or codec_class(spec)(model_dir, spec).missing_refinement()
+        # The worker's own copy, when the runner is in process: loaded once (`shared_codec`).
+        why_not = family.check_refine(spec) or shared_codec(model_dir, spec).missing_refinement()
         if why_not:
             raise LatentpackError(why_not)
     reader, shards, root = open_input(options.input_format, options.input,

@@ -314,7 +314,7 @@ def refinable(model_dir: str) -> bool:
     only as they are, with a note. A model of the right kind exported without the signatures
     refinement needs is a clear error now, before any evaluation runs."""
     from pipeline import models
-    from pipeline.codecs import load_codec
+    from pipeline.codecs import shared_codec
 
     resolved = models.resolve(model_dir)
     spec = read_spec(resolved)
@@ -322,7 +322,7 @@ def refinable(model_dir: str) -> bool:
     if why:
         print(f"  {model_dir}: evaluated without refinement ({why})", flush=True)
         return False
-    missing = load_codec(resolved, spec).missing_refinement()
+    missing = shared_codec(resolved, spec).missing_refinement()  # the encode job's check reuses it
     if missing:
         raise LatentpackError(missing)
     return True

@@ -5,6 +5,7 @@ Columns: `code` (binary, entropy-coded with the frozen factorized prior) or `lat
 """
 from __future__ import annotations
 
+import functools
 from typing import List
 
 import numpy as np
@@ -31,13 +32,18 @@ class DenseCodec(ModelCodec):
         self.latent_dtype = DTYPES[spec.latent_dtype][0]
         self.low = np.asarray(spec.quantization["min"], np.int64)
         self.high = np.asarray(spec.quantization["max"], np.int64)
-        self.refiner = None
-        if self.check_refine(spec) is None and self._refinement_signatures():
-            from pipeline.refine import Refiner
 
-            signatures = self._model.signatures
-            self.refiner = Refiner(signatures["analyze"], signatures["synthesize"], self.entropy, self.low,
-                                   self.high, spec.training["lmbda"], int(np.prod(spec.image_shape)))
+    @functools.cached_property
+    def refiner(self):
+        """The encode-time latent search (`pipeline/refine.py`), built on first use (decode jobs never
+        need it); None when this artifact cannot refine (`missing_refinement` says why)."""
+        if self.check_refine(self.spec) is not None or not self._refinement_signatures():
+            return None
+        from pipeline.refine import Refiner
+
+        signatures = self._model.signatures
+        return Refiner(signatures["analyze"], signatures["synthesize"], self.entropy, self.low, self.high,
+                       self.spec.training["lmbda"], int(np.prod(self.spec.image_shape)))
 
     def _refinement_signatures(self) -> bool:
         """Whether the SavedModel has `analyze` and `synthesize` of this model's shapes."""
@@ -84,7 +90,7 @@ class DenseCodec(ModelCodec):
     def missing_refinement(self):
         """None if this artifact can refine, else why not (it was exported without the signatures)."""
         why = self.check_refine(self.spec)
-        if why is None and self.refiner is None:
+        if why is None and not self._refinement_signatures():
             why = (f"--refine needs the analyze and synthesize signatures of this model's shapes, which "
                    f"{self.model_dir} was exported without (latentpack < 0.4); training.export.add_refinement_to "
                    "re-exports it with them (README: Refinement)")
