@@ -28,7 +28,7 @@ from pipeline.artifact import read_spec
 from pipeline.codecs import codec_class, shared_codec
 from pipeline.completion import DEAD_LETTER_DIR, MANIFEST, OutputFolder, clear_previous, read_manifest, run_to_completion
 from pipeline.errors import LatentpackError
-from pipeline.images import DeadLetter
+from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter
 from pipeline.outputs import WRITERS
 from pipeline.errors import show_progress
 from pipeline.runners import either_spelling, runner_options
@@ -129,9 +129,11 @@ class DecodePart(beam.DoFn):
 
     BATCH_ROWS = 1024
 
-    def __init__(self, model_dir: str, spec, output: str, output_format: str, label_names=None, max_pending: int = 2):
+    def __init__(self, model_dir: str, spec, output: str, output_format: str, label_names=None, max_pending: int = 2,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.model_dir, self.spec, self.output, self.output_format = model_dir, spec, output, output_format
         self.label_names, self.max_pending = (list(label_names) if label_names else None), max_pending
+        self.max_pixels = max_pixels
 
     def setup(self):
         from concurrent.futures import ThreadPoolExecutor
@@ -164,7 +166,7 @@ class DecodePart(beam.DoFn):
 
             with FileSystems.open(path) as f:
                 for rows in pq.ParquetFile(f).iter_batches(batch_size=self.BATCH_ROWS):
-                    for item in self.codec.decompress(pa.Table.from_batches([rows])):
+                    for item in self.codec.decompress(pa.Table.from_batches([rows]), self.max_pixels):
                         if isinstance(item, DeadLetter):
                             letters.append(dataclasses.replace(item, source=item.source or path))
                         else:
@@ -215,6 +217,7 @@ class DecodeOptions:
     output_format: str = "png"
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
     allow_damaged: bool = False
+    max_pixels: Optional[int] = None  # None: the limit the encode job applied (its manifest), else the default
 
 
 def parse_args(argv) -> tuple:
@@ -233,6 +236,9 @@ def parse_args(argv) -> tuple:
     p.add_argument("--allow-damaged", action="store_true",
                    help="decode what is intact: the rows of a part whose checksum fails become `damaged_part` dead "
                         "letters (subject to --max-bad-fraction) instead of failing the job")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="a row claiming an image of more pixels than this is a `too_many_pixels` dead letter, not "
+                        f"decoded (default: the limit the dataset was encoded with, else {DEFAULT_MAX_PIXELS})")
     args, beam_args = p.parse_known_args(either_spelling(p, sys.argv[1:] if argv is None else list(argv)))
     return DecodeOptions(**vars(args)), beam_args
 
@@ -250,6 +256,7 @@ def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     model_dir = model_for(dataset, manifest, options.model_dir)
     spec = read_spec(model_dir)
     paths, entries = check_dataset(dataset, spec, manifest)
+    max_pixels = pixel_limit(options.max_pixels, manifest)
     output = options.output.rstrip("/")
     if (output + "/").startswith(dataset + "/"):
         raise LatentpackError(f"--output {output} is, or is inside, the --input dataset {dataset}; decoding there "
@@ -258,24 +265,40 @@ def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     claim.claim()
     try:
         return _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, paths, entries, output,
-                              claim, manifest.get("label_names"))
+                              claim, manifest.get("label_names"), max_pixels)
     finally:
         claim.release()
 
 
+def pixel_limit(option: Optional[int], manifest: dict) -> int:
+    """Decode's pixel limit per image: --max-pixels, else the encode job's own (recorded in the
+    manifest since 0.4.1), else encode's default. The height and width of a row are data: a
+    damaged or hostile dataset can claim gigapixels for a few bytes of code."""
+    if option is not None:
+        if option < 1:
+            raise LatentpackError(f"--max-pixels must be at least 1 (got {option}); it is the largest image, in "
+                                  "pixels, that decode will make")
+        return option
+    recorded = manifest.get("max_pixels")
+    return recorded if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 1 \
+        else DEFAULT_MAX_PIXELS
+
+
 def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, paths, entries, output, claim,
-                   label_names=None):
+                   label_names=None, max_pixels=DEFAULT_MAX_PIXELS):
     # PNG files are one per key and are overwritten in place; shard files are replaced.
     clear_previous(output, [f"images-*.{ext}" for ext in ("tfrecord", "npz", "parquet", "tar")]
                    + [f"images-*.{ext}.tmp" for ext in ("tfrecord", "npz", "parquet", "tar")]
                    + [f"{DEAD_LETTER_DIR}/*.jsonl", f"{DEAD_LETTER_DIR}/*.jsonl.tmp"])
-    extra = {"job": "decode", "source": dataset, "output_format": options.output_format, "model_fingerprint": spec.fingerprint}
+    extra = {"job": "decode", "source": dataset, "output_format": options.output_format,
+             "model_fingerprint": spec.fingerprint, "max_pixels": max_pixels}
     fatal = () if options.allow_damaged else ("damaged_part",)
     p = test_pipeline or beam.Pipeline(options=runner_options(beam_args, len(paths)))
     (p
      | "ListParts" >> beam.Create(list(zip(paths, entries)))
      | "SpreadParts" >> beam.Reshuffle()
-     | "DecodeParts" >> beam.ParDo(DecodePart(model_dir, spec, output, options.output_format, label_names))
+     | "DecodeParts" >> beam.ParDo(DecodePart(model_dir, spec, output, options.output_format, label_names,
+                                                     max_pixels=max_pixels))
      | "GatherSummaries" >> Gather()
      | "WriteManifest" >> beam.ParDo(WriteDecodeManifest(output, paths, extra, options.max_bad_fraction, fatal)))
     return run_to_completion(p, output, "decoded output", claim)

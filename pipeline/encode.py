@@ -288,6 +288,7 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
     log.info("encoding %d shard(s) of %s with model %s", len(shards), options.input_format, spec.fingerprint[:19])
     extra = {"job": "encode", "input": options.input, "input_format": options.input_format, "shards": len(shards),
              "latent_format": latent_format, "duplicate_keys": options.duplicate_keys, "refine": options.refine,
+             "max_pixels": options.max_pixels,
              "codec": latents.metadata_of(latents.schema(spec, latent_format)),
              # Which shipped model, of which release: a later release may ship a better (different) one.
              "model": options.model_dir if models.is_shipped_name(options.model_dir) else None,

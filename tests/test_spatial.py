@@ -16,7 +16,8 @@ from pipeline import completion, decode, encode, latents
 from pipeline.artifact import read_spec
 from pipeline.codecs import load_codec
 from pipeline.codecs import spatial as spatial_codec
-from pipeline.images import ImageBatch, SourceRecord, batch_photos, decode_photo, encode_png
+from pipeline.errors import LatentpackError
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageBatch, SourceRecord, batch_photos, decode_photo, encode_png
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,6 +114,59 @@ def test_compress_pads_and_decompress_crops_back_to_the_exact_size(photo_model_d
         (batch,) = list(codec.decompress(table))
         assert batch.images.shape == (2,) + size + (3,) and batch.keys == ["a", "b"]
         assert batch.labels.tolist() == [3, -1] and batch.has_label.tolist() == [True, False]
+
+
+def test_a_row_claiming_more_pixels_than_the_limit_is_a_dead_letter_not_decoded(photo_model_dir):
+    """Height and width are data: a few bytes of code (the decoder reads zeros past a code's end)
+    could claim gigapixels. Past the limit a row is refused before decoding; a long, thin image
+    (wider than 65,536) within it decodes at its size."""
+    import pyarrow as pa
+
+    codec = load_codec(photo_model_dir)
+    images = np.stack(smooth_photos(np.random.default_rng(4), 2, sizes=[(3, 70000)]))
+    columns = codec.compress(ImageBatch(["wide", "bomb"], images, np.array([-1, -1]), np.array([False, False])),
+                             "code")
+    table = latents.to_table(["wide", "bomb"], columns, np.array([-1, -1]), np.array([False, False]),
+                             latents.schema(codec.spec, "code"))
+    table = table.set_column(table.schema.get_field_index("height"), "height", pa.array([3, 65536], pa.int32()))
+    table = table.set_column(table.schema.get_field_index("width"), "width", pa.array([70000, 65536], pa.int32()))
+    table = table.set_column(table.schema.get_field_index("code"), "code",
+                             pa.array([columns["code"][0].as_py(), b""], pa.binary()))
+    out = list(codec.decompress(table, max_pixels=1 << 20))
+    letters = [o for o in out if not isinstance(o, ImageBatch)]
+    assert [(d.key, d.reason) for d in letters] == [("bomb", "too_many_pixels")]
+    assert "65536x65536 exceeds the 1048576-pixel limit" in letters[0].error
+    (batch,) = [o for o in out if isinstance(o, ImageBatch)]
+    assert batch.keys == ["wide"] and batch.images.shape == (1, 3, 70000, 3)
+    # A limit below the wide image's 210,000 pixels refuses it too.
+    assert [o.reason for o in codec.decompress(table.slice(0, 1), max_pixels=200000)] == ["too_many_pixels"]
+
+
+def test_decode_limits_pixels_as_the_encode_job_did(photo_model_dir, photo_folder, tmp_path):
+    lat, out = str(tmp_path / "lat"), str(tmp_path / "out")
+    manifest = encode.run(["--input", str(photo_folder / "img0*.png"), "--input-format", "images",
+                           "--model-dir", photo_model_dir, "--output", lat, "--max-pixels", "100000000"]
+                          + BEAM_TEST_ARGS)
+    assert manifest["max_pixels"] == 100000000 and manifest["counts"]["written"] == 10
+    assert decode.pixel_limit(None, manifest) == 100000000
+    assert decode.pixel_limit(None, {}) == DEFAULT_MAX_PIXELS  # datasets before 0.4.1
+    assert decode.pixel_limit(5000, manifest) == 5000
+    with pytest.raises(LatentpackError, match="--max-pixels must be at least 1"):
+        decode.pixel_limit(0, manifest)
+    assert decode.run(["--input", lat, "--model-dir", photo_model_dir, "--output", out]
+                      + BEAM_TEST_ARGS)["max_pixels"] == 100000000
+    # Below the photos' sizes: each is a `too_many_pixels` dead letter, and the job fails unmarked.
+    sizes = table_sizes(lat, manifest)
+    limit = min(h * w for h, w in sizes) - 1
+    with pytest.raises(LatentpackError, match="too_many_pixels"):
+        decode.run(["--input", lat, "--model-dir", photo_model_dir, "--output", str(tmp_path / "small"),
+                    "--max-pixels", str(limit)] + BEAM_TEST_ARGS)
+    assert not os.path.exists(tmp_path / "small" / completion.MANIFEST)
+
+
+def table_sizes(lat, manifest):
+    table = pq.ParquetDataset(latents.part_paths(lat, manifest)).read()
+    return list(zip(table.column("height").to_pylist(), table.column("width").to_pylist()))
 
 
 def test_tiled_transforms_match_the_whole_image(photo_model_dir, monkeypatch):

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import LatentpackError
-from pipeline.images import DeadLetter, ImageBatch
+from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, ImageBatch
 
 LATENT_FORMATS = ("code", "int")
 
@@ -91,7 +91,10 @@ class ModelCodec:
         """`refine`: steps of encoder-side latent refinement (0: the encoder's latents as they are)."""
         raise NotImplementedError
 
-    def decompress(self, table) -> Iterator[Union[ImageBatch, DeadLetter]]:
+    def decompress(self, table, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Union[ImageBatch, DeadLetter]]:
+        """Rows -> ImageBatches, or a DeadLetter per row that cannot be decoded. `max_pixels`: a row
+        that claims a larger image is a `too_many_pixels` dead letter, not decoded (a few bytes of
+        code can claim gigapixels)."""
         raise NotImplementedError
 
 

@@ -15,7 +15,7 @@ from pipeline.codecs import register
 from pipeline.codecs.base import ModelCodec, code_words, row_labels
 from pipeline.entropy import EntropyCoder
 from pipeline.errors import LatentpackError
-from pipeline.images import DeadLetter, ImageBatch
+from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, ImageBatch
 
 DTYPES = {"int8": (np.int8, pa.int8()), "int16": (np.int16, pa.int16())}
 # A row group can hold many thousands of rows: decode it in slices of bounded memory.
@@ -123,7 +123,7 @@ class DenseCodec(ModelCodec):
         flat = pa.array(np.ascontiguousarray(latent).reshape(-1))
         return {"latent": pa.FixedSizeListArray.from_arrays(flat, latent.shape[1])}
 
-    def decompress(self, table):
+    def decompress(self, table, max_pixels=DEFAULT_MAX_PIXELS):  # the model fixes every image's size
         for start in range(0, table.num_rows, DECODE_ROWS):
             part = table.slice(start, DECODE_ROWS)
             keys = part.column("key").to_pylist()

@@ -20,7 +20,7 @@ from pipeline.codecs import register
 from pipeline.codecs.base import ModelCodec, code_words, row_labels
 from pipeline.entropy import ChannelCoder
 from pipeline.errors import LatentpackError
-from pipeline.images import DeadLetter, ImageBatch, profile_for
+from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, ImageBatch, profile_for
 
 # Images above this many pixels go through the transforms in tiles of TILE pixels a side,
 # each with MARGIN pixels of context on every side (more than the transforms' reach, so
@@ -128,7 +128,7 @@ class SpatialCodec(ModelCodec):
                 "mode": pa.array(modes, pa.string()),
                 "icc_profile": pa.array(batch.icc_profiles or [None] * n, pa.binary())}
 
-    def decompress(self, table):
+    def decompress(self, table, max_pixels=DEFAULT_MAX_PIXELS):
         keys = table.column("key").to_pylist()
         labels, has_label = row_labels(table)
         heights = table.column("height").to_numpy(zero_copy_only=False)
@@ -144,8 +144,12 @@ class SpatialCodec(ModelCodec):
         groups = {}
         for i in range(table.num_rows):
             h, w, c = int(heights[i]), int(widths[i]), int(channels[i])
-            if not (0 < h <= 1 << 16 and 0 < w <= 1 << 16 and c in (1, 3)):
+            if not (h > 0 and w > 0 and c in (1, 3)):
                 yield DeadLetter(keys[i], "", i, "bad_row", f"invalid image size {h}x{w}x{c}")
+                continue
+            if h * w > max_pixels:
+                yield DeadLetter(keys[i], "", i, "too_many_pixels",
+                                 f"{w}x{h} exceeds the {max_pixels}-pixel limit (--max-pixels)")
                 continue
             if profiles[i] is not None and profile_for(profiles[i], c) is None:
                 yield DeadLetter(keys[i], "", i, "bad_row", f"the row's colour profile does not describe {c}-channel "
