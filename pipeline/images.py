@@ -133,6 +133,18 @@ def _animated(kind: str, frames: int) -> BadImage:
                                 "(split the frames into images first)")
 
 
+def _open(data: bytes):
+    """Pillow's image over the bytes, its header read, or BadImage. Pillow itself refuses a header
+    of more than twice its `MAX_IMAGE_PIXELS` (about 358 Mpx) before the caller's own limit is
+    asked: that is the same decompression bomb, and reads so."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadImage("too_many_pixels", _reason(e)) from None
+    except Exception as e:  # Pillow raises several types for unreadable bytes
+        raise BadImage("undecodable", f"not a readable image: {_reason(e)}") from None
+
+
 def decode_image(data: bytes, shape: tuple, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """PNG/JPEG bytes -> uint8 array of exactly `shape` (H, W, C), or BadImage.
 
@@ -148,10 +160,7 @@ def decode_image(data: bytes, shape: tuple, max_pixels: int = DEFAULT_MAX_PIXELS
             raise BadImage("too_many_pixels", f"{png_width}x{png_height} exceeds the {max_pixels}-pixel limit")
         if depth == 8 and colour == _PNG_DIRECT.get(channels) and (png_height, png_width) == (height, width):
             return _load_png(data, height, width).reshape(height, width, channels)
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Exception as e:  # Pillow raises several types for unreadable bytes
-        raise BadImage("undecodable", f"not a readable image: {_reason(e)}") from None
+    img = _open(data)
     # The header is enough to refuse decompression bombs before decoding any pixels.
     if img.width * img.height > max_pixels:
         raise BadImage("too_many_pixels", f"{img.width}x{img.height} exceeds the {max_pixels}-pixel limit")
@@ -208,10 +217,7 @@ def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
         if depth == 8 and colour in (0, 2) and b"iCCP" not in chunks:  # a profile: Pillow reads it
             return Photo(_load_png(data, height, width, chunks).reshape(height, width, -1),
                          "L" if colour == 0 else "RGB")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Exception as e:
-        raise BadImage("undecodable", f"not a readable image: {_reason(e)}") from None
+    img = _open(data)
     if img.width * img.height > max_pixels:
         raise BadImage("too_many_pixels", f"{img.width}x{img.height} exceeds the {max_pixels}-pixel limit")
     _one_picture(img)

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import BadImage
-from pipeline.images import DeadLetter, ImageBatch, SourceRecord, batch_records, decode_image, encode_png
+from pipeline.images import DeadLetter, ImageBatch, SourceRecord, batch_records, decode_image, decode_photo, encode_png
 
 
 def png(arr, mode=None, **kw):
@@ -33,7 +33,6 @@ def animation(frames, fmt, shape=(28, 28)):
 
 @pytest.mark.parametrize("frames,fmt", [(3, "GIF"), (2, "PNG"), (2, "WEBP"), (2, "TIFF")])
 def test_animations_and_multi_page_files_are_dead_letters(frames, fmt):
-    from pipeline.images import decode_photo
 
     data = animation(frames, fmt)
     for decode in (lambda: decode_image(data, (28, 28, 1)), lambda: decode_photo(data)):
@@ -80,6 +79,20 @@ def test_pixel_limit_checked_from_header():
     with pytest.raises(BadImage) as e:
         decode_image(data, (100, 100, 1), max_pixels=5000)
     assert e.value.reason == "too_many_pixels"
+
+
+def test_a_header_past_pillows_own_bomb_limit_is_too_many_pixels_too():
+    """A JPEG whose header claims 65,500 x 65,500 (4.3 Gpx, past twice Pillow's MAX_IMAGE_PIXELS,
+    which Pillow refuses itself while opening) is the same decompression bomb as one under it."""
+    out = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(out, format="JPEG")
+    data = bytearray(out.getvalue())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (65500).to_bytes(2, "big") * 2
+    for call in (lambda: decode_image(bytes(data), (16, 16, 3)), lambda: decode_photo(bytes(data))):
+        with pytest.raises(BadImage) as e:
+            call()
+        assert e.value.reason == "too_many_pixels" and "4290250000 pixels" in str(e.value)
 
 
 def test_gray_palette_png_decodes_to_one_channel(mnist):
