@@ -33,7 +33,6 @@ def animation(frames, fmt, shape=(28, 28)):
 
 @pytest.mark.parametrize("frames,fmt", [(3, "GIF"), (2, "PNG"), (2, "WEBP"), (2, "TIFF")])
 def test_animations_and_multi_page_files_are_dead_letters(frames, fmt):
-
     data = animation(frames, fmt)
     for decode in (lambda: decode_image(data, (28, 28, 1)), lambda: decode_photo(data)):
         with pytest.raises(BadImage) as e:
