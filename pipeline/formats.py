@@ -766,7 +766,9 @@ class WebDatasetReader(Reader):
                                                       "not a regular file"))
                             index += 1
                             continue
-                        if pending and pending["key"] != key:
+                        # A member whose key and extension the sample already has (the same name twice)
+                        # starts another sample of that key: a `duplicate_key` dead letter, not lost.
+                        if pending and (pending["key"] != key or "." + ext.lower() in pending):
                             yield self._record(pending, shard, index)
                             index += 1
                             pending = {}

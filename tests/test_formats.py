@@ -131,10 +131,13 @@ def test_webdataset_keys_follow_webdataset_rules_and_links_are_counted(tmp_path,
         link = tarfile.TarInfo("set.v2/003.png")
         link.type, link.linkname = tarfile.SYMTYPE, "001.png"
         tar.addfile(link)
+        add("004.png", png)
+        add("004.png", png[:-1] + b"\1")  # the same member name again: another image of key 004
     recs = records("webdataset", str(shard))
     assert [(r.key, r.label, r.error.reason if r.error else None) for r in recs] == [
         ("000", 7, None), ("set.v2/001", None, "bad_label"), ("set.v2/002", None, None),
-        ("set.v2/003", None, "unsupported_member")]
+        ("set.v2/003", None, "unsupported_member"), ("004", None, None), ("004", None, None)]
+    assert recs[-2].encoded == png and recs[-1].encoded != png  # neither is dropped: the job's key check sees both
 
 
 def test_parquet_float_labels_and_idx_label_mismatch(tmp_path, mnist):
