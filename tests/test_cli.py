@@ -44,3 +44,14 @@ def test_the_command_keeps_tensorflow_start_up_logs_quiet_unless_verbose(tmp_pat
     assert quiet.stderr.strip().splitlines() == [f"latentpack: error: no files match --input '{tmp_path}/none-*.tfrecord'"]
     verbose = subprocess.run(argv + ["--verbose"], capture_output=True, text=True, env=env, timeout=300)
     assert verbose.returncode == 2 and "latentpack: error: no files match" in verbose.stderr
+
+
+def test_training_photos_without_a_readable_image_is_one_error_line(tmp_path, capsys):
+    """The photo trainer streams its crops lazily; a glob of nothing usable must still be a user
+    mistake before training starts, not TensorFlow's error from inside the input pipeline."""
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    assert cli.main(["train", "--arch", "spatial", "--input", str(tmp_path / "*.png"), "--input-format", "images",
+                     "--model-dir", str(tmp_path / "model"), "--steps", "2", "--lambda", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "latentpack: error: no readable training images" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "model") and not os.path.exists(tmp_path / "model-checkpoints")

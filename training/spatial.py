@@ -295,6 +295,8 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
     import keras
     import tensorflow as tf
 
+    from pipeline.errors import LatentpackError
+
     keras.utils.set_random_seed(config.seed)
     if config.prior == "hyperprior":
         from training.hyperprior import HyperpriorTrainer
@@ -312,10 +314,12 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
         log.info("resumed from %s at step %d", manager.latest_checkpoint, int(trainer.step))
     elif init_from:
         if not (tf.train.latest_checkpoint(init_from) or tf.io.gfile.exists(init_from + ".index")):
-            from pipeline.errors import LatentpackError
             raise LatentpackError(f"--init-from {init_from}: no training checkpoint there")
         latest = trainer.init_from(init_from)
         log.info("initialized weights from %s", latest)
+    if next(_photos(pattern, input_format, None, False, config.holdout_every), None) is None:
+        raise LatentpackError(f"no readable training images in --input {pattern!r} ({input_format}) outside the "
+                              "held-out split")
     os.makedirs(checkpoint_dir, exist_ok=True)
     holdout = load_holdout(pattern, input_format, config)
     log.info("%s model N=%d M=%d lambda=%g: %d held-out validation images, crops %d, batch %d, to step %d",
@@ -332,7 +336,7 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
         trainer.optimizer.learning_rate.assign(trainer.schedule(step))
         values = [float(t) for t in trainer.train_step(next(batches))]
         if not np.isfinite(values[0]):
-            raise ValueError(f"loss is {values[0]} at step {step + 1}: training diverged; resume from the last "
+            raise LatentpackError(f"loss is {values[0]} at step {step + 1}: training diverged; resume from the last "
                              f"checkpoint in {checkpoint_dir} with a lower --learning-rate")
         sums += values
         step += 1
