@@ -278,19 +278,54 @@ def parse_args(argv):
     return p.parse_known_args(argv)
 
 
+def check_output(output: str, runs: int) -> None:
+    """evaluate replaces what an earlier evaluation wrote in --output (its `model-<i>` job folders,
+    `subset`, rd.json, rd.md, rd.png) and nothing else: a folder or file of those names that it
+    did not write (a user's `model-1` model, say) is refused before anything is removed."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise LatentpackError(f"--output {output} exists and is not a folder")
+
+    def refuse(name: str, what: str) -> None:
+        raise LatentpackError(f"--output {output} holds {name}, {what}; an evaluation would replace it: "
+                              "choose another --output")
+
+    for i in range(runs):
+        name = f"model-{i}"
+        path = os.path.join(output, name)
+        if os.path.lexists(path) and (os.path.islink(path) or not os.path.isdir(path)
+                                      or set(os.listdir(path)) - {"latents", "decoded"}):
+            refuse(name, "which is not an earlier evaluation's encode and decode output")
+    subset = os.path.join(output, "subset")
+    if os.path.lexists(subset) and (os.path.islink(subset) or not os.path.isdir(subset) or any(
+            not (n.startswith("subset-") and n.endswith(".npz")) for n in os.listdir(subset))):
+        refuse("subset", "which is not an earlier evaluation's image subset")
+    report = os.path.join(output, "rd.json")
+    if os.path.lexists(report):
+        try:
+            with open(report) as f:
+                ours = isinstance(json.load(f).get("points"), list)
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            refuse("rd.json", "which is not an earlier evaluation's report")
+
+
 def run(argv=None) -> dict:
     args, beam_args = parse_args(argv)
+    runs = [(model_dir, refine) for refine in dict.fromkeys(args.refine) for model_dir in args.model_dir
+            if not refine or refinable(model_dir)]
+    check_output(args.output, len(runs))
     os.makedirs(args.output, exist_ok=True)
     keys, images = load_eval_images(args.input, args.input_format, args.limit)
     log.info("evaluating on %d images", len(images))
     pattern = args.input
     if args.limit:
         # The jobs read exactly the evaluated images: write them as one npz per shape.
-        pattern = write_subset(os.path.join(args.output, "subset"), keys, images)
+        subset = os.path.join(args.output, "subset")
+        shutil.rmtree(subset, ignore_errors=True)  # an earlier evaluation's (check_output): its images were others
+        pattern = write_subset(subset, keys, images)
         args.input_format = "npz"
     points = []
-    runs = [(model_dir, refine) for refine in dict.fromkeys(args.refine) for model_dir in args.model_dir
-            if not refine or refinable(model_dir)]
     for i, (model_dir, refine) in enumerate(runs):
         points.append(model_point(model_dir, args.output, pattern, args.input_format, beam_args, keys, images, i,
                                   refine))

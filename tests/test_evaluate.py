@@ -45,6 +45,31 @@ def test_evaluate_photos_of_mixed_sizes(tmp_path, photo_folder, spatial_model_di
     (model,) = [p for p in report["points"] if p["family"] == "latentpack-spatial"]
     assert model["images"] == 9 and 0 < model["bpp"] < model["stored_bpp"] and model["psnr"] > 5
     assert report["bd_rate"] == {"latentpack-spatial": {"webp": None, "jpeg": None}}  # one point: no curve
+    # Again into the same folder, on fewer images: the earlier run's job folders and subset are
+    # replaced (no image of the first subset is counted again).
+    again = evaluate.run(["--input", str(photo_folder / "*.png"), "--input-format", "images",
+                          "--model-dir", spatial_model_dir, "--output", out, "--classical", "jpeg",
+                          "--limit", "4"] + BEAM_TEST_ARGS)
+    assert again["images"] == 4 and [p["images"] for p in again["points"]] == [4] * len(again["points"])
+
+
+@pytest.mark.parametrize("name", ["model-0", "subset", "rd.json"])
+def test_evaluate_never_replaces_what_it_did_not_write(tmp_path, photo_folder, spatial_model_dir, name):
+    """`--output .` in a project whose trained model is in `model-0/`: refused, and the model kept."""
+    out = tmp_path / "project"
+    mine = out / name
+    if name == "rd.json":
+        out.mkdir()
+        mine.write_text('{"my": "notes"}')
+    else:
+        mine.mkdir(parents=True)
+        (mine / "codec.json").write_text("{}")
+    with pytest.raises(evaluate.LatentpackError, match=f"holds {name}, which is not an earlier evaluation"):
+        evaluate.run(["--input", str(photo_folder / "*.png"), "--input-format", "images", "--limit", "2",
+                      "--model-dir", spatial_model_dir, "--output", str(out), "--classical", "jpeg"]
+                     + BEAM_TEST_ARGS)
+    assert sorted(os.listdir(out)) == [name]
+    assert (mine.read_text() if name == "rd.json" else (mine / "codec.json").read_text()) in ('{"my": "notes"}', "{}")
 
 
 def test_bd_rate_of_a_curve_against_itself_and_a_cheaper_one():

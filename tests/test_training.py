@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 
 from pipeline.codecs import load_codec
@@ -87,3 +89,54 @@ def test_mixture_option_and_fitting_an_older_artifact(tmp_path, capsys):
     assert np.array_equal(codec.entropy.decode(codec.entropy.encode(latents)), latents)
     with open(f"{older}/codec.json") as f:
         assert json.load(f)["entropy_model"]["components"][0] == list(map(list, spec.entropy_model["frequencies"]))
+
+
+def test_settings_that_cannot_train_are_one_error_line_each(tmp_path, capsys):
+    import pytest
+
+    from latentpack import cli
+
+    base = ["train", "--arch", "spatial", "--input", str(tmp_path / "none-*.png"), "--input-format", "images",
+            "--model-dir", str(tmp_path / "m")]
+    for extra, message in [(["--steps", "0"], "--steps must be at least 1"),
+                           (["--batch-size", "0"], "--batch-size must be at least 1"),
+                           (["--filters", "0"], "--filters must be at least 1"),
+                           (["--lambda", "-1"], "--lambda must be a positive number"),
+                           (["--lambda", "nan"], "--lambda must be a positive number"),
+                           (["--learning-rate", "0"], "--learning-rate must be a positive number"),
+                           (["--crop", "40"], "--crop must be a multiple of --stride 16"),
+                           (["--stride", "8", "--crop", "4"], "--crop must be a multiple of --stride 8"),
+                           (["--validate-every", "0"], "--validate-every must be at least 1"),
+                           (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
+                           (["--val-fraction", "1"], "--val-fraction must be at least 0 and below 1")]:
+        assert cli.main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert f"latentpack: error: {message}" in err and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m-checkpoints").exists()
+    with pytest.raises(SystemExit):  # argparse's own: not a number
+        cli.main(base + ["--steps", "many"])
+
+
+def test_train_never_writes_over_a_shipped_model_or_a_folder_of_other_files(tmp_path, capsys):
+    from latentpack import cli
+    from pipeline import models
+
+    shipped = models.shipped()
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    targets = [str(folder)] + (["photo:1", shipped["photo:1"]] if "photo:1" in shipped else [])
+    before = {p: sorted(os.listdir(models.resolve(p))) for p in targets}
+    for target in targets:
+        assert cli.main(["train", "--input-format", "mnist-sample", "--epochs", "1", "--limit", "300",
+                         "--model-dir", target]) == 2
+        err = capsys.readouterr().err
+        assert "latentpack: error: --model-dir" in err and ("shipped model" in err or "not a model artifact" in err)
+        assert sorted(os.listdir(models.resolve(target))) == before[target]
+    assert (folder / "notes.txt").read_text() == "mine"
+    # A folder holding an earlier artifact is replaced: training again is a re-run.
+    out = str(tmp_path / "model")
+    for _ in range(2):
+        assert cli.main(["train", "--input-format", "mnist-sample", "--epochs", "1", "--limit", "300",
+                         "--model-dir", out]) == 0
+    assert load_codec(out).decode(load_codec(out).encode(np.zeros((1, 28, 28, 1), np.uint8))).shape == (1, 28, 28, 1)

@@ -306,6 +306,9 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
     manager = tf.train.CheckpointManager(trainer.checkpoint, checkpoint_dir, max_to_keep=2)
     history_path = os.path.join(checkpoint_dir, "history.json")
     history = {"train": [], "val": [], "seconds": 0.0}
+    if manager.latest_checkpoint and not resume:
+        raise LatentpackError(f"{checkpoint_dir} holds the checkpoints of an earlier run: continue it with "
+                              "--resume, or start afresh with another --checkpoint-dir")
     if resume and manager.latest_checkpoint:
         trainer.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         if os.path.exists(history_path):

@@ -99,6 +99,60 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# What a model artifact folder holds (training.export, training.spatial): train may replace these.
+ARTIFACT_ENTRIES = {"saved_model.pb", "variables", "assets", "fingerprint.pb", "codec.json", "history.json",
+                    "loss.png"}
+
+
+def check_args(args) -> None:
+    """Settings that cannot train a model: one clear error each, before any data is read."""
+    from pipeline.errors import LatentpackError
+
+    def need(ok: bool, what: str, value) -> None:
+        if not ok:
+            raise LatentpackError(f"{what} (got {value})")
+
+    positive = [("--steps", args.steps), ("--epochs", args.epochs), ("--latent-dim", args.latent_dim),
+                ("--width", args.width), ("--checkpoint-every", args.checkpoint_every),
+                ("--validate-every", args.validate_every)]
+    positive += [(name, value) for name, value in (("--batch-size", args.batch_size), ("--filters", args.filters),
+                                                   ("--latent-channels", args.latent_channels),
+                                                   ("--limit", args.limit)) if value is not None]
+    for name, value in positive:
+        need(value >= 1, f"{name} must be at least 1", value)
+    for name, value in (("--learning-rate", args.learning_rate), ("--lambda", args.lmbda)):
+        if value is not None:
+            need(np.isfinite(value) and value > 0, f"{name} must be a positive number", value)
+    need(0 <= args.val_fraction < 1, "--val-fraction must be at least 0 and below 1", args.val_fraction)
+    if args.arch in ("spatial", "hyperprior"):
+        need(args.crop >= args.stride and args.crop % args.stride == 0,
+             f"--crop must be a multiple of --stride {args.stride}", args.crop)
+
+
+def check_model_dir(model_dir: str) -> None:
+    """Train writes a whole artifact into --model-dir: a new or empty folder, or one holding an
+    artifact (an earlier run's, replaced); never a folder of other files, nor a shipped model."""
+    from pipeline import models
+    from pipeline.errors import LatentpackError
+
+    if models.is_shipped_name(model_dir):
+        raise LatentpackError(f"--model-dir {model_dir} names a shipped model; train into a folder of your own")
+    real = os.path.realpath(model_dir)
+    for name, folder in models.shipped().items():
+        if real == os.path.realpath(folder) or real.startswith(os.path.realpath(folder) + os.sep):
+            raise LatentpackError(f"--model-dir {model_dir} is the shipped model {name}'s folder; train into a "
+                                  "folder of your own")
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise LatentpackError(f"--model-dir {model_dir} is a file, not a folder")
+    entries = set(os.listdir(model_dir)) if os.path.isdir(model_dir) else set()
+    if entries and ("codec.json" not in entries or entries - ARTIFACT_ENTRIES):
+        other = sorted(entries - ARTIFACT_ENTRIES) or sorted(entries)
+        raise LatentpackError(f"--model-dir {model_dir} holds files that are not a model artifact ({other[0]}"
+                              f"{', …' if len(other) > 1 else ''}); train into a new or empty folder")
+    if entries:
+        log.info("replacing the model artifact in %s", model_dir)
+
+
 def split(images: np.ndarray, val_fraction: float, seed: int):
     order = np.random.default_rng(seed).permutation(len(images))
     n_val = int(round(len(images) * val_fraction))
@@ -227,6 +281,8 @@ def train_autoencoder(config: TrainConfig, train_x: np.ndarray, val_x: np.ndarra
 def main(argv=None) -> int:
     show_progress()
     args = parse_args(argv)
+    check_args(args)
+    check_model_dir(args.model_dir)
     if args.arch in ("spatial", "hyperprior"):
         from training import spatial
         if not args.input:
