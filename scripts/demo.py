@@ -15,7 +15,6 @@ import argparse
 import glob
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -23,6 +22,11 @@ import numpy as np
 from PIL import Image
 
 from latentpack import cli
+from outdir import start_afresh
+
+# What the demo writes into --out (an earlier run's are replaced; anything else stops it).
+DEMO_OUTPUTS = {"shards", "model", "latents", "decoded", "latents-refined", "decoded-refined", "photos",
+                "report.json", "comparison.png"}
 
 if __name__ == "__main__" and "--verbose" not in sys.argv:
     cli.quiet_native_logs()  # as the latentpack command does: TensorFlow's start-up chatter off
@@ -76,8 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--photo-model", default="photo:4", help="model for the photo part ('none' skips it)")
     args = p.parse_args(argv)
     out = args.out
-    if os.path.exists(out):
-        shutil.rmtree(out)
+    start_afresh(out, DEMO_OUTPUTS, "demo")
 
     images, labels = load_mnist_sample()
     ids = np.random.default_rng(args.seed).permutation(len(images))

@@ -21,6 +21,8 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
+from outdir import start_afresh
+
 # Bundled in scikit-image's wheel (skimage/data), photographs of several sizes; camera is grey.
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png", "camera.png")
 
@@ -90,8 +92,7 @@ def run(out: str, model: str, beam_args=()) -> dict:
     files = photo_files()
     if not files:
         raise SystemExit("photo demo: scikit-image's bundled photos were not found (pip install scikit-image)")
-    if os.path.exists(out):
-        shutil.rmtree(out)
+    start_afresh(out, {"photos", "latents", "decoded", "compare", "report.json"}, "photo demo")
     os.makedirs(f"{out}/photos")
     for path in files:
         shutil.copy(path, f"{out}/photos/")

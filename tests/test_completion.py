@@ -132,3 +132,29 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, shards, model_dir):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("latentpack: error: no space left on the device writing ") and str(small) in last
     assert "Traceback" not in proc.stderr
+
+
+def test_the_demo_replaces_its_own_output_and_nothing_else(tmp_path):
+    """`python scripts/demo.py --out ~/data` by mistake must not delete ~/data."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mine = tmp_path / "data"
+    mine.mkdir()
+    (mine / "photo.jpg").write_bytes(b"precious")
+    (mine / "report.json").write_text("{}")
+    for script in ("demo.py", "photo_demo.py"):
+        proc = subprocess.run([sys.executable, os.path.join(root, "scripts", script), "--out", str(mine)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "which an earlier run did not write" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert (mine / "photo.jpg").read_bytes() == b"precious"
+    sys.path.insert(0, os.path.join(root, "scripts"))
+    from outdir import start_afresh
+
+    earlier = tmp_path / "demo-out"
+    (earlier / "latents").mkdir(parents=True)
+    (earlier / "report.json").write_text("{}")
+    start_afresh(str(earlier), {"latents", "report.json"}, "demo")
+    assert os.listdir(earlier) == []
