@@ -106,7 +106,8 @@ def unmark(output: str) -> None:
             FileSystems.delete([path])
 
 
-def _read_json(path: str):
+def stored_json(path: str):
+    """The JSON object stored at `path`, or None (missing, unreadable, or not an object)."""
     try:
         with FileSystems.open(path) as f:
             value = json.loads(f.read())
@@ -138,7 +139,7 @@ class OutputFolder:
 
     def _previous_run_of_this_job(self) -> bool:
         for marker in (MANIFEST, FAILED):
-            found = _read_json(posixpath.join(self.output, marker))
+            found = stored_json(posixpath.join(self.output, marker))
             if found is not None and found.get("job", self._format_job(found)) == self.job:
                 return True
         return False
@@ -169,7 +170,7 @@ class OutputFolder:
             raise LatentpackError(f"--output {self.output} exists and is not a folder")
         if not FileSystems.exists(self.output):
             FileSystems.mkdirs(self.output)
-        lock = _read_json(self.lock_path) if FileSystems.exists(self.lock_path) else None
+        lock = stored_json(self.lock_path) if FileSystems.exists(self.lock_path) else None
         stale = False
         if lock is not None:
             if _alive(lock):

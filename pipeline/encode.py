@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import posixpath
 import sys
 import zlib
 from typing import List, Optional
@@ -26,7 +27,7 @@ from pipeline import latents, sinks
 from pipeline.accounting import DEFAULT_MAX_BAD_FRACTION, Progress, summary
 from pipeline.artifact import read_spec
 from pipeline.codecs import codec_class, shared_codec
-from pipeline.completion import OutputFolder, run_to_completion
+from pipeline.completion import MANIFEST, OutputFolder, run_to_completion, stored_json
 from pipeline.errors import BadImage, LatentpackError
 from pipeline.formats import READERS, Fields, open_input
 from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, ImageBatch, batch_records
@@ -306,6 +307,13 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
 def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, latent_format, reader, shards, root, output,
                    extra, fatal, claim):
     if options.skip_existing:
+        # The manifest covers the older parts too: its pixel limit (decode's default) is the largest
+        # any run into the folder applied (encode's default for runs before it was recorded).
+        earlier = stored_json(posixpath.join(output, MANIFEST))
+        if earlier is not None:
+            before = earlier.get("max_pixels")
+            extra = dict(extra, max_pixels=max(options.max_pixels, before if isinstance(before, int)
+                                               else DEFAULT_MAX_PIXELS))
         sink = sinks.WriteNewShards(output, spec, latent_format, extra, options.max_bad_fraction, fatal,
                                     reader.part_files, reader.part_bytes, reader.sizes)
     else:

@@ -248,7 +248,9 @@ def test_skip_existing_encodes_only_new_shards(tmp_path, mnist, model_dir):
     assert len(parts) == 2 and all("day" in name for name in parts)
     # The next night: one new shard. Old parts are left as they are; the manifest covers all three.
     write_tfrecord(folder / "day3.tfrecord", mnist[0][60:80], keys=[f"d3/{i}" for i in range(20)])
-    second = encode.run(args)
+    assert first["max_pixels"] == encode.DEFAULT_MAX_PIXELS
+    second = encode.run(args + ["--max-pixels", "1000"])  # tonight's smaller limit does not cover the old parts
+    assert second["max_pixels"] == encode.DEFAULT_MAX_PIXELS
     assert second["counts"]["read"] == 81 and second["counts"]["written"] == 80 and second["images"] == 80
     assert len(second["files"]) == 3
     for name, mtime in parts.items():
