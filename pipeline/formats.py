@@ -10,8 +10,10 @@ import copy
 import dataclasses
 import io
 import itertools
+import os
 import posixpath
 import re
+import stat
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -56,7 +58,20 @@ def open_input(name: str, pattern: str, fields: Fields = Fields()) -> Tuple["Rea
     a dead letter per record."""
     reader = get_reader(name)
     shards, root = reader.match(pattern)
-    return reader.configure(fields, shards, root), shards, root
+    readable = [shard for shard in shards if not_a_file(shard) is None]  # a FIFO would block configure's read
+    return reader.configure(fields, readable or shards, root), shards, root
+
+
+def not_a_file(path: str) -> Optional[str]:
+    """Why a local input path is no file to read (a FIFO would block the reader forever, a device
+    like /dev/zero never end), or None: regular files, and paths on other filesystems."""
+    if "://" in path:
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return f"cannot be opened: {e.strerror}"
+    return None if stat.S_ISREG(mode) else "not a regular file (a FIFO, device, socket or folder)"
 
 
 def glob_root(pattern: str) -> str:
@@ -150,8 +165,16 @@ class Reader:
     def read(self, shard: str, root: str) -> Iterator[SourceRecord]:
         raise NotImplementedError
 
+    def file_key(self, shard: str, root: str) -> str:
+        """The key of the one dead letter for a shard that cannot be read at all."""
+        return f"{relative_name(shard, root)}:0"
+
     def records(self, shard: str, root: str) -> Iterator[SourceRecord]:
         """`read`, with a file that fails midway reported as one bad record, never an exception."""
+        problem = not_a_file(shard)
+        if problem:
+            yield SourceRecord(self.file_key(shard, root), shard, 0, error=BadImage("unreadable_file", problem))
+            return
         index = -1
         try:
             for rec in self.read(shard, root):
@@ -399,9 +422,12 @@ class ImageFolderReader(Reader):
     name = "images"
     part_files, part_bytes = 256, 16 << 20
 
-    def read(self, shard, root):
+    def file_key(self, shard, root):
         rel = shard[len(root):].lstrip("/") if root and shard.startswith(root) else posixpath.basename(shard)
-        key = posixpath.splitext(rel)[0]
+        return posixpath.splitext(rel)[0]
+
+    def read(self, shard, root):
+        key = self.file_key(shard, root)
         try:
             data = _read_bytes(shard)
         except Exception as e:

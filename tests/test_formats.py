@@ -1,4 +1,5 @@
 import gzip
+import os
 import struct
 
 import numpy as np
@@ -157,3 +158,30 @@ def test_parquet_float_labels_and_idx_label_mismatch(tmp_path, mnist):
         f.write(struct.pack(">HBBI", 0, 8, 1, 2) + bytes([1, 2]))
     (bad,) = records("idx", str(tmp_path / "x-images-idx3-ubyte.gz"))
     assert bad.error.reason == "bad_file" and "2 labels for the 3 images" in str(bad.error)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"), reason="needs FIFOs and /dev/zero")
+@pytest.mark.parametrize("fmt,ext", [("images", "png"), ("tfrecord", "tfrecord"), ("parquet", "parquet")])
+def test_a_fifo_or_device_among_the_inputs_is_a_dead_letter_not_a_hang(tmp_path, mnist, fmt, ext):
+    """Reading a FIFO blocks until someone writes to it; /dev/zero never ends (memory): neither is
+    read. `open_input` (which reads the first shards for their feature names) skips them too."""
+    from pipeline.formats import open_input
+
+    good = tmp_path / f"b.{ext}"
+    if fmt == "images":
+        good.write_bytes(encode_png(mnist[0][0]))
+    elif fmt == "tfrecord":
+        write_tfrecord(good, mnist[0][:2], keys=["k0", "k1"])
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"key": ["k0"], "image": [encode_png(mnist[0][0])]}), good)
+    os.mkfifo(tmp_path / f"a.{ext}")
+    os.symlink("/dev/zero", tmp_path / f"c.{ext}")
+    reader, shards, root = open_input(fmt, str(tmp_path / f"*.{ext}"))
+    assert [os.path.basename(s) for s in shards] == [f"a.{ext}", f"b.{ext}", f"c.{ext}"]
+    recs = [r for shard in shards for r in reader.records(shard, root)]
+    bad = [(os.path.basename(r.source), r.error.reason, str(r.error)) for r in recs if r.error]
+    assert bad == [(f"a.{ext}", "unreadable_file", "not a regular file (a FIFO, device, socket or folder)"),
+                   (f"c.{ext}", "unreadable_file", "not a regular file (a FIFO, device, socket or folder)")]
+    assert len(recs) == 2 + (2 if fmt == "tfrecord" else 1)
