@@ -70,9 +70,15 @@ class ImageBatch:
         return len(self.keys)
 
     def png(self, i: int) -> bytes:
-        """Image i as PNG bytes, with its colour profile when it has one."""
-        return encode_png(self.images[i], self.icc_profiles[i] if self.icc_profiles else None)
+        """Image i as PNG bytes, with its colour profile when it has one (at DECODED_PNG_LEVEL)."""
+        return encode_png(self.images[i], self.icc_profiles[i] if self.icc_profiles else None, DECODED_PNG_LEVEL)
 
+
+# zlib level of the PNGs decode writes (files, and the PNG bytes in TFRecord, Parquet and tar
+# outputs). Level 1 encodes decoded photos 4.5x faster than Pillow's default 6 for 3% more bytes
+# (12 BSDS500 reconstructions: 15.0 against 3.3 Mpx/s, 12.37 against 11.97 bits per pixel): PNG
+# writing was a third of the decode job's time, beside the synthesis on the same two cores.
+DECODED_PNG_LEVEL = 1
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG colour types that are already the model's channel layout at 8 bits: grey (0), RGB (2).
@@ -319,11 +325,12 @@ def check_pixels(pixels: np.ndarray, shape: tuple) -> np.ndarray:
     return arr
 
 
-def encode_png(image: np.ndarray, icc: Optional[bytes] = None) -> bytes:
-    """uint8 (H, W, C) -> PNG bytes (Pillow's real codec), with an ICC profile (iCCP) if given."""
+def encode_png(image: np.ndarray, icc: Optional[bytes] = None, level: int = 6) -> bytes:
+    """uint8 (H, W, C) -> PNG bytes (Pillow's real codec, zlib `level`), with an ICC profile (iCCP)
+    if given."""
     arr = image[..., 0] if image.shape[-1] == 1 else image
     out = io.BytesIO()
-    Image.fromarray(arr).save(out, format="PNG", **({"icc_profile": icc} if icc else {}))
+    Image.fromarray(arr).save(out, format="PNG", compress_level=level, **({"icc_profile": icc} if icc else {}))
     return out.getvalue()
 
 
