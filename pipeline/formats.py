@@ -64,13 +64,14 @@ def open_input(name: str, pattern: str, fields: Fields = Fields()) -> Tuple["Rea
 
 def not_a_file(path: str) -> Optional[str]:
     """Why a local input path is no file to read (a FIFO would block the reader forever, a device
-    like /dev/zero never end), or None: regular files, and paths on other filesystems."""
+    like /dev/zero never end), or None: regular files, paths on other filesystems, and paths that
+    are not there (the reader's own open says why; `mnist-sample`'s is no path at all)."""
     if "://" in path:
         return None
     try:
         mode = os.stat(path).st_mode
-    except OSError as e:
-        return f"cannot be opened: {e.strerror}"
+    except OSError:
+        return None
     return None if stat.S_ISREG(mode) else "not a regular file (a FIFO, device, socket or folder)"
 
 
