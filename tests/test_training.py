@@ -140,3 +140,26 @@ def test_train_never_writes_over_a_shipped_model_or_a_folder_of_other_files(tmp_
         assert cli.main(["train", "--input-format", "mnist-sample", "--epochs", "1", "--limit", "300",
                          "--model-dir", out]) == 0
     assert load_codec(out).decode(load_codec(out).encode(np.zeros((1, 28, 28, 1), np.uint8))).shape == (1, 28, 28, 1)
+
+
+def test_an_export_that_fails_or_stops_midway_leaves_the_earlier_artifact_whole(tmp_path):
+    import pytest
+
+    from training.export import recover, staged
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "codec.json").write_text("earlier")
+    with pytest.raises(KeyboardInterrupt):
+        with staged(str(model)) as out:
+            (tmp_path / "model.partial" / "codec.json").write_text("half")
+            assert out == str(tmp_path / "model.partial")
+            raise KeyboardInterrupt
+    assert (model / "codec.json").read_text() == "earlier" and sorted(os.listdir(tmp_path)) == ["model"]
+    with staged(str(model)) as out:
+        (tmp_path / "model.partial" / "codec.json").write_text("new")
+    assert (model / "codec.json").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["model"]
+    # Stopped between the two renames: the earlier artifact waits aside and is put back first.
+    os.replace(model, tmp_path / "model.replaced")
+    recover(str(model))
+    assert (model / "codec.json").read_text() == "new"

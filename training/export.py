@@ -5,6 +5,7 @@ SavedModel's `encode`/`decode` signatures, so the signature is the file format.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -117,6 +118,36 @@ def has_refinement(model_dir: str) -> bool:
     return {"analyze", "synthesize"} <= set(tf.saved_model.load(model_dir).signatures)
 
 
+def recover(model_dir: str, replaced: str = ".replaced") -> None:
+    """Put back the artifact a `staged` swap had moved aside when it stopped between its renames."""
+    base = model_dir.rstrip("/")
+    if not os.path.exists(base) and os.path.isdir(base + replaced):
+        os.replace(base + replaced, base)
+
+
+@contextlib.contextmanager
+def staged(model_dir: str, partial: str = ".partial", replaced: str = ".replaced"):
+    """Write an artifact whole into `<model_dir><partial>` and swap it in by two renames when the
+    block ends without error: an export that is interrupted or fails leaves the earlier artifact
+    (or nothing) at `model_dir`, never a mix of two. Should a run stop between the renames, the
+    earlier artifact waits at `<model_dir><replaced>`, and the next call puts it back first."""
+    base = model_dir.rstrip("/")
+    tmp, old = base + partial, base + replaced
+    recover(base, replaced)
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(base):
+        os.replace(base, old)
+    os.replace(tmp, base)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def add_refinement_to(model_dir: str) -> dict:
     """Re-export a dense artifact made before refinement existed with the same weights, quantizer and
     tables plus the `analyze`/`synthesize` signatures: codes it wrote stay valid, since `encode`
@@ -124,9 +155,7 @@ def add_refinement_to(model_dir: str) -> dict:
     from training import model
 
     base = model_dir.rstrip("/")
-    tmp, old = base + ".refinable", base + ".before-refinement"
-    if not os.path.exists(base) and os.path.isdir(old):  # an earlier call stopped between its two renames
-        os.replace(old, base)
+    recover(base, ".before-refinement")  # an earlier call that stopped between its renames
     with open(os.path.join(base, CODEC_FILE)) as f:
         raw = json.load(f)
     shape = tuple(raw["image_shape"])
@@ -136,15 +165,12 @@ def add_refinement_to(model_dir: str) -> dict:
     status = tf.train.Checkpoint(encoder=encoder, decoder=decoder).read(os.path.join(base, "variables", "variables"))
     status.assert_existing_objects_matched().expect_partial()
     # Written whole beside the artifact, then swapped in: an interruption leaves the old one intact.
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("saved_model.pb", "fingerprint.pb", "variables"))
-    CodecModule(encoder, decoder, shape, raw["quantization"]).save(tmp)
-    spec = {k: v for k, v in raw.items() if k not in ("format", "format_version", "fingerprint")}
-    spec = write_codec_json(tmp, dict(spec, family="dense"))  # format 1 had no family field
-    os.replace(base, old)
-    os.replace(tmp, base)
-    shutil.rmtree(old)
+    with staged(base, ".refinable", ".before-refinement") as tmp:
+        shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("saved_model.pb", "fingerprint.pb", "variables"),
+                        dirs_exist_ok=True)
+        CodecModule(encoder, decoder, shape, raw["quantization"]).save(tmp)
+        spec = {k: v for k, v in raw.items() if k not in ("format", "format_version", "fingerprint")}
+        spec = write_codec_json(tmp, dict(spec, family="dense"))  # format 1 had no family field
     return spec
 
 

@@ -296,6 +296,7 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
     import tensorflow as tf
 
     from pipeline.errors import LatentpackError
+    from training.export import staged
 
     keras.utils.set_random_seed(config.seed)
     if config.prior == "hyperprior":
@@ -365,7 +366,8 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
                 json.dump(history, f)
             os.replace(history_path + ".tmp", history_path)
     log.info("trained to step %d in %.0f s this run", step, time.time() - started)
-    return trainer.export(model_dir, holdout, history, dict(extra or {}, input=pattern, input_format=input_format))
+    with staged(model_dir) as out:  # written whole beside --model-dir, then swapped in
+        return trainer.export(out, holdout, history, dict(extra or {}, input=pattern, input_format=input_format))
 
 
 def export(trainer: SpatialTrainer, model_dir: str, holdout, history: dict, extra: dict) -> dict:

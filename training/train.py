@@ -213,12 +213,13 @@ def train(config: TrainConfig, images: np.ndarray, model_dir: str, extra: Option
                          **(extra or {})),
         **entropy,
     }
-    # Written before export, so that the fingerprint covers them too.
-    os.makedirs(model_dir, exist_ok=True)
-    save_loss_curve(history, os.path.join(model_dir, "loss.png"))
-    with open(os.path.join(model_dir, "history.json"), "w") as f:
-        json.dump(history, f)
-    return export.export(model_dir, encoder, decoder, image_shape, quantization, spec, val_x)
+    # Written whole beside --model-dir and swapped in (export.staged); the curves before the
+    # SavedModel, so that the fingerprint covers them too.
+    with export.staged(model_dir) as out:
+        save_loss_curve(history, os.path.join(out, "loss.png"))
+        with open(os.path.join(out, "history.json"), "w") as f:
+            json.dump(history, f)
+        return export.export(out, encoder, decoder, image_shape, quantization, spec, val_x)
 
 
 def symbols_of(latents: np.ndarray, entropy_model: dict) -> np.ndarray:
