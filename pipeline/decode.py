@@ -2,8 +2,9 @@
 
     latentpack decode --input latents/ --model-dir model/ --output images/ --output-format png
 
-ListParts -> DecodeParts (each latent part checked, decoded and written by one worker: one
-output shard per part, or one PNG per image) -> the manifest. Refuses a dataset made with a
+ListParts -> FindDuplicateKeys (the parts' key columns only, by hash bucket) -> DecodeParts (each
+latent part checked, decoded and written by one worker: one output shard per part, or one PNG per
+image) -> the manifest. Refuses a dataset made with a
 different model (fingerprint mismatch) or one that is incomplete (no manifest).
 """
 from __future__ import annotations
@@ -16,12 +17,13 @@ import sys
 from typing import Optional
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline import latents
+from pipeline import keys, latents
 from pipeline.accounting import (DEFAULT_MAX_BAD_FRACTION, Gather, Progress, add_reasons, count_dead_letter,
                                  count_reasons, counts, finish, reported, summary, write_dead_letters)
 from pipeline.artifact import read_spec
@@ -107,6 +109,17 @@ def model_for(dataset_dir: str, manifest: dict, model_dir: Optional[str]) -> str
     return models.resolve(name)
 
 
+def _stored_key_buckets(element):
+    """(part, manifest entry) -> (bucket, (part, keys, rows)); nothing for a part that cannot be
+    read (the decode step dead-letters it)."""
+    path, _ = element
+    try:
+        stored = keys.stored_keys(path)
+    except Exception:
+        return []
+    return keys.bucketed(path, zip(stored, range(len(stored))))
+
+
 def part_stem(path: str) -> str:
     """`latents-00003-of-00008.parquet` -> `00003-of-00008`: what the part's output files are named after."""
     name = posixpath.basename(path)
@@ -116,9 +129,10 @@ def part_stem(path: str) -> str:
 
 
 class DecodePart(beam.DoFn):
-    """(part path, manifest entry) -> the part's images, written by the output format's writer,
-    and its dead letters in `dead_letter/<part>.jsonl`; yields a summary {part, files, written,
-    reasons, dead_letters}.
+    """(part path, {"entry": [its manifest entry], "later": [(row, (part, row) of the key's first
+    occurrence)]}) -> the part's images, written by the output format's writer, and its dead
+    letters in `dead_letter/<part>.jsonl` (rows of a key stored earlier are `duplicate_key`);
+    yields a summary {part, files, written, reasons, dead_letters}.
 
     The part's bytes are checked against the manifest's CRC32C first: a part that fails becomes
     one `damaged_part` dead letter per row the manifest gives it, and none of its rows is decoded.
@@ -144,7 +158,9 @@ class DecodePart(beam.DoFn):
         self.progress = Progress("decoded")
 
     def process(self, element):
-        path, expected = element
+        path, joined = element
+        (expected,) = joined["entry"]
+        later = dict(joined["later"])  # row -> (part, row) of the key's first occurrence
         name = posixpath.basename(path)
         letters, written, files = [], 0, []
         problem = latents.check_part(path, expected)
@@ -164,11 +180,26 @@ class DecodePart(beam.DoFn):
                     self.images.inc(n)
                     self.progress.add(n)
 
+            offset = 0
             with FileSystems.open(path) as f:
                 for rows in pq.ParquetFile(f).iter_batches(batch_size=self.BATCH_ROWS):
-                    for item in self.codec.decompress(pa.Table.from_batches([rows]), self.max_pixels):
-                        if isinstance(item, DeadLetter):
-                            letters.append(dataclasses.replace(item, source=item.source or path))
+                    table, numbers = pa.Table.from_batches([rows]), np.arange(offset, offset + rows.num_rows)
+                    offset += rows.num_rows
+                    repeated = [i for i, row in enumerate(numbers) if int(row) in later] if later else []
+                    if repeated:
+                        row_keys = table.column("key").to_pylist()
+                        for i in repeated:
+                            where, row = later[int(numbers[i])]
+                            letters.append(DeadLetter(row_keys[i], path, int(numbers[i]), "duplicate_key",
+                                                      f"key also at {posixpath.basename(where)}:{row}; only the "
+                                                      "first row of a key is decoded"))
+                        keep = np.ones(len(numbers), bool)
+                        keep[repeated] = False
+                        table, numbers = table.filter(pa.array(keep)), numbers[keep]
+                    for item in self.codec.decompress(table, self.max_pixels):
+                        if isinstance(item, DeadLetter):  # its index: the row in the part
+                            letters.append(dataclasses.replace(item, source=item.source or path,
+                                                               index=int(numbers[item.index])))
                         else:
                             pending.append(self.pool.submit(writer.write, item))
                             drain(self.max_pending)
@@ -294,11 +325,19 @@ def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, 
              "model_fingerprint": spec.fingerprint, "max_pixels": max_pixels}
     fatal = () if options.allow_damaged else ("damaged_part",)
     p = test_pipeline or beam.Pipeline(options=runner_options(beam_args, len(paths)))
-    (p
-     | "ListParts" >> beam.Create(list(zip(paths, entries)))
-     | "SpreadParts" >> beam.Reshuffle()
+    listed = (p
+              | "ListParts" >> beam.Create(list(zip(paths, entries)))
+              | "SpreadParts" >> beam.Reshuffle())
+    # A key stored twice (only a hand-made or tampered dataset has one: encode keeps the first)
+    # would be two images written to one file: the later rows are dead letters instead.
+    later = (listed
+             | "KeyBuckets" >> beam.FlatMap(_stored_key_buckets)
+             | "GroupBuckets" >> beam.GroupByKey()
+             | "LaterOccurrences" >> beam.FlatMap(keys.later_occurrences))
+    ({"entry": listed, "later": later}
+     | "JoinDuplicates" >> beam.CoGroupByKey()
      | "DecodeParts" >> beam.ParDo(DecodePart(model_dir, spec, output, options.output_format, label_names,
-                                                     max_pixels=max_pixels))
+                                              max_pixels=max_pixels))
      | "GatherSummaries" >> Gather()
      | "WriteManifest" >> beam.ParDo(WriteDecodeManifest(output, paths, extra, options.max_bad_fraction, fatal)))
     return run_to_completion(p, output, "decoded output", claim)

@@ -16,14 +16,12 @@ import argparse
 import dataclasses
 import posixpath
 import sys
-import zlib
 from typing import List, Optional
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline import latents, sinks
+from pipeline import keys, latents, sinks
 from pipeline.accounting import DEFAULT_MAX_BAD_FRACTION, Progress, summary
 from pipeline.artifact import read_spec
 from pipeline.codecs import codec_class, shared_codec
@@ -82,13 +80,9 @@ def _drop_later_duplicates(records, later):
         yield rec
 
 
-def _key_buckets(shard: str, reader, root: str, buckets: int = 16):
-    """shard -> (bucket, [(key, shard, index)]) for every readable record, bucketed by a stable hash."""
-    out = [[] for _ in range(buckets)]
-    for rec in reader.records(shard, root):
-        if rec.error is None:
-            out[zlib.crc32(rec.key.encode("utf-8", "surrogatepass")) % buckets].append((rec.key, shard, rec.index))
-    return [(b, entries) for b, entries in enumerate(out) if entries]
+def _key_buckets(shard: str, reader, root: str):
+    """shard -> (bucket, (shard, keys, indexes)) for its readable records."""
+    return keys.bucketed(shard, ((rec.key, rec.index) for rec in reader.records(shard, root) if rec.error is None))
 
 
 # Keys already stored in the output's older parts (--skip-existing) come first, before any shard:
@@ -96,33 +90,14 @@ def _key_buckets(shard: str, reader, root: str, buckets: int = 16):
 EXISTING = "(existing part) "
 
 
-def _part_key_buckets(part: str, buckets: int = 16):
-    """An existing part -> (bucket, [(key, place, row)]) for every key it stores."""
-    import pyarrow.parquet as pq
-
-    out = [[] for _ in range(buckets)]
-    with FileSystems.open(part) as f:
-        keys = pq.read_table(f, columns=["key"]).column("key").to_pylist()
+def _part_key_buckets(part: str):
+    """An existing part -> (bucket, (place, keys, rows)) for the keys it stores."""
     name = EXISTING + part.rsplit("/", 1)[-1]
-    for i, key in enumerate(keys):
-        out[zlib.crc32(key.encode("utf-8", "surrogatepass")) % buckets].append((key, name, i))
-    return [(b, entries) for b, entries in enumerate(out) if entries]
+    return keys.bucketed(name, ((key, i) for i, key in enumerate(keys.stored_keys(part))))
 
 
-def _later_occurrences(bucket_entries):
-    """(bucket, [[(key, place, index)]]) -> (shard, (index, first place)) for every occurrence of
-    a key after its first (by place, then index), in the shards this run reads."""
-    _, lists = bucket_entries
-    seen = {}
-    for entries in lists:
-        for key, place, index in entries:
-            seen.setdefault(key, []).append((place, index))
-    for places in seen.values():
-        if len(places) > 1:
-            first = min(places)
-            for place, index in places:
-                if (place, index) != first and not place.startswith(EXISTING):
-                    yield place, (index, first)
+def _in_this_run(place: str) -> bool:
+    return not place.startswith(EXISTING)
 
 
 class FindDuplicateKeys(beam.PTransform):
@@ -143,7 +118,7 @@ class FindDuplicateKeys(beam.PTransform):
             buckets = (buckets, stored) | "AllKeyBuckets" >> beam.Flatten()
         return (buckets
                 | "GroupBuckets" >> beam.GroupByKey()
-                | "LaterOccurrences" >> beam.FlatMap(_later_occurrences))
+                | "LaterOccurrences" >> beam.FlatMap(keys.later_occurrences, _in_this_run))
 
 
 class EncodeShard(beam.DoFn):

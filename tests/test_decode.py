@@ -129,7 +129,7 @@ def test_decode_part_writes_every_batch_before_it_reports(tmp_path, model_dir, m
         fn = DecodePart(model_dir, spec, out, "png", max_pending=2)
         fn.BATCH_ROWS = 5  # many batches in flight
         fn.setup()
-        (summary,) = fn.process((part, manifest["files"][0]))
+        (summary,) = fn.process((part, {"entry": [manifest["files"][0]], "later": []}))
         fn.teardown()
         letters = [json.loads(line) for line in open(summary["dead_letters"])]
         return summary, letters

@@ -440,3 +440,14 @@ def test_skip_existing_on_an_image_folder_writes_one_part_per_night(tmp_path, mn
     with pytest.raises(LatentpackError, match="not written by an incremental run"):
         encode.run(argv(plain))
     assert sinks.part_name(["/x/y z.png"]) == f"latents-y_z.png-{zlib.crc32(b'/x/y z.png'):08x}.parquet"
+
+
+def test_later_occurrences_whatever_order_the_places_arrive_in():
+    from pipeline import keys
+
+    a = keys.bucketed("a", [("x", 0), ("y", 1), ("x", 2)], buckets=1)
+    b = keys.bucketed("b", [("y", 0), ("z", 1)], buckets=1)
+    for groups in ([a[0][1], b[0][1]], [b[0][1], a[0][1]]):
+        found = sorted(keys.later_occurrences((0, groups)))
+        assert found == [("a", (2, ("a", 0))), ("b", (0, ("a", 1)))]
+    assert list(keys.later_occurrences((0, [a[0][1], b[0][1]]), lambda place: place != "b")) == [("a", (2, ("a", 0)))]

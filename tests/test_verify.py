@@ -76,3 +76,38 @@ def test_an_edited_manifest_and_escaping_names_are_refused(dataset, rd_model_dir
         with pytest.raises(LatentpackError, match="refusing to follow"):
             decode.run(["--input", dataset, "--model-dir", rd_model_dir, "--output", str(tmp_path / "o")]
                        + BEAM_TEST_ARGS)
+
+
+def test_a_key_stored_twice_is_decoded_once_and_dead_lettered_after(dataset, rd_model_dir, tmp_path):
+    """Encode never stores a key twice; a dataset rewritten by hand (manifest re-sealed) can. Two
+    rows of one key would be two images written to one PNG file: the later ones are dead letters."""
+    import pyarrow as pa
+
+    from pipeline.latents import file_crc32c
+
+    manifest = completion.read_manifest(dataset)
+    first, second = latents.part_paths(dataset, manifest)
+    a, b = pq.read_table(first), pq.read_table(second)
+    # The second part repeats the first part's key at row 3 in its row 5, and its own row 0 in row 7.
+    keys = b.column("key").to_pylist()
+    keys[5], keys[7] = a.column("key")[3].as_py(), keys[0]
+    pq.write_table(b.set_column(b.schema.get_field_index("key"), "key", pa.array(keys, pa.string())), second)
+    entry = next(f for f in manifest["files"] if f["name"] == os.path.basename(second))
+    entry.update(bytes=os.path.getsize(second), crc32c=file_crc32c(second))
+    manifest.pop(completion.SEAL)
+    completion.write_json(os.path.join(dataset, completion.MANIFEST), completion.seal(manifest))
+
+    out = str(tmp_path / "png")
+    with pytest.raises(LatentpackError, match="duplicate_key"):  # 2 of 120 is over the default 1%
+        decode.run(["--input", dataset, "--model-dir", rd_model_dir, "--output", out] + BEAM_TEST_ARGS)
+    result = decode.run(["--input", dataset, "--model-dir", rd_model_dir, "--output", out,
+                         "--max-bad-fraction", "0.05"] + BEAM_TEST_ARGS)
+    assert result["counts"]["written"] == 118 and result["counts"]["dead_lettered_by_reason"] == {"duplicate_key": 2}
+    letters = sorted((json.loads(line) for name in os.listdir(os.path.join(out, "dead_letter"))
+                      for line in open(os.path.join(out, "dead_letter", name))), key=lambda d: d["index"])
+    assert [(d["index"], d["reason"], d["source"]) for d in letters] == [(5, "duplicate_key", second),
+                                                                         (7, "duplicate_key", second)]
+    assert f"key also at {os.path.basename(first)}:3" in letters[0]["error"]
+    assert f"key also at {os.path.basename(second)}:0" in letters[1]["error"]
+    pngs = [f for _, _, files in os.walk(out) for f in files if f.endswith(".png")]
+    assert len(pngs) == 118
