@@ -185,8 +185,8 @@ class DecodePart(beam.DoFn):
                 for rows in pq.ParquetFile(f).iter_batches(batch_size=self.BATCH_ROWS):
                     table, numbers = pa.Table.from_batches([rows]), np.arange(offset, offset + rows.num_rows)
                     offset += rows.num_rows
-                    repeated = [i for i, row in enumerate(numbers) if int(row) in later] if later else []
-                    if repeated:
+                    repeated = np.flatnonzero(np.isin(numbers, list(later))) if later else ()
+                    if len(repeated):
                         row_keys = table.column("key").to_pylist()
                         for i in repeated:
                             where, row = later[int(numbers[i])]

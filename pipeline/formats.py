@@ -424,8 +424,7 @@ class ImageFolderReader(Reader):
     part_files, part_bytes = 256, 16 << 20
 
     def file_key(self, shard, root):
-        rel = shard[len(root):].lstrip("/") if root and shard.startswith(root) else posixpath.basename(shard)
-        return posixpath.splitext(rel)[0]
+        return _stem(shard, root)
 
     def read(self, shard, root):
         key = self.file_key(shard, root)

@@ -75,9 +75,9 @@ class ImageBatch:
 
 
 # zlib level of the PNGs decode writes (files, and the PNG bytes in TFRecord, Parquet and tar
-# outputs). Level 1 encodes decoded photos 4.5x faster than Pillow's default 6 for 3% more bytes
-# (12 BSDS500 reconstructions: 15.0 against 3.3 Mpx/s, 12.37 against 11.97 bits per pixel): PNG
-# writing was a third of the decode job's time, beside the synthesis on the same two cores.
+# outputs): level 1 writes photos several times faster than Pillow's default 6 for a few percent
+# more bytes (`make photo-bench` measures both), and the decode job writes PNGs on the same two
+# cores as its synthesis.
 DECODED_PNG_LEVEL = 1
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

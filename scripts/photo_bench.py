@@ -7,8 +7,8 @@ Speed: the evaluation photos (held-out BSDS500 images from ../shared/data/bsds50
 same split training never sees; scikit-image's bundled photos when that is absent)
 through `latentpack encode` and `latentpack decode` (each a fresh process, the real
 DirectRunner path with --runner=FnApiRunner, whole-process time including start-up, and
-the job alone from its own log), next to JPEG q75, WebP q75 method 6 and AVIF q60 speed 6
-on the same images in one process; repeated, medians quoted. Memory: a 6000x4000 photo
+the job alone from its own log), next to JPEG q75, WebP q75 method 6, AVIF q60 speed 6 and
+PNG at the zlib level decode writes and at Pillow's default on the same images in one process; repeated, medians quoted. Memory: a 6000x4000 photo
 (a held-out photo upscaled) encoded and decoded in a child process each; peak RSS from
 the kernel's accounting (ru_maxrss of the child).
 """
@@ -57,10 +57,16 @@ def latentpack(argv: list) -> float:
 
 def pillow_speed(images: list) -> dict:
     """Encode and decode megapixels per second of Pillow's codecs on the same images."""
+    sys.path.insert(0, ROOT)
+    from pipeline.images import DECODED_PNG_LEVEL
+
     mpx = sum(x.shape[0] * x.shape[1] for x in images) / 1e6
     out = {}
     for name, fmt, kw in (("JPEG q75", "JPEG", {"quality": 75}), ("WebP q75 m6", "WEBP", {"quality": 75, "method": 6}),
-                          ("AVIF q60 s6", "AVIF", {"quality": 60, "speed": 6})):
+                          ("AVIF q60 s6", "AVIF", {"quality": 60, "speed": 6}),
+                          (f"PNG zlib {DECODED_PNG_LEVEL} (what decode writes)", "PNG",
+                           {"compress_level": DECODED_PNG_LEVEL}),
+                          ("PNG zlib 6 (Pillow's default)", "PNG", {"compress_level": 6})):
         started = time.perf_counter()
         payloads = []
         for x in images:

@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     from latentpack import cli
     from pipeline.formats import load_images
     from training.rd import LONG_PRESETS
-    from training.export import add_refinement_to, has_refinement
+    from pipeline.codecs import load_codec
+    from training.export import add_refinement_to
     from training.train import TrainConfig, add_mixture_to, train
 
     _, images, labels, _ = load_images(MNIST, "idx")
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
             spec = add_mixture_to(model_dir, train_x)
             print(f"rd: {name} was trained before mixture priors: fitted its {spec['training']['mixture']} table "
                   f"sets, validation {spec['metrics']['val_code_bytes']:.1f} code bytes", flush=True)
-        if config.lmbda is not None and not has_refinement(model_dir):
+        if config.lmbda is not None and load_codec(model_dir).missing_refinement():
             add_refinement_to(model_dir)
             print(f"rd: {name} was exported before refinement: re-exported with its signatures", flush=True)
 

@@ -75,15 +75,14 @@ def test_zero_steps_are_the_encoders_own_latents_and_the_rate_is_the_tables(rd_m
 
 
 def test_an_artifact_exported_before_refinement_gains_it_with_its_codes_unchanged(tmp_path, mnist):
-    from training.export import add_refinement_to, has_refinement
+    from training.export import add_refinement_to
 
     model = str(tmp_path / "model")
     shutil.copytree(V1_MODEL, model)
     os.chmod(model, 0o755)
     images = mnist[0][:32]
     before = load_codec(model)
-    assert not has_refinement(model) and before.missing_refinement() and "add_refinement_to" in \
-        before.missing_refinement()
+    assert before.missing_refinement() and "add_refinement_to" in before.missing_refinement()
     spec = add_refinement_to(model)
     assert spec["family"] == "dense" and read_spec(model).fingerprint == spec["fingerprint"]
     after = load_codec(model)
@@ -95,12 +94,13 @@ def test_an_artifact_exported_before_refinement_gains_it_with_its_codes_unchange
 
 
 def test_re_export_interrupted_between_its_renames_is_finished_by_the_next_call(tmp_path):
-    from training.export import add_refinement_to, has_refinement
+    from training.export import add_refinement_to
 
     shutil.copytree(V1_MODEL, tmp_path / "model.before-refinement")  # the state a crash would leave
     (tmp_path / "model.refinable").mkdir()
     add_refinement_to(str(tmp_path / "model"))
-    assert has_refinement(str(tmp_path / "model")) and sorted(os.listdir(tmp_path)) == ["model"]
+    assert load_codec(str(tmp_path / "model")).missing_refinement() is None
+    assert sorted(os.listdir(tmp_path)) == ["model"]
 
 
 def run_cli(*argv):

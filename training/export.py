@@ -113,11 +113,6 @@ def export(model_dir: str, encoder, decoder, image_shape, quantization: dict, sp
     return write_codec_json(model_dir, spec)
 
 
-def has_refinement(model_dir: str) -> bool:
-    """Whether a dense artifact has the `analyze`/`synthesize` signatures refinement needs."""
-    return {"analyze", "synthesize"} <= set(tf.saved_model.load(model_dir).signatures)
-
-
 def recover(model_dir: str, replaced: str = ".replaced") -> None:
     """Put back the artifact a `staged` swap had moved aside when it stopped between its renames."""
     base = model_dir.rstrip("/")

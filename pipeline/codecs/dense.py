@@ -37,7 +37,7 @@ class DenseCodec(ModelCodec):
     def refiner(self):
         """The encode-time latent search (`pipeline/refine.py`), built on first use (decode jobs never
         need it); None when this artifact cannot refine (`missing_refinement` says why)."""
-        if self.check_refine(self.spec) is not None or not self._refinement_signatures():
+        if self.missing_refinement() is not None:
             return None
         from pipeline.refine import Refiner
 
