@@ -108,3 +108,148 @@ class Refiner:
         out = [self._run(tf.constant(images[i:i + CHUNK]), tf.constant(steps, tf.int32)).numpy()
                for i in range(0, len(images), CHUNK)]
         return np.concatenate(out).astype(np.int64)
+
+
+# --- spatial families (photos): latents [h, w, M] with a table chosen per latent ------------------
+
+TRANSFORM_LEARNING_RATE = 0.1  # in quantizer steps; 0.05 and 0.2 did as well or a little worse
+REGION_PIXELS = 1024 * 1024  # pixels per gradient computation (bounds the synthesis' activations)
+TILE_LATENTS = 64  # a larger image is refined in tiles of this many latents a side (1,024 px) ...
+TILE_MARGIN = 4  # ... each seeing this many latents around it, held fixed (beyond the synthesis' reach)
+
+
+def table_bits(model: dict):
+    """(bits [T, W], low [T], size [T]) of integer tables {"offsets", "frequencies", "precision"}:
+    the code length of value low[t] + k under table t at bits[t, k]; MAX_BITS past a table's end."""
+    tables = model["frequencies"]
+    width = max(len(t) for t in tables) + 1
+    bits = np.full((len(tables), width), MAX_BITS, np.float32)
+    for t, freq in enumerate(tables):
+        freq = np.asarray(freq, np.float64)
+        with np.errstate(divide="ignore"):
+            bits[t, :len(freq)] = np.minimum(-np.log2(freq / float(1 << model["precision"])), MAX_BITS)
+    return bits, np.asarray(model["offsets"], np.float32), np.array([len(t) for t in tables], np.float32)
+
+
+class TransformRefiner:
+    """Refined integer latents for a spatial-family artifact: one image, any size.
+
+    `analysis`/`synthesis`: the artifact's float transforms (`spatial.apply_transform` on its
+    stored layers, float32 here). `tables`: `table_bits` of the tables the latents are coded
+    with; `lmbda`: the rate weight it was trained with (loss = lmbda * 255^2 * MSE + bits per
+    pixel). Each call gets, per latent, the table that codes it (a channel's, or the one a
+    hyperprior chose; held fixed while searching).
+
+    The search descends the continuous relaxation: from the analysis' unrounded latents, the
+    loss of the image synthesised from the float latents and their interpolated code lengths.
+    After every step the rounded latents are scored as they will be stored (table code lengths,
+    distortion of the image synthesised from them, on the image's own pixels, not its padding);
+    the image keeps its best, the encoder's own latents included. (Rounding passed straight
+    through to the synthesis, as the dense refiner does, or faded in over the steps, made photo
+    latents worse than the encoder's by that score: each step moves hundreds of thousands of
+    latents, and the relaxation's gradient points the right way for all of them.) Images above REGION_PIXELS are refined in tiles of
+    TILE_LATENTS latents, each with TILE_MARGIN latents of fixed context around it, one after
+    the other, so memory stays bounded.
+    """
+
+    def __init__(self, analysis, synthesis, tables, lmbda: float):
+        import tensorflow as tf
+
+        self.analysis, self.synthesis, self.lmbda = analysis, synthesis, float(lmbda)
+        bits, self.table_low, self.table_size = tables
+        self.width = bits.shape[1]
+        self.bits = tf.constant(bits.reshape(-1))
+        spec = tf.TensorSpec
+        self._evaluate = tf.function(self._gradient_and_score, input_signature=[
+            spec([None, None, None, 3], tf.float32), spec([None, None, None, 1], tf.float32),
+            spec([None, None, None, None], tf.float32), spec([None, None, None, 1], tf.float32),
+            spec([None, None, None, None], tf.float32), spec([None, None, None, None], tf.float32),
+            spec([None, None, None, None], tf.int32)])
+
+    def _rate(self, y, low, size, base):
+        """Bits of float latents, each with its table (low, size, base = table * width): the code
+        lengths interpolated linearly between integers (exact at integers)."""
+        import tensorflow as tf
+
+        u = tf.clip_by_value(y - low, 0.0, size - 1.0)
+        i = tf.minimum(tf.floor(u), tf.maximum(size - 2.0, 0.0))
+        frac = u - i
+        index = tf.cast(i, tf.int32) + base
+        return (1.0 - frac) * tf.gather(self.bits, index) + frac * tf.gather(self.bits, index + 1)
+
+    def _gradient_and_score(self, x, weight, y, free, low, size, base):
+        """Gradient of the relaxed loss at y, and the stored loss of round(y)."""
+        import tensorflow as tf
+
+        pixels = tf.reduce_sum(weight)
+
+        def loss(latent, recon):
+            mse = tf.reduce_sum(weight * tf.square(x - recon)) / (3.0 * pixels)
+            return self.lmbda * 255.0 ** 2 * mse + tf.reduce_sum(free * self._rate(latent, low, size, base)) / pixels
+
+        with tf.GradientTape() as tape:
+            tape.watch(y)
+            relaxed = loss(y, self.synthesis(y))
+        rounded = tf.clip_by_value(tf.round(y), low, low + size - 1.0)
+        score = loss(rounded, tf.clip_by_value(self.synthesis(rounded), 0.0, 1.0))
+        return tape.gradient(relaxed, y), score, rounded
+
+    def __call__(self, image: np.ndarray, size, table: np.ndarray, steps: int) -> np.ndarray:
+        """image: uint8 [H, W, 3] padded to the stride; size: its own (height, width); table: int
+        [h, w, M], the table of each latent. Returns refined integer latents [h, w, M]."""
+        height, width = image.shape[:2]
+        grid = table.shape[:2]
+        stride = height // grid[0]
+        x = image.astype(np.float32) / 255.0
+        y = self.analysis(x[None])[0]
+        low, tsize = self.table_low[table], self.table_size[table]
+        base = (table * self.width).astype(np.int32)
+        if height * width <= REGION_PIXELS:
+            tiles = [(0, 0, grid[0], grid[1])]
+        else:
+            tiles = [(t0, s0, min(t0 + TILE_LATENTS, grid[0]), min(s0 + TILE_LATENTS, grid[1]))
+                     for t0 in range(0, grid[0], TILE_LATENTS) for s0 in range(0, grid[1], TILE_LATENTS)]
+        out = np.clip(np.round(y), low, low + tsize - 1)
+        for t0, s0, t1, s1 in tiles:  # each tile sees the earlier tiles' refined latents as context
+            a0, b0 = max(0, t0 - TILE_MARGIN), max(0, s0 - TILE_MARGIN)
+            a1, b1 = min(grid[0], t1 + TILE_MARGIN), min(grid[1], s1 + TILE_MARGIN)
+            context = np.where(self._mask(grid, t0, s0, t1, s1)[..., None], y, out)[a0:a1, b0:b1]
+            free = self._mask(grid, t0, s0, t1, s1)[a0:a1, b0:b1, None].astype(np.float32)
+            weight = np.zeros((height, width, 1), np.float32)  # this tile's own pixels of the image
+            weight[t0 * stride:min(t1 * stride, size[0]), s0 * stride:min(s1 * stride, size[1])] = 1.0
+            region = (slice(a0 * stride, a1 * stride), slice(b0 * stride, b1 * stride))
+            found = self._search(x[region], weight[region], context, free, low[a0:a1, b0:b1],
+                                 tsize[a0:a1, b0:b1], base[a0:a1, b0:b1], steps)
+            out[t0:t1, s0:s1] = found[t0 - a0:t1 - a0, s0 - b0:s1 - b0]
+        return out.astype(np.int64)
+
+    @staticmethod
+    def _mask(grid, t0, s0, t1, s1) -> np.ndarray:
+        mask = np.zeros(grid, bool)
+        mask[t0:t1, s0:s1] = True
+        return mask
+
+    def _search(self, x, weight, y, free, low, size, base, steps: int) -> np.ndarray:
+        """The best rounded latents of one region found in `steps` steps of Adam (the encoder's own
+        rounding included); latents outside `free` stay as they are."""
+        import tensorflow as tf
+
+        args = [tf.constant(v[None]) for v in (x, weight)]
+        tables = [tf.constant(v[None]) for v in (low, size, base)]
+        free_t = tf.constant(free[None])
+        y = tf.constant(y[None].astype(np.float32))
+        best, best_score = None, np.inf
+        m, v = tf.zeros_like(y), tf.zeros_like(y)
+        for t in range(steps + 1):
+            g, score, rounded = self._evaluate(*args, y, free_t, *tables)
+            if best is None or score < best_score:
+                best, best_score = rounded, score
+            if t == steps:
+                break
+            g = g * free_t
+            m = 0.9 * m + 0.1 * g
+            v = 0.999 * v + 0.001 * tf.square(g)
+            decay = FINAL_FRACTION + (1 - FINAL_FRACTION) * 0.5 * (1 + math.cos(math.pi * t / steps))
+            y = y - TRANSFORM_LEARNING_RATE * decay * (m / (1 - 0.9 ** (t + 1))) / (
+                tf.sqrt(v / (1 - 0.999 ** (t + 1))) + 1e-8)
+        return best.numpy()[0]

@@ -492,6 +492,8 @@ def SpatialModule(weights: dict, latent_channels: int, storage: str = KERNEL_STO
     """
     import tensorflow as tf
 
+    from pipeline.codecs.spatial import apply_transform
+
     def variables(layers, prefix):
         out = []
         for i, (kind, a, b, flag) in enumerate(layers):
@@ -503,21 +505,6 @@ def SpatialModule(weights: dict, latent_channels: int, storage: str = KERNEL_STO
                         scale))
         return out
 
-    def apply(layers, x):
-        dtype = x.dtype
-        for kind, a, b, flag, scale in layers:
-            a, b = dequantize(a, scale, dtype), tf.cast(b, dtype)
-            if kind == "gdn":
-                norm = tf.sqrt(tf.tensordot(tf.square(x), tf.transpose(b), axes=[[-1], [0]]) + a)
-                x = x * norm if flag else x / norm
-            elif flag:  # transposed convolution, stride 2, "same": output twice the input
-                shape = tf.shape(x)
-                out = tf.stack([shape[0], 2 * shape[1], 2 * shape[2], tf.shape(a)[2]])
-                x = tf.nn.conv2d_transpose(x, a, out, strides=2, padding="SAME") + b
-            else:
-                x = tf.nn.conv2d(x, a, strides=2, padding="SAME") + b
-        return x
-
     class _Module(tf.Module):
         def __init__(self):
             super().__init__()
@@ -526,12 +513,12 @@ def SpatialModule(weights: dict, latent_channels: int, storage: str = KERNEL_STO
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
         def encode(self, images):
-            y = apply(self.analysis, tf.cast(images, tf.float32) / 255.0)
+            y = apply_transform(self.analysis, tf.cast(images, tf.float32) / 255.0, synthesis=False)
             return {"latent": tf.cast(tf.clip_by_value(tf.round(y), -32767.0, 32767.0), tf.int16)}
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, latent_channels], tf.int16, name="latent")])
         def decode(self, latent):
-            x = apply(self.synthesis, tf.cast(latent, synthesis_dtype))
+            x = apply_transform(self.synthesis, tf.cast(latent, synthesis_dtype), synthesis=True)
             return {"image": tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)}
 
     return _Module()

@@ -181,3 +181,14 @@ class HyperpriorCodec(SpatialCodec):
     def out_of_tables(self, latent: np.ndarray) -> bool:
         return bool((np.abs(latent) > self.coder.max_radius).any())
 
+    def rate_tables(self) -> dict:
+        return self.spec.entropy_model["gaussian"]
+
+    def latent_tables(self, latent: np.ndarray) -> np.ndarray:
+        """The Gaussian table of each latent, as the side information of the encoder's own latents
+        chooses it (held fixed while refining; the code's side information is that of the refined
+        latents, and the stored loss decides between them)."""
+        z = self._hyper_encode(latent=np.ascontiguousarray(latent[None], np.int16))["hyper"].numpy()[0]
+        grid = latent.shape[:2]
+        return self.coder.indexes(self.coder.side_information(z, grid), grid)
+

@@ -11,6 +11,7 @@ well under 3 GB).
 """
 from __future__ import annotations
 
+import functools
 from typing import List
 
 import numpy as np
@@ -113,11 +114,70 @@ class SpatialCodec(ModelCodec):
         """Whether int-format latents hold values no code could hold (a damaged or foreign row)."""
         return bool(((latent < self.coder.offsets) | (latent >= self.coder.offsets + self.coder.sizes)).any())
 
+    # --- encoder-side refinement (pipeline/refine.py) ------------------------------------------
+    @classmethod
+    def check_refine(cls, spec):
+        if not isinstance((spec.training or {}).get("lmbda"), (int, float)):
+            return "--refine needs a model trained with --quality or --lambda (it refines against its rate)"
+        return None
+
+    def missing_refinement(self):
+        why = self.check_refine(self.spec)
+        if why is None and not (hasattr(self._model, "analysis") and hasattr(self._model, "synthesis")):
+            why = f"--refine needs the transforms' stored layers, which {self.model_dir}'s SavedModel does not expose"
+        return why
+
+    def rate_tables(self) -> dict:
+        """The integer tables the latents are coded with ({"offsets", "frequencies", "precision"})."""
+        return self.spec.entropy_model
+
+    def latent_tables(self, latent: np.ndarray) -> np.ndarray:
+        """Which of `rate_tables` codes each latent of one image's latents [h, w, M]: its channel's."""
+        return np.broadcast_to(np.arange(latent.shape[-1]), latent.shape)
+
+    @functools.cached_property
+    def refiner(self):
+        """The encode-time latent search, built on first use (decode jobs never need it)."""
+        import tensorflow as tf
+
+        from pipeline.refine import TransformRefiner, table_bits
+
+        layers = self._model.analysis, self._model.synthesis
+        analyze = tf.function(lambda x: apply_transform(layers[0], x, synthesis=False),
+                              input_signature=[tf.TensorSpec([1, None, None, 3], tf.float32)])
+
+        def analysis(x: np.ndarray) -> np.ndarray:  # float latents, tile by tile for large images
+            if x.shape[1] * x.shape[2] <= TILE_ABOVE:
+                return analyze(x).numpy()
+            return self._tiled(lambda piece: analyze(piece).numpy(), x, 1.0 / self.stride)
+
+        return TransformRefiner(analysis, lambda y: apply_transform(layers[1], y, synthesis=True),
+                                table_bits(self.rate_tables()), self.spec.training["lmbda"])
+
+    def refined(self, images: np.ndarray, latent: np.ndarray, size, steps: int) -> np.ndarray:
+        """Refined latents of a batch: images uint8 [N, H, W, 3] padded to the stride, `latent` the
+        encoder's, `size` the images' own (height, width). Per image, whichever of the encoder's and
+        the refined latents has the lower loss as stored (the code's bytes, the decoded pixels) is kept."""
+        h, w = size
+        lmbda = self.spec.training["lmbda"]
+        out = np.array(latent)
+        for i, image in enumerate(images):
+            found = self.refiner(image, size, self.latent_tables(latent[i]), steps).astype(latent.dtype)
+            candidates = np.stack([latent[i], found])
+            codes = self.latent_values(candidates, "code")
+            decoded = self.synthesis(candidates)[:, :h, :w].astype(np.float64)
+            mse = ((decoded - image[:h, :w].astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+            loss = lmbda * mse + np.array([8.0 * len(c) for c in codes]) / (h * w)
+            out[i] = candidates[int(np.argmin(loss))]
+        return out
+
     # --- the pair the jobs call ----------------------------------------------------------------
     def compress(self, batch, latent_format, refine=0):
         n, height, width, channels = batch.images.shape
         rgb = batch.images if channels == 3 else np.repeat(batch.images, 3, axis=-1)
         latent = self.analysis(rgb)
+        if refine and n:
+            latent = self.refined(pad_to_multiple(rgb, self.stride), latent, (height, width), refine)
         values = self.latent_values(latent, latent_format)
         value = pa.array(values, pa.binary() if latent_format == "code" else pa.list_(pa.int16()))
         modes = batch.modes or [("L" if channels == 1 else "RGB")] * n
@@ -178,6 +238,36 @@ class SpatialCodec(ModelCodec):
                 idx = [i for i, _ in chunk]
                 yield ImageBatch([keys[i] for i in idx], np.ascontiguousarray(images), labels[idx], has_label[idx],
                                  modes=[modes[i] for i in idx], icc_profiles=[profiles[i] for i in idx])
+
+
+def apply_transform(layers, x, synthesis: bool):
+    """One of a spatial artifact's transforms on x, computed in x's dtype, from its stored layers.
+
+    `layers`: the SavedModel's `analysis` or `synthesis` list (`training.spatial.SpatialModule`
+    writes it, and its signatures compute with this function): per layer a tuple whose items 1
+    and 2 are a GDN's beta [C] and gamma [C, C], or a convolution's kernel [5, 5, a, b] and bias,
+    item 4 the kernel's int8 scale (absent or None for float16 kernels). A loaded SavedModel keeps
+    these variables (not the layer kinds: the rank tells GDN from convolution), so encoder-side
+    refinement can differentiate the very transforms the signatures run."""
+    import tensorflow as tf
+
+    dtype = x.dtype
+    for layer in layers:
+        a, b = layer[1], layer[2]
+        scale = layer[4] if len(layer) > 4 else None
+        if len(a.shape) == 1:  # GDN (analysis) or IGDN (synthesis)
+            norm = tf.sqrt(tf.tensordot(tf.square(x), tf.transpose(tf.cast(b, dtype)), axes=[[-1], [0]])
+                           + tf.cast(a, dtype))
+            x = x * norm if synthesis else x / norm
+            continue
+        kernel = tf.cast(a, dtype) if scale is None else tf.cast(a, dtype) * tf.cast(scale, dtype)
+        if synthesis:  # transposed convolution, stride 2, "same": output twice the input
+            shape = tf.shape(x)
+            out = tf.stack([shape[0], 2 * shape[1], 2 * shape[2], tf.shape(kernel)[2]])
+            x = tf.nn.conv2d_transpose(x, kernel, out, strides=2, padding="SAME") + tf.cast(b, dtype)
+        else:
+            x = tf.nn.conv2d(x, kernel, strides=2, padding="SAME") + tf.cast(b, dtype)
+    return x
 
 
 def pad_to_multiple(images: np.ndarray, multiple: int) -> np.ndarray:
