@@ -36,7 +36,7 @@ class Progress:
         if now - self.last >= self.every_s:
             self.last = now
             rate = self.done / max(now - self.started, 1e-9)
-            log.info("%s %d images (%.0f images/s)", self.what, self.done, rate)
+            log.info("%s %d images (%.3g images/s)", self.what, self.done, rate)
 
 
 def count_reasons(letters) -> dict:

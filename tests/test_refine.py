@@ -108,11 +108,10 @@ def run_cli(*argv):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("case", ["negative", "too many", "no entropy model", "spatial", "exported before"])
-def test_refine_that_cannot_apply_is_one_clear_error(case, shards, model_dir, spatial_model_dir, tmp_path):
+@pytest.mark.parametrize("case", ["negative", "too many", "no entropy model", "exported before"])
+def test_refine_that_cannot_apply_is_one_clear_error(case, shards, model_dir, tmp_path):
     model, steps = {"negative": (model_dir, "-1"), "too many": (model_dir, "1000000"),
-                    "no entropy model": (model_dir, "5"),
-                    "spatial": (spatial_model_dir, "5"), "exported before": (V1_MODEL, "5")}[case]
+                    "no entropy model": (model_dir, "5"), "exported before": (V1_MODEL, "5")}[case]
     proc = run_cli("--input", shards.pattern, "--model-dir", model, "--output", str(tmp_path / "out"),
                    "--refine", steps)
     assert proc.returncode == 2, proc.stderr
@@ -157,3 +156,100 @@ def test_evaluate_draws_a_refined_curve_beside_the_plain_one(tmp_path, mnist, mo
                     + BEAM_TEST_ARGS) == 2
     assert "add_refinement_to" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "v1" / "model-0")
+
+
+# --- photo models (spatial and hyperprior families) ---------------------------------------------
+
+def photo_losses(folder, lat, out, model_dir):
+    """{key: (stored loss, code)} of an encoded photo dataset, decoded by the decode
+    job: lambda * MSE (0..255) + code bits per pixel, the models' training loss."""
+    from PIL import Image
+
+    table = pq.ParquetDataset(latents.part_paths(lat, completion.read_manifest(lat))).read()
+    decode.run(["--input", lat, "--model-dir", model_dir, "--output", out] + BEAM_TEST_ARGS)
+    lmbda = read_spec(model_dir).training["lmbda"]
+    result = {}
+    for key, code in zip(table.column("key").to_pylist(), table.column("code").to_pylist()):
+        original = np.asarray(Image.open(os.path.join(folder, key + ".png")), np.float64)
+        decoded = np.asarray(Image.open(os.path.join(out, key + ".png")), np.float64)
+        assert decoded.shape == original.shape
+        pixels = original.shape[0] * original.shape[1]
+        result[key] = (lmbda * np.mean((original - decoded) ** 2) + 8 * len(code) / pixels, code)
+    return result
+
+
+def test_refined_photo_codes_decode_with_the_same_decoder_and_trade_better(photo_model_dir, photo_folder,
+                                                                           tmp_path):
+    runs = {}
+    for name, extra in (("plain", []), ("refined", ["--refine", "15"])):
+        lat = str(tmp_path / name)
+        manifest = encode.run(["--input", str(photo_folder / "*.png"), "--input-format", "images",
+                               "--model-dir", photo_model_dir, "--output", lat, *extra] + BEAM_TEST_ARGS)
+        assert manifest["counts"]["written"] == 24 and manifest["refine"] == (15 if extra else 0)
+        runs[name] = photo_losses(photo_folder, lat, str(tmp_path / f"{name}-png"), photo_model_dir)
+    plain, refined = runs["plain"], runs["refined"]
+    assert plain.keys() == refined.keys()
+    # Per image, the stored loss (the code's bytes, the decoded pixels) of the encoder's latents and of the
+    # refined ones decides: never worse, and better on the whole.
+    assert all(refined[k][0] <= plain[k][0] + 1e-9 for k in plain)
+    assert np.mean([refined[k][0] for k in plain]) < 0.99 * np.mean([plain[k][0] for k in plain])
+    assert sum(refined[k][1] != plain[k][1] for k in plain) >= 8
+
+
+def test_photo_refinement_at_zero_steps_is_the_encoder_and_its_rate_is_the_tables(spatial_model_dir):
+    from conftest import smooth_photos
+    from pipeline.codecs.spatial import pad_to_multiple
+
+    codec = load_codec(spatial_model_dir)
+    image = np.stack(smooth_photos(np.random.default_rng(5), 1, sizes=[(37, 53)]))
+    padded = pad_to_multiple(image, codec.stride)
+    plain = codec.analysis(image)[0]
+    low, high = codec.coder.offsets, codec.coder.offsets + codec.coder.sizes - 1
+    table = codec.latent_tables(plain)
+    assert np.array_equal(codec.refiner(padded[0], (37, 53), table, 0), np.clip(plain, low, high))
+    # At integers the interpolated rate is the tables' code length: the range coder's bytes hold it
+    # to within its few bits of flushing.
+    refiner = codec.refiner
+    import tensorflow as tf
+    latent = np.clip(plain, low, high).astype(np.float32)
+    estimate = float(tf.reduce_sum(refiner._rate(latent, refiner.table_low[table], refiner.table_size[table],
+                                                 (table * refiner.width).astype(np.int32))))
+    assert abs(8 * len(codec.coder.encode(latent.astype(np.int64))) - estimate) <= 16
+    found = codec.refiner(padded[0], (37, 53), table, 10)
+    assert found.shape == plain.shape and (found >= low).all() and (found <= high).all()
+
+
+def test_a_large_photo_is_refined_tile_by_tile(hyperprior_model_dir, monkeypatch):
+    """Above REGION_PIXELS the search runs on tiles of latents with fixed context around them (memory
+    stays bounded); every tile is searched, and the image still gains."""
+    from conftest import smooth_photos
+    from pipeline import refine
+    from pipeline.images import ImageBatch
+
+    codec = load_codec(hyperprior_model_dir)
+    image = np.stack(smooth_photos(np.random.default_rng(7), 1, sizes=[(100, 150)]))
+    batch = ImageBatch(["big"], image, np.array([-1]), np.array([False]))
+    whole = codec.refiner(np.pad(image[0], ((0, 12), (0, 10), (0, 0)), mode="edge"), (100, 150),
+                          codec.latent_tables(codec.analysis(image)[0]), 15)
+    searched = []
+    original = refine.TransformRefiner._search
+
+    def spy(self, x, weight, y, free, *rest):
+        searched.append((x.shape, int(free.sum()), float(weight.sum())))
+        return original(self, x, weight, y, free, *rest)
+
+    monkeypatch.setattr(refine, "REGION_PIXELS", 48 * 48)
+    monkeypatch.setattr(refine, "TILE_LATENTS", 3)
+    monkeypatch.setattr(refine, "TILE_MARGIN", 1)
+    monkeypatch.setattr(refine.TransformRefiner, "_search", spy)
+    tiled = codec.refiner(np.pad(image[0], ((0, 12), (0, 10), (0, 0)), mode="edge"), (100, 150),
+                          codec.latent_tables(codec.analysis(image)[0]), 15)
+    # A 7 x 10 latent grid in tiles of 3: 3 x 4 tiles, each its own latents free, its own pixels weighed.
+    assert len(searched) == 12 and sum(free for _, free, _ in searched) == 7 * 10
+    assert sum(w for _, _, w in searched) == 100 * 150
+    assert max(shape[0] * shape[1] for shape, _, _ in searched) <= (5 * 16) ** 2
+    assert tiled.shape == whole.shape and not np.array_equal(tiled, codec.analysis(image)[0])
+    monkeypatch.setattr(refine.TransformRefiner, "_search", original)
+    plain = codec.compress(batch, "code")["code"][0].as_py()
+    refined = codec.compress(batch, "code", 15)["code"][0].as_py()
+    assert refined != plain
