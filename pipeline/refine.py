@@ -213,21 +213,19 @@ class TransformRefiner:
         for t0, s0, t1, s1 in tiles:  # each tile sees the earlier tiles' refined latents as context
             a0, b0 = max(0, t0 - TILE_MARGIN), max(0, s0 - TILE_MARGIN)
             a1, b1 = min(grid[0], t1 + TILE_MARGIN), min(grid[1], s1 + TILE_MARGIN)
-            context = np.where(self._mask(grid, t0, s0, t1, s1)[..., None], y, out)[a0:a1, b0:b1]
-            free = self._mask(grid, t0, s0, t1, s1)[a0:a1, b0:b1, None].astype(np.float32)
-            weight = np.zeros((height, width, 1), np.float32)  # this tile's own pixels of the image
-            weight[t0 * stride:min(t1 * stride, size[0]), s0 * stride:min(s1 * stride, size[1])] = 1.0
-            region = (slice(a0 * stride, a1 * stride), slice(b0 * stride, b1 * stride))
-            found = self._search(x[region], weight[region], context, free, low[a0:a1, b0:b1],
-                                 tsize[a0:a1, b0:b1], base[a0:a1, b0:b1], steps)
-            out[t0:t1, s0:s1] = found[t0 - a0:t1 - a0, s0 - b0:s1 - b0]
+            inner = (slice(t0 - a0, t1 - a0), slice(s0 - b0, s1 - b0))
+            context = out[a0:a1, b0:b1].copy()
+            context[inner] = y[t0:t1, s0:s1]
+            free = np.zeros((a1 - a0, b1 - b0, 1), np.float32)
+            free[inner] = 1.0
+            weight = np.zeros(((a1 - a0) * stride, (b1 - b0) * stride, 1), np.float32)  # the tile's own pixels
+            weight[(t0 - a0) * stride:min(t1 * stride, size[0]) - a0 * stride,
+                   (s0 - b0) * stride:min(s1 * stride, size[1]) - b0 * stride] = 1.0
+            region = x[a0 * stride:a1 * stride, b0 * stride:b1 * stride]
+            found = self._search(region, weight, context, free, low[a0:a1, b0:b1], tsize[a0:a1, b0:b1],
+                                 base[a0:a1, b0:b1], steps)
+            out[t0:t1, s0:s1] = found[inner]
         return out.astype(np.int64)
-
-    @staticmethod
-    def _mask(grid, t0, s0, t1, s1) -> np.ndarray:
-        mask = np.zeros(grid, bool)
-        mask[t0:t1, s0:s1] = True
-        return mask
 
     def _search(self, x, weight, y, free, low, size, base, steps: int) -> np.ndarray:
         """The best rounded latents of one region found in `steps` steps of Adam (the encoder's own
