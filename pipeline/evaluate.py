@@ -346,9 +346,10 @@ def run(argv=None) -> dict:
 
 
 def refinable(model_dir: str) -> bool:
-    """Whether the model's kind can be refined (an entropy-coded dense model); others are evaluated
-    only as they are, with a note. A model of the right kind exported without the signatures
-    refinement needs is a clear error now, before any evaluation runs."""
+    """Whether the model's kind can be refined (`check_refine`: an entropy model and the lambda it was
+    trained at); others are evaluated only as they are, with a note. A model of the right kind
+    that cannot refine (a dense one exported without the signatures) is a clear error now, before
+    any evaluation runs."""
     from pipeline import models
     from pipeline.codecs import shared_codec
 

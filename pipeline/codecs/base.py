@@ -70,7 +70,7 @@ class ModelCodec:
     @classmethod
     def check_refine(cls, spec) -> Optional[str]:
         """None if encoding with this model can refine its latents (`pipeline/refine.py`), else why not."""
-        return f"--refine is not available for {spec.family} models yet (dense models with an entropy model only)"
+        return f"--refine is not available for {spec.family} models"
 
     def missing_refinement(self) -> Optional[str]:
         """None if this loaded artifact can refine its latents, else why not."""
