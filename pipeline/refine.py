@@ -207,35 +207,64 @@ class TransformRefiner:
     def __call__(self, image: np.ndarray, size, table: np.ndarray, steps: int) -> np.ndarray:
         """image: uint8 [H, W, 3] padded to the stride; size: its own (height, width); table: int
         [h, w, M], the table of each latent. Returns refined integer latents [h, w, M]."""
-        height, width = image.shape[:2]
-        grid = table.shape[:2]
-        stride = height // grid[0]
         x = image.astype(np.float32) / 255.0
         y = self.analysis(x[None])[0]
-        low, tsize = self.table_low[table], self.table_size[table]
-        base = (table * self.width).astype(np.int32)
-        if height * width <= REGION_PIXELS:
-            tiles = [(0, 0, grid[0], grid[1])]
-        else:
-            tiles = [(t0, s0, min(t0 + TILE_LATENTS, grid[0]), min(s0 + TILE_LATENTS, grid[1]))
-                     for t0 in range(0, grid[0], TILE_LATENTS) for s0 in range(0, grid[1], TILE_LATENTS)]
+        low, tsize, base = self._tables(table)
         out = np.clip(np.round(y), low, low + tsize - 1)
-        for t0, s0, t1, s1 in tiles:  # each tile sees the earlier tiles' refined latents as context
-            a0, b0 = max(0, t0 - TILE_MARGIN), max(0, s0 - TILE_MARGIN)
-            a1, b1 = min(grid[0], t1 + TILE_MARGIN), min(grid[1], s1 + TILE_MARGIN)
-            inner = (slice(t0 - a0, t1 - a0), slice(s0 - b0, s1 - b0))
-            context = out[a0:a1, b0:b1].copy()
-            context[inner] = y[t0:t1, s0:s1]
-            free = np.zeros((a1 - a0, b1 - b0, 1), np.float32)
+        for (a, b), inner, tile, weight in self._regions(image.shape[:2], table.shape[:2], size):
+            context = out[a, b].copy()  # each tile sees the earlier tiles' refined latents around it
+            context[inner] = y[tile]
+            free = np.zeros(context.shape[:2] + (1,), np.float32)
             free[inner] = 1.0
-            weight = np.zeros(((a1 - a0) * stride, (b1 - b0) * stride, 1), np.float32)  # the tile's own pixels
-            weight[(t0 - a0) * stride:min(t1 * stride, size[0]) - a0 * stride,
-                   (s0 - b0) * stride:min(s1 * stride, size[1]) - b0 * stride] = 1.0
-            region = x[a0 * stride:a1 * stride, b0 * stride:b1 * stride]
-            found = self._search(region, weight, context, free, low[a0:a1, b0:b1], tsize[a0:a1, b0:b1],
-                                 base[a0:a1, b0:b1], steps)
-            out[t0:t1, s0:s1] = found[inner]
+            found = self._search(x[self._pixels(a, b, x, table)], weight, context, free, low[a, b], tsize[a, b],
+                                 base[a, b], steps)
+            out[tile] = found[inner]
         return out.astype(np.int64)
+
+    def distortion(self, image: np.ndarray, size, table: np.ndarray, latent: np.ndarray) -> float:
+        """lambda * 255^2 * MSE of the image synthesised from integer latents (clipped to their
+        tables, as a code stores them), on the image's own pixels: the search's own measure, region
+        by region as it searched, so it costs no more memory than the search did."""
+        import tensorflow as tf
+
+        x = image.astype(np.float32) / 255.0
+        low, tsize, base = self._tables(table)
+        total = 0.0
+        for (a, b), inner, tile, weight in self._regions(image.shape[:2], table.shape[:2], size):
+            region = [tf.constant(v[None]) for v in (x[self._pixels(a, b, x, table)], weight,
+                                                     latent[a, b].astype(np.float32))]
+            free = tf.zeros(region[2].shape[:3] + (1,))
+            loss, _ = self._score(*region, free, *[tf.constant(v[a, b][None]) for v in (low, tsize, base)])
+            total += float(loss) * float(weight.sum())
+        return total / (size[0] * size[1])
+
+    def _tables(self, table: np.ndarray):
+        """(low, size, base) of each latent's table: its lowest value, its number of values, and its
+        row's offset in the flattened code lengths."""
+        return self.table_low[table], self.table_size[table], (table * self.width).astype(np.int32)
+
+    @staticmethod
+    def _pixels(a: slice, b: slice, x: np.ndarray, table: np.ndarray):
+        stride = x.shape[0] // table.shape[0]
+        return slice(a.start * stride, a.stop * stride), slice(b.start * stride, b.stop * stride)
+
+    @staticmethod
+    def _regions(shape, grid, size):
+        """Per tile: ((rows, columns) of its latents with their context, the tile within them, the
+        tile within the image's latents, the weight of each pixel of the region: 1 on the tile's
+        own pixels of the image, 0 on its context and padding)."""
+        stride = shape[0] // grid[0]
+        step = max(grid) if shape[0] * shape[1] <= REGION_PIXELS else TILE_LATENTS
+        for t0 in range(0, grid[0], step):
+            for s0 in range(0, grid[1], step):
+                t1, s1 = min(t0 + step, grid[0]), min(s0 + step, grid[1])
+                a0, b0 = max(0, t0 - TILE_MARGIN), max(0, s0 - TILE_MARGIN)
+                a1, b1 = min(grid[0], t1 + TILE_MARGIN), min(grid[1], s1 + TILE_MARGIN)
+                weight = np.zeros(((a1 - a0) * stride, (b1 - b0) * stride, 1), np.float32)
+                weight[(t0 - a0) * stride:min(t1 * stride, size[0]) - a0 * stride,
+                       (s0 - b0) * stride:min(s1 * stride, size[1]) - b0 * stride] = 1.0
+                yield ((slice(a0, a1), slice(b0, b1)), (slice(t0 - a0, t1 - a0), slice(s0 - b0, s1 - b0)),
+                       (slice(t0, t1), slice(s0, s1)), weight)
 
     def _search(self, x, weight, y, free, low, size, base, steps: int) -> np.ndarray:
         """The best rounded latents of one region found in `steps` steps of Adam (the encoder's own

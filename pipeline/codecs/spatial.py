@@ -164,17 +164,17 @@ class SpatialCodec(ModelCodec):
     def refined(self, images: np.ndarray, latent: np.ndarray, size, steps: int) -> np.ndarray:
         """Refined latents of a batch: images uint8 [N, H, W, 3] padded to the stride, `latent` the
         encoder's, `size` the images' own (height, width). Per image, whichever of the encoder's and
-        the refined latents has the lower loss as stored (the code's bytes, the decoded pixels) is kept."""
-        h, w = size
-        lmbda = self.spec.training["lmbda"]
+        the refined latents has the lower loss as stored (the code's bytes; the distortion by the
+        search's own float synthesis, which memory has room for after it) is kept."""
+        pixels = size[0] * size[1]
         out = np.array(latent)
         for i, image in enumerate(images):
-            found = self.refiner(image, size, self.latent_tables(latent[i]), steps).astype(latent.dtype)
-            candidates = np.stack([latent[i], found])
-            codes = self.latent_values(candidates, "code")
-            mse = np.array([np.mean((self.synthesis(z[None])[0, :h, :w] - image[:h, :w].astype(np.float64)) ** 2)
-                            for z in candidates])  # one at a time: memory as decoding one image
-            loss = lmbda * mse + np.array([8.0 * len(c) for c in codes]) / (h * w)
+            table = self.latent_tables(latent[i])
+            candidates = np.stack([latent[i], self.refiner(image, size, table, steps).astype(latent.dtype)])
+            # Each clipped to the tables its code will have (a hyperprior's side information is the
+            # refined latents' own).
+            loss = [self.refiner.distortion(image, size, self.latent_tables(z), z) + 8.0 * len(code) / pixels
+                    for z, code in zip(candidates, self.latent_values(candidates, "code"))]
             out[i] = candidates[int(np.argmin(loss))]
         return out
 
