@@ -83,7 +83,7 @@ def pillow_speed(images: list) -> dict:
     return out
 
 
-def speed(model: str, out: str, n: int, repeats: int) -> dict:
+def speed(model: str, out: str, n: int, repeats: int, refine: int) -> dict:
     photos = held_out_photos(n)
     folder = os.path.join(out, "speed-photos")
     shutil.rmtree(folder, ignore_errors=True)
@@ -105,6 +105,13 @@ def speed(model: str, out: str, n: int, repeats: int) -> dict:
         runs["pillow"].append(pillow_speed(images))
         print(f"speed run {r + 1}/{repeats}: encode {runs['encode'][-1]:.1f} s, decode {runs['decode'][-1]:.1f} s "
               f"for {mpx:.2f} Mpx", flush=True)
+    refined_s = None
+    if refine:  # one run: minutes, and the search dominates it
+        lat = os.path.join(out, "speed-refined")
+        shutil.rmtree(lat, ignore_errors=True)
+        refined_s = latentpack(["encode", "--input", f"{folder}/*.png", "--input-format", "images",
+                                "--model-dir", model, "--output", lat, "--refine", str(refine)])
+        print(f"refined encode (--refine {refine}): {refined_s:.1f} s for {mpx:.2f} Mpx", flush=True)
     # Start-up: the same encode command on one 64x64 image (Python, TensorFlow, Beam, the model).
     tiny = os.path.join(out, "speed-tiny")
     shutil.rmtree(tiny, ignore_errors=True)
@@ -122,6 +129,9 @@ def speed(model: str, out: str, n: int, repeats: int) -> dict:
     for what in ("encode", "decode"):
         result[f"{what}_mpx_s"] = mpx / result[f"{what}_s"]
         result[f"{what}_mpx_s_without_start_up"] = mpx / max(result[f"{what}_s"] - start_up, 1e-9)
+    if refined_s is not None:
+        result.update(refine=refine, refined_encode_s=refined_s,
+                      refined_encode_mpx_s_without_start_up=mpx / max(refined_s - start_up, 1e-9))
     result["pillow"] = {name: {k: statistics.median(run[name][k] for run in runs["pillow"]) for k in run_keys}
                         for name, run_keys in ((n, runs["pillow"][0][n].keys()) for n in runs["pillow"][0])}
     return result
@@ -164,8 +174,15 @@ def memory(model: str, out: str) -> dict:
     shutil.rmtree(tiny + "-latents", ignore_errors=True)
     idle_gb = peak_rss_of(["encode", "--input", f"{tiny}/*.png", "--input-format", "images", "--model-dir", model,
                            "--output", tiny + "-latents"])
+    # Refinement searches large photos tile by tile; one step shows its peak (more steps repeat it).
+    shutil.rmtree(lat, ignore_errors=True)
+    started = time.perf_counter()
+    refine_gb = peak_rss_of(["encode", "--input", f"{folder}/*.png", "--input-format", "images", "--model-dir", model,
+                             "--output", lat, "--refine", "1"])
+    refine_s = time.perf_counter() - started
     return {"pixels": 24_000_000, "source": os.path.basename(source), "encode_peak_rss_gb": enc_gb,
-            "decode_peak_rss_gb": dec_gb, "start_up_peak_rss_gb": idle_gb, "encode_s": enc_s, "decode_s": dec_s}
+            "decode_peak_rss_gb": dec_gb, "start_up_peak_rss_gb": idle_gb, "encode_s": enc_s, "decode_s": dec_s,
+            "refine_1_peak_rss_gb": refine_gb, "refine_1_s": refine_s}
 
 
 def markdown(result: dict, command: str) -> str:
@@ -180,6 +197,9 @@ def markdown(result: dict, command: str) -> str:
                   f"| latentpack jobs, whole process | {s['encode_mpx_s']:.2f} | {s['decode_mpx_s']:.2f} | |",
                   f"| latentpack jobs, start-up subtracted | {s['encode_mpx_s_without_start_up']:.2f} | "
                   f"{s['decode_mpx_s_without_start_up']:.2f} | |"]
+        if "refine" in s:
+            lines.append(f"| latentpack encode --refine {s['refine']} (one run), start-up subtracted | "
+                         f"{s['refined_encode_mpx_s_without_start_up']:.3f} | | |")
         for name, p in s["pillow"].items():
             lines.append(f"| Pillow {name} | {p['encode_mpx_s']:.2f} | {p['decode_mpx_s']:.2f} | {p['bpp']:.3f} |")
     if "memory" in result:
@@ -191,6 +211,10 @@ def markdown(result: dict, command: str) -> str:
                       f"overlapping 1024-pixel tiles above 1 Mpx, and batches of smaller photos in groups of at most 1 Mpx (`pipeline/codecs/spatial.py`). That is "
                       f"{24 / m['encode_s']:.1f} Mpx/s encoding and {24 / m['decode_s']:.1f} Mpx/s decoding, whole "
                       f"processes."]
+        if "refine_1_peak_rss_gb" in m:
+            lines[-1] += (f" Encoding it with `--refine 1` (the search goes tile by tile, 1,024 px with 64 px of "
+                          f"context; more steps repeat the same work): {m['refine_1_peak_rss_gb']:.2f} GB peak "
+                          f"({m['refine_1_s']:.0f} s).")
     return "\n".join(lines)
 
 
@@ -201,6 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench-out/photos", help="work folder")
     p.add_argument("--photos", type=int, default=24, help="photos for the speed runs")
     p.add_argument("--repeats", type=int, default=3, help="repeats of the speed runs (medians)")
+    p.add_argument("--refine", type=int, default=50, help="steps of the refined encode run (0: none)")
     p.add_argument("--skip", nargs="*", default=[], choices=["speed", "memory"], help="parts to leave out")
     p.add_argument("--record", action="store_true", help="write the results into BENCHMARKS.md")
     args = p.parse_args(argv)
@@ -210,7 +235,7 @@ def main(argv=None) -> int:
         result["memory"] = memory(args.model, args.out)
         print(json.dumps(result["memory"]), flush=True)
     if "speed" not in args.skip:
-        result["speed"] = speed(args.model, args.out, args.photos, args.repeats)
+        result["speed"] = speed(args.model, args.out, args.photos, args.repeats, args.refine)
         print(json.dumps(result["speed"]), flush=True)
     with open(os.path.join(args.out, "photo_bench.json"), "w") as f:
         json.dump(result, f, indent=2)
