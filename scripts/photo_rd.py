@@ -1,6 +1,6 @@
 """Rate-distortion of the photo models on held-out photographs, beside JPEG, WebP and AVIF.
 
-    python scripts/photo_rd.py --out rd-photos [--models photo:1 photo:2 ...] [--refine 50] [--record]
+    python scripts/photo_rd.py --out rd-photos [--models photo:1 photo:2 ...] [--refine 50 ...] [--record]
     (what `make photo-rd` runs)
     python scripts/photo_rd.py --dataset cifar10 --out rd-cifar --models cifar-q1/ ... [--record]
 
@@ -36,8 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="rd-photos", help="work folder")
     p.add_argument("--models", nargs="+", help="models to evaluate (default: every shipped photo model)")
     p.add_argument("--limit", type=int, help="at most this many held-out photos")
-    p.add_argument("--refine", type=int, metavar="STEPS",
-                   help="also encode every model with this many steps of refinement (encode --refine), a curve of its own")
+    p.add_argument("--refine", type=int, nargs="+", metavar="STEPS",
+                   help="also encode every model with these steps of refinement (encode --refine), one curve for them")
     p.add_argument("--record", action="store_true", help="write the results into BENCHMARKS.md")
     p.add_argument("--record-only", action="store_true", help="only record an earlier run's rd.json from --out")
     args = p.parse_args(argv)
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     for model in args.models:
         argv_eval += ["--model-dir", model]
     if args.refine:
-        argv_eval += ["--refine", "0", str(args.refine)]
+        argv_eval += ["--refine", "0", *map(str, args.refine)]
     if cli.main(argv_eval):
         return 1
     if args.record:
