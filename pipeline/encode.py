@@ -202,7 +202,7 @@ def parse_args(argv) -> tuple:
     p.add_argument("--refine", type=int, default=d.refine, metavar="STEPS",
                    help="steps of encoder-side refinement: search each image's latents for a better rate-distortion "
                         "trade-off than the encoder's (slower encoding, same decoder and code format; any model "
-                        "with an entropy model: photos about 26 s per megapixel at 50 steps on 2 cores; 0: off)")
+                        "with an entropy model: photos about 14 s per megapixel at 25 steps on 2 cores; 0: off)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch element")
     p.add_argument("--num-shards", type=int, default=d.num_shards,
                    help="output Parquet parts, each of whole input shards (0: one per input shard; for image folders, "
