@@ -11,6 +11,8 @@ from the artifact's own integer tables (their code lengths, interpolated between
 the cheapest table set of a mixture). After every step the rounded latents are scored exactly as
 they will be stored (table code lengths, clipped to the quantizer's range) and each image keeps
 its best, so refinement never returns latents worse by that score than the encoder's own.
+That is `Refiner`, for dense models; `TransformRefiner` does the same for the spatial families
+(photos), on the continuous relaxation and tile by tile for large images (its docstring says why).
 
 Only encoding changes: the codes are ordinary codes of the same model, decoded by the same
 decoder on any machine (refinement itself need not be deterministic, decoding is).
@@ -148,9 +150,9 @@ class TransformRefiner:
     own pixels, not its padding); the image keeps its best, the encoder's own latents included.
     (Rounding passed straight through to the synthesis, as the dense refiner does, or faded in
     over the steps, made held-out photos' latents worse than the encoder's by that score, step
-    after step; the relaxation's score fell steadily, about 4% of the loss in 30 steps.) Images above REGION_PIXELS are refined in tiles of TILE_LATENTS latents, each
-    with TILE_MARGIN latents of fixed context around it, one after the other, so memory stays
-    bounded.
+    after step; the relaxation's score fell steadily, about 4% of the loss in 30 steps.) Images
+    above REGION_PIXELS are refined in tiles of TILE_LATENTS latents, each with TILE_MARGIN
+    latents of fixed context around it, one after the other, so memory stays bounded.
     """
 
     def __init__(self, analysis, synthesis, tables, lmbda: float):
