@@ -69,24 +69,57 @@ def _interrupted() -> int:
     return 130
 
 
+class _Interrupts:
+    """Whether a SIGINT arrived during the command. An interrupt is not always a KeyboardInterrupt by
+    the time it reaches the entry point: Beam re-raises it from a DoFn as a RuntimeError, and one that
+    lands inside TensorFlow's C++ while it handles an error of its own comes out as pybind11's
+    "RuntimeError: ... MISMATCH of original and normalized active exception types" (seen when Ctrl-C
+    hit a job loading its model). So the handler notes it, then raises as Python's own would."""
+
+    def __init__(self):
+        self.seen = False
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        import signal
+
+        # After an interrupt `_interrupted` has put its own handler in place; leave it.
+        if self.previous is not None and signal.getsignal(signal.SIGINT) == self._handler:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
 def guarded(main):
     """Wrap an entry point so user mistakes print one clear line and exit 2, and an interrupt
     exits 130, never with a traceback."""
     @functools.wraps(main)
     def run(argv=None):
-        try:
-            return main(argv)
-        except LatentpackError as e:
-            print(f"latentpack: error: {e}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            return _interrupted()
-        except Exception as e:
-            if str(e).startswith("KeyboardInterrupt"):  # Beam re-raises it from a DoFn as a RuntimeError
+        with _Interrupts() as interrupts:
+            try:
+                return main(argv)
+            except LatentpackError as e:
+                print(f"latentpack: error: {e}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
                 return _interrupted()
-            line = environment_error(e)
-            if line is None:
-                raise
-            print(f"latentpack: error: {line}; the output is not marked complete", file=sys.stderr)
-            return 2
+            except Exception as e:
+                if interrupts.seen or str(e).startswith("KeyboardInterrupt"):  # re-raised by Beam or TF
+                    return _interrupted()
+                line = environment_error(e)
+                if line is None:
+                    raise
+                print(f"latentpack: error: {line}; the output is not marked complete", file=sys.stderr)
+                return 2
     return run

@@ -78,6 +78,34 @@ def test_a_second_job_on_the_same_folder_is_refused_and_a_stale_lock_is_taken_ov
     assert manifest["images"] == 120 and not (out / completion.LOCK).exists()
 
 
+def test_an_interrupt_that_reaches_the_entry_point_as_another_error_still_exits_130(capsys):
+    """Ctrl-C landing inside TensorFlow's C++ while it handles an error of its own comes out as
+    pybind11's RuntimeError (seen in CI when the interrupt hit a job loading its model): still an
+    interrupt, exit 130, one line. Another RuntimeError is not one."""
+    from pipeline.errors import guarded
+
+    def job(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)  # the handler raises here
+        except KeyboardInterrupt:
+            raise RuntimeError("pybind11::error_already_set: MISMATCH of original and normalized active exception "
+                               "types: ORIGINAL InvalidArgumentError REPLACED BY KeyboardInterrupt") from None
+
+    def broken(argv):
+        raise RuntimeError("a bug")
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        assert guarded(job)([]) == 130
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert capsys.readouterr().err.strip() == "latentpack: interrupted"
+    with pytest.raises(RuntimeError, match="a bug"):
+        guarded(broken)([])
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_an_interrupted_job_exits_130_unmarked_and_unlocked(tmp_path, mnist, model_dir):
     from conftest import write_tfrecord
 
