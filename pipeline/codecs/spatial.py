@@ -152,7 +152,7 @@ class SpatialCodec(ModelCodec):
 
         layers = self._model.analysis, self._model.synthesis
         analyze = tf.function(lambda x: apply_transform(layers[0], x, synthesis=False),
-                              input_signature=[tf.TensorSpec([1, None, None, 3], tf.float32)])
+                              input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
 
         def analysis(x: np.ndarray) -> np.ndarray:  # float latents, tile by tile for large images
             return self._in_pieces(lambda piece: analyze(piece).numpy(), x, x.shape[1] * x.shape[2],
@@ -167,16 +167,17 @@ class SpatialCodec(ModelCodec):
         the refined latents has the lower loss as stored (the code's bytes; the distortion by the
         search's own float synthesis, which memory has room for after it) is kept."""
         pixels = size[0] * size[1]
-        out = np.array(latent)
-        for i, image in enumerate(images):
-            table = self.latent_tables(latent[i])
-            candidates = np.stack([latent[i], self.refiner(image, size, table, steps).astype(latent.dtype)])
-            # Each clipped to the tables its code will have (a hyperprior's side information is the
-            # refined latents' own).
-            loss = [self.refiner.distortion(image, size, self.latent_tables(z), z) + 8.0 * len(code) / pixels
-                    for z, code in zip(candidates, self.latent_values(candidates, "code"))]
-            out[i] = candidates[int(np.argmin(loss))]
-        return out
+        tables = np.stack([self.latent_tables(z) for z in latent])
+        found = self.refiner.refine_all(images, size, tables, steps).astype(latent.dtype)
+        # Each clipped to the tables its code will have (a hyperprior's side information is the
+        # refined latents' own).
+        found_tables = np.stack([self.latent_tables(z) for z in found])
+        def loss(z, t):
+            bits = np.array([8.0 * len(code) for code in self.latent_values(z, "code")])
+            return self.refiner.distortions(images, size, t, z) + bits / pixels
+
+        better = loss(found, found_tables) < loss(latent, tables)
+        return np.where(better[:, None, None, None], found, latent)
 
     # --- the pair the jobs call ----------------------------------------------------------------
     def compress(self, batch, latent_format, refine=0):
