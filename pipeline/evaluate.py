@@ -236,10 +236,10 @@ def plot(points, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    styles = {"jpeg": ("s-", "C0"), "webp": ("^-", "C2"), "avif": ("v-", "C4"), "latentpack-spatial": ("o-", "C3"),
-              "latentpack-spatial-refined": ("*--", "C3"), "latentpack-hyperprior": ("o-", "C1"),
-              "latentpack-hyperprior-refined": ("*--", "C1"), "latentpack-dense": ("o-", "C1"), "latentpack-dense-refined": ("*--", "C1"), "mlp-ae": ("D", "C5"),
+    styles = {"jpeg": ("s-", "C0"), "webp": ("^-", "C2"), "avif": ("v-", "C4"), "mlp-ae": ("D", "C5"),
               "conv-ae": ("v", "C6")}
+    for family, color in (("spatial", "C3"), ("hyperprior", "C1"), ("dense", "C1")):
+        styles[f"latentpack-{family}"], styles[f"latentpack-{family}-refined"] = ("o-", color), ("*--", color)
     for family in dict.fromkeys(p["family"] for p in points):
         pts = sorted((p for p in points if p["family"] == family and p["psnr"] < 99.9), key=lambda p: p["bpp"])
         if not pts:

@@ -31,6 +31,19 @@ MAX_BITS = 40.0  # the code length of a value outside a table: a wall, not an in
 CHUNK = 256  # images per gradient computation (bounds the decoder's activations)
 
 
+def adam_step(y, g, m, v, t, steps, learning_rate):
+    """One step of Adam on latents y (gradient g, moments m and v; t = 0, 1, ... of `steps`), its
+    step size decaying on a cosine from `learning_rate` to FINAL_FRACTION of it. (y, m, v) after."""
+    import tensorflow as tf
+
+    step = tf.cast(t, tf.float32) + 1.0
+    m = 0.9 * m + 0.1 * g
+    v = 0.999 * v + 0.001 * tf.square(g)
+    progress = (step - 1) / tf.cast(steps, tf.float32)
+    decay = FINAL_FRACTION + (1 - FINAL_FRACTION) * 0.5 * (1 + tf.cos(math.pi * progress))
+    return y - learning_rate * decay * (m / (1 - 0.9 ** step)) / (tf.sqrt(v / (1 - 0.999 ** step)) + 1e-8), m, v
+
+
 class Refiner:
     """uint8 images [N, H, W, C] -> refined integer latents [N, D] for a dense artifact.
 
@@ -81,7 +94,6 @@ class Refiner:
         m, v = tf.zeros_like(y), tf.zeros_like(y)
         best = tf.clip_by_value(tf.round(y), self.low, self.high)
         best_score = tf.fill(tf.shape(y)[:1], np.float32(np.inf))
-        total = tf.cast(steps, tf.float32)
         for t in tf.range(steps + 1):
             with tf.GradientTape() as tape:
                 tape.watch(y)
@@ -95,13 +107,8 @@ class Refiner:
             better = score < best_score
             best = tf.where(better[:, None], rounded, best)
             best_score = tf.where(better, score, best_score)
-            if t < steps:  # Adam, with the step size decaying on a cosine
-                g = tape.gradient(loss, y)
-                step = tf.cast(t, tf.float32) + 1.0
-                m = 0.9 * m + 0.1 * g
-                v = 0.999 * v + 0.001 * tf.square(g)
-                decay = FINAL_FRACTION + (1 - FINAL_FRACTION) * 0.5 * (1 + tf.cos(math.pi * (step - 1) / total))
-                y = y - LEARNING_RATE * decay * (m / (1 - 0.9 ** step)) / (tf.sqrt(v / (1 - 0.999 ** step)) + 1e-8)
+            if t < steps:
+                y, m, v = adam_step(y, tape.gradient(loss, y), m, v, t, steps, LEARNING_RATE)
         return best
 
     def __call__(self, images: np.ndarray, steps: int) -> np.ndarray:
@@ -213,39 +220,45 @@ class TransformRefiner:
         """A batch of same-shaped images: up to REGION_PIXELS of them searched together (small
         images: one search per image cost ~0.2 s of call overhead for a 32x32 one), larger ones
         one by one (`__call__`)."""
-        height, width = images.shape[1:3]
-        if height * width > REGION_PIXELS // 2:
+        if self._one_by_one(images):
             return np.stack([self(image, size, table, steps) for image, table in zip(images, tables)])
         out = []
-        per_call = REGION_PIXELS // (height * width)
-        for i in range(0, len(images), per_call):
-            x = images[i:i + per_call].astype(np.float32) / 255.0
+        for x, weight, chunk in self._groups(images, size):
             y = self.analysis(x)
-            low, tsize, base = self._tables(tables[i:i + per_call])
-            weight = np.zeros(x.shape[:3] + (1,), np.float32)
-            weight[:, :size[0], :size[1]] = 1.0
             free = np.ones(y.shape[:3] + (1,), np.float32)
-            out.append(self._search(x, weight, y, free, low, tsize, base, steps))
+            out.append(self._search(x, weight, y, free, *self._tables(tables[chunk]), steps))
         return np.concatenate(out).astype(np.int64)
 
     def distortions(self, images: np.ndarray, size, tables: np.ndarray, latents: np.ndarray) -> np.ndarray:
         """`distortion` of each image of a batch (small ones together, as `refine_all` searched them)."""
         import tensorflow as tf
 
-        height, width = images.shape[1:3]
-        if height * width > REGION_PIXELS // 2:
-            return np.array([self.distortion(*args) for args in zip(images, [size] * len(images), tables, latents)])
+        if self._one_by_one(images):
+            return np.array([self.distortion(image, size, table, z) for image, table, z in zip(images, tables, latents)])
         out = []
-        per_call = REGION_PIXELS // (height * width)
-        for i in range(0, len(images), per_call):
-            x = images[i:i + per_call].astype(np.float32) / 255.0
-            weight = np.zeros(x.shape[:3] + (1,), np.float32)
-            weight[:, :size[0], :size[1]] = 1.0
-            y = latents[i:i + per_call].astype(np.float32)
-            loss, _ = self._score(*[tf.constant(v) for v in (x, weight, y, np.zeros(y.shape[:3] + (1,), np.float32),
-                                                             *self._tables(tables[i:i + per_call]))])
+        for x, weight, chunk in self._groups(images, size):
+            y = latents[chunk].astype(np.float32)
+            free = np.zeros(y.shape[:3] + (1,), np.float32)
+            loss, _ = self._score(*[tf.constant(v) for v in (x, weight, y, free, *self._tables(tables[chunk]))])
             out.append(loss.numpy())
         return np.concatenate(out).astype(np.float64)
+
+    @staticmethod
+    def _one_by_one(images: np.ndarray) -> bool:
+        """Whether images of this shape are searched one at a time (`__call__`) rather than in groups."""
+        return images.shape[1] * images.shape[2] > REGION_PIXELS // 2
+
+    @staticmethod
+    def _groups(images: np.ndarray, size):
+        """(pixels as floats, weight: 1 on each image's own pixels, the slice of the batch) for groups of
+        at most REGION_PIXELS of small images."""
+        per_call = REGION_PIXELS // (images.shape[1] * images.shape[2])
+        for i in range(0, len(images), per_call):
+            chunk = slice(i, i + per_call)
+            x = images[chunk].astype(np.float32) / 255.0
+            weight = np.zeros(x.shape[:3] + (1,), np.float32)
+            weight[:, :size[0], :size[1]] = 1.0
+            yield x, weight, chunk
 
     def __call__(self, image: np.ndarray, size, table: np.ndarray, steps: int) -> np.ndarray:
         """image: uint8 [H, W, 3] padded to the stride; size: its own (height, width); table: int
@@ -317,22 +330,14 @@ class TransformRefiner:
         tables = [tf.constant(v) for v in (low, size, base)]
         free_t = tf.constant(free)
         y = tf.constant(y.astype(np.float32))
-        best, best_score = None, np.inf
+        best_score, best = self._score(*args, y, free_t, *tables)  # the encoder's own latents, rounded
         m, v = tf.zeros_like(y), tf.zeros_like(y)
-        for t in range(steps + 1):
-            if t % SCORE_EVERY == 0 or t == steps:  # the encoder's own latents first, the last ones last
+        for t in range(steps):
+            g = self._gradient(*args, y, free_t, *tables) * free_t
+            y, m, v = adam_step(y, g, m, v, t, steps, TRANSFORM_LEARNING_RATE)
+            if (t + 1) % SCORE_EVERY == 0 or t + 1 == steps:
                 score, rounded = self._score(*args, y, free_t, *tables)
-                if best is None:
-                    best, best_score = rounded, score
                 better = score < best_score
                 best = tf.where(better[:, None, None, None], rounded, best)
                 best_score = tf.where(better, score, best_score)
-            if t == steps:
-                break
-            g = self._gradient(*args, y, free_t, *tables) * free_t
-            m = 0.9 * m + 0.1 * g
-            v = 0.999 * v + 0.001 * tf.square(g)
-            decay = FINAL_FRACTION + (1 - FINAL_FRACTION) * 0.5 * (1 + math.cos(math.pi * t / steps))
-            y = y - TRANSFORM_LEARNING_RATE * decay * (m / (1 - 0.9 ** (t + 1))) / (
-                tf.sqrt(v / (1 - 0.999 ** (t + 1))) + 1e-8)
         return best.numpy()

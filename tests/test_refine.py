@@ -206,7 +206,7 @@ def test_photo_refinement_at_zero_steps_is_the_encoder_and_its_rate_is_the_table
     padded = pad_to_multiple(image, codec.stride)
     plain = codec.analysis(image)[0]
     low, high = codec.coder.offsets, codec.coder.offsets + codec.coder.sizes - 1
-    table = codec.latent_tables(plain)
+    table = codec.latent_tables(plain[None])[0]
     assert np.array_equal(codec.refiner(padded[0], (37, 53), table, 0), np.clip(plain, low, high))
     # At integers the interpolated rate is the tables' code length: the range coder's bytes hold it
     # to within its few bits of flushing.
@@ -231,7 +231,7 @@ def test_a_large_photo_is_refined_tile_by_tile(hyperprior_model_dir, monkeypatch
     image = np.stack(smooth_photos(np.random.default_rng(7), 1, sizes=[(100, 150)]))
     batch = ImageBatch(["big"], image, np.array([-1]), np.array([False]))
     whole = codec.refiner(np.pad(image[0], ((0, 12), (0, 10), (0, 0)), mode="edge"), (100, 150),
-                          codec.latent_tables(codec.analysis(image)[0]), 15)
+                          codec.latent_tables(codec.analysis(image))[0], 15)
     searched = []
     original = refine.TransformRefiner._search
 
@@ -244,7 +244,7 @@ def test_a_large_photo_is_refined_tile_by_tile(hyperprior_model_dir, monkeypatch
     monkeypatch.setattr(refine, "TILE_MARGIN", 1)
     monkeypatch.setattr(refine.TransformRefiner, "_search", spy)
     tiled = codec.refiner(np.pad(image[0], ((0, 12), (0, 10), (0, 0)), mode="edge"), (100, 150),
-                          codec.latent_tables(codec.analysis(image)[0]), 15)
+                          codec.latent_tables(codec.analysis(image))[0], 15)
     # A 7 x 10 latent grid in tiles of 3: 3 x 4 tiles, each its own latents free, its own pixels weighed.
     assert len(searched) == 12 and sum(free for _, free, _ in searched) == 7 * 10
     assert sum(w for _, _, w in searched) == 100 * 150
@@ -264,7 +264,7 @@ def test_small_photos_are_searched_together_as_each_would_be_alone(photo_model_d
     codec = load_codec(photo_model_dir)
     images = np.stack(smooth_photos(np.random.default_rng(9), 3, sizes=[(48, 64)]))
     latent = codec.analysis(images)
-    tables = np.stack([codec.latent_tables(z) for z in latent])
+    tables = codec.latent_tables(latent)
     together = codec.refiner.refine_all(images, (48, 64), tables, 10)
     alone = np.stack([codec.refiner(image, (48, 64), table, 10) for image, table in zip(images, tables)])
     assert together.shape == latent.shape

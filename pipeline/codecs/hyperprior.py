@@ -185,10 +185,9 @@ class HyperpriorCodec(SpatialCodec):
         return self.spec.entropy_model["gaussian"]
 
     def latent_tables(self, latent: np.ndarray) -> np.ndarray:
-        """The Gaussian table of each latent, as the side information of the encoder's own latents
-        chooses it (held fixed while refining; the code's side information is that of the refined
-        latents, and the stored loss decides between them)."""
-        z = self._hyper_encode(latent=np.ascontiguousarray(latent[None], np.int16))["hyper"].numpy()[0]
-        grid = latent.shape[:2]
-        return self.coder.indexes(self.coder.side_information(z, grid), grid)
+        """The Gaussian table of each latent of a batch, as the side information of those latents
+        chooses it: the table the code will use."""
+        z = self._hyper_encode(latent=np.ascontiguousarray(latent, np.int16))["hyper"].numpy()
+        grid = latent.shape[1:3]
+        return np.stack([self.coder.indexes(self.coder.side_information(side, grid), grid) for side in z])
 

@@ -140,7 +140,8 @@ class SpatialCodec(ModelCodec):
         return self.spec.entropy_model
 
     def latent_tables(self, latent: np.ndarray) -> np.ndarray:
-        """Which of `rate_tables` codes each latent of one image's latents [h, w, M]: its channel's."""
+        """Which of `rate_tables` codes each latent of a batch [N, h, w, M]: its channel's. (Held fixed
+        while refining: those of the encoder's latents.)"""
         return np.broadcast_to(np.arange(latent.shape[-1]), latent.shape)
 
     @functools.cached_property
@@ -167,16 +168,14 @@ class SpatialCodec(ModelCodec):
         the refined latents has the lower loss as stored (the code's bytes; the distortion by the
         search's own float synthesis, which memory has room for after it) is kept."""
         pixels = size[0] * size[1]
-        tables = np.stack([self.latent_tables(z) for z in latent])
+        tables = self.latent_tables(latent)
         found = self.refiner.refine_all(images, size, tables, steps).astype(latent.dtype)
-        # Each clipped to the tables its code will have (a hyperprior's side information is the
-        # refined latents' own).
-        found_tables = np.stack([self.latent_tables(z) for z in found])
-        def loss(z, t):
-            bits = np.array([8.0 * len(code) for code in self.latent_values(z, "code")])
-            return self.refiner.distortions(images, size, t, z) + bits / pixels
 
-        better = loss(found, found_tables) < loss(latent, tables)
+        def loss(z, z_tables):  # clipped to the tables its code will have (a hyperprior's: z's own)
+            bits = np.array([8.0 * len(code) for code in self.latent_values(z, "code")])
+            return self.refiner.distortions(images, size, z_tables, z) + bits / pixels
+
+        better = loss(found, self.latent_tables(found)) < loss(latent, tables)
         return np.where(better[:, None, None, None], found, latent)
 
     # --- the pair the jobs call ----------------------------------------------------------------
