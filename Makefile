@@ -32,7 +32,7 @@ rd: $(STAMP)
 	$(PY) scripts/rd.py --out rd-out $(RD_ARGS)
 
 # Photo models on held-out BSDS500 photos against JPEG, WebP and AVIF (BD-rate, plot), recorded in BENCHMARKS.md.
-PHOTO_RD_ARGS ?= --record
+PHOTO_RD_ARGS ?= --refine 50 --record
 photo-rd: $(STAMP)
 	$(PY) scripts/photo_rd.py --out rd-photos $(PHOTO_RD_ARGS)
 

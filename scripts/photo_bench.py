@@ -29,6 +29,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BSDS = os.path.join(ROOT, "..", "shared", "data", "bsds500")
+SMALL_REFINE = 25  # steps for the small images' refined encode
 
 
 def held_out_photos(limit: int) -> list:
@@ -112,6 +113,19 @@ def speed(model: str, out: str, n: int, repeats: int, refine: int) -> dict:
         refined_s = latentpack(["encode", "--input", f"{folder}/*.png", "--input-format", "images",
                                 "--model-dir", model, "--output", lat, "--refine", str(refine)])
         print(f"refined encode (--refine {refine}): {refined_s:.1f} s for {mpx:.2f} Mpx", flush=True)
+    small_s = None
+    if refine:  # small images arriving together (one shard) are searched together: 256 crops of 32x32
+        crops = []
+        for i in range(256):
+            image = images[i % len(images)]
+            y, x = (i * 37) % (image.shape[0] - 32), (i * 53) % (image.shape[1] - 32)
+            crops.append(image[y:y + 32, x:x + 32])
+        small = os.path.join(out, "speed-small.npz")
+        np.savez(small, images=np.stack(crops), keys=np.array([f"s{i:03d}" for i in range(256)]))
+        lat = os.path.join(out, "speed-small-refined")
+        shutil.rmtree(lat, ignore_errors=True)
+        small_s = latentpack(["encode", "--input", small, "--input-format", "npz",
+                              "--model-dir", model, "--output", lat, "--refine", str(SMALL_REFINE)])
     # Start-up: the same encode command on one 64x64 image (Python, TensorFlow, Beam, the model).
     tiny = os.path.join(out, "speed-tiny")
     shutil.rmtree(tiny, ignore_errors=True)
@@ -131,7 +145,8 @@ def speed(model: str, out: str, n: int, repeats: int, refine: int) -> dict:
         result[f"{what}_mpx_s_without_start_up"] = mpx / max(result[f"{what}_s"] - start_up, 1e-9)
     if refined_s is not None:
         result.update(refine=refine, refined_encode_s=refined_s,
-                      refined_encode_mpx_s_without_start_up=mpx / max(refined_s - start_up, 1e-9))
+                      refined_encode_mpx_s_without_start_up=mpx / max(refined_s - start_up, 1e-9),
+                      small_refine=SMALL_REFINE, small_refined_ms_per_image=1000 * (small_s - start_up) / 256)
     result["pillow"] = {name: {k: statistics.median(run[name][k] for run in runs["pillow"]) for k in run_keys}
                         for name, run_keys in ((n, runs["pillow"][0][n].keys()) for n in runs["pillow"][0])}
     return result
@@ -180,15 +195,27 @@ def memory(model: str, out: str) -> dict:
     refine_gb = peak_rss_of(["encode", "--input", f"{folder}/*.png", "--input-format", "images", "--model-dir", model,
                              "--output", lat, "--refine", "1"])
     refine_s = time.perf_counter() - started
+    # Sixteen mid-size photos of one size: one decode batch (the transforms take at most 1 Mpx per call).
+    batch = os.path.join(out, "mem-batch")
+    shutil.rmtree(batch, ignore_errors=True)
+    os.makedirs(batch)
+    for i in range(16):
+        big.crop((i * 300, 0, i * 300 + 1024, 768)).save(os.path.join(batch, f"p{i:02d}.png"))
+    shutil.rmtree(lat, ignore_errors=True)
+    shutil.rmtree(dec, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "latentpack.cli"] + beam(["encode", "--input", f"{batch}/*.png",
+                   "--input-format", "images", "--model-dir", model, "--output", lat]), cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    batch_gb = peak_rss_of(["decode", "--input", lat, "--model-dir", model, "--output", dec])
     return {"pixels": 24_000_000, "source": os.path.basename(source), "encode_peak_rss_gb": enc_gb,
             "decode_peak_rss_gb": dec_gb, "start_up_peak_rss_gb": idle_gb, "encode_s": enc_s, "decode_s": dec_s,
-            "refine_1_peak_rss_gb": refine_gb, "refine_1_s": refine_s}
+            "refine_1_peak_rss_gb": refine_gb, "refine_1_s": refine_s, "batch_16_1024x768_decode_peak_rss_gb": batch_gb}
 
 
 def markdown(result: dict, command: str) -> str:
     lines = [f"Measured with `{command}` ({time.strftime('%Y-%m-%d')}) on the 2-core development machine."]
     if "speed" in result:
-        s = result["speed"]
+        s, after = result["speed"], []
         lines += ["", f"**Speed** on {s['photos']} held-out photographs ({s['megapixels']:.2f} Mpx in all), medians "
                       f"of {s['repeats']} runs; the jobs are whole processes (Python, TensorFlow and Beam start-up "
                       f"included; the same command on one 64x64 image takes {s['start_up_s']:.1f} s, subtracted in the "
@@ -200,8 +227,14 @@ def markdown(result: dict, command: str) -> str:
         if "refine" in s:
             lines.append(f"| latentpack encode --refine {s['refine']} (one run), start-up subtracted | "
                          f"{s['refined_encode_mpx_s_without_start_up']:.3f} | | |")
+            after += [f"Small images that arrive together (one shard) are refined together: 256 crops of 32x32 "
+                      f"from the same photos in one .npz, "
+                      f"`--refine {s['small_refine']}`, {s['small_refined_ms_per_image']:.0f} ms per image "
+                      f"(one run, start-up subtracted)."]
         for name, p in s["pillow"].items():
             lines.append(f"| Pillow {name} | {p['encode_mpx_s']:.2f} | {p['decode_mpx_s']:.2f} | {p['bpp']:.3f} |")
+        if after:
+            lines += [""] + after
     if "memory" in result:
         m = result["memory"]
         lines += ["", f"**Memory**: one 6000x4000 (24 Mpx) photo ({m['source']} upscaled): peak RSS "
@@ -215,6 +248,9 @@ def markdown(result: dict, command: str) -> str:
             lines[-1] += (f" Encoding it with `--refine 1` (the search goes tile by tile, 1,024 px with 64 px of "
                           f"context; more steps repeat the same work): {m['refine_1_peak_rss_gb']:.2f} GB peak "
                           f"({m['refine_1_s']:.0f} s).")
+        if "batch_16_1024x768_decode_peak_rss_gb" in m:
+            lines[-1] += (f" Sixteen 1024x768 photos decoded as one batch: "
+                          f"{m['batch_16_1024x768_decode_peak_rss_gb']:.2f} GB peak.")
     return "\n".join(lines)
 
 

@@ -117,13 +117,14 @@ def run(out: str, model: str, beam_args=()) -> dict:
         if cli.main(argv + list(beam_args)):
             raise SystemExit(f"photo demo: step '{title}' failed")
         print(f"== {title} took {time.time() - started:.1f} s", flush=True)
-    manifest = read_manifest(f"{out}/latents")
-    table = pq.ParquetDataset(latents.part_paths(f"{out}/latents", manifest)).read()
-    codes = dict(zip(table.column("key").to_pylist(), (len(c) for c in table.column("code").to_pylist())))
-    refined_manifest = read_manifest(f"{out}/latents-refined")
-    refined_table = pq.ParquetDataset(latents.part_paths(f"{out}/latents-refined", refined_manifest)).read()
-    refined_codes = dict(zip(refined_table.column("key").to_pylist(),
-                             (len(c) for c in refined_table.column("code").to_pylist())))
+    def code_bytes(folder):
+        """(manifest, {key: code bytes}) of a latent dataset."""
+        manifest = read_manifest(folder)
+        table = pq.ParquetDataset(latents.part_paths(folder, manifest)).read()
+        return manifest, dict(zip(table.column("key").to_pylist(), (len(c) for c in table.column("code").to_pylist())))
+
+    manifest, codes = code_bytes(f"{out}/latents")
+    refined_manifest, refined_codes = code_bytes(f"{out}/latents-refined")
     os.makedirs(f"{out}/compare")
     rows, pixels_all = [], 0
     from pipeline.images import decode_photo

@@ -120,6 +120,17 @@ def test_refine_that_cannot_apply_is_one_clear_error(case, shards, model_dir, tm
     assert not os.path.exists(tmp_path / "out" / completion.MANIFEST)
 
 
+def test_a_photo_model_without_its_lambda_cannot_refine(photo_model_dir):
+    import dataclasses
+
+    from pipeline.codecs import codec_class
+
+    spec = read_spec(photo_model_dir)
+    assert codec_class(spec).check_refine(spec) is None
+    untrained = dataclasses.replace(spec, training={k: v for k, v in spec.training.items() if k != "lmbda"})
+    assert codec_class(spec).check_refine(untrained).startswith("--refine needs a model trained with --quality")
+
+
 def test_both_latent_formats_hold_the_same_refined_latents(shards, rd_model_dir, tmp_path):
     tables = {}
     for latent_format in ("code", "int"):
