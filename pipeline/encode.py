@@ -3,10 +3,10 @@
     latentpack encode --input 'shards/*.tfrecord' --input-format tfrecord \
         --model-dir model/ --output latents/ [Beam options, e.g. --runner DataflowRunner]
 
-EncodeImages (each input shard read and encoded on one worker, in batches of same-shaped
-images) -> WriteLatentDataset (or, with --skip-existing, WriteNewShards). The model is
-loaded once per worker process and called only through its family's `compress`, so the job
-knows nothing of quantizers, tables or latent shapes. The graph uses only Create, ParDo,
+EncodeImages (each input shard, or a run of an image folder's files, read and encoded on one
+worker, in batches of same-shaped images) -> WriteLatentDataset (or, with --skip-existing,
+WriteNewShards). The model is loaded once per worker process and called only through its
+family's `compress`, so the job knows nothing of quantizers, tables or latent shapes. The graph uses only Create, ParDo,
 GroupByKey and Flatten, so one graph runs on the DirectRunner, Dask and the portable runner
 (Flink, Spark, Dataflow).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import posixpath
 import sys
 from typing import List, Optional
@@ -57,21 +58,21 @@ class EncodeOptions:
     refine: int = 0
 
 
-def shard_batches(reader, shard: str, root: str, shape, batch_size: int, max_pixels: int, later=None):
-    """A shard's records as ImageBatches and DeadLetters, in record order. `shape` is the model's
-    one image shape, or None for models that take any size (then batches group images of the same
-    shape). `later` maps the record index of each later occurrence of a key to its first
-    occurrence's (place, index): those records become `duplicate_key` dead letters."""
-    records = reader.records(shard, root)
-    if later:
-        records = _drop_later_duplicates(records, later)
-    for item in batch_records(records, tuple(shape) if shape is not None else None, batch_size, max_pixels):
-        if isinstance(item, ImageBatch):
-            item.shard = shard
-        yield item
+def unit_batches(reader, unit, root: str, shape, batch_size: int, max_pixels: int):
+    """The records of a unit of work, `unit` = [(shard, later)] in shard order, as ImageBatches and
+    DeadLetters, in record order (batches may hold images of several shards). `shape` is the
+    model's one image shape, or None for models that take any size (then batches group images of
+    the same shape). `later` maps the record index of each later occurrence of a key in that shard
+    to its first occurrence's (place, index): those records become `duplicate_key` dead letters."""
+    records = itertools.chain.from_iterable(_drop_later_duplicates(reader.records(shard, root), later or {})
+                                            for shard, later in unit)
+    yield from batch_records(records, tuple(shape) if shape is not None else None, batch_size, max_pixels)
 
 
 def _drop_later_duplicates(records, later):
+    if not later:
+        yield from records
+        return
     for rec in records:
         first = later.get(rec.index)
         if first is not None and rec.error is None:
@@ -121,9 +122,31 @@ class FindDuplicateKeys(beam.PTransform):
                 | "LaterOccurrences" >> beam.FlatMap(keys.later_occurrences, _in_this_run))
 
 
-class EncodeShard(beam.DoFn):
-    """(shard, {part: [name], later: [(index, first)]}) -> (part, item) for each Arrow table of
-    encoded rows and each dead letter of the shard, then (part, ShardDone). The model is loaded
+def work_units(part_of: dict, files: int = 1, max_bytes: int = 0, sizes: Optional[dict] = None) -> dict:
+    """shard -> unit of work (an int): consecutive shards of one part, a unit closing once it holds
+    `files` shards or `max_bytes` of input (a shard of unknown size counts as 0 bytes). A unit is
+    read and encoded on one worker, its images batched together: the files of an image folder
+    then share batches (one model call for many small images) instead of one call per file."""
+    sizes = sizes or {}
+    unit_of, unit, part, count, size = {}, -1, None, files, max_bytes
+    for shard in sorted(part_of):
+        if part_of[shard] != part or count >= files or (max_bytes and size >= max_bytes):
+            unit, part, count, size = unit + 1, part_of[shard], 0, 0
+        unit_of[shard] = unit
+        count, size = count + 1, size + (sizes.get(shard) or 0)
+    return unit_of
+
+
+def _by_unit(element):
+    """(shard, {plan: [(part, unit)], later: [(index, first)]}) -> (unit, (shard, part, later))."""
+    shard, joined = element
+    ((part, unit),) = joined["plan"]
+    return unit, (shard, part, sorted(joined["later"]))
+
+
+class EncodeUnit(beam.DoFn):
+    """(unit, [(shard, part, later)]) -> (part, item) for each Arrow table of encoded rows and each
+    dead letter of the unit's shards, then (part, ShardDone) for each of them. The model is loaded
     once per worker process and called only through its family's `compress`."""
 
     def __init__(self, reader, root: str, model_dir: str, spec, latent_format: str, batch_size: int,
@@ -140,11 +163,11 @@ class EncodeShard(beam.DoFn):
         self.progress = Progress("encoded")
 
     def process(self, element):
-        shard, joined = element
-        (part,) = joined["part"]
-        later = dict(joined["later"])
-        for item in shard_batches(self.reader, shard, self.root, self.shape, self.batch_size,
-                                  self.max_pixels, later):
+        _, entries = element
+        entries = sorted(entries, key=lambda e: e[0])
+        (part,) = {p for _, p, _ in entries}  # a unit never spans parts (`work_units`)
+        unit = [(shard, dict(later)) for shard, _, later in entries]
+        for item in unit_batches(self.reader, unit, self.root, self.shape, self.batch_size, self.max_pixels):
             if isinstance(item, DeadLetter):
                 yield part, item
                 continue
@@ -152,30 +175,36 @@ class EncodeShard(beam.DoFn):
             yield part, latents.to_table(item.keys, columns, item.labels, item.has_label, self.schema)
             self.images.inc(len(item))
             self.progress.add(len(item))
-        yield part, sinks.ShardDone(shard)
+        for shard, _ in unit:
+            yield part, sinks.ShardDone(shard)
 
 
 class EncodeImages(beam.PTransform):
     """The planned shards -> (part, item) pairs: spread the shards over workers, find keys seen
-    twice, read and encode each shard on one worker."""
+    twice, gather the shards into units of work (`work_units`, per the reader's `unit_files` and
+    `unit_bytes`), read and encode each unit on one worker."""
 
     def __init__(self, part_of: dict, reader, root: str, model_dir: str, spec, latent_format: str,
                  batch_size: int = 1024, max_pixels: int = DEFAULT_MAX_PIXELS, existing_parts=(), refine: int = 0):
         super().__init__()
         self.part_of, self.existing_parts = dict(part_of), list(existing_parts)
+        self.unit_of = work_units(self.part_of, reader.unit_files, reader.unit_bytes, reader.sizes)
         self.reader, self.root = reader, root
-        self.fn = EncodeShard(reader, root, model_dir, spec, latent_format, batch_size, max_pixels, refine)
+        self.fn = EncodeUnit(reader, root, model_dir, spec, latent_format, batch_size, max_pixels, refine)
 
     def expand(self, pbegin):
         planned = (pbegin
-                   | "ListShards" >> beam.Create(sorted(self.part_of.items()))
+                   | "ListShards" >> beam.Create(sorted((shard, (part, self.unit_of[shard]))
+                                                        for shard, part in self.part_of.items()))
                    # Without it, a runner may read every shard in the bundle that listed them.
                    | "SpreadShards" >> beam.Reshuffle())
         later = (planned
                  | "Shards" >> beam.Keys()
                  | "FindDuplicateKeys" >> FindDuplicateKeys(self.reader, self.root, self.existing_parts))
-        return ({"part": planned, "later": later}
+        return ({"plan": planned, "later": later}
                 | "JoinDuplicates" >> beam.CoGroupByKey()
+                | "ByUnit" >> beam.Map(_by_unit)
+                | "GatherUnits" >> beam.GroupByKey()
                 | "ReadAndEncode" >> beam.ParDo(self.fn))
 
 

@@ -137,6 +137,9 @@ class Reader:
     # stored as parts of consecutive files, each closed once it holds at least `part_files` files
     # and `part_bytes` bytes of input, so that tiny images share a part's footer among thousands.
     part_files, part_bytes = 1, 0
+    # Units of work (`encode.work_units`): a container file is read and encoded alone; the files
+    # of an image folder in runs of up to `unit_files` files and `unit_bytes`, batched together.
+    unit_files, unit_bytes = 1, 0
     sizes: dict = {}  # input bytes of each shard `match` found
 
     def match(self, pattern: str) -> Tuple[List[str], str]:
@@ -422,6 +425,7 @@ class ImageFolderReader(Reader):
 
     name = "images"
     part_files, part_bytes = 256, 16 << 20
+    unit_files, unit_bytes = 256, 16 << 20
 
     def file_key(self, shard, root):
         return _stem(shard, root)

@@ -379,6 +379,8 @@ def batch_records(records: Iterable[SourceRecord], shape: tuple, batch_size: int
 
 # A batch of photos holds at most this many pixels (a few hundred MB of activations in the model).
 BATCH_PIXELS = 4 * 1024 * 1024
+# Images waiting for a batch of their shape, in all shapes together, hold at most about this many.
+PENDING_PIXELS = 2 * BATCH_PIXELS
 
 
 def photo_pixels(rec: SourceRecord, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
@@ -401,14 +403,18 @@ def photo_pixels(rec: SourceRecord, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pho
 
 
 def batch_photos(records: Iterable[SourceRecord], batch_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 batch_pixels: int = BATCH_PIXELS):
+                 batch_pixels: int = BATCH_PIXELS, pending_pixels: int = PENDING_PIXELS):
     """Images of any size -> ImageBatches of same-shaped images (at most `batch_size` images and
     `batch_pixels` pixels each, a large photo alone), plus DeadLetters. Batches of one shape
-    leave as soon as they are full; the rest at the end."""
-    groups = {}
+    leave as soon as they are full; when the images waiting in all shapes' batches exceed
+    `pending_pixels` (a shard of photos of many sizes), the fullest batch leaves early; the rest
+    at the end."""
+    groups, waiting = {}, 0
 
     def flush(shape):
+        nonlocal waiting
         keys, images, labels, modes, profiles = groups.pop(shape)
+        waiting -= len(keys) * shape[0] * shape[1]
         has = np.array([label is not None for label in labels], bool)
         values = np.array([-1 if label is None else label for label in labels], np.int64)
         return ImageBatch(keys, np.stack(images), values, has, modes, icc_profiles=profiles)
@@ -423,8 +429,11 @@ def batch_photos(records: Iterable[SourceRecord], batch_size: int, max_pixels: i
         group = groups.setdefault(shape, ([], [], [], [], []))
         for column, value in zip(group, (rec.key, photo.pixels, rec.label, photo.mode, photo.icc)):
             column.append(value)
+        waiting += shape[0] * shape[1]
         if len(group[0]) >= batch_size or len(group[0]) * shape[0] * shape[1] >= batch_pixels:
             yield flush(shape)
+        while waiting > pending_pixels:
+            yield flush(max(groups, key=lambda s: len(groups[s][0]) * s[0] * s[1]))
     for shape in list(groups):
         yield flush(shape)
 

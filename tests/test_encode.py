@@ -27,21 +27,33 @@ def read_rows(output):
     return manifest, table
 
 
-def test_shard_batches_directly(tmp_path, mnist):
+def test_unit_batches_directly(tmp_path, mnist):
     path = write_tfrecord(tmp_path / "s.tfrecord", mnist[0][:5], keys=list("abcde"),
                           extra_records=[make_example(b"junk", "bad")])
-    out = list(encode.shard_batches(get_reader("tfrecord"), path, str(tmp_path), (28, 28, 1), 2, 10 ** 6, later={3: (path, 0)}))
+    other = write_tfrecord(tmp_path / "t.tfrecord", mnist[0][5:8], keys=list("fgh"))
+    out = list(encode.unit_batches(get_reader("tfrecord"), [(path, {3: (path, 0)}), (other, {})], str(tmp_path),
+                                   (28, 28, 1), 2, 10 ** 6))
     batches = [o for o in out if isinstance(o, ImageBatch)]
     letters = [o for o in out if isinstance(o, DeadLetter)]
-    assert [b.keys for b in batches] == [["a", "b"], ["c", "e"]]
+    assert [b.keys for b in batches] == [["a", "b"], ["c", "e"], ["f", "g"], ["h"]]  # a unit's shards share batches
     assert [(d.key, d.reason, d.index) for d in letters] == [("d", "duplicate_key", 3), ("bad", "undecodable", 5)]
 
 
-def test_encode_shard_dofn_directly(model_dir, mnist, tmp_path):
+def test_work_units_stay_within_parts_and_bounds():
+    part_of = {f"f{i:02d}.png": f"part-{i // 5}" for i in range(12)}
+    unit_of = encode.work_units(part_of, files=3)
+    assert [unit_of[f"f{i:02d}.png"] for i in range(12)] == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4]
+    assert len(set(encode.work_units(part_of).values())) == 12  # a container file is a unit alone
+    sizes = {f"f{i:02d}.png": 40 for i in range(12)}
+    bounded = encode.work_units(part_of, files=100, max_bytes=100, sizes=sizes)
+    assert [bounded[f"f{i:02d}.png"] for i in range(12)] == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4]
+
+
+def test_encode_unit_dofn_directly(model_dir, mnist, tmp_path):
     path = write_tfrecord(tmp_path / "s.tfrecord", mnist[0][:3], labels=np.array([1, 2, 3]), keys=["a", "b", "c"])
-    fn = encode.EncodeShard(get_reader("tfrecord"), str(tmp_path), model_dir, read_spec(model_dir), "int", 2, 10 ** 6)
+    fn = encode.EncodeUnit(get_reader("tfrecord"), str(tmp_path), model_dir, read_spec(model_dir), "int", 2, 10 ** 6)
     fn.setup()
-    out = list(fn.process((path, {"part": ["latents-00000-of-00001.parquet"], "later": []})))
+    out = list(fn.process((0, [(path, "latents-00000-of-00001.parquet", [])])))
     assert {part for part, _ in out} == {"latents-00000-of-00001.parquet"}
     tables = [item for _, item in out if isinstance(item, pa.Table)]
     assert [t.column("key").to_pylist() for t in tables] == [["a", "b"], ["c"]]

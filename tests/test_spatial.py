@@ -223,6 +223,28 @@ def test_batch_photos_groups_same_shapes_and_bounds_batches():
     assert [len(b) for b in batch_photos(big, batch_size=8, batch_pixels=15000)] == [2, 1]
 
 
+def test_batch_photos_bounds_the_images_waiting_in_all_shapes():
+    """A shard of photos of many sizes (a web crawl): each shape's batch would wait for the end of
+    the shard; past `pending_pixels` waiting in all of them, the fullest leaves early."""
+    sizes, seen, waiting = {}, set(), []
+
+    def records():
+        for i in range(40):  # 20 shapes, each seen twice, 20 records apart
+            waiting.append(sum(p for k, p in sizes.items() if k not in seen))  # before reading the next
+            h = 10 + i % 20
+            sizes[f"k{i}"] = h * 10
+            yield SourceRecord(f"k{i}", "s", i, pixels=np.full((h, 10, 3), i, np.uint8))
+
+    batches = []
+    for batch in batch_photos(records(), batch_size=8, pending_pixels=1000):
+        seen.update(batch.keys)
+        batches.append(batch)
+        assert all((x == int(k[1:])).all() for k, x in zip(batch.keys, batch.images))
+    assert sorted(seen) == sorted(sizes)
+    assert max(waiting) <= 1000 and len(batches) > 20  # without the bound: 20 batches, all 40 images waiting
+    assert max(len(b) for b in batches) <= 2
+
+
 def _modes_folder(folder):
     """Photos of mixed sizes, orientations and pixel modes, as users have them."""
     rng = np.random.default_rng(4)
@@ -334,6 +356,26 @@ def test_mixed_sizes_and_modes_round_trip_through_the_jobs(photo_model_dir, tmp_
     # ... and the decoded images carry them again; the others have none.
     assert Image.open(os.path.join(out, "profiled.png")).info["icc_profile"] == ICC
     assert "icc_profile" not in Image.open(os.path.join(out, "rgb0.png")).info
+
+
+def test_an_image_folders_files_share_batches(spatial_model_dir, photo_folder, tmp_path, monkeypatch):
+    """Files of a folder are read in runs (`encode.work_units`), so small images of one size go
+    through the model together, not one call per file; every file is still accounted for."""
+    cls = type(load_codec(spatial_model_dir))
+    original, calls = cls.compress, []
+
+    def spy(self, batch, *args, **kwargs):
+        calls.append(len(batch))
+        return original(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "compress", spy)
+    lat = str(tmp_path / "lat")
+    manifest = encode.run(["--input", str(photo_folder / "*.png"), "--input-format", "images",
+                           "--model-dir", spatial_model_dir, "--output", lat] + BEAM_TEST_ARGS)
+    assert manifest["images"] == 24 and manifest["counts"]["read"] == 24
+    assert sorted(calls) == [8, 8, 8]  # three sizes of eight photos each
+    table = pq.ParquetDataset(latents.part_paths(lat, manifest)).read()
+    assert sorted(table.column("key").to_pylist()) == [f"img{i:02d}" for i in range(24)]
 
 
 def test_decode_photo_conversions():
