@@ -71,13 +71,49 @@ def not_a_file(path: str) -> Optional[str]:
     try:
         mode = os.stat(path).st_mode
     except OSError:
+        if os.path.islink(path):
+            return f"a symbolic link to nothing (its target {os.readlink(path)!r} is not there)"
         return None
     return None if stat.S_ISREG(mode) else "not a regular file (a FIFO, device, socket or folder)"
 
 
+WILDCARD = re.compile(r"[*?\[]")
+
+
+def broken_links(pattern: str) -> List[str]:
+    """Local paths that `pattern` names (as Beam's glob reads it) which are symbolic links to
+    nothing: a photo folder of links whose targets moved, or a disk not mounted. Beam's listing
+    drops them without a word; as shards they are read like any file and become `unreadable_file`
+    dead letters, so every path the user pointed at is accounted for."""
+    from apache_beam.io.filesystem import FileSystem
+
+    if "://" in pattern:
+        return []
+    if not WILDCARD.search(pattern):  # one path
+        return [pattern] if os.path.islink(pattern) and not os.path.exists(pattern) else []
+    root = glob_root(pattern) or ("/" if pattern.startswith("/") else ".")
+    regex = re.compile(FileSystem.translate_pattern(pattern))
+    rest = pattern[len(root):].lstrip("/")
+    if "/" in rest or "**" in rest:  # wildcards across folders: walk them, as Beam's listing does
+        places = ((d, names) for d, _, names in os.walk(root))
+    else:
+        try:
+            places = [(root, [e.name for e in os.scandir(root)])]
+        except OSError:
+            return []
+    found = []
+    for folder, names in places:
+        for name in names:
+            path = os.path.join(folder, name)
+            if (not name.startswith(".") and regex.match(path) and os.path.islink(path)
+                    and not os.path.exists(path)):
+                found.append(path)
+    return found
+
+
 def glob_root(pattern: str) -> str:
     """The fixed directory part of a glob: everything before the first wildcard, up to a '/'."""
-    m = re.search(r"[*?\[]", pattern)
+    m = WILDCARD.search(pattern)
     fixed = pattern if m is None else pattern[: m.start()]
     return fixed.rsplit("/", 1)[0] if "/" in fixed else ""
 
@@ -145,13 +181,18 @@ class Reader:
     def match(self, pattern: str) -> Tuple[List[str], str]:
         if not pattern:
             raise LatentpackError(f"--input is required for --input-format {self.name}")
+        given = pattern
+        if "://" not in pattern and not glob_root(pattern) and not pattern.startswith("/") and WILDCARD.search(pattern):
+            pattern = "./" + pattern  # Beam's local glob finds nothing for a bare '*.jpg' in the working folder
         try:
             found = FileSystems.match([pattern])[0].metadata_list
         except Exception as e:
-            raise LatentpackError(f"cannot list --input {pattern!r}: {e}") from None
+            raise LatentpackError(f"cannot list --input {given!r}: {e}") from None
         shards = sorted(m.path for m in found if not posixpath.basename(m.path).startswith("."))
+        # Beam's listing leaves out links to nothing; they are inputs all the same (dead letters).
+        shards = sorted(shards + broken_links(pattern))
         if not shards:
-            raise LatentpackError(f"no files match --input {pattern!r}")
+            raise LatentpackError(f"no files match --input {given!r}")
         self.sizes = {m.path: m.size_in_bytes for m in found}
         return shards, glob_root(pattern)
 

@@ -185,3 +185,26 @@ def test_a_fifo_or_device_among_the_inputs_is_a_dead_letter_not_a_hang(tmp_path,
     assert bad == [(f"a.{ext}", "unreadable_file", "not a regular file (a FIFO, device, socket or folder)"),
                    (f"c.{ext}", "unreadable_file", "not a regular file (a FIFO, device, socket or folder)")]
     assert len(recs) == 2 + (2 if fmt == "tfrecord" else 1)
+
+
+def test_links_to_nothing_are_dead_letters_and_a_bare_glob_reads_the_working_folder(tmp_path, mnist, monkeypatch):
+    """Beam's listing drops symbolic links whose target is gone, and finds nothing for a bare
+    '*.png' in the working folder: neither may lose an input without a word."""
+    from pipeline.formats import open_input
+
+    (tmp_path / "sub").mkdir()
+    for name in ("ok.png", "sub/ok.png"):
+        (tmp_path / name).write_bytes(encode_png(mnist[0][0]))
+    for name in ("gone.png", "sub/gone.png"):
+        os.symlink(str(tmp_path / "moved-away.png"), tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    reader, shards, root = open_input("images", "*.png")
+    assert shards == ["./gone.png", "./ok.png"]
+    recs = [r for shard in shards for r in reader.records(shard, root)]
+    assert [(r.key, r.error and r.error.reason) for r in recs] == [("gone", "unreadable_file"), ("ok", None)]
+    assert "a symbolic link to nothing" in str(recs[0].error) and "moved-away.png" in str(recs[0].error)
+    for pattern, found in [("**.png", ["./gone.png", "./ok.png", "./sub/gone.png", "./sub/ok.png"]),
+                           ("sub/*.png", ["sub/gone.png", "sub/ok.png"]),
+                           (str(tmp_path / "*" / "gone.png"), [str(tmp_path / "sub" / "gone.png")]),
+                           ("gone.png", ["gone.png"])]:
+        assert open_input("images", pattern)[1] == found, pattern
