@@ -29,7 +29,7 @@ from pipeline.codecs import codec_class, shared_codec
 from pipeline.completion import MANIFEST, OutputFolder, run_to_completion, stored_json
 from pipeline.errors import BadImage, LatentpackError
 from pipeline.formats import READERS, Fields, open_input
-from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, ImageBatch, batch_records
+from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, batch_records
 from pipeline.runners import either_spelling, runner_options
 from pipeline.errors import log, show_progress
 
