@@ -32,7 +32,10 @@ FAILED = "_failed.json"
 LOCK = "_lock.json"
 DEAD_LETTER_DIR = "dead_letter"
 # What a job leaves in its folder besides the files its patterns name.
-_OURS = (MANIFEST, FAILED, LOCK, DEAD_LETTER_DIR)
+# The decode job's probe of how its output's filesystem compares file names (`outputs.name_identity`):
+# a name in lower case ending in an accented letter (one code point), created and removed at once.
+NAME_PROBE = ".latentpack-name-probe-\u00e9"
+_OURS = (MANIFEST, FAILED, LOCK, DEAD_LETTER_DIR, NAME_PROBE)
 
 
 SEAL = "manifest_sha256"

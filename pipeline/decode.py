@@ -31,7 +31,7 @@ from pipeline.codecs import codec_class, shared_codec
 from pipeline.completion import DEAD_LETTER_DIR, MANIFEST, OutputFolder, clear_previous, read_manifest, run_to_completion
 from pipeline.errors import LatentpackError
 from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter
-from pipeline.outputs import WRITERS
+from pipeline.outputs import WRITERS, name_identity
 from pipeline.errors import show_progress
 from pipeline.runners import either_spelling, runner_options
 
@@ -109,7 +109,7 @@ def model_for(dataset_dir: str, manifest: dict, model_dir: Optional[str]) -> str
     return models.resolve(name)
 
 
-def _stored_key_buckets(element):
+def _stored_key_buckets(element, identity=None):
     """(part, manifest entry) -> (bucket, (part, keys, rows)); nothing for a part that cannot be
     read (the decode step dead-letters it)."""
     path, _ = element
@@ -117,7 +117,7 @@ def _stored_key_buckets(element):
         stored = keys.stored_keys(path)
     except Exception:
         return []
-    return keys.bucketed(path, zip(stored, range(len(stored))))
+    return keys.bucketed(path, zip(stored, range(len(stored))), identity=identity)
 
 
 def part_stem(path: str) -> str:
@@ -189,10 +189,18 @@ class DecodePart(beam.DoFn):
                     if len(repeated):
                         row_keys = table.column("key").to_pylist()
                         for i in repeated:
-                            where, row = later[int(numbers[i])]
-                            letters.append(DeadLetter(row_keys[i], path, int(numbers[i]), "duplicate_key",
-                                                      f"key also at {posixpath.basename(where)}:{row}; only the "
-                                                      "first row of a key is decoded"))
+                            where, row, *first_key = later[int(numbers[i])]
+                            at = f"{posixpath.basename(where)}:{row}"
+                            if first_key and first_key[0] != row_keys[i]:
+                                letters.append(DeadLetter(
+                                    row_keys[i], path, int(numbers[i]), "name_collision",
+                                    f"its file would be key {first_key[0]!r}'s (at {at}): the output's filesystem "
+                                    "does not tell file names apart by letter case or Unicode form; only the first "
+                                    "is decoded (decode to a case-sensitive folder, or to a shard format)"))
+                            else:
+                                letters.append(DeadLetter(row_keys[i], path, int(numbers[i]), "duplicate_key",
+                                                          f"key also at {at}; only the first row of a key is "
+                                                          "decoded"))
                         keep = np.ones(len(numbers), bool)
                         keep[repeated] = False
                         table, numbers = table.filter(pa.array(keep)), numbers[keep]
@@ -330,10 +338,13 @@ def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, 
               | "SpreadParts" >> beam.Reshuffle())
     # A key stored twice (only a hand-made or tampered dataset has one: encode keeps the first)
     # would be two images written to one file: the later rows are dead letters instead.
+    # One file per key (png) on a filesystem that folds case (macOS, Windows): keys that differ
+    # only in case would be one file too, so they count as one key (dead letters `name_collision`).
+    identity = name_identity(output) if options.output_format == "png" else None
     later = (listed
-             | "KeyBuckets" >> beam.FlatMap(_stored_key_buckets)
+             | "KeyBuckets" >> beam.FlatMap(_stored_key_buckets, identity)
              | "GroupBuckets" >> beam.GroupByKey()
-             | "LaterOccurrences" >> beam.FlatMap(keys.later_occurrences))
+             | "LaterOccurrences" >> beam.FlatMap(keys.later_occurrences, identity=identity))
     ({"entry": listed, "later": later}
      | "JoinDuplicates" >> beam.CoGroupByKey()
      | "DecodeParts" >> beam.ParDo(DecodePart(model_dir, spec, output, options.output_format, label_names,

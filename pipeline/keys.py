@@ -7,18 +7,20 @@ job over the parts it decodes."""
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Iterable, List, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 from apache_beam.io.filesystems import FileSystems
 
 BUCKETS = 16
 
 
-def bucketed(place: str, entries: Iterable[Tuple[str, int]], buckets: int = BUCKETS) -> List[tuple]:
-    """A place's (key, index) entries -> [(bucket, (place, keys, indexes))] for the non-empty buckets."""
+def bucketed(place: str, entries: Iterable[Tuple[str, int]], buckets: int = BUCKETS,
+             identity: Optional[Callable[[str], str]] = None) -> List[tuple]:
+    """A place's (key, index) entries -> [(bucket, (place, keys, indexes))] for the non-empty
+    buckets; keys of one `identity` (see `later_occurrences`) share a bucket."""
     out = [([], []) for _ in range(buckets)]
     for key, index in entries:
-        found = out[zlib.crc32(key.encode("utf-8", "surrogatepass")) % buckets]
+        found = out[zlib.crc32((identity(key) if identity else key).encode("utf-8", "surrogatepass")) % buckets]
         found[0].append(key)
         found[1].append(index)
     return [(b, (place, found[0], found[1])) for b, found in enumerate(out) if found[0]]
@@ -32,20 +34,25 @@ def stored_keys(part: str) -> List[str]:
         return pq.read_table(f, columns=["key"]).column("key").to_pylist()
 
 
-def later_occurrences(bucket_entries, report: Callable[[str], bool] = lambda place: True):
+def later_occurrences(bucket_entries, report: Callable[[str], bool] = lambda place: True,
+                      identity: Optional[Callable[[str], str]] = None):
     """(bucket, [(place, keys, indexes)]) -> (place, (index, first (place, index))) for every
-    occurrence of a key after its first, in the places `report` accepts."""
+    occurrence of a key after its first, in the places `report` accepts. With `identity` (a key's
+    file name as a filesystem that folds case tells it: `outputs.name_identity`), keys of one
+    identity count as one key, and each later occurrence also names its first's key:
+    (place, (index, (first place, first index, first's key)))."""
     _, groups = bucket_entries
-    seen, repeated = {}, {}  # key -> its first (place, index) met; key -> all its places, when several
+    seen, repeated = {}, {}  # identity -> its first (place, index, key) met; -> all of them, when several
     for place, keys, indexes in groups:
         for key, index in zip(keys, indexes):
-            where = (place, index)
-            if key in seen:
-                repeated.setdefault(key, [seen[key]]).append(where)
+            name = identity(key) if identity else key
+            where = (place, index, key)
+            if name in seen:
+                repeated.setdefault(name, [seen[name]]).append(where)
             else:
-                seen[key] = where
+                seen[name] = where
     for places in repeated.values():
         first = min(places)  # groups arrive in any order: the first is the least (place, index)
-        for place, index in places:
-            if (place, index) != first and report(place):
-                yield place, (index, first)
+        for place, index, _ in places:
+            if (place, index) != first[:2] and report(place):
+                yield place, (index, first if identity else first[:2])

@@ -8,13 +8,16 @@ nothing of Beam: a plain loop (scripts/benchkit, a notebook) uses them directly.
 from __future__ import annotations
 
 import errno
+import functools
+import os
 import posixpath
-from typing import Callable, Dict
+import unicodedata
+from typing import Callable, Dict, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import tfrecord
-from pipeline.completion import commit, write_bytes
+from pipeline.completion import NAME_PROBE, commit, write_bytes
 from pipeline.images import DeadLetter
 
 WRITERS: Dict[str, Callable] = {}
@@ -38,6 +41,35 @@ def safe_relative_path(key: str) -> str:
     if any(part in ("", ".", "..") for part in parts):
         raise ValueError(f"key {key!r} has empty, '.' or '..' path components")
     return key
+
+
+def folded_name(key: str, case: bool, unicode: bool) -> str:
+    """A key as a filesystem that folds letter case and/or Unicode normalization sees its name."""
+    key = unicodedata.normalize("NFC", key) if unicode else key
+    return key.casefold() if case else key
+
+
+def name_identity(folder: str) -> Optional[Callable[[str], str]]:
+    """How the filesystem of a local output folder tells file names apart: None when exactly, or
+    `folded_name` for it when names that differ only in letter case (macOS and Windows by default,
+    many mounts) or only in Unicode normalization (é as one code point or as e and an accent)
+    are one file, so that two such keys would write one file. Probed with a file of our own,
+    created and removed at once."""
+    if "://" in folder:
+        return None  # object stores tell every name apart
+    probe = os.path.join(folder, NAME_PROBE)
+    try:
+        with open(probe, "x"):
+            pass
+    except OSError:  # no names of this kind here (its writes would fail by name, as dead letters)
+        return None
+    try:
+        stem = NAME_PROBE[:-2]
+        case = os.path.exists(os.path.join(folder, stem.upper() + NAME_PROBE[-2:]))
+        unicode = os.path.exists(os.path.join(folder, unicodedata.normalize("NFD", NAME_PROBE)))
+    finally:
+        os.remove(probe)
+    return functools.partial(folded_name, case=case, unicode=unicode) if case or unicode else None
 
 
 class PngFiles:

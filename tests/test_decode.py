@@ -190,6 +190,44 @@ def test_keys_that_cannot_be_files_are_dead_letters_not_a_failed_job(tmp_path, m
     assert os.path.exists(os.path.join(out, "fine.png")) and os.path.exists(os.path.join(out, "also", "fine.png"))
 
 
+def test_keys_one_file_apart_on_a_case_folding_filesystem_are_dead_letters_not_overwritten(
+        tmp_path, model_dir, mnist, monkeypatch):
+    """On macOS or Windows `Photo.png` and `photo.png` are one file (and `café` written with one
+    code point or two): the second image would silently replace the first. The decode job probes
+    its output folder and, where names fold, decodes the first key of each file name only."""
+    import functools
+
+    from conftest import write_tfrecord
+    from pipeline import outputs
+
+    keys = ["Photo", "cafe\u0301", "photo", "caf\u00e9", "other", "Photo"]
+    write_tfrecord(tmp_path / "s.tfrecord", mnist[0][:6], keys=keys)
+    lat = str(tmp_path / "lat")
+    encode.run(["--input", str(tmp_path / "s.tfrecord"), "--model-dir", model_dir, "--output", lat,
+                "--max-bad-fraction", "0.5"] + BEAM_TEST_ARGS)  # the second "Photo" is a duplicate already
+    # This machine's folder tells all of them apart (and the probe leaves nothing behind) ...
+    assert outputs.name_identity(str(tmp_path)) is None
+    assert sorted(os.listdir(tmp_path)) == ["lat", "s.tfrecord"]
+    out = str(tmp_path / "exact")
+    manifest = decode.run(["--input", lat, "--model-dir", model_dir, "--output", out] + BEAM_TEST_ARGS)
+    assert manifest["counts"]["written"] == 5
+    assert not any(name.startswith(".latentpack-name") for name in os.listdir(out))
+    # ... a folding one would not: there the later key of each name is a dead letter naming the first.
+    folding = functools.partial(outputs.folded_name, case=True, unicode=True)
+    monkeypatch.setattr(decode, "name_identity", lambda folder: folding)
+    out = str(tmp_path / "folding")
+    manifest = decode.run(["--input", lat, "--model-dir", model_dir, "--output", out, "--max-bad-fraction", "0.5"]
+                          + BEAM_TEST_ARGS)
+    c = manifest["counts"]
+    assert (c["read"], c["written"], c["dead_lettered_by_reason"]) == (5, 3, {"name_collision": 2})
+    letters = [json.loads(line) for f in glob.glob(os.path.join(out, "dead_letter", "*.jsonl")) for line in open(f)]
+    assert sorted((d["key"], d["reason"]) for d in letters) == [("caf\u00e9", "name_collision"),
+                                                                 ("photo", "name_collision")]
+    assert all("'Photo'" in d["error"] or "'cafe\u0301'" in d["error"] for d in letters)
+    assert sorted(os.listdir(out)) == sorted(["Photo.png", "cafe\u0301.png", "other.png", "_manifest.json",
+                                              "dead_letter"])
+
+
 @pytest.mark.parametrize("fmt", ["png", "tfrecord", "parquet", "webdataset"])
 def test_every_image_output_carries_the_colour_profile_of_a_row_that_has_one(tmp_path, fmt):
     from PIL import ImageCms
