@@ -6,9 +6,10 @@ memory of one 24-megapixel photo through encode and decode.
 Speed: the evaluation photos (held-out BSDS500 images from ../shared/data/bsds500, the
 same split training never sees; scikit-image's bundled photos when that is absent)
 through `latentpack encode` and `latentpack decode` (each a fresh process, the real
-DirectRunner path with --runner=FnApiRunner, whole-process time including start-up, and
-the job alone from its own log), next to JPEG q75, WebP q75 method 6, AVIF q60 speed 6 and
-PNG at the zlib level decode writes and at Pillow's default on the same images in one process; repeated, medians quoted. Memory: a 6000x4000 photo
+DirectRunner path with --runner=FnApiRunner), whole-process time and with start-up taken
+away (each command's own start-up: the same command on one 64x64 image), next to JPEG
+q75, WebP q75 method 6, AVIF q60 speed 6 and PNG at the zlib level decode writes and at
+Pillow's default on the same images in one process; repeated, medians quoted. Memory: a 6000x4000 photo
 (a held-out photo upscaled) encoded and decoded in a child process each; peak RSS from
 the kernel's accounting (ru_maxrss of the child).
 """
@@ -114,35 +115,38 @@ def speed(model: str, out: str, n: int, repeats: int, refine: int) -> dict:
                                 "--model-dir", model, "--output", lat, "--refine", str(refine)])
         print(f"refined encode (--refine {refine}): {refined_s:.1f} s for {mpx:.2f} Mpx", flush=True)
     small_s = None
-    if refine:  # small images arriving together (one shard) are searched together: 256 crops of 32x32
-        crops = []
-        for i in range(256):
+    if refine:  # small images arriving together (a run of an image folder's files) are searched together
+        small = os.path.join(out, "speed-small")
+        shutil.rmtree(small, ignore_errors=True)
+        os.makedirs(small)
+        for i in range(256):  # 256 crops of 32x32, as PNG files in one folder
             image = images[i % len(images)]
             y, x = (i * 37) % (image.shape[0] - 32), (i * 53) % (image.shape[1] - 32)
-            crops.append(image[y:y + 32, x:x + 32])
-        small = os.path.join(out, "speed-small.npz")
-        np.savez(small, images=np.stack(crops), keys=np.array([f"s{i:03d}" for i in range(256)]))
+            Image.fromarray(image[y:y + 32, x:x + 32]).save(os.path.join(small, f"s{i:03d}.png"))
         lat = os.path.join(out, "speed-small-refined")
         shutil.rmtree(lat, ignore_errors=True)
-        small_s = latentpack(["encode", "--input", small, "--input-format", "npz",
+        small_s = latentpack(["encode", "--input", f"{small}/*.png", "--input-format", "images",
                               "--model-dir", model, "--output", lat, "--refine", str(SMALL_REFINE)])
-    # Start-up: the same encode command on one 64x64 image (Python, TensorFlow, Beam, the model).
+    # Start-up of each job: the same command on one 64x64 image (Python, TensorFlow, Beam, the model).
     tiny = os.path.join(out, "speed-tiny")
     shutil.rmtree(tiny, ignore_errors=True)
     os.makedirs(tiny)
     Image.fromarray(images[0][:64, :64]).save(os.path.join(tiny, "tiny.png"))
-    ups = []
+    ups = {"encode": [], "decode": []}
     for _ in range(repeats):
-        shutil.rmtree(tiny + "-latents", ignore_errors=True)
-        ups.append(latentpack(["encode", "--input", f"{tiny}/*.png", "--input-format", "images", "--model-dir", model,
-                               "--output", tiny + "-latents"]))
-    start_up = statistics.median(ups)
-    result = {"photos": len(images), "megapixels": mpx, "repeats": repeats,
-              "encode_s": statistics.median(runs["encode"]), "decode_s": statistics.median(runs["decode"]),
-              "start_up_s": start_up}
+        for path in (tiny + "-latents", tiny + "-decoded"):
+            shutil.rmtree(path, ignore_errors=True)
+        ups["encode"].append(latentpack(["encode", "--input", f"{tiny}/*.png", "--input-format", "images",
+                                         "--model-dir", model, "--output", tiny + "-latents"]))
+        ups["decode"].append(latentpack(["decode", "--input", tiny + "-latents", "--model-dir", model,
+                                         "--output", tiny + "-decoded"]))
+    result = {"photos": len(images), "megapixels": mpx, "repeats": repeats}
     for what in ("encode", "decode"):
+        result[f"{what}_s"] = statistics.median(runs[what])
+        result[f"{what}_start_up_s"] = statistics.median(ups[what])
         result[f"{what}_mpx_s"] = mpx / result[f"{what}_s"]
-        result[f"{what}_mpx_s_without_start_up"] = mpx / max(result[f"{what}_s"] - start_up, 1e-9)
+        result[f"{what}_mpx_s_without_start_up"] = mpx / max(result[f"{what}_s"] - result[f"{what}_start_up_s"], 1e-9)
+    start_up = result["encode_start_up_s"]
     if refined_s is not None:
         result.update(refine=refine, refined_encode_s=refined_s,
                       refined_encode_mpx_s_without_start_up=mpx / max(refined_s - start_up, 1e-9),
@@ -218,8 +222,8 @@ def markdown(result: dict, command: str) -> str:
         s, after = result["speed"], []
         lines += ["", f"**Speed** on {s['photos']} held-out photographs ({s['megapixels']:.2f} Mpx in all), medians "
                       f"of {s['repeats']} runs; the jobs are whole processes (Python, TensorFlow and Beam start-up "
-                      f"included; the same command on one 64x64 image takes {s['start_up_s']:.1f} s, subtracted in the "
-                      f"second row):", "",
+                      f"included; the same commands on one 64x64 image take {s['encode_start_up_s']:.1f} s "
+                      f"encoding and {s['decode_start_up_s']:.1f} s decoding, subtracted in the second row):", "",
                   "| codec | encode Mpx/s | decode Mpx/s | bits/pixel |", "|---|---:|---:|---:|",
                   f"| latentpack jobs, whole process | {s['encode_mpx_s']:.2f} | {s['decode_mpx_s']:.2f} | |",
                   f"| latentpack jobs, start-up subtracted | {s['encode_mpx_s_without_start_up']:.2f} | "
@@ -227,8 +231,8 @@ def markdown(result: dict, command: str) -> str:
         if "refine" in s:
             lines.append(f"| latentpack encode --refine {s['refine']} (one run), start-up subtracted | "
                          f"{s['refined_encode_mpx_s_without_start_up']:.3f} | | |")
-            after += [f"Small images that arrive together (one shard) are refined together: 256 crops of 32x32 "
-                      f"from the same photos in one .npz, "
+            after += [f"Small images that arrive together (one shard, or a run of an image folder's files) are "
+                      f"refined together: 256 crops of 32x32 from the same photos as PNG files in one folder, "
                       f"`--refine {s['small_refine']}`, {s['small_refined_ms_per_image']:.0f} ms per image "
                       f"(one run, start-up subtracted)."]
         for name, p in s["pillow"].items():
@@ -259,7 +263,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="photo:4", help="shipped model name or artifact folder")
     p.add_argument("--out", default="bench-out/photos", help="work folder")
-    p.add_argument("--photos", type=int, default=24, help="photos for the speed runs")
+    p.add_argument("--photos", type=int, default=49, help="photos for the speed runs (49: all held-out ones)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of the speed runs (medians)")
     p.add_argument("--refine", type=int, default=50, help="steps of the refined encode run (0: none)")
     p.add_argument("--skip", nargs="*", default=[], choices=["speed", "memory"], help="parts to leave out")
