@@ -83,7 +83,7 @@ def _drop_later_duplicates(records, later):
 
 def _key_buckets(shard: str, reader, root: str):
     """shard -> (bucket, (shard, keys, indexes)) for its readable records."""
-    return keys.bucketed(shard, ((rec.key, rec.index) for rec in reader.records(shard, root) if rec.error is None))
+    return keys.bucketed(shard, reader.keys(shard, root))
 
 
 # Keys already stored in the output's older parts (--skip-existing) come first, before any shard:

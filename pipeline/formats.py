@@ -214,6 +214,11 @@ class Reader:
         """The key of the one dead letter for a shard that cannot be read at all."""
         return f"{relative_name(shard, root)}:0"
 
+    def keys(self, shard: str, root: str) -> Iterator[Tuple[str, int]]:
+        """(key, index) of the shard's records that can be read (the encode job's pass for keys
+        seen twice); formats whose keys need no reading of the pixels say so more cheaply."""
+        return ((rec.key, rec.index) for rec in self.records(shard, root) if rec.error is None)
+
     def records(self, shard: str, root: str) -> Iterator[SourceRecord]:
         """`read`, with a file that fails midway reported as one bad record, never an exception."""
         problem = not_a_file(shard)
@@ -466,10 +471,19 @@ class ImageFolderReader(Reader):
 
     name = "images"
     part_files, part_bytes = 256, 16 << 20
-    unit_files, unit_bytes = 256, 16 << 20
+    # Runs of small files share batches; photos of a few hundred KB go a few per unit, so that a
+    # folder of them still spreads over a cluster's workers.
+    unit_files, unit_bytes = 256, 1 << 20
 
     def file_key(self, shard, root):
         return _stem(shard, root)
+
+    def keys(self, shard, root):
+        # The key is the file's name: the pass for keys seen twice need not read every file (twice
+        # over, on a cloud store), only see that it can be (as `records` would).
+        if not_a_file(shard) or ("://" not in shard and not os.access(shard, os.R_OK)):
+            return iter(())
+        return iter([(self.file_key(shard, root), 0)])
 
     def read(self, shard, root):
         key = self.file_key(shard, root)

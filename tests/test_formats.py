@@ -208,3 +208,20 @@ def test_links_to_nothing_are_dead_letters_and_a_bare_glob_reads_the_working_fol
                            (str(tmp_path / "*" / "gone.png"), [str(tmp_path / "sub" / "gone.png")]),
                            ("gone.png", ["gone.png"])]:
         assert open_input("images", pattern)[1] == found, pattern
+
+
+def test_an_image_folders_keys_are_its_file_names_without_reading_the_files(tmp_path, mnist, monkeypatch):
+    """The encode job's pass for keys seen twice takes a folder's keys from the file names (the
+    files are read once, to encode them), and leaves out what `records` could not read."""
+    from pipeline import formats
+
+    (tmp_path / "sub").mkdir()
+    for name in ("a.png", "sub/b.jpg", "junk.png"):
+        (tmp_path / name).write_bytes(encode_png(mnist[0][0]) if name != "junk.png" else b"not an image")
+    os.symlink(str(tmp_path / "nowhere.png"), tmp_path / "gone.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    reader, shards, root = formats.open_input("images", str(tmp_path / "**.*"))
+    expected = [list(Reader.keys(reader, shard, root)) for shard in shards for Reader in [formats.Reader]]
+    monkeypatch.setattr(formats, "_read_bytes", lambda path: pytest.fail(f"{path} was read"))
+    assert [list(reader.keys(shard, root)) for shard in shards] == expected
+    assert sorted(k for shard in shards for k, _ in reader.keys(shard, root)) == ["a", "junk", "sub/b"]
