@@ -402,22 +402,52 @@ def photo_pixels(rec: SourceRecord, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pho
     return decode_photo(rec.encoded, max_pixels)
 
 
+class ShapeGroups:
+    """Items gathered by image shape (H, W, ...) into groups that leave whole: a group leaves once
+    it holds `batch_size` items or `batch_pixels` pixels (a large image alone); when the items
+    waiting in all groups together pass `pending_pixels` (images of many sizes), the fullest group
+    leaves early, so memory stays bounded whatever the order of the sizes. The encode job's
+    batches of photos (`batch_photos`) and the photo decoder's (`codecs.spatial`) both use it."""
+
+    def __init__(self, batch_size: int, batch_pixels: int = BATCH_PIXELS, pending_pixels: int = PENDING_PIXELS):
+        self.batch_size, self.batch_pixels, self.pending_pixels = batch_size, batch_pixels, pending_pixels
+        self.groups, self.waiting = {}, 0
+
+    def add(self, shape: tuple, item) -> list:
+        """Add an item; returns the [(shape, items)] groups that leave now."""
+        group = self.groups.setdefault(shape, [])
+        group.append(item)
+        self.waiting += shape[0] * shape[1]
+        out = []
+        if len(group) >= self.batch_size or len(group) * shape[0] * shape[1] >= self.batch_pixels:
+            out.append(self._leave(shape))
+        while self.waiting > self.pending_pixels:
+            out.append(self._leave(max(self.groups, key=lambda s: len(self.groups[s]) * s[0] * s[1])))
+        return out
+
+    def rest(self) -> list:
+        """Every group still waiting, [(shape, items)]."""
+        return [self._leave(shape) for shape in list(self.groups)]
+
+    def _leave(self, shape):
+        items = self.groups.pop(shape)
+        self.waiting -= len(items) * shape[0] * shape[1]
+        return shape, items
+
+
 def batch_photos(records: Iterable[SourceRecord], batch_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                  batch_pixels: int = BATCH_PIXELS, pending_pixels: int = PENDING_PIXELS):
-    """Images of any size -> ImageBatches of same-shaped images (at most `batch_size` images and
-    `batch_pixels` pixels each, a large photo alone), plus DeadLetters. Batches of one shape
-    leave as soon as they are full; when the images waiting in all shapes' batches exceed
-    `pending_pixels` (a shard of photos of many sizes), the fullest batch leaves early; the rest
-    at the end."""
-    groups, waiting = {}, 0
+    """Images of any size -> ImageBatches of same-shaped images (`ShapeGroups`: at most
+    `batch_size` images and `batch_pixels` pixels each, a large photo alone, at most about
+    `pending_pixels` waiting), plus DeadLetters."""
+    groups = ShapeGroups(batch_size, batch_pixels, pending_pixels)
 
-    def flush(shape):
-        nonlocal waiting
-        keys, images, labels, modes, profiles = groups.pop(shape)
-        waiting -= len(keys) * shape[0] * shape[1]
-        has = np.array([label is not None for label in labels], bool)
-        values = np.array([-1 if label is None else label for label in labels], np.int64)
-        return ImageBatch(keys, np.stack(images), values, has, modes, icc_profiles=profiles)
+    def batch(items):
+        recs, photos = [rec for rec, _ in items], [photo for _, photo in items]
+        has = np.array([rec.label is not None for rec in recs], bool)
+        values = np.array([-1 if rec.label is None else rec.label for rec in recs], np.int64)
+        return ImageBatch([rec.key for rec in recs], np.stack([p.pixels for p in photos]), values, has,
+                          [p.mode for p in photos], icc_profiles=[p.icc for p in photos])
 
     for rec in records:
         try:
@@ -425,17 +455,10 @@ def batch_photos(records: Iterable[SourceRecord], batch_size: int, max_pixels: i
         except BadImage as e:
             yield DeadLetter(rec.key, rec.source, rec.index, e.reason, str(e))
             continue
-        shape = photo.pixels.shape
-        group = groups.setdefault(shape, ([], [], [], [], []))
-        for column, value in zip(group, (rec.key, photo.pixels, rec.label, photo.mode, photo.icc)):
-            column.append(value)
-        waiting += shape[0] * shape[1]
-        if len(group[0]) >= batch_size or len(group[0]) * shape[0] * shape[1] >= batch_pixels:
-            yield flush(shape)
-        while waiting > pending_pixels:
-            yield flush(max(groups, key=lambda s: len(groups[s][0]) * s[0] * s[1]))
-    for shape in list(groups):
-        yield flush(shape)
+        for _, items in groups.add(photo.pixels.shape, (rec, photo)):
+            yield batch(items)
+    for _, items in groups.rest():
+        yield batch(items)
 
 
 def probe_shape(rec: SourceRecord) -> tuple:

@@ -205,6 +205,40 @@ def test_transforms_see_a_bounded_number_of_pixels_per_call(photo_model_dir, mon
     assert calls == [2, 2, 1, 2, 2, 1]
 
 
+def test_decoding_rows_of_many_sizes_holds_a_bounded_number_of_pixels(photo_model_dir, monkeypatch):
+    """A part of camera photos: rows of one size leave for the synthesis in batches of at most
+    DECODE_PIXELS (a larger image alone), and rows of many sizes do not all wait for the end of
+    the table (before, a 1,024-row batch of 24-megapixel photos held every latent at once and
+    decoded sixteen photos per batch). The images are those the default batches give."""
+    import pyarrow as pa
+
+    codec = load_codec(photo_model_dir)
+    sizes = [(16 + 8 * (i % 5), 24 + 8 * (i % 2)) for i in range(30)]  # 10 shapes, each three times
+    images = smooth_photos(np.random.default_rng(6), 30, sizes=sizes)
+    schema = latents.schema(codec.spec, "code")
+    no = np.array([-1]), np.array([False])
+    table = pa.concat_tables([latents.to_table([f"k{i:02d}"], codec.compress(ImageBatch([f"k{i:02d}"], x[None], *no),
+                                                                             "code"), *no, schema)
+                              for i, x in enumerate(images)])
+    expected = {k: x for b in codec.decompress(table) for k, x in zip(b.keys, b.images)}
+    monkeypatch.setattr(spatial_codec, "DECODE_PIXELS", 3000)
+    got, waiting, pixels, sizes_out = {}, [], [h * w for h, w in sizes], []
+    original = codec.coder.decode
+
+    def spy(*args, **kwargs):  # before each row: rows decoded to latents and not yet out as images, in pixels
+        done = len(waiting)
+        waiting.append(sum(pixels[:done]) - sum(pixels[int(k[1:])] for k in got))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(codec.coder, "decode", spy)
+    for batch in codec.decompress(table):
+        assert (len(batch) - 1) * batch.images.shape[1] * batch.images.shape[2] < 3000  # leaves once it reaches 3000
+        got.update(zip(batch.keys, batch.images))
+        sizes_out.append(len(batch))
+    assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got)
+    assert max(waiting) <= 2 * 3000 and max(sizes_out) > 1  # same-sized rows still go together
+
+
 def test_batch_photos_groups_same_shapes_and_bounds_batches():
     rng = np.random.default_rng(3)
     images = smooth_photos(rng, 9, sizes=[(20, 30), (30, 20), (20, 30)])

@@ -21,7 +21,7 @@ from pipeline.codecs import register
 from pipeline.codecs.base import ModelCodec, code_words, row_labels
 from pipeline.entropy import ChannelCoder
 from pipeline.errors import LatentpackError
-from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, ImageBatch, profile_for
+from pipeline.images import BATCH_PIXELS, DEFAULT_MAX_PIXELS, DeadLetter, ImageBatch, ShapeGroups, profile_for
 
 # The transforms see at most this many image pixels per call: a batch goes in groups of
 # images, an image above it in tiles of TILE pixels a side, each with MARGIN pixels of
@@ -30,6 +30,9 @@ from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, ImageBatch, profile_
 TILE_ABOVE = 1024 * 1024
 TILE = 1024
 MARGIN = 64
+# Decoded pixels per ImageBatch (a larger photo alone): the decode job holds a few such batches
+# while its writer thread encodes PNGs.
+DECODE_PIXELS = BATCH_PIXELS
 
 
 @register
@@ -208,7 +211,9 @@ class SpatialCodec(ModelCodec):
         coded = "code" in table.column_names
         words = code_words(table)
         values = table.column("code" if coded else "latent")
-        groups = {}
+        # Rows of one shape are synthesized together, at most DECODE_PIXELS of them at a time, and
+        # rows of many shapes never wait in more than about twice that (a part of camera photos).
+        groups = ShapeGroups(table.num_rows or 1, DECODE_PIXELS, 2 * DECODE_PIXELS)
         for i in range(table.num_rows):
             h, w, c = int(heights[i]), int(widths[i]), int(channels[i])
             if not (h > 0 and w > 0 and c in (1, 3)):
@@ -235,16 +240,20 @@ class SpatialCodec(ModelCodec):
             except Exception as e:  # a damaged code or a latent list of the wrong length
                 yield DeadLetter(keys[i], "", i, "bad_code", f"latents do not decode: {type(e).__name__}: {e}")
                 continue
-            groups.setdefault((h, w, c), []).append((i, latent))
-        for (h, w, c), rows in groups.items():
-            for start in range(0, len(rows), 16):
-                chunk = rows[start:start + 16]
-                images = self.synthesis(np.stack([z for _, z in chunk]))[:, :h, :w]
-                if c == 1:
-                    images = np.round(images.astype(np.float32).mean(axis=-1, keepdims=True)).astype(np.uint8)
-                idx = [i for i, _ in chunk]
-                yield ImageBatch([keys[i] for i in idx], np.ascontiguousarray(images), labels[idx], has_label[idx],
-                                 modes=[modes[i] for i in idx], icc_profiles=[profiles[i] for i in idx])
+            for shape, rows in groups.add((h, w, c), (i, latent)):
+                yield self._images(shape, rows, keys, labels, has_label, modes, profiles)
+        for shape, rows in groups.rest():
+            yield self._images(shape, rows, keys, labels, has_label, modes, profiles)
+
+    def _images(self, shape, rows, keys, labels, has_label, modes, profiles) -> ImageBatch:
+        """Same-shaped rows [(row, latent)] -> their ImageBatch, cropped to (h, w), grey where c is 1."""
+        h, w, c = shape
+        images = self.synthesis(np.stack([z for _, z in rows]))[:, :h, :w]
+        if c == 1:
+            images = np.round(images.astype(np.float32).mean(axis=-1, keepdims=True)).astype(np.uint8)
+        idx = [i for i, _ in rows]
+        return ImageBatch([keys[i] for i in idx], np.ascontiguousarray(images), labels[idx], has_label[idx],
+                          modes=[modes[i] for i in idx], icc_profiles=[profiles[i] for i in idx])
 
 
 def apply_transform(layers, x, synthesis: bool):
