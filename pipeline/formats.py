@@ -94,21 +94,21 @@ def broken_links(pattern: str) -> List[str]:
     root = glob_root(pattern) or ("/" if pattern.startswith("/") else ".")
     regex = re.compile(FileSystem.translate_pattern(pattern))
     rest = pattern[len(root):].lstrip("/")
-    if "/" in rest or "**" in rest:  # wildcards across folders: walk them, as Beam's listing does
-        places = ((d, names) for d, _, names in os.walk(root))
-    else:
+    recursive = "/" in rest or "**" in rest  # wildcards across folders: walk them, as Beam's listing does
+    found, folders = [], [root]
+    while folders:  # symbolic links only (from the directory entries: no system call per file)
         try:
-            places = [(root, [e.name for e in os.scandir(root)])]
+            with os.scandir(folders.pop()) as entries:
+                for entry in entries:
+                    if entry.is_symlink():
+                        if (not entry.name.startswith(".") and regex.match(entry.path)
+                                and not os.path.exists(entry.path)):
+                            found.append(entry.path)
+                    elif recursive and entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
         except OSError:
-            return []
-    found = []
-    for folder, names in places:
-        for name in names:
-            path = os.path.join(folder, name)
-            if (not name.startswith(".") and regex.match(path) and os.path.islink(path)
-                    and not os.path.exists(path)):
-                found.append(path)
-    return found
+            continue
+    return sorted(found)
 
 
 def glob_root(pattern: str) -> str:
