@@ -176,6 +176,8 @@ def test_tiled_transforms_match_the_whole_image(photo_model_dir, monkeypatch):
     whole = codec.synthesis(whole_latent)
     monkeypatch.setattr(spatial_codec, "TILE_ABOVE", 32 * 32)
     monkeypatch.setattr(spatial_codec, "TILE", 64)
+    monkeypatch.setattr(spatial_codec, "SYNTHESIS_PIXELS", 32 * 32)
+    monkeypatch.setattr(spatial_codec, "SYNTHESIS_TILE", 64)
     monkeypatch.setattr(spatial_codec, "MARGIN", 64)
     tiled_latent = codec.analysis(image)
     assert tiled_latent.shape == whole_latent.shape
@@ -200,9 +202,10 @@ def test_transforms_see_a_bounded_number_of_pixels_per_call(photo_model_dir, mon
             return original(**kw)
         monkeypatch.setattr(codec, name, spy)
     monkeypatch.setattr(spatial_codec, "TILE_ABOVE", 2 * 48 * 64)
+    monkeypatch.setattr(spatial_codec, "SYNTHESIS_PIXELS", 3 * 48 * 64)  # the float64 synthesis: its own bound
     assert np.array_equal(codec.analysis(images), latent)
     assert np.array_equal(codec.synthesis(latent), decoded)
-    assert calls == [2, 2, 1, 2, 2, 1]
+    assert calls == [2, 2, 1, 3, 2]
 
 
 def test_decoding_rows_of_many_sizes_holds_a_bounded_number_of_pixels(photo_model_dir, monkeypatch):

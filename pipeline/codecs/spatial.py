@@ -30,6 +30,12 @@ from pipeline.images import BATCH_PIXELS, DEFAULT_MAX_PIXELS, DeadLetter, ImageB
 TILE_ABOVE = 1024 * 1024
 TILE = 1024
 MARGIN = 64
+# The synthesis computes in float64 (pixels identical on every machine), twice float32's bytes:
+# its calls take at most SYNTHESIS_PIXELS, a larger image in tiles of SYNTHESIS_TILE pixels a side.
+# A 24-megapixel photo decoded in 2.55 GB peak with 1024-pixel tiles, 2.19 with 768 (the same
+# time), 1.81 with 512 (about 11% slower): BENCHMARKS.md, "Photographs".
+SYNTHESIS_TILE = 768
+SYNTHESIS_PIXELS = SYNTHESIS_TILE * SYNTHESIS_TILE
 # Decoded pixels per ImageBatch (a larger photo alone): the decode job holds a few such batches
 # while its writer thread encodes PNGs.
 DECODE_PIXELS = BATCH_PIXELS
@@ -85,20 +91,22 @@ class SpatialCodec(ModelCodec):
                                latent.shape[1] * latent.shape[2] * self.stride ** 2, float(self.stride))
 
     def _in_pieces(self, fn, x: np.ndarray, pixels: int, scale: float) -> np.ndarray:
-        """A transform over a batch, at most TILE_ABOVE image pixels per call (`pixels`: each item's):
-        same-shaped images in groups, a larger one alone in tiles. Memory follows the call (a batch
-        of sixteen 1024x768 photos decoded at once peaked at 7.2 GB, one tile at about 2.3)."""
+        """A transform over a batch, at most TILE_ABOVE image pixels per call (SYNTHESIS_PIXELS for
+        the synthesis; `pixels`: each item's): same-shaped images in groups, a larger one alone in
+        tiles. Memory follows the call (a batch of sixteen 1024x768 photos decoded at once peaked
+        at 7.2 GB, one 1024-pixel tile at about 2.3)."""
         if len(x) == 0:
             return fn(x)
-        if pixels > TILE_ABOVE:
+        limit = TILE_ABOVE if scale < 1 else SYNTHESIS_PIXELS
+        if pixels > limit:
             return np.concatenate([self._tiled(fn, item[None], scale) for item in x])
-        per_call = max(1, TILE_ABOVE // pixels)
+        per_call = max(1, limit // pixels)
         return np.concatenate([fn(np.ascontiguousarray(x[i:i + per_call])) for i in range(0, len(x), per_call)])
 
     def _tiled(self, fn, x: np.ndarray, scale: float) -> np.ndarray:
         """Apply a transform to one [1, H, W, C] input tile by tile; `scale` = output/input size."""
         # Tile edges are multiples of the stride, so every tile sees the same grid as the whole image.
-        tile, margin = (TILE, MARGIN) if scale < 1 else (TILE // self.stride, MARGIN // self.stride)
+        tile, margin = (TILE, MARGIN) if scale < 1 else (SYNTHESIS_TILE // self.stride, MARGIN // self.stride)
         _, height, width, _ = x.shape
         out = None
         for y0 in range(0, height, tile):
