@@ -6,9 +6,9 @@
 EncodeImages (each input shard, or a run of an image folder's files, read and encoded on one
 worker, in batches of same-shaped images) -> WriteLatentDataset (or, with --skip-existing,
 WriteNewShards). The model is loaded once per worker process and called only through its
-family's `compress`, so the job knows nothing of quantizers, tables or latent shapes. The graph uses only Create, ParDo,
-GroupByKey and Flatten, so one graph runs on the DirectRunner, Dask and the portable runner
-(Flink, Spark, Dataflow).
+family's `compress`, so the job knows nothing of quantizers, tables or latent shapes. The graph
+uses only Create, ParDo, GroupByKey and Flatten, so one graph runs on the DirectRunner, Dask and
+the portable runner (Flink, Spark, Dataflow).
 """
 from __future__ import annotations
 

@@ -57,8 +57,6 @@ class ImageBatch:
     has_label: np.ndarray  # bool [N]
     # The source's pixel mode per image (e.g. "CMYK", "I;16") when it was converted; None: as stored.
     modes: Optional[list] = None
-    # The shard the images came from (the encode job's per-shard sink groups by it).
-    shard: str = ""
     # Per image, the ICC colour profile its pixels are in (None: none, i.e. sRGB); None: none at all.
     icc_profiles: Optional[list] = None
 

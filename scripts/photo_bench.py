@@ -251,7 +251,8 @@ def markdown(result: dict, command: str) -> str:
                       f"{m['encode_peak_rss_gb']:.2f} GB encoding ({m['encode_s']:.0f} s), "
                       f"{m['decode_peak_rss_gb']:.2f} GB decoding ({m['decode_s']:.0f} s), against "
                       f"{m['start_up_peak_rss_gb']:.2f} GB for the same command on a 64x64 image; the transforms run in "
-                      f"overlapping 1024-pixel tiles above 1 Mpx, and batches of smaller photos in groups of at most 1 Mpx (`pipeline/codecs/spatial.py`). That is "
+                      f"overlapping 1024-pixel tiles above 1 Mpx (the float64 synthesis: 768-pixel tiles above 0.59 Mpx), and "
+                      f"batches of smaller photos in groups of at most that many pixels (`pipeline/codecs/spatial.py`). That is "
                       f"{24 / m['encode_s']:.1f} Mpx/s encoding and {24 / m['decode_s']:.1f} Mpx/s decoding, whole "
                       f"processes."]
         if "refine_1_peak_rss_gb" in m:
