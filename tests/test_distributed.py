@@ -133,6 +133,32 @@ def test_dask_incremental_encode_and_png_decode(dataset, rd_model_dir, dask_clus
     assert manifest["counts"]["written"] == 149 == len(glob.glob(f"{png}/d/*/*.png"))
 
 
+def test_dask_encodes_an_image_folder_in_runs_as_the_direct_runner_does(mnist, rd_model_dir, dask_cluster, tmp_path,
+                                                                       monkeypatch):
+    """An image folder's files go in runs (`encode.work_units`), gathered by a GroupByKey after
+    the duplicate-key join: on Dask, every file of every run is accounted for, bad ones included,
+    and the dataset is the DirectRunner's byte for byte."""
+    from PIL import Image
+
+    from pipeline.formats import ImageFolderReader
+
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i in range(40):
+        Image.fromarray(mnist[0][i][..., 0]).save(folder / f"d{i:02d}.png")
+    (folder / "d40.png").write_bytes(b"not a png")
+    monkeypatch.setattr(ImageFolderReader, "unit_files", 6)  # seven runs over two workers
+    runs = {}
+    for name, runner in (("direct", BEAM_TEST_ARGS), ("dask", dask_args(dask_cluster))):
+        lat = str(tmp_path / name)
+        manifest = encode.run(["--input", str(folder / "*.png"), "--input-format", "images", "--model-dir",
+                               rd_model_dir, "--output", lat, "--max-bad-fraction", "0.1"] + runner)
+        assert manifest["counts"] == {"read": 41, "written": 40, "dead_lettered": 1,
+                                      "dead_lettered_by_reason": {"undecodable": 1}}
+        runs[name] = lat
+    assert encoded(runs["dask"]) == encoded(runs["direct"])
+
+
 def test_a_killed_dask_worker_loses_nothing(direct, dataset, rd_model_dir, tmp_path):
     """Kill one worker process while it is encoding: Dask reruns its tasks elsewhere, and the
     job completes with every row exactly once (or fails with no manifest, and a re-run
