@@ -122,8 +122,11 @@ class Refiner:
 # --- spatial families (photos): latents [h, w, M] with a table chosen per latent ------------------
 
 TRANSFORM_LEARNING_RATE = 0.1  # in quantizer steps; 0.05 and 0.2 did as well or a little worse
-REGION_PIXELS = 1024 * 1024  # pixels per gradient computation (bounds the synthesis' activations)
-TILE_LATENTS = 64  # a larger image is refined in tiles of this many latents a side (1,024 px) ...
+# Pixels per gradient computation (bounds the synthesis' activations: refining a 24-megapixel
+# photo peaked at 2.57-2.60 GB with 1024x1024 and tiles of 64 latents, 2.22-2.28 with these, in
+# the same time; BENCHMARKS.md, "Photographs").
+REGION_PIXELS = 768 * 768
+TILE_LATENTS = 48  # a larger image is refined in tiles of this many latents a side (768 px at stride 16) ...
 TILE_MARGIN = 4  # ... each seeing this many latents around it, held fixed (beyond the synthesis' reach)
 SCORE_EVERY = 5  # steps between scorings of the rounded latents (a synthesis each; the loss falls steadily)
 

@@ -256,7 +256,7 @@ def markdown(result: dict, command: str) -> str:
                       f"{24 / m['encode_s']:.1f} Mpx/s encoding and {24 / m['decode_s']:.1f} Mpx/s decoding, whole "
                       f"processes."]
         if "refine_1_peak_rss_gb" in m:
-            lines[-1] += (f" Encoding it with `--refine 1` (the search goes tile by tile, 1,024 px with 64 px of "
+            lines[-1] += (f" Encoding it with `--refine 1` (the search goes tile by tile, 768 px with 64 px of "
                           f"context; more steps repeat the same work): {m['refine_1_peak_rss_gb']:.2f} GB peak "
                           f"({m['refine_1_s']:.0f} s).")
         if "batch_16_1024x768_decode_peak_rss_gb" in m:
