@@ -64,7 +64,7 @@ def unit_batches(reader, unit, root: str, shape, batch_size: int, max_pixels: in
     model's one image shape, or None for models that take any size (then batches group images of
     the same shape). `later` maps the record index of each later occurrence of a key in that shard
     to its first occurrence's (place, index): those records become `duplicate_key` dead letters."""
-    records = itertools.chain.from_iterable(_drop_later_duplicates(reader.records(shard, root), later or {})
+    records = itertools.chain.from_iterable(_drop_later_duplicates(reader.records(shard, root), later)
                                             for shard, later in unit)
     yield from batch_records(records, tuple(shape) if shape is not None else None, batch_size, max_pixels)
 
@@ -141,7 +141,7 @@ def _by_unit(element):
     """(shard, {plan: [(part, unit)], later: [(index, first)]}) -> (unit, (shard, part, later))."""
     shard, joined = element
     ((part, unit),) = joined["plan"]
-    return unit, (shard, part, sorted(joined["later"]))
+    return unit, (shard, part, list(joined["later"]))
 
 
 class EncodeUnit(beam.DoFn):

@@ -123,8 +123,8 @@ class Refiner:
 
 TRANSFORM_LEARNING_RATE = 0.1  # in quantizer steps; 0.05 and 0.2 did as well or a little worse
 # Pixels per gradient computation (bounds the synthesis' activations: refining a 24-megapixel
-# photo peaked at 2.57-2.60 GB with 1024x1024 and tiles of 64 latents, 2.22-2.28 with these, in
-# the same time; BENCHMARKS.md, "Photographs").
+# photo peaked at 2.36-2.45 GB with 1024x1024 and tiles of 64 latents, 2.13-2.17 with these,
+# about 7% slower; scripts/tile_study.py, BENCHMARKS.md).
 REGION_PIXELS = 768 * 768
 TILE_LATENTS = 48  # a larger image is refined in tiles of this many latents a side (768 px at stride 16) ...
 TILE_MARGIN = 4  # ... each seeing this many latents around it, held fixed (beyond the synthesis' reach)

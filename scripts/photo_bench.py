@@ -166,13 +166,20 @@ def peak_rss_of(argv: list) -> float:
     return int(out.strip().splitlines()[-1]) / 1024 / 1024
 
 
-def memory(model: str, out: str) -> dict:
-    folder = os.path.join(out, "mem-photo")
+def camera_photo(folder: str):
+    """A 6000x4000 (24 Mpx) photo, the first held-out photo upscaled, saved as `folder`/big.png
+    (the folder emptied first); (its PIL image, the source photo's path)."""
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
     source = held_out_photos(1)[0]
     big = Image.open(source).convert("RGB").resize((6000, 4000), Image.BICUBIC)
     big.save(os.path.join(folder, "big.png"))
+    return big, source
+
+
+def memory(model: str, out: str) -> dict:
+    folder = os.path.join(out, "mem-photo")
+    big, source = camera_photo(folder)
     lat, dec = os.path.join(out, "mem-latents"), os.path.join(out, "mem-decoded")
     shutil.rmtree(lat, ignore_errors=True)
     shutil.rmtree(dec, ignore_errors=True)

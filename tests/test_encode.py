@@ -32,10 +32,10 @@ def test_unit_batches_directly(tmp_path, mnist):
                           extra_records=[make_example(b"junk", "bad")])
     other = write_tfrecord(tmp_path / "t.tfrecord", mnist[0][5:8], keys=list("fgh"))
     out = list(encode.unit_batches(get_reader("tfrecord"), [(path, {3: (path, 0)}), (other, {})], str(tmp_path),
-                                   (28, 28, 1), 2, 10 ** 6))
+                                   (28, 28, 1), 3, 10 ** 6))
     batches = [o for o in out if isinstance(o, ImageBatch)]
     letters = [o for o in out if isinstance(o, DeadLetter)]
-    assert [b.keys for b in batches] == [["a", "b"], ["c", "e"], ["f", "g"], ["h"]]  # a unit's shards share batches
+    assert [b.keys for b in batches] == [["a", "b", "c"], ["e", "f", "g"], ["h"]]  # a unit's shards share batches
     assert [(d.key, d.reason, d.index) for d in letters] == [("d", "duplicate_key", 3), ("bad", "undecodable", 5)]
 
 

@@ -32,8 +32,8 @@ TILE = 1024
 MARGIN = 64
 # The synthesis computes in float64 (pixels identical on every machine), twice float32's bytes:
 # its calls take at most SYNTHESIS_PIXELS, a larger image in tiles of SYNTHESIS_TILE pixels a side.
-# A 24-megapixel photo decoded in 2.55 GB peak with 1024-pixel tiles, 2.19 with 768 (the same
-# time), 1.81 with 512 (about 11% slower): BENCHMARKS.md, "Photographs".
+# The synthesis of a 24-megapixel photo peaked at 2.32 GB with 1024-pixel tiles, 1.90 with 768
+# (about 8% slower), 1.61 with 512 (about 24% slower): scripts/tile_study.py, BENCHMARKS.md.
 SYNTHESIS_TILE = 768
 SYNTHESIS_PIXELS = SYNTHESIS_TILE * SYNTHESIS_TILE
 # Decoded pixels per ImageBatch (a larger photo alone): the decode job holds a few such batches
