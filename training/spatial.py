@@ -316,6 +316,15 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
             with open(history_path) as f:
                 history = json.load(f)
         log.info("resumed from %s at step %d", manager.latest_checkpoint, int(trainer.step))
+    elif init_from and init_from.endswith(".npz"):  # a weights file (training.weights): a GPU run's, say
+        from training import weights
+
+        if not os.path.isfile(init_from):
+            raise LatentpackError(f"--init-from {init_from}: no such weights file")
+        step, history, missing = weights.load(trainer, init_from, require_all=False)
+        history = dict({"train": [], "val": [], "seconds": 0.0}, **history)
+        log.info("initialized weights from %s at step %d%s", init_from, step,
+                 f" ({len(missing)} weights new: {', '.join(missing[:3])}…)" if missing else "")
     elif init_from:
         if not (tf.train.latest_checkpoint(init_from) or tf.io.gfile.exists(init_from + ".index")):
             raise LatentpackError(f"--init-from {init_from}: no training checkpoint there")
@@ -366,6 +375,10 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
                 json.dump(history, f)
             os.replace(history_path + ".tmp", history_path)
     log.info("trained to step %d in %.0f s this run", step, time.time() - started)
+    if not (manager.latest_checkpoint or "").endswith(f"-{step}"):  # weights from a file, not trained here
+        manager.save(checkpoint_number=step)  # so that --resume can continue them
+        with open(history_path, "w") as f:
+            json.dump(history, f)
     with staged(model_dir) as out:  # written whole beside --model-dir, then swapped in
         return trainer.export(out, holdout, history, dict(extra or {}, input=pattern, input_format=input_format))
 

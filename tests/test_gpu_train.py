@@ -1,0 +1,195 @@
+"""Weights files (training.weights) and the PyTorch GPU trainer (scripts/gpu_train.py).
+
+The GPU trainer's tests need PyTorch, which latentpack does not depend on (the device machines
+have it, TensorFlow they lack): they are skipped where it is not installed. The weights-file
+tests run everywhere."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.errors import LatentpackError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(filters=16, latent_channels=8, crop=32, batch_size=2, prior="hyperprior")
+
+
+def _trainer(**kw):
+    import keras
+
+    from training.hyperprior import HyperpriorTrainer
+    from training.spatial import SpatialConfig
+
+    keras.utils.set_random_seed(kw.pop("seed", 0))
+    return HyperpriorTrainer(SpatialConfig(**dict(SMALL, **kw)))
+
+
+def test_weights_file_round_trip_sets_every_weight_and_the_step(tmp_path):
+    from training import weights
+
+    a, b = _trainer(seed=1), _trainer(seed=2)
+    a.step.assign(123)
+    weights.save(a, str(tmp_path / "w.npz"), {"seconds": 5.0})
+    step, history, missing = weights.load(b, str(tmp_path / "w.npz"))
+    assert (step, history, missing, int(b.step)) == (123, {"seconds": 5.0}, [], 123)
+    names = weights.named_variables(a)
+    assert len(names) == len(a.variables) and "synthesis/igdn0/gamma" in names and "prior/matrix0" in names
+    for name, v in weights.named_variables(b).items():
+        np.testing.assert_array_equal(v.numpy(), names[name].numpy())
+
+
+def test_a_weights_file_of_another_model_is_one_clear_error(tmp_path):
+    from training import weights
+
+    weights.save(_trainer(), str(tmp_path / "w.npz"))
+    with pytest.raises(LatentpackError, match="shape"):
+        weights.load(_trainer(filters=8), str(tmp_path / "w.npz"))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(LatentpackError, match="not a weights file"):
+        weights.load(_trainer(), str(tmp_path / "junk.npz"))
+
+
+def test_a_shipped_model_becomes_trainer_weights_that_compute_its_codes(tmp_path):
+    """from_artifact: dequantized kernels, GDN reparameterized, the integer hyper-synthesis as an
+    equivalent float network (the Gaussian table indexes within one of the integer network's)."""
+    import tensorflow as tf
+
+    from pipeline import models
+    from pipeline.codecs.hyperprior import IntegerHyperSynthesis
+    from training import weights
+    from training.hyperprior import SCALE_LEVELS, SCALE_MAX, SCALE_MIN, HyperpriorTrainer, pad_grid
+    from training.spatial import SpatialConfig
+
+    model_dir = models.resolve("photo:1")
+    assert weights.main([model_dir, str(tmp_path / "w.npz")]) == 0
+    trainer = HyperpriorTrainer(SpatialConfig(prior="hyperprior"))
+    step, history, missing = weights.load(trainer, str(tmp_path / "w.npz"), require_all=False)
+    assert step == 0 and history["from_artifact"] == model_dir and history["steps_before"] > 0
+    assert missing and all(m.startswith("prior/") for m in missing)  # the side information's density: new
+
+    image = np.random.default_rng(0).integers(0, 256, (1, 64, 96, 3)).astype(np.uint8)
+    image = np.round(tf.nn.avg_pool2d(image.astype(np.float32), 5, 1, "SAME").numpy()).astype(np.uint8)
+    module = tf.saved_model.load(model_dir)
+    y = module.signatures["encode"](images=image)["latent"].numpy()
+    np.testing.assert_array_equal(np.round(trainer.analysis(image.astype(np.float32) / 255.0).numpy()), y)
+    z = module.signatures["hyper_encode"](latent=y)["hyper"].numpy()
+    np.testing.assert_array_equal(np.round(trainer.hyper_analysis(np.abs(pad_grid(tf.constant(y, tf.float32))))
+                                           .numpy()), z)
+    with open(os.path.join(model_dir, "codec.json")) as f:
+        layers = json.load(f)["entropy_model"]["hyper_synthesis"]
+    exact = IntegerHyperSynthesis(layers, [k.numpy() for k in module.hyper_kernels],
+                                  [b.numpy() for b in module.hyper_biases], SCALE_LEVELS)(z[0])
+    delta = (np.log(SCALE_MAX) - np.log(SCALE_MIN)) / (SCALE_LEVELS - 1)
+    log_scale = trainer.hyper_synthesis(z.astype(np.float32)).numpy()[0]
+    index = np.clip(np.floor((log_scale - np.log(SCALE_MIN)) / delta + 0.5), 0, SCALE_LEVELS - 1)
+    assert np.abs(index - exact).max() <= 1 and np.mean(index != exact) < 0.01
+    pixels = module.signatures["decode"](latent=y)["image"].numpy().astype(int)
+    ours = np.round(np.clip(trainer.synthesis(y.astype(np.float32)).numpy(), 0, 1) * 255)
+    assert np.abs(pixels - ours).max() <= 1
+
+
+def test_train_exports_a_weights_file_as_it_is_and_resume_continues_it(tmp_path, photo_folder, capsys):
+    from pipeline.artifact import read_spec
+    from training import weights
+    from training.train import main
+
+    trainer = _trainer()
+    trainer.step.assign(7)
+    weights.save(trainer, str(tmp_path / "run.npz"), {"train": [], "val": [], "seconds": 12.5,
+                                                     "trainer": {"device": "test"}})
+    args = ["--arch", "hyperprior", "--input", str(photo_folder / "*.png"), "--input-format", "images",
+            "--quality", "2", "--filters", "16", "--latent-channels", "8", "--crop", "32", "--batch-size", "2",
+            "--validate-every", "100", "--checkpoint-every", "100"]
+    out = str(tmp_path / "model")
+    assert main(args + ["--steps", "7", "--init-from", str(tmp_path / "run.npz"), "--model-dir", out]) == 0
+    spec = read_spec(out)
+    assert spec.training["steps_done"] == 7 and spec.training["seconds"] == 12.5
+    with open(os.path.join(out, "history.json")) as f:
+        assert json.load(f)["trainer"] == {"device": "test"}
+    exported = _trainer(seed=5)
+    exported.checkpoint.restore(os.path.join(out + "-checkpoints", "ckpt-7")).expect_partial()
+    for a, b in zip(trainer.variables, exported.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # The CPU can carry on from there.
+    assert main(args + ["--steps", "9", "--resume", "--model-dir", str(tmp_path / "more"),
+                        "--checkpoint-dir", out + "-checkpoints"]) == 0
+    assert read_spec(str(tmp_path / "more")).training["steps_done"] == 9
+    with pytest.raises(LatentpackError, match="no such weights file"):
+        main(args + ["--steps", "7", "--init-from", str(tmp_path / "none.npz"), "--model-dir", str(tmp_path / "x")])
+
+
+# --- the PyTorch trainer --------------------------------------------------------------------
+
+
+@pytest.fixture
+def gpu_train():
+    pytest.importorskip("torch")
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import gpu_train
+        yield gpu_train
+    finally:
+        sys.path.remove(os.path.join(ROOT, "scripts"))
+
+
+def test_the_pytorch_model_is_the_tensorflow_model(gpu_train, monkeypatch):
+    """Same weights, same batch, same noise: the same MSE, bits and gradients; the same held-out
+    figures. What makes a GPU run's weights mean the same in the exported artifact."""
+    import tensorflow as tf
+    import torch
+
+    from training import weights
+
+    trainer = _trainer(seed=3)
+    arrays = weights.arrays(trainer)
+    model = gpu_train.Model(arrays, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 64, 48, 3)).astype(np.float32)
+    y_shape, z_shape = (2, 4, 3, 8), (2, 1, 1, 16)
+    noise = {tuple(y_shape): rng.uniform(-0.5, 0.5, y_shape).astype(np.float32),
+             tuple(z_shape): rng.uniform(-0.5, 0.5, z_shape).astype(np.float32)}
+    monkeypatch.setattr(tf.random, "uniform", lambda shape, *a, **k: tf.constant(noise[tuple(int(s) for s in shape)]))
+    with tf.GradientTape() as tape:
+        mse, bpp = trainer.losses(tf.constant(x))
+        loss = 0.01 * 255.0 ** 2 * mse + bpp
+    grads = dict(zip(weights.named_variables(trainer), tape.gradient(loss, list(weights.named_variables(trainer)
+                                                                                 .values()))))
+    t_mse, t_bpp = model.losses(torch.tensor(x).permute(0, 3, 1, 2),
+                                torch.tensor(noise[y_shape]).permute(0, 3, 1, 2),
+                                torch.tensor(noise[z_shape]).permute(0, 3, 1, 2))
+    (0.01 * 255.0 ** 2 * t_mse + t_bpp).backward()
+    np.testing.assert_allclose(t_mse.item(), float(mse), rtol=1e-5)
+    np.testing.assert_allclose(t_bpp.item(), float(bpp), rtol=1e-5)
+    for name, g in grads.items():
+        np.testing.assert_allclose(model.params[name].grad.numpy(), g.numpy(), rtol=2e-3,
+                                   atol=2e-5 * float(np.abs(g.numpy()).max()) + 1e-9, err_msg=name)
+    images = [np.round(rng.random((40, 56, 3)) * 255).astype(np.uint8)]
+    ours = model.evaluate([torch.tensor(i).permute(2, 0, 1) for i in images])
+    theirs = trainer.evaluate(images)
+    assert abs(ours["val_psnr"] - theirs["val_psnr"]) < 0.01 and abs(ours["val_bpp"] - theirs["val_bpp"]) < 1e-3
+
+
+def test_a_gpu_run_exports_through_the_train_command(gpu_train, tmp_path, photo_folder):
+    """scripts/gpu_train.py (here on the CPU, a few seconds) from a weights file, then export."""
+    from pipeline.artifact import read_spec
+    from training import weights
+    from training.train import main
+
+    weights.save(_trainer(), str(tmp_path / "init.npz"))
+    out = tmp_path / "gpu.npz"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_train.py"), "--init",
+                          str(tmp_path / "init.npz"), "--lmbda", "0.0035", "--data", str(photo_folder), "--out",
+                          str(out), "--seconds", "3", "--crop", "32", "--batch", "2", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "validation at step" in run.stdout and "weights in" in run.stdout
+    _, step, history = weights.read(str(out))
+    assert step > 0 and history["trainer"]["device"] == "cpu" and len(history["val"]) == 2
+    assert main(["--arch", "hyperprior", "--input", str(photo_folder / "*.png"), "--input-format", "images",
+                 "--quality", "2", "--filters", "16", "--latent-channels", "8", "--crop", "32", "--batch-size", "2",
+                 "--steps", str(step), "--init-from", str(out), "--model-dir", str(tmp_path / "model")]) == 0
+    spec = read_spec(str(tmp_path / "model"))
+    assert spec.training["steps_done"] == step and spec.metrics["val_images"] > 0

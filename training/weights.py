@@ -1,0 +1,179 @@
+"""A photo model's trainable weights as plain named arrays (`.npz`): how a run moves between
+TensorFlow and the GPU trainer (`scripts/gpu_train.py`, PyTorch), and how a shipped artifact
+becomes the starting point of a new run when its checkpoints are gone.
+
+Names are "<part>/<layer>/<weight>" for the Keras transforms ("analysis/conv0/kernel",
+"synthesis/igdn1/gamma", "hyper_synthesis/hdeconv2/bias") and "<part>/<weight>" for the
+density of the side information ("prior/matrix0"), in Keras' layouts: convolution kernels
+[kh, kw, in, out], transposed ones [kh, kw, out, in], GDN's beta and gamma reparameterized as
+`training.layers.GDN` stores them. Besides the weights a file holds `step` (the steps trained)
+and `history` (the training history as JSON: losses, validations, seconds, where it ran).
+
+    training.weights.save(trainer, "run.npz", history)   # TensorFlow -> file
+    latentpack train --arch hyperprior ... --init-from run.npz --steps <its step>   # file -> artifact
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from pipeline.errors import LatentpackError
+
+_PEDESTAL = 2.0 ** -36
+
+
+def named_variables(trainer) -> Dict[str, object]:
+    """Every trainable weight of a trainer (`training.spatial.SpatialTrainer` or the hyperprior's) by name."""
+    out = {}
+    for part, model in trainer.parts.items():
+        layers = getattr(model, "layers", None)
+        if layers is None:  # a single layer: the density of the latents or side information
+            for w in model.weights:
+                out[f"{part}/{w.name}"] = w
+            continue
+        for layer in layers:
+            for w in layer.weights:
+                out[f"{part}/{layer.name}/{w.name}"] = w
+    return out
+
+
+def arrays(trainer) -> Dict[str, np.ndarray]:
+    return {name: np.asarray(v.numpy(), np.float32) for name, v in named_variables(trainer).items()}
+
+
+def save(trainer, path: str, history: Optional[dict] = None, step: Optional[int] = None) -> None:
+    """Write the trainer's weights, its step and `history` to an .npz file (written whole, then renamed)."""
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays(trainer), step=np.int64(int(trainer.step) if step is None else step),
+             history=np.array(json.dumps(history or {})))
+    os.replace(tmp, path)
+
+
+def read(path: str) -> Tuple[Dict[str, np.ndarray], int, dict]:
+    """(weights by name, step, history) of an .npz weights file."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            weights = {k: f[k] for k in f.files if k not in ("step", "history")}
+            step = int(f["step"]) if "step" in f.files else 0
+            history = json.loads(str(f["history"])) if "history" in f.files else {}
+    except (OSError, ValueError, KeyError) as e:
+        raise LatentpackError(f"{path}: not a weights file ({e})")
+    return weights, step, history
+
+
+def load(trainer, path: str, require_all: bool = True) -> Tuple[int, dict, list]:
+    """Assign an .npz weights file to the trainer's variables; sets its step. Returns (step,
+    history, names of the trainer's weights the file did not hold). Every weight of the file
+    must exist in the trainer with the same shape; with `require_all`, every weight of the trainer
+    must be in the file."""
+    weights, step, history = read(path)
+    variables = named_variables(trainer)
+    unknown = sorted(set(weights) - set(variables))
+    if unknown:
+        raise LatentpackError(f"{path}: weights this model does not have: {', '.join(unknown[:5])}"
+                              f"{' …' if len(unknown) > 5 else ''} (another --arch or size?)")
+    missing = sorted(set(variables) - set(weights))
+    if missing and require_all:
+        raise LatentpackError(f"{path}: lacks weights of this model: {', '.join(missing[:5])}")
+    for name, value in weights.items():
+        v = variables[name]
+        if tuple(v.shape) != value.shape:
+            raise LatentpackError(f"{path}: {name} has shape {value.shape}, this model's is {tuple(v.shape)} "
+                                  "(another --filters or --latent-channels?)")
+        v.assign(value.astype(np.float32))
+    trainer.step.assign(step)
+    return step, history, missing
+
+
+def _gdn_stored(param: np.ndarray) -> np.ndarray:
+    """GDN's beta or gamma (the effective parameter) as `training.layers.GDN` stores it."""
+    return np.sqrt(np.maximum(np.asarray(param, np.float64), 0.0) + _PEDESTAL).astype(np.float32)
+
+
+def from_artifact(model_dir: str) -> Dict[str, np.ndarray]:
+    """The weights of a hyperprior artifact (a shipped model) as a trainer's named arrays, all but
+    the side information's density (frozen into tables at export; a run starting from these learns
+    it afresh). Kernels are the stored ones dequantized. The hyper-synthesis is the float network
+    equivalent to the stored integer one: ReLU commutes with positive scaling, so spreading each
+    layer's power-of-two scale differently gives the same output; the last layer's scale follows
+    from the integer index mapping."""
+    import tensorflow as tf
+
+    from training.hyperprior import SCALE_LEVELS, SCALE_MAX, SCALE_MIN
+
+    with open(os.path.join(model_dir, "codec.json")) as f:
+        spec = json.load(f)
+    if spec.get("family") != "hyperprior":
+        raise LatentpackError(f"{model_dir}: not a hyperprior model (family {spec.get('family')!r})")
+    module = tf.saved_model.load(model_dir)
+    out: Dict[str, np.ndarray] = {}
+
+    def kernel(k, scale):
+        k = np.asarray(k.numpy(), np.float32)
+        return k if scale is None else k * np.asarray(scale.numpy(), np.float32)
+
+    for part, prefix in (("analysis", ("conv", "gdn")), ("synthesis", ("deconv", "igdn"))):
+        conv = gdn = 0
+        for layer in getattr(module, part):
+            a, b = layer[1], layer[2]
+            if len(a.shape) == 1:  # GDN: beta, gamma
+                out[f"{part}/{prefix[1]}{gdn}/beta"] = _gdn_stored(a.numpy())
+                out[f"{part}/{prefix[1]}{gdn}/gamma"] = _gdn_stored(b.numpy())
+                gdn += 1
+            else:
+                out[f"{part}/{prefix[0]}{conv}/kernel"] = kernel(a, layer[4] if len(layer) > 4 else None)
+                out[f"{part}/{prefix[0]}{conv}/bias"] = np.asarray(b.numpy(), np.float32)
+                conv += 1
+    for i, (k, scale, b) in enumerate(module.hyper_analysis):
+        out[f"hyper_analysis/hconv{i}/kernel"] = kernel(k, scale)
+        out[f"hyper_analysis/hconv{i}/bias"] = np.asarray(b.numpy(), np.float32)
+    layers = spec["entropy_model"]["hyper_synthesis"]
+    kernels = [np.asarray(k.numpy(), np.float64) for k in module.hyper_kernels]
+    biases = [np.asarray(b.numpy(), np.float64) for b in module.hyper_biases]
+    delta = (np.log(SCALE_MAX) - np.log(SCALE_MIN)) / (SCALE_LEVELS - 1)
+    last_bits = int(round(np.log2(layers[-1]["index_step"] / delta)))  # fractional bits of the last accumulator
+    frac = 0  # fractional bits of the current layer's input
+    for i, (layer, k, b) in enumerate(zip(layers, kernels, biases)):
+        if i < len(layers) - 1:  # hidden: any split of the scale will do; keep the kernel near 1
+            wbits = int(round(np.log2(max(np.abs(k).max(), 1.0))))
+            acc = frac + wbits
+            next_frac = acc - layer["shift"]
+        else:
+            acc = last_bits
+            wbits = acc - frac
+        out[f"hyper_synthesis/hdeconv{i}/kernel"] = (k / 2.0 ** wbits).astype(np.float32)
+        out[f"hyper_synthesis/hdeconv{i}/bias"] = (b / 2.0 ** acc).astype(np.float32)
+        if i < len(layers) - 1:
+            frac = next_frac
+    return out
+
+
+def main(argv=None) -> int:
+    """python -m training.weights MODEL_DIR OUT.npz: a hyperprior artifact's weights as a weights file."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m training.weights", description=main.__doc__)
+    p.add_argument("model_dir", help="a hyperprior artifact, or photo:<q>")
+    p.add_argument("out", help="the .npz to write")
+    args = p.parse_args(argv)
+    from pipeline import models
+
+    model_dir = models.resolve(args.model_dir)
+    weights = from_artifact(model_dir)
+    with open(os.path.join(model_dir, "codec.json")) as f:
+        spec = json.load(f)
+    history = {"from_artifact": args.model_dir, "fingerprint": spec.get("fingerprint"),
+               "steps_before": spec.get("training", {}).get("steps_done", 0),
+               "seconds_before": spec.get("training", {}).get("seconds", 0.0)}
+    tmp = args.out + ".tmp.npz"
+    np.savez(tmp, **weights, step=np.int64(0), history=np.array(json.dumps(history)))
+    os.replace(tmp, args.out)
+    print(f"{args.out}: {len(weights)} weights of {args.model_dir} ({spec.get('architecture', {})})")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
