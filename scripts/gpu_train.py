@@ -211,6 +211,15 @@ def crops(images, batch: int, size: int, gen, device):
     return torch.stack(out).float().div_(255.0).contiguous(memory_format=torch.channels_last)
 
 
+def continued(before: dict, trainer: dict) -> dict:
+    """This run's history: a run continuing an earlier run of this script (its --init is that run's
+    --out) extends its curves and seconds and adds itself to its `runs`; any other start is kept
+    under `before` (a shipped model's lineage, say)."""
+    if "runs" in before:
+        return dict(before, trainer=trainer, runs=before["runs"] + [trainer])
+    return {"train": [], "val": [], "seconds": 0.0, "before": before, "trainer": trainer, "runs": [trainer]}
+
+
 def save(path: str, model: Model, step: int, history: dict) -> None:
     tmp = path + ".tmp.npz"
     np.savez(tmp, **model.arrays(), step=np.int64(step), history=np.array(json.dumps(history)))
@@ -256,11 +265,10 @@ def main(argv=None) -> int:
     if not train:
         sys.exit(f"gpu_train: no training photos in {args.data}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    history = {"train": [], "val": [], "seconds": 0.0, "before": before,
-               "trainer": {"script": "scripts/gpu_train.py", "device": name, "torch": torch.__version__,
-                           "lmbda": args.lmbda, "crop": args.crop, "batch": args.batch,
-                           "learning_rate": args.learning_rate, "seconds": args.seconds, "start_step": step,
-                           "train_images": len(train), "val_images": len(holdout)}}
+    history = continued(before, {"script": "scripts/gpu_train.py", "device": name, "torch": torch.__version__,
+                                 "lmbda": args.lmbda, "crop": args.crop, "batch": args.batch,
+                                 "learning_rate": args.learning_rate, "seconds": args.seconds, "start_step": step,
+                                 "train_images": len(train), "val_images": len(holdout)})
     print(f"{name}: {len(train)} training photos, {len(holdout)} held out; lambda {args.lmbda}, "
           f"crops {args.crop}, batch {args.batch}, {args.seconds:.0f} s", flush=True)
 
@@ -273,6 +281,7 @@ def main(argv=None) -> int:
               f"(estimated) on {len(holdout)} held-out photos", flush=True)
 
     validate()
+    seconds_before = history["seconds"]
     params = list(model.params.values())
     optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-7)
     lmbda = args.lmbda * 255.0 ** 2
@@ -328,13 +337,13 @@ def main(argv=None) -> int:
             validate()
             last_val = time.time()
         if now - last_save >= args.save_every:
-            history["seconds"] = time.time() - started
+            history["seconds"] = seconds_before + time.time() - started
             save(args.out, model, step, history)
             last_save = time.time()
-    history["seconds"] = time.time() - started
+    history["seconds"] = seconds_before + time.time() - started
     validate()
     save(args.out, model, step, history)
-    print(f"trained {step - history['trainer']['start_step']} steps in {history['seconds']:.0f} s; "
+    print(f"trained {step - history['trainer']['start_step']} steps in {history['seconds'] - seconds_before:.0f} s; "
           f"weights in {args.out}", flush=True)
     return 0
 

@@ -188,6 +188,16 @@ def test_a_gpu_run_exports_through_the_train_command(gpu_train, tmp_path, photo_
     assert "validation at step" in run.stdout and "weights in" in run.stdout
     _, step, history = weights.read(str(out))
     assert step > 0 and history["trainer"]["device"] == "cpu" and len(history["val"]) == 2
+    assert history["before"] == {} and len(history["runs"]) == 1
+    # A second run from the first one's output continues its history.
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_train.py"), "--init", str(out),
+                          "--lmbda", "0.0035", "--data", str(photo_folder), "--out", str(tmp_path / "more.npz"),
+                          "--seconds", "2", "--crop", "32", "--batch", "2", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    _, more, continued = weights.read(str(tmp_path / "more.npz"))
+    assert more > step and len(continued["runs"]) == 2 and continued["runs"][1]["start_step"] == step
+    assert continued["seconds"] > history["seconds"] and continued["val"][:2] == history["val"]
     assert main(["--arch", "hyperprior", "--input", str(photo_folder / "*.png"), "--input-format", "images",
                  "--quality", "2", "--filters", "16", "--latent-channels", "8", "--crop", "32", "--batch-size", "2",
                  "--steps", str(step), "--init-from", str(out), "--model-dir", str(tmp_path / "model")]) == 0

@@ -12,12 +12,13 @@ from pipeline.errors import LatentpackError
 from pipeline.images import ImageBatch
 
 # The exact artifacts that ship. A change here means a new model: retrain it with the command in
-# models/README.md, record how, and update the fingerprint together with BENCHMARKS.md.
+# models/README.md, record how, and update the fingerprint together with BENCHMARKS.md. Since
+# 0.5.0 they are the 0.4 models continued on a GPU (scripts/gpu_train.py, models/README.md).
 PINNED = {
-    "photo:1": "sha256:0065cd5cfad7456c6d6b10359a5e210ebe135467d9560510b8a865d5cd6d5033",
-    "photo:2": "sha256:61b23d855f8ba4b80a8f1dd86508a069889e9dc81cb62cc4757cb4b94cfebef9",
-    "photo:4": "sha256:85f7c302018168ad96eddebd6814083400bbad203060da67e5e8208c5c06b281",
-    "photo:6": "sha256:887808f3a735cabfcff4c83968ffbdee59442078b933033d5d87e66deb106cd5",
+    "photo:1": "sha256:4e0249e1ae2060a373132f981dfed34ad6efe4a621b7d26e349e2f41438a68e2",
+    "photo:2": "sha256:2eba09a535efe87a4413cc6c0e03f6dc691786e8eeb9a4ce1c518f1f343878bd",
+    "photo:4": "sha256:5db663221f1530dafe63a0a51c634a60274c580a7b255190642c32bc4a849c66",
+    "photo:6": "sha256:e2f346e50c82be661e3e293b6229e66c0e2a0b9f4bc942bf0e04b8bf6ba94d66",
 }
 
 

@@ -273,6 +273,7 @@ def save_curves(history: dict, path: str) -> None:
         steps = [r["step"] for r in log]
         axes[0].plot(steps, [r["loss"] for r in log], label="train loss")
         axes[0].set_yscale("log")
+        axes[0].legend()
     val = history.get("val", [])
     if val:
         ax = axes[1]
@@ -283,7 +284,6 @@ def save_curves(history: dict, path: str) -> None:
         ax.set_ylabel("held-out PSNR (dB)")
         ax.set_xlabel("step")
     axes[0].set_xlabel("step")
-    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
