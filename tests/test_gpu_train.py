@@ -41,6 +41,16 @@ def test_weights_file_round_trip_sets_every_weight_and_the_step(tmp_path):
         np.testing.assert_array_equal(v.numpy(), names[name].numpy())
 
 
+def test_new_weights_of_any_size(tmp_path):
+    from training import weights
+
+    assert weights.main(["new", str(tmp_path / "w.npz"), "--filters", "12", "--latent-channels", "20"]) == 0
+    arrays, step, history = weights.read(str(tmp_path / "w.npz"))
+    assert step == 0 and history == {"new": {"filters": 12, "latent_channels": 20, "seed": 0}}
+    assert arrays["analysis/conv3/kernel"].shape == (5, 5, 12, 20) and "prior/matrix0" in arrays
+    weights.load(_trainer(filters=12, latent_channels=20), str(tmp_path / "w.npz"))  # every weight there
+
+
 def test_a_weights_file_of_another_model_is_one_clear_error(tmp_path):
     from training import weights
 

@@ -9,7 +9,8 @@ density of the side information ("prior/matrix0"), in Keras' layouts: convolutio
 `training.layers.GDN` stores them. Besides the weights a file holds `step` (the steps trained)
 and `history` (the training history as JSON: losses, validations, seconds, where it ran).
 
-    training.weights.save(trainer, "run.npz", history)   # TensorFlow -> file
+    python -m training.weights photo:6 run.npz          # a shipped model -> file
+    python -m training.weights new run.npz --filters 128 --latent-channels 192   # a new model -> file
     latentpack train --arch hyperprior ... --init-from run.npz --steps <its step>   # file -> artifact
 """
 from __future__ import annotations
@@ -152,13 +153,31 @@ def from_artifact(model_dir: str) -> Dict[str, np.ndarray]:
 
 
 def main(argv=None) -> int:
-    """python -m training.weights MODEL_DIR OUT.npz: a hyperprior artifact's weights as a weights file."""
+    """python -m training.weights MODEL_DIR OUT.npz: a hyperprior artifact's weights as a weights
+    file; `new` instead of MODEL_DIR: a new model's initial weights (--filters, --latent-channels),
+    to train one from scratch on a GPU."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m training.weights", description=main.__doc__)
-    p.add_argument("model_dir", help="a hyperprior artifact, or photo:<q>")
+    p.add_argument("model_dir", help="a hyperprior artifact, photo:<q>, or new")
     p.add_argument("out", help="the .npz to write")
+    p.add_argument("--filters", type=int, default=64, help="new: channels of the hidden layers (N)")
+    p.add_argument("--latent-channels", type=int, default=96, help="new: latent channels (M)")
+    p.add_argument("--seed", type=int, default=0, help="new: random seed of the initial weights")
     args = p.parse_args(argv)
+    if args.model_dir == "new":
+        import keras
+
+        from training.hyperprior import HyperpriorTrainer
+        from training.spatial import SpatialConfig
+
+        keras.utils.set_random_seed(args.seed)
+        trainer = HyperpriorTrainer(SpatialConfig(filters=args.filters, latent_channels=args.latent_channels,
+                                                  prior="hyperprior", seed=args.seed))
+        save(trainer, args.out, {"new": {"filters": args.filters, "latent_channels": args.latent_channels,
+                                         "seed": args.seed}})
+        print(f"{args.out}: {len(trainer.variables)} new weights, N={args.filters} M={args.latent_channels}")
+        return 0
     from pipeline import models
 
     model_dir = models.resolve(args.model_dir)
