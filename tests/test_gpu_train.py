@@ -49,6 +49,12 @@ def test_new_weights_of_any_size(tmp_path):
     assert step == 0 and history == {"new": {"filters": 12, "latent_channels": 20, "seed": 0}}
     assert arrays["analysis/conv3/kernel"].shape == (5, 5, 12, 20) and "prior/matrix0" in arrays
     weights.load(_trainer(filters=12, latent_channels=20), str(tmp_path / "w.npz"))  # every weight there
+    # A weights file rewritten with half-size kernels (what travels to a lent machine).
+    assert weights.main([str(tmp_path / "w.npz"), str(tmp_path / "h.npz"), "--kernels", "float16"]) == 0
+    half, step, again = weights.read(str(tmp_path / "h.npz"))
+    assert half["analysis/conv3/kernel"].dtype == np.float16 and half["synthesis/igdn0/gamma"].dtype == np.float32
+    assert (step, again) == (0, history)
+    np.testing.assert_allclose(half["analysis/conv0/kernel"], arrays["analysis/conv0/kernel"], rtol=1e-3)
 
 
 def test_a_weights_file_of_another_model_is_one_clear_error(tmp_path):

@@ -9,7 +9,7 @@ density of the side information ("prior/matrix0"), in Keras' layouts: convolutio
 `training.layers.GDN` stores them. Besides the weights a file holds `step` (the steps trained)
 and `history` (the training history as JSON: losses, validations, seconds, where it ran).
 
-    python -m training.weights photo:6 run.npz          # a shipped model -> file
+    python -m training.weights photo:6 run.npz --kernels float16   # a shipped model -> file
     python -m training.weights new run.npz --filters 128 --latent-channels 192   # a new model -> file
     latentpack train --arch hyperprior ... --init-from run.npz --steps <its step>   # file -> artifact
 """
@@ -47,10 +47,7 @@ def arrays(trainer) -> Dict[str, np.ndarray]:
 
 def save(trainer, path: str, history: Optional[dict] = None, step: Optional[int] = None) -> None:
     """Write the trainer's weights, its step and `history` to an .npz file (written whole, then renamed)."""
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays(trainer), step=np.int64(int(trainer.step) if step is None else step),
-             history=np.array(json.dumps(history or {})))
-    os.replace(tmp, path)
+    write(path, arrays(trainer), int(trainer.step) if step is None else step, history or {})
 
 
 def read(path: str) -> Tuple[Dict[str, np.ndarray], int, dict]:
@@ -152,20 +149,31 @@ def from_artifact(model_dir: str) -> Dict[str, np.ndarray]:
     return out
 
 
+def write(path: str, weights: Dict[str, np.ndarray], step: int, history: dict) -> None:
+    """An .npz weights file (written whole, then renamed)."""
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **weights, step=np.int64(step), history=np.array(json.dumps(history)))
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
-    """python -m training.weights MODEL_DIR OUT.npz: a hyperprior artifact's weights as a weights
-    file; `new` instead of MODEL_DIR: a new model's initial weights (--filters, --latent-channels),
-    to train one from scratch on a GPU."""
+    """python -m training.weights SOURCE OUT.npz: a weights file from a hyperprior artifact
+    (a folder or photo:<q>), from `new` (a new model's initial weights, --filters and
+    --latent-channels: to train one from scratch on a GPU), or from another weights file (a GPU
+    run's output, to continue it), with --kernels float16 to halve what travels."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m training.weights", description=main.__doc__)
-    p.add_argument("model_dir", help="a hyperprior artifact, photo:<q>, or new")
+    p.add_argument("source", help="a hyperprior artifact, photo:<q>, new, or a weights file (.npz)")
     p.add_argument("out", help="the .npz to write")
     p.add_argument("--filters", type=int, default=64, help="new: channels of the hidden layers (N)")
     p.add_argument("--latent-channels", type=int, default=96, help="new: latent channels (M)")
     p.add_argument("--seed", type=int, default=0, help="new: random seed of the initial weights")
+    p.add_argument("--kernels", choices=["float32", "float16"], default="float32",
+                   help="how convolution kernels are stored in OUT (float16: half the bytes, for a start point "
+                        "that must travel; GDN parameters and biases stay float32)")
     args = p.parse_args(argv)
-    if args.model_dir == "new":
+    if args.source == "new":
         import keras
 
         from training.hyperprior import HyperpriorTrainer
@@ -174,23 +182,27 @@ def main(argv=None) -> int:
         keras.utils.set_random_seed(args.seed)
         trainer = HyperpriorTrainer(SpatialConfig(filters=args.filters, latent_channels=args.latent_channels,
                                                   prior="hyperprior", seed=args.seed))
-        save(trainer, args.out, {"new": {"filters": args.filters, "latent_channels": args.latent_channels,
-                                         "seed": args.seed}})
-        print(f"{args.out}: {len(trainer.variables)} new weights, N={args.filters} M={args.latent_channels}")
-        return 0
-    from pipeline import models
+        weights, step = arrays(trainer), 0
+        history = {"new": {"filters": args.filters, "latent_channels": args.latent_channels, "seed": args.seed}}
+        what = f"new weights, N={args.filters} M={args.latent_channels}"
+    elif args.source.endswith(".npz"):
+        weights, step, history = read(args.source)
+        what = f"weights of {args.source} at step {step}"
+    else:
+        from pipeline import models
 
-    model_dir = models.resolve(args.model_dir)
-    weights = from_artifact(model_dir)
-    with open(os.path.join(model_dir, "codec.json")) as f:
-        spec = json.load(f)
-    history = {"from_artifact": args.model_dir, "fingerprint": spec.get("fingerprint"),
-               "steps_before": spec.get("training", {}).get("steps_done", 0),
-               "seconds_before": spec.get("training", {}).get("seconds", 0.0)}
-    tmp = args.out + ".tmp.npz"
-    np.savez(tmp, **weights, step=np.int64(0), history=np.array(json.dumps(history)))
-    os.replace(tmp, args.out)
-    print(f"{args.out}: {len(weights)} weights of {args.model_dir} ({spec.get('architecture', {})})")
+        model_dir = models.resolve(args.source)
+        weights, step = from_artifact(model_dir), 0
+        with open(os.path.join(model_dir, "codec.json")) as f:
+            spec = json.load(f)
+        history = {"from_artifact": args.source, "fingerprint": spec.get("fingerprint"),
+                   "steps_before": spec.get("training", {}).get("steps_done", 0),
+                   "seconds_before": spec.get("training", {}).get("seconds", 0.0)}
+        what = f"weights of {args.source} ({spec.get('architecture', {})})"
+    if args.kernels == "float16":
+        weights = {k: v.astype(np.float16) if k.endswith("/kernel") else v for k, v in weights.items()}
+    write(args.out, weights, step, history)
+    print(f"{args.out}: {len(weights)} {what}, kernels {args.kernels}")
     return 0
 
 
