@@ -192,6 +192,8 @@ def main(argv=None) -> int:
         from pipeline import models
 
         model_dir = models.resolve(args.source)
+        if not os.path.isfile(os.path.join(model_dir, "codec.json")):
+            raise LatentpackError(f"{args.source}: not a model artifact (no codec.json), photo:<q>, new or a .npz")
         weights, step = from_artifact(model_dir), 0
         with open(os.path.join(model_dir, "codec.json")) as f:
             spec = json.load(f)
@@ -207,4 +209,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    from pipeline.errors import guarded
+
+    raise SystemExit(guarded(main)())
