@@ -9,7 +9,7 @@ PyTorch ops in the Keras weights' own layouts and names, so a run goes
     python scripts/gpu_train.py --init init-q6.npz --lmbda 0.0483 --data photos/ \
         --seconds 480 --out gpu-q6.npz                         # there: train on the GPU
     latentpack train --arch hyperprior --input 'photos/*.jpg' --input-format images \
-        --quality 6 --crop 256 --batch-size 16 --init-from gpu-q6.npz --steps <its step> \
+        --quality 6 --crop 256 --batch-size 16 --init-from gpu-q6.npz \
         --model-dir photo-q6                                  # here: export (integer tables, SavedModel)
 
 Same as the TensorFlow trainer: "same"-padded stride-2 convolutions with TensorFlow's

@@ -537,6 +537,17 @@ def SpatialModule(weights: dict, latent_channels: int, storage: str = KERNEL_STO
     return _Module()
 
 
+def _default_steps(init_from: Optional[str]) -> int:
+    """--steps left out: a trained weights file's own step (export it as it is), else 50,000."""
+    if init_from and init_from.endswith(".npz") and os.path.isfile(init_from):
+        from training import weights
+
+        step = weights.read(init_from)[1]
+        if step > 0:
+            return step
+    return 50000
+
+
 def main(args) -> int:
     """`latentpack train --arch spatial ...` (arguments parsed by training.train)."""
     defaults = SpatialConfig()
@@ -544,7 +555,7 @@ def main(args) -> int:
     config = SpatialConfig(
         filters=args.filters or defaults.filters, latent_channels=args.latent_channels or defaults.latent_channels,
         lmbda=lmbda, quality=args.quality if args.lmbda is None else None, crop=args.crop,
-        batch_size=args.batch_size or defaults.batch_size, steps=args.steps,
+        batch_size=args.batch_size or defaults.batch_size, steps=args.steps or _default_steps(args.init_from),
         learning_rate=args.learning_rate or defaults.learning_rate, seed=args.seed,
         checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
         prior="hyperprior" if args.arch == "hyperprior" else "factorized", stride=args.stride,

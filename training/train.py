@@ -65,7 +65,9 @@ def parse_args(argv=None):
                    help="quantization bits per latent value (<=8 stores int8)")
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs (conv, mlp)")
     spatial = p.add_argument_group("spatial arch (step-based, streamed random crops, resumable)")
-    spatial.add_argument("--steps", type=int, default=50000, help="train until this many steps in all")
+    spatial.add_argument("--steps", type=int, default=None,
+                         help="train until this many steps in all (default 50000; with --init-from a weights "
+                              "file, that file's step: export it as it is)")
     spatial.add_argument("--crop", type=int, default=128, help="side of the random training crops")
     spatial.add_argument("--stride", type=int, default=16, choices=[8, 16],
                          help="downsampling of the latents: 16 (photos) or 8 (very small images, e.g. 32x32)")
@@ -114,10 +116,11 @@ def check_args(args) -> None:
         if not ok:
             raise LatentpackError(f"{what} (got {value})")
 
-    positive = [("--steps", args.steps), ("--epochs", args.epochs), ("--latent-dim", args.latent_dim),
+    positive = [("--epochs", args.epochs), ("--latent-dim", args.latent_dim),
                 ("--width", args.width), ("--checkpoint-every", args.checkpoint_every),
                 ("--validate-every", args.validate_every)]
-    positive += [(name, value) for name, value in (("--batch-size", args.batch_size), ("--filters", args.filters),
+    positive += [(name, value) for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                                                   ("--filters", args.filters),
                                                    ("--latent-channels", args.latent_channels),
                                                    ("--limit", args.limit)) if value is not None]
     for name, value in positive:

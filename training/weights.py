@@ -11,7 +11,7 @@ and `history` (the training history as JSON: losses, validations, seconds, where
 
     python -m training.weights photo:6 run.npz --kernels float16   # a shipped model -> file
     python -m training.weights new run.npz --filters 128 --latent-channels 192   # a new model -> file
-    latentpack train --arch hyperprior ... --init-from run.npz --steps <its step>   # file -> artifact
+    latentpack train --arch hyperprior ... --init-from run.npz   # file -> artifact
 """
 from __future__ import annotations
 
