@@ -57,34 +57,6 @@ def test_new_weights_of_any_size(tmp_path):
     np.testing.assert_allclose(half["analysis/conv0/kernel"], arrays["analysis/conv0/kernel"], rtol=1e-3)
 
 
-def test_widening_the_latents_keeps_what_the_model_computes(tmp_path):
-    """--widen-latents: more latent channels, the same reconstructions and (to 1e-4 bits per
-    pixel) the same rate; the new channels are zero and coded with the smallest scale."""
-    import tensorflow as tf
-
-    from training import weights
-    from training.hyperprior import pad_grid
-
-    narrow = _trainer(seed=4)
-    weights.save(narrow, str(tmp_path / "n.npz"), {"x": 1})
-    assert weights.main([str(tmp_path / "n.npz"), str(tmp_path / "w.npz"), "--widen-latents", "12"]) == 0
-    _, _, history = weights.read(str(tmp_path / "w.npz"))
-    assert history == {"x": 1, "widened": {"latent_channels": [8, 12], "seed": 0}}
-    wide = _trainer(latent_channels=12, seed=9)
-    weights.load(wide, str(tmp_path / "w.npz"))
-    rng = np.random.default_rng(1)
-    images = [np.round(rng.random((48, 64, 3)) * 255).astype(np.uint8)]
-    a, b = narrow.evaluate(images), wide.evaluate(images)
-    assert abs(a["val_psnr"] - b["val_psnr"]) < 1e-3 and abs(a["val_bpp"] - b["val_bpp"]) < 1e-4
-    y = np.round(wide.analysis(images[0][None].astype(np.float32) / 255.0).numpy())
-    assert np.all(y[..., 8:] == 0)
-    z = np.round(wide.hyper_analysis(np.abs(pad_grid(tf.constant(y)))).numpy())
-    log_scale = wide.hyper_synthesis(z).numpy()[..., 8:]
-    assert np.allclose(log_scale, log_scale.flat[0]) and np.exp(log_scale.flat[0]) < 0.12
-    with pytest.raises(LatentpackError, match="already has 8"):
-        weights.widen_latents(weights.arrays(narrow), 4)
-
-
 def test_a_weights_file_of_another_model_is_one_clear_error(tmp_path):
     from training import weights
 

@@ -149,46 +149,6 @@ def from_artifact(model_dir: str) -> Dict[str, np.ndarray]:
     return out
 
 
-def widen_latents(weights: Dict[str, np.ndarray], latent_channels: int, seed: int = 0,
-                  noise: float = 1e-3) -> Dict[str, np.ndarray]:
-    """A hyperprior model's weights with more latent channels (M), computing what it computed.
-
-    The new channels' analysis filters and biases are zero, so their latents are 0; the
-    hyper-synthesis predicts the smallest scale for them (bias at log SCALE_MIN, kernels zero), so
-    a 0 costs next to nothing (P(0) = 1 - 5e-6); what reads them (the synthesis, the
-    hyper-analysis) gets small random weights, which multiply zeros: the codes and pixels are the
-    model's own, and training can grow into the new channels (the straight-through gradient to
-    the new analysis filters passes through those random weights). How a trained model can be
-    given more capacity for the high rates without starting from scratch."""
-    from training.hyperprior import SCALE_LEVELS, SCALE_MAX, SCALE_MIN
-
-    old = weights["analysis/conv3/bias"].shape[0]
-    extra = latent_channels - old
-    if extra < 0:
-        raise LatentpackError(f"--widen-latents {latent_channels}: the model already has {old} latent channels")
-    rng = np.random.default_rng(seed)
-    out = dict(weights)
-
-    def grow(name, axis, value):
-        a = weights[name]
-        shape = list(a.shape)
-        shape[axis] = extra
-        add = np.full(shape, value, np.float32) if value is not None else \
-            (rng.standard_normal(shape) * noise * max(float(np.abs(a).max()), 1e-6)).astype(np.float32)
-        out[name] = np.concatenate([a.astype(np.float32), add], axis=axis)
-
-    grow("analysis/conv3/kernel", 3, 0.0)  # [5, 5, N, M]: the new filters
-    grow("analysis/conv3/bias", 0, 0.0)
-    grow("synthesis/deconv0/kernel", 3, None)  # [5, 5, N, M]: reads the new latents
-    grow("hyper_analysis/hconv0/kernel", 2, None)  # [3, 3, M, N]: reads |y|
-    grow("hyper_synthesis/hdeconv2/kernel", 2, 0.0)  # [3, 3, M, N]: the new latents' log-scales
-    # A quarter of a table step above the smallest scale: table 0 still, and off the clip's edge
-    # (where the gradient that lets these scales grow would be cut).
-    step = (np.log(SCALE_MAX) - np.log(SCALE_MIN)) / (SCALE_LEVELS - 1)
-    grow("hyper_synthesis/hdeconv2/bias", 0, float(np.log(SCALE_MIN) + step / 4))
-    return out
-
-
 def write(path: str, weights: Dict[str, np.ndarray], step: int, history: dict) -> None:
     """An .npz weights file (written whole, then renamed)."""
     tmp = path + ".tmp.npz"
@@ -200,8 +160,7 @@ def main(argv=None) -> int:
     """python -m training.weights SOURCE OUT.npz: a weights file from a hyperprior artifact
     (a folder or photo:<q>), from `new` (a new model's initial weights, --filters and
     --latent-channels: to train one from scratch on a GPU), or from another weights file (a GPU
-    run's output, to continue it); --widen-latents M gives it more latent channels without
-    changing what it computes, --kernels float16 halves what travels."""
+    run's output, to continue it), with --kernels float16 to halve what travels."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m training.weights", description=main.__doc__)
@@ -210,8 +169,6 @@ def main(argv=None) -> int:
     p.add_argument("--filters", type=int, default=64, help="new: channels of the hidden layers (N)")
     p.add_argument("--latent-channels", type=int, default=96, help="new: latent channels (M)")
     p.add_argument("--seed", type=int, default=0, help="new: random seed of the initial weights")
-    p.add_argument("--widen-latents", type=int, metavar="M",
-                   help="give the model M latent channels, computing what it computed (widen_latents)")
     p.add_argument("--kernels", choices=["float32", "float16"], default="float32",
                    help="how convolution kernels are stored in OUT (float16: half the bytes, for a start point "
                         "that must travel; GDN parameters and biases stay float32)")
@@ -244,11 +201,6 @@ def main(argv=None) -> int:
                    "steps_before": spec.get("training", {}).get("steps_done", 0),
                    "seconds_before": spec.get("training", {}).get("seconds", 0.0)}
         what = f"weights of {args.source} ({spec.get('architecture', {})})"
-    if args.widen_latents:
-        before = weights["analysis/conv3/bias"].shape[0]
-        weights = widen_latents(weights, args.widen_latents, args.seed)
-        history = dict(history, widened={"latent_channels": [before, args.widen_latents], "seed": args.seed})
-        what += f", widened to {args.widen_latents} latent channels"
     if args.kernels == "float16":
         weights = {k: v.astype(np.float16) if k.endswith("/kernel") else v for k, v in weights.items()}
     write(args.out, weights, step, history)
