@@ -288,7 +288,7 @@ def main(argv=None) -> int:
     good = [p.detach().clone() for p in params]
     retries = 0
     started = last_val = last_save = window = time.time()
-    sums, count = np.zeros(3), 0
+    sums, samples, count = np.zeros(3), 0, 0  # losses sampled every 50th step; steps in the window
     while True:
         elapsed = time.time() - started
         if elapsed >= args.seconds:
@@ -307,7 +307,9 @@ def main(argv=None) -> int:
         optimizer.step()
         step += 1
         count += 1
-        sums += [loss.item(), mse.item(), bpp.item()] if step % 50 == 0 else 0
+        if step % 50 == 0:  # reading a loss waits for the GPU: only now and then
+            sums += [loss.item(), mse.item(), bpp.item()]
+            samples += 1
         if step % 50 == 0 and not np.isfinite(sums[0]):
             retries += 1
             print(f"loss is not finite at step {step}: back to the last good weights, learning rate halved", flush=True)
@@ -317,22 +319,21 @@ def main(argv=None) -> int:
                 for p_, g in zip(params, good):
                     p_.copy_(g)
             optimizer = torch.optim.Adam(params, lr=lr / 2, eps=1e-7)
-            sums, count = np.zeros(3), 0
+            sums, samples, count = np.zeros(3), 0, 0
             continue
         if step % 1000 == 0:
             with torch.no_grad():
                 for g, p_ in zip(good, params):
                     g.copy_(p_)
         now = time.time()
-        if step % 200 == 0:
-            n = 4  # steps sampled in the window (every 50th)
-            loss_, mse_, bpp_ = sums / n
+        if step % 200 == 0 and samples:
+            loss_, mse_, bpp_ = sums / samples
             rate = count / (now - window)
             history["train"].append({"step": step, "loss": loss_, "psnr": 10 * math.log10(1 / max(mse_, 1e-10)),
                                      "bpp": bpp_, "lr": lr})
             print(f"step {step}: loss {loss_:.4f}, train PSNR {10 * math.log10(1 / max(mse_, 1e-10)):.2f} dB at "
                   f"{bpp_:.3f} bpp; {rate:.1f} steps/s, {args.seconds - (now - started):.0f} s left", flush=True)
-            sums, count, window = np.zeros(3), 0, now
+            sums, samples, count, window = np.zeros(3), 0, 0, now
         if now - last_val >= args.validate_every:
             validate()
             last_val = time.time()

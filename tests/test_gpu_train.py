@@ -151,6 +151,20 @@ def gpu_train():
         sys.path.remove(os.path.join(ROOT, "scripts"))
 
 
+def test_the_pytorch_trainer_mirrors_the_tensorflow_constants(gpu_train):
+    """gpu_train cannot import them (it runs where Keras is not): it must copy them exactly."""
+    from training.hyperprior import SCALE_MAX, SCALE_MIN
+    from training.layers import _PEDESTAL, GDN
+    from training.spatial import SpatialConfig, build_transforms
+
+    assert (gpu_train.PEDESTAL, gpu_train.BETA_MIN) == (_PEDESTAL, GDN().beta_min)
+    assert (gpu_train.SCALE_MIN, gpu_train.SCALE_MAX) == (SCALE_MIN, SCALE_MAX)
+    defaults = SpatialConfig()
+    assert (gpu_train.HOLDOUT_EVERY, gpu_train.VAL_IMAGES) == (defaults.holdout_every, defaults.val_images)
+    analysis, _ = build_transforms(defaults.filters, defaults.latent_channels, stride=defaults.stride)
+    assert gpu_train.STAGES == sum("conv" in layer.name for layer in analysis.layers)
+
+
 def test_the_pytorch_model_is_the_tensorflow_model(gpu_train, monkeypatch):
     """Same weights, same batch, same noise: the same MSE, bits and gradients; the same held-out
     figures. What makes a GPU run's weights mean the same in the exported artifact."""

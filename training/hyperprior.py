@@ -31,6 +31,8 @@ SCALE_MIN, SCALE_MAX, SCALE_LEVELS = 0.11, 64.0, 64
 # Symbols of the Gaussian table for scale s: [-R, R], R = ceil(TAIL_SIGMAS * s) within [MIN_RADIUS, MAX_RADIUS].
 TAIL_SIGMAS, MIN_RADIUS, MAX_RADIUS = 6.0, 16, 511
 WEIGHT_BITS, ACTIVATION_BITS = 12, 16
+# Distance between neighbouring tables' log-scales.
+LOG_SCALE_STEP = (np.log(SCALE_MAX) - np.log(SCALE_MIN)) / (SCALE_LEVELS - 1)
 
 
 def build_hyper_transforms(filters: int, latent_channels: int):
@@ -225,7 +227,7 @@ def integer_hyper_synthesis(hyper_synthesis, calibration: List[np.ndarray]) -> d
             layer["shift"] = acc_bits - next_frac
             frac = next_frac
         else:
-            delta = (np.log(SCALE_MAX) - np.log(SCALE_MIN)) / (SCALE_LEVELS - 1)
+            delta = LOG_SCALE_STEP
             # index = round((u - log SCALE_MIN) / delta) = floor((acc - offset) / step)
             layer["index_offset"] = int(np.round((np.log(SCALE_MIN) - delta / 2) * 2.0 ** acc_bits))
             layer["index_step"] = int(np.round(delta * 2.0 ** acc_bits))

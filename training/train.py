@@ -78,8 +78,8 @@ def parse_args(argv=None):
     spatial.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     spatial.add_argument("--validate-every", type=int, default=2500, help="steps between held-out validations")
     spatial.add_argument("--init-from", help="start from another run's checkpoint weights (e.g. a new --quality), or from a "
-                         "weights file (.npz, training.weights; a GPU run of scripts/gpu_train.py: with "
-                         "--steps at its step, that run is exported as it is)")
+                         "weights file (.npz, training.weights; a GPU run of scripts/gpu_train.py: without "
+                         "--steps, that run is exported at its own step)")
     spatial.add_argument("--kernel-storage", default=KERNEL_STORAGE, choices=["int8", "float16"],
                          help="how the exported model stores convolution kernels: int8 with a scale per filter "
                               "(30%% of float32's bytes) or float16 (half)")

@@ -23,9 +23,6 @@ import numpy as np
 
 from pipeline.errors import LatentpackError
 
-_PEDESTAL = 2.0 ** -36
-
-
 def named_variables(trainer) -> Dict[str, object]:
     """Every trainable weight of a trainer (`training.spatial.SpatialTrainer` or the hyperprior's) by name."""
     out = {}
@@ -88,6 +85,8 @@ def load(trainer, path: str, require_all: bool = True) -> Tuple[int, dict, list]
 
 def _gdn_stored(param: np.ndarray) -> np.ndarray:
     """GDN's beta or gamma (the effective parameter) as `training.layers.GDN` stores it."""
+    from training.layers import _PEDESTAL
+
     return np.sqrt(np.maximum(np.asarray(param, np.float64), 0.0) + _PEDESTAL).astype(np.float32)
 
 
@@ -100,7 +99,7 @@ def from_artifact(model_dir: str) -> Dict[str, np.ndarray]:
     from the integer index mapping."""
     import tensorflow as tf
 
-    from training.hyperprior import SCALE_LEVELS, SCALE_MAX, SCALE_MIN
+    from training.hyperprior import LOG_SCALE_STEP
 
     with open(os.path.join(model_dir, "codec.json")) as f:
         spec = json.load(f)
@@ -131,8 +130,7 @@ def from_artifact(model_dir: str) -> Dict[str, np.ndarray]:
     layers = spec["entropy_model"]["hyper_synthesis"]
     kernels = [np.asarray(k.numpy(), np.float64) for k in module.hyper_kernels]
     biases = [np.asarray(b.numpy(), np.float64) for b in module.hyper_biases]
-    delta = (np.log(SCALE_MAX) - np.log(SCALE_MIN)) / (SCALE_LEVELS - 1)
-    last_bits = int(round(np.log2(layers[-1]["index_step"] / delta)))  # fractional bits of the last accumulator
+    last_bits = int(round(np.log2(layers[-1]["index_step"] / LOG_SCALE_STEP)))  # fractional bits of the last accumulator
     frac = 0  # fractional bits of the current layer's input
     for i, (layer, k, b) in enumerate(zip(layers, kernels, biases)):
         if i < len(layers) - 1:  # hidden: any split of the scale will do; keep the kernel near 1
