@@ -440,11 +440,11 @@ def batch_photos(records: Iterable[SourceRecord], batch_size: int, max_pixels: i
     `pending_pixels` waiting), plus DeadLetters."""
     groups = ShapeGroups(batch_size, batch_pixels, pending_pixels)
 
-    def batch(items):
-        recs, photos = [rec for rec, _ in items], [photo for _, photo in items]
-        has = np.array([rec.label is not None for rec in recs], bool)
-        values = np.array([-1 if rec.label is None else rec.label for rec in recs], np.int64)
-        return ImageBatch([rec.key for rec in recs], np.stack([p.pixels for p in photos]), values, has,
+    def batch(items):  # items: ((key, label), photo); the record itself (its encoded bytes) is not kept
+        labels, photos = [label for (_, label), _ in items], [photo for _, photo in items]
+        has = np.array([label is not None for label in labels], bool)
+        values = np.array([-1 if label is None else label for label in labels], np.int64)
+        return ImageBatch([key for (key, _), _ in items], np.stack([p.pixels for p in photos]), values, has,
                           [p.mode for p in photos], icc_profiles=[p.icc for p in photos])
 
     for rec in records:
@@ -453,7 +453,7 @@ def batch_photos(records: Iterable[SourceRecord], batch_size: int, max_pixels: i
         except BadImage as e:
             yield DeadLetter(rec.key, rec.source, rec.index, e.reason, str(e))
             continue
-        for _, items in groups.add(photo.pixels.shape, (rec, photo)):
+        for _, items in groups.add(photo.pixels.shape, ((rec.key, rec.label), photo)):
             yield batch(items)
     for _, items in groups.rest():
         yield batch(items)
