@@ -39,7 +39,6 @@ import torch.nn.functional as F
 PEDESTAL = 2.0 ** -36
 BETA_MIN = 1e-6
 SCALE_MIN, SCALE_MAX = 0.11, 64.0  # training.hyperprior
-STAGES = 4  # stride 16
 HOLDOUT_EVERY, VAL_IMAGES = 10, 24  # training.spatial.SpatialConfig
 
 
@@ -56,7 +55,10 @@ class Model:
     def __init__(self, arrays: dict, device):
         self.params = {name: torch.tensor(np.asarray(a, np.float32), device=device, requires_grad=True)
                        for name, a in arrays.items()}
-        self.latent_channels = self.params[f"analysis/conv{STAGES - 1}/bias"].shape[0]
+        # Stride-2 stages: four for stride 16 (photo:1-4), three for stride 8 (photo:6), as the weights say.
+        self.stages = sum(1 for n in arrays if n.startswith("analysis/conv") and n.endswith("/kernel"))
+        self.stride = 2 ** self.stages
+        self.latent_channels = self.params[f"analysis/conv{self.stages - 1}/bias"].shape[0]
         self.matrices = sorted(n for n in self.params if n.startswith("prior/matrix"))
 
     def conv(self, x, name, stride, relu=False):
@@ -80,14 +82,14 @@ class Model:
         return x * norm if inverse else x / norm
 
     def analysis(self, x):
-        for i in range(STAGES - 1):
+        for i in range(self.stages - 1):
             x = self.gdn(self.conv(x, f"analysis/conv{i}", 2), f"analysis/gdn{i}", False)
-        return self.conv(x, f"analysis/conv{STAGES - 1}", 2)
+        return self.conv(x, f"analysis/conv{self.stages - 1}", 2)
 
     def synthesis(self, y):
-        for i in range(STAGES - 1):
+        for i in range(self.stages - 1):
             y = self.gdn(self.deconv(y, f"synthesis/deconv{i}", 2), f"synthesis/igdn{i}", True)
-        return self.deconv(y, f"synthesis/deconv{STAGES - 1}", 2)
+        return self.deconv(y, f"synthesis/deconv{self.stages - 1}", 2)
 
     def hyper_analysis(self, y):
         y = self.conv(y, "hyper_analysis/hconv0", 1, relu=True)
@@ -144,12 +146,12 @@ class Model:
     @torch.no_grad()
     def evaluate(self, images) -> dict:
         """Held-out PSNR and estimated bits per pixel on whole images (uint8 [3, H, W] tensors),
-        edge-padded to multiples of 16 as the pipeline pads them: HyperpriorTrainer.evaluate."""
+        edge-padded to multiples of the stride as the pipeline pads them: HyperpriorTrainer.evaluate."""
         psnrs, bpps = [], []
         for image in images:
             h, w = image.shape[1:]
             x = image[None].float() / 255.0
-            x = F.pad(x, (0, (-w) % 16, 0, (-h) % 16), mode="replicate")
+            x = F.pad(x, (0, (-w) % self.stride, 0, (-h) % self.stride), mode="replicate")
             y = torch.round(self.analysis(x))
             z = torch.round(self.hyper_analysis(torch.abs(self.pad_grid(y))))
             log_scale = self.hyper_synthesis(z)[:, :, :y.shape[2], :y.shape[3]]

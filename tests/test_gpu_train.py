@@ -57,6 +57,30 @@ def test_new_weights_of_any_size(tmp_path):
     np.testing.assert_allclose(half["analysis/conv0/kernel"], arrays["analysis/conv0/kernel"], rtol=1e-3)
 
 
+def test_a_stride_16_model_becomes_the_start_of_a_stride_8_model(tmp_path):
+    """--stride 8: every weight of a stride-8 model, from the stride-16 layers of the same shape
+    (the high-rate photo models started this way)."""
+    from training import weights
+
+    assert weights.main(["new", str(tmp_path / "w.npz"), "--filters", "12", "--latent-channels", "20"]) == 0
+    assert weights.main([str(tmp_path / "w.npz"), str(tmp_path / "s8.npz"), "--stride", "8"]) == 0
+    old, _, _ = weights.read(str(tmp_path / "w.npz"))
+    new, step, history = weights.read(str(tmp_path / "s8.npz"))
+    assert step == 0 and "to_stride8" in history
+    trainer = _trainer(filters=12, latent_channels=20, stride=8)
+    weights.load(trainer, str(tmp_path / "s8.npz"))  # every weight of the stride-8 model, in its shape
+    for name, value in weights.arrays(trainer).items():
+        np.testing.assert_array_equal(value, new[name])
+    # The latents come from the last analysis layer, the pixels from the last synthesis layer.
+    np.testing.assert_array_equal(new["analysis/conv2/kernel"], old["analysis/conv3/kernel"])
+    np.testing.assert_array_equal(new["synthesis/deconv2/kernel"], old["synthesis/deconv3/kernel"])
+    np.testing.assert_array_equal(new["synthesis/igdn1/gamma"], old["synthesis/igdn2/gamma"])
+    np.testing.assert_array_equal(new["hyper_synthesis/hdeconv2/kernel"], old["hyper_synthesis/hdeconv2/kernel"])
+    assert "analysis/conv3/kernel" not in new and "synthesis/deconv3/bias" not in new
+    with pytest.raises(LatentpackError, match="stride-16"):  # already stride 8
+        weights.main([str(tmp_path / "s8.npz"), str(tmp_path / "again.npz"), "--stride", "8"])
+
+
 def test_a_weights_file_of_another_model_is_one_clear_error(tmp_path):
     from training import weights
 
@@ -155,30 +179,32 @@ def test_the_pytorch_trainer_mirrors_the_tensorflow_constants(gpu_train):
     """gpu_train cannot import them (it runs where Keras is not): it must copy them exactly."""
     from training.hyperprior import SCALE_MAX, SCALE_MIN
     from training.layers import _PEDESTAL, GDN
-    from training.spatial import SpatialConfig, build_transforms
+    from training.spatial import SpatialConfig
 
     assert (gpu_train.PEDESTAL, gpu_train.BETA_MIN) == (_PEDESTAL, GDN().beta_min)
     assert (gpu_train.SCALE_MIN, gpu_train.SCALE_MAX) == (SCALE_MIN, SCALE_MAX)
     defaults = SpatialConfig()
     assert (gpu_train.HOLDOUT_EVERY, gpu_train.VAL_IMAGES) == (defaults.holdout_every, defaults.val_images)
-    analysis, _ = build_transforms(defaults.filters, defaults.latent_channels, stride=defaults.stride)
-    assert gpu_train.STAGES == sum("conv" in layer.name for layer in analysis.layers)
 
 
-def test_the_pytorch_model_is_the_tensorflow_model(gpu_train, monkeypatch):
+@pytest.mark.parametrize("stride", [16, 8])
+def test_the_pytorch_model_is_the_tensorflow_model(gpu_train, monkeypatch, stride):
     """Same weights, same batch, same noise: the same MSE, bits and gradients; the same held-out
-    figures. What makes a GPU run's weights mean the same in the exported artifact."""
+    figures. What makes a GPU run's weights mean the same in the exported artifact. The stages
+    come from the weights: stride 16 (photo:1-4) and 8 (photo:6)."""
     import tensorflow as tf
     import torch
 
     from training import weights
 
-    trainer = _trainer(seed=3)
+    trainer = _trainer(seed=3, stride=stride)
     arrays = weights.arrays(trainer)
     model = gpu_train.Model(arrays, torch.device("cpu"))
+    assert model.stride == stride
     rng = np.random.default_rng(0)
     x = rng.random((2, 64, 48, 3)).astype(np.float32)
-    y_shape, z_shape = (2, 4, 3, 8), (2, 1, 1, 16)
+    y_shape = (2, 64 // stride, 48 // stride, 8)
+    z_shape = (2, -(-y_shape[1] // 4), -(-y_shape[2] // 4), 16)
     noise = {tuple(y_shape): rng.uniform(-0.5, 0.5, y_shape).astype(np.float32),
              tuple(z_shape): rng.uniform(-0.5, 0.5, z_shape).astype(np.float32)}
     monkeypatch.setattr(tf.random, "uniform", lambda shape, *a, **k: tf.constant(noise[tuple(int(s) for s in shape)]))

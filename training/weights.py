@@ -147,6 +147,29 @@ def from_artifact(model_dir: str) -> Dict[str, np.ndarray]:
     return out
 
 
+# A stride-16 model's stages kept by `to_stride8` (new name <- old name): the analysis loses its
+# last hidden stage, the synthesis its middle one; the hyper-transforms and the prior are kept.
+STRIDE8_STAGES = {"analysis/conv0": "analysis/conv0", "analysis/gdn0": "analysis/gdn0",
+                  "analysis/conv1": "analysis/conv1", "analysis/gdn1": "analysis/gdn1",
+                  "analysis/conv2": "analysis/conv3",
+                  "synthesis/deconv0": "synthesis/deconv0", "synthesis/igdn0": "synthesis/igdn0",
+                  "synthesis/deconv1": "synthesis/deconv2", "synthesis/igdn1": "synthesis/igdn2",
+                  "synthesis/deconv2": "synthesis/deconv3"}
+
+
+def to_stride8(weights: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """A start point for a stride-8 model (`train --stride 8`: four times the latents, the
+    high-rate photo models) from a stride-16 model's weights: every layer whose shape the
+    stride-8 model has, one stage fewer on each side (`STRIDE8_STAGES`). It does not compute
+    what the stride-16 model did; a few thousand steps adapt it (models/README.md)."""
+    if "analysis/conv3/kernel" not in weights or "analysis/conv4/kernel" in weights:
+        raise LatentpackError("--stride 8 takes the weights of a stride-16 photo model (four stages)")
+    out = {name: v for name, v in weights.items() if name.split("/")[0] not in ("analysis", "synthesis")}
+    for new, old in STRIDE8_STAGES.items():
+        out.update({new + name[len(old):]: v for name, v in weights.items() if name.startswith(old + "/")})
+    return out
+
+
 def write(path: str, weights: Dict[str, np.ndarray], step: int, history: dict) -> None:
     """An .npz weights file (written whole, then renamed)."""
     tmp = path + ".tmp.npz"
@@ -158,7 +181,8 @@ def main(argv=None) -> int:
     """python -m training.weights SOURCE OUT.npz: a weights file from a hyperprior artifact
     (a folder or photo:<q>), from `new` (a new model's initial weights, --filters and
     --latent-channels: to train one from scratch on a GPU), or from another weights file (a GPU
-    run's output, to continue it), with --kernels float16 to halve what travels."""
+    run's output, to continue it), with --kernels float16 to halve what travels; --stride 8 turns
+    a stride-16 model's weights into a stride-8 model's start point."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m training.weights", description=main.__doc__)
@@ -170,6 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", choices=["float32", "float16"], default="float32",
                    help="how convolution kernels are stored in OUT (float16: half the bytes, for a start point "
                         "that must travel; GDN parameters and biases stay float32)")
+    p.add_argument("--stride", type=int, choices=[8, 16], default=16,
+                   help="8: the start point of a stride-8 model from a stride-16 model's weights (to_stride8)")
     args = p.parse_args(argv)
     if args.source == "new":
         import keras
@@ -199,6 +225,10 @@ def main(argv=None) -> int:
                    "steps_before": spec.get("training", {}).get("steps_done", 0),
                    "seconds_before": spec.get("training", {}).get("seconds", 0.0)}
         what = f"weights of {args.source} ({spec.get('architecture', {})})"
+    if args.stride == 8:
+        weights, step = to_stride8(weights), 0
+        history = {"to_stride8": history}
+        what += ", as a stride-8 start point"
     if args.kernels == "float16":
         weights = {k: v.astype(np.float16) if k.endswith("/kernel") else v for k, v in weights.items()}
     write(args.out, weights, step, history)
