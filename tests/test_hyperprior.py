@@ -57,6 +57,27 @@ def test_float64_products_are_exact_at_the_largest_allowed_values():
     assert np.array_equal(fast.astype(np.int64), exact)
 
 
+def test_large_grids_go_through_the_integer_network_in_strips_with_the_same_indexes(monkeypatch):
+    """Strips of z rows with MARGIN rows of context give the whole grid's indexes exactly, down to
+    strips of one row (what bounds the memory of a 24-megapixel photo's side information)."""
+    from pipeline.codecs import hyperprior
+
+    rng = np.random.default_rng(4)
+    n, m = 6, 5
+    layers = [{"stride": 2, "relu": True, "shift": 6}, {"stride": 2, "relu": True, "shift": 6},
+              {"stride": 1, "relu": False, "index_offset": -3000, "index_step": 400}]
+    kernels = [rng.integers(-60, 61, (5, 5, n, n)), rng.integers(-60, 61, (5, 5, n, n)),
+               rng.integers(-60, 61, (3, 3, m, n))]
+    biases = [rng.integers(-50, 50, n), rng.integers(-50, 50, n), rng.integers(-500, 500, m)]
+    network = IntegerHyperSynthesis(layers, kernels, biases, 64)
+    z = rng.integers(-20, 21, (13, 7, n))
+    whole = network(z)
+    assert whole.shape == (52, 28, m) and len(np.unique(whole)) > 10  # many tables chosen
+    for positions in (16 * 7 * 4, 16 * 7, 1):  # 4 rows of z per strip, 1 row, 1 row (the floor)
+        monkeypatch.setattr(hyperprior, "STRIP_POSITIONS", positions)
+        assert np.array_equal(network(z), whole)
+
+
 def test_artifact_is_a_hyperprior(hyperprior_model_dir):
     spec = read_spec(hyperprior_model_dir)
     assert (spec.format_version, spec.family, spec.arch, spec.stride) == (3, "hyperprior", "hyperprior", 16)

@@ -28,6 +28,9 @@ from pipeline.errors import LatentpackError
 
 EXACT = 2.0 ** 53
 WEIGHT_LIMIT, ACTIVATION_LIMIT = 2 ** 12, 2 ** 16 - 1
+# The integer hyper-synthesis runs on strips of about this many latent positions, MARGIN rows of z
+# either side (IntegerHyperSynthesis.__call__).
+STRIP_POSITIONS, MARGIN = 1 << 16, 3
 
 
 def entropy_model_spec(z_tables: dict, gaussian: dict, integer: dict) -> dict:
@@ -81,6 +84,24 @@ class IntegerHyperSynthesis:
         return out[before:before + stride * h, before:before + stride * w]
 
     def __call__(self, z: np.ndarray) -> np.ndarray:
+        """Table indexes [4h, 4w, M] (int16) of side information z [h, w, N]; large grids in strips
+        of z rows, each with MARGIN rows of context either side. Every layer's output row depends
+        on input rows at most 2 away (`_transpose_conv`), so a strip's inner rows are exactly the
+        whole grid's: integers, in any order of summation. Bounds the float64 work arrays for a
+        stride-8 model's latent grid of a 24-megapixel photo (750x500x96) to about STRIP_POSITIONS
+        positions at a time."""
+        h, w = z.shape[:2]
+        rows = max(1, STRIP_POSITIONS // (16 * max(w, 1)))
+        if h <= rows:
+            return self._indexes(z)
+        out = np.empty((4 * h, 4 * w, self.kernels[-1].shape[2]), np.int16)
+        for a in range(0, h, rows):
+            b = min(h, a + rows)
+            lo, hi = max(0, a - MARGIN), min(h, b + MARGIN)
+            out[4 * a:4 * b] = self._indexes(z[lo:hi])[4 * (a - lo):4 * (b - lo)]
+        return out
+
+    def _indexes(self, z: np.ndarray) -> np.ndarray:
         x = np.clip(np.asarray(z, np.float64), -2 ** 15, 2 ** 15)
         for layer, kernel, bias in zip(self.layers, self.kernels, self.biases):
             acc = self._transpose_conv(x, kernel, layer["stride"]).astype(np.int64) + bias
@@ -89,7 +110,7 @@ class IntegerHyperSynthesis:
             if "shift" in layer:
                 x = np.minimum(acc >> layer["shift"], ACTIVATION_LIMIT).astype(np.float64)
         index = (acc - layer["index_offset"]) // layer["index_step"]
-        return np.clip(index, 0, self.levels - 1).astype(np.int64)
+        return np.clip(index, 0, self.levels - 1).astype(np.int16)
 
 
 class HyperCoder:
@@ -114,7 +135,7 @@ class HyperCoder:
 
     def clip(self, y: np.ndarray, index: np.ndarray) -> np.ndarray:
         r = self.radius[index]
-        return np.clip(y.astype(np.int64), -r, r)
+        return np.clip(y.astype(np.int32), -r, r)
 
     def clipped(self, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """The latents a code of (y, z) holds, without coding them: y clipped to its tables."""
@@ -122,35 +143,36 @@ class HyperCoder:
         return self.clip(y, self.indexes(self.side_information(z, grid), grid)).astype(np.int16)
 
     def _groups(self, index: np.ndarray):
-        """(table, flat positions in raster order) for each table in use, in table order."""
+        """(table, flat positions in raster order) for each table in use, in table order (one
+        table at a time: no sort of every position, whose int64 order would be 8 bytes each)."""
         flat = index.reshape(-1)
-        order = np.argsort(flat, kind="stable")
-        bounds = np.searchsorted(flat[order], np.arange(len(self.radius) + 1))
-        for j in range(len(self.radius)):
-            if bounds[j + 1] > bounds[j]:
-                yield j, order[bounds[j]:bounds[j + 1]]
+        for j in np.flatnonzero(np.bincount(flat, minlength=len(self.radius))):
+            yield int(j), np.flatnonzero(flat == j)
 
     def encode(self, y: np.ndarray, z: np.ndarray) -> Tuple[bytes, np.ndarray]:
         """(code, the latents it holds: y clipped to its tables)."""
         grid = y.shape[:2]
         z_hat = self.side_information(z, grid)
         index = self.indexes(z_hat, grid)
-        y = self.clip(y, index)
         coder = constriction.stream.queue.RangeEncoder()
         self.side.write(coder, z_hat)
         flat = y.reshape(-1)
+        held = np.empty(flat.shape, np.int16)
         for j, chosen in self._groups(index):
-            coder.encode((flat[chosen] + self.radius[j]).astype(np.int32), self.tables.models[j])
-        return finish(coder), y.astype(np.int16)
+            r = int(self.radius[j])
+            values = np.clip(flat[chosen].astype(np.int32), -r, r)
+            held[chosen] = values
+            coder.encode(values + r, self.tables.models[j])
+        return finish(coder), held.reshape(y.shape)
 
     def decode(self, code: bytes, height: int, width: int, words: str = BIG) -> np.ndarray:
-        """One code -> latents [height, width, M] (height, width: the latent grid)."""
+        """One code -> latents [height, width, M] (int16; height, width: the latent grid)."""
         coder = reader(code, words)
         z_hat = self.side.read(coder, -(-height // 4), -(-width // 4))
         index = self.indexes(z_hat, (height, width))
-        out = np.zeros(index.size, np.int64)
+        out = np.zeros(index.size, np.int16)
         for j, chosen in self._groups(index):
-            out[chosen] = coder.decode(self.tables.models[j], len(chosen)).astype(np.int64) - self.radius[j]
+            out[chosen] = coder.decode(self.tables.models[j], len(chosen)) - int(self.radius[j])
         return out.reshape(index.shape)
 
 
@@ -189,5 +211,6 @@ class HyperpriorCodec(SpatialCodec):
         chooses it: the table the code will use."""
         z = self._hyper_encode(latent=np.ascontiguousarray(latent, np.int16))["hyper"].numpy()
         grid = latent.shape[1:3]
-        return np.stack([self.coder.indexes(self.coder.side_information(side, grid), grid) for side in z])
+        return np.stack([self.coder.indexes(self.coder.side_information(side, grid), grid)
+                         for side in z]).astype(np.int64)
 
