@@ -8,7 +8,7 @@ from setuptools import setup
 
 setup(
     name="latentpack",
-    version="0.5.0",
+    version="0.6.0",
     description="Compress image datasets with a learned autoencoder, as Apache Beam batch jobs.",
     packages=["latentpack", "pipeline", "pipeline.codecs", "training", "models"],
     # The shipped photo models (SavedModel + codec.json per quality level, a few MB in all).

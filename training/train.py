@@ -70,7 +70,8 @@ def parse_args(argv=None):
                               "file, that file's step: export it as it is)")
     spatial.add_argument("--crop", type=int, default=128, help="side of the random training crops")
     spatial.add_argument("--stride", type=int, default=16, choices=[8, 16],
-                         help="downsampling of the latents: 16 (photos) or 8 (very small images, e.g. 32x32)")
+                         help="downsampling of the latents: 16 (photos) or 8 (four times the latents: high-rate photo "
+                              "models such as photo:6, and very small images, e.g. 32x32)")
     spatial.add_argument("--filters", type=int, default=None, help="channels of the hidden layers (N, default 64)")
     spatial.add_argument("--latent-channels", type=int, default=None, help="latent channels (M, default 96)")
     spatial.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
