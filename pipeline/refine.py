@@ -230,7 +230,7 @@ class TransformRefiner:
             y = self.analysis(x)
             free = np.ones(y.shape[:3] + (1,), np.float32)
             out.append(self._search(x, weight, y, free, *self._tables(tables[chunk]), steps))
-        return np.concatenate(out).astype(np.int64)
+        return np.concatenate(out).astype(np.int32)
 
     def distortions(self, images: np.ndarray, size, tables: np.ndarray, latents: np.ndarray) -> np.ndarray:
         """`distortion` of each image of a batch (small ones together, as `refine_all` searched them)."""
@@ -268,16 +268,17 @@ class TransformRefiner:
         [h, w, M], the table of each latent. Returns refined integer latents [h, w, M]."""
         x = image.astype(np.float32) / 255.0
         y = self.analysis(x[None])[0]
-        low, tsize, base = self._tables(table)
-        out = np.clip(np.round(y), low, low + tsize - 1)
+        low = self.table_low[table]
+        out = np.clip(np.round(y), low, low + self.table_size[table] - 1)
+        del low  # each region's tables are looked up as it is searched: no whole-grid copies
         for (a, b), inner, tile, weight in self._regions(image.shape[:2], table.shape[:2], size):
             context = out[a, b].copy()  # each tile sees the earlier tiles' refined latents around it
             context[inner] = y[tile]
             free = np.zeros(context.shape[:2] + (1,), np.float32)
             free[inner] = 1.0
-            region = (x[self._pixels(a, b, x, table)], weight, context, free, low[a, b], tsize[a, b], base[a, b])
+            region = (x[self._pixels(a, b, x, table)], weight, context, free, *self._tables(table[a, b]))
             out[tile] = self._search(*[v[None] for v in region], steps)[0][inner]
-        return out.astype(np.int64)
+        return out.astype(np.int32)
 
     def distortion(self, image: np.ndarray, size, table: np.ndarray, latent: np.ndarray) -> float:
         """lambda * 255^2 * MSE of the image synthesised from integer latents (clipped to their
@@ -286,13 +287,12 @@ class TransformRefiner:
         import tensorflow as tf
 
         x = image.astype(np.float32) / 255.0
-        low, tsize, base = self._tables(table)
         total = 0.0
         for (a, b), inner, tile, weight in self._regions(image.shape[:2], table.shape[:2], size):
             region = [tf.constant(v[None]) for v in (x[self._pixels(a, b, x, table)], weight,
                                                      latent[a, b].astype(np.float32))]
             free = tf.zeros(region[2].shape[:3] + (1,))
-            loss, _ = self._score(*region, free, *[tf.constant(v[a, b][None]) for v in (low, tsize, base)])
+            loss, _ = self._score(*region, free, *[tf.constant(v[None]) for v in self._tables(table[a, b])])
             total += float(loss[0]) * float(weight.sum())
         return total / (size[0] * size[1])
 

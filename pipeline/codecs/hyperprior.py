@@ -212,5 +212,5 @@ class HyperpriorCodec(SpatialCodec):
         z = self._hyper_encode(latent=np.ascontiguousarray(latent, np.int16))["hyper"].numpy()
         grid = latent.shape[1:3]
         return np.stack([self.coder.indexes(self.coder.side_information(side, grid), grid)
-                         for side in z]).astype(np.int64)
+                         for side in z]).astype(np.int32)  # int32: refine computes table * width
 
