@@ -5,12 +5,15 @@ TensorFlow's wheels are far larger than what may travel there). This script is t
 model and loss as `training/hyperprior.py` (`HyperpriorTrainer.losses`), written with
 PyTorch ops in the Keras weights' own layouts and names, so a run goes
 
-    python -m training.weights photo:6 init-q6.npz            # here: a shipped model's weights
-    python scripts/gpu_train.py --init init-q6.npz --lmbda 0.0483 --data photos/ \
-        --seconds 480 --out gpu-q6.npz                         # there: train on the GPU
+    python -m training.weights photo:4 init-q4.npz            # here: a shipped model's weights
+    python scripts/gpu_train.py --init init-q4.npz --lmbda 0.013 --data photos/ \
+        --seconds 480 --out gpu-q4.npz                         # there: train on the GPU
     latentpack train --arch hyperprior --input 'photos/*.jpg' --input-format images \
-        --quality 6 --crop 256 --batch-size 16 --init-from gpu-q6.npz \
-        --model-dir photo-q6                                  # here: export (integer tables, SavedModel)
+        --quality 4 --crop 256 --batch-size 16 --init-from gpu-q4.npz \
+        --model-dir photo-q4                                  # here: export (integer tables, SavedModel)
+
+The number of stages comes from the weights: the stride-8 photo:6 (three stages) trains the same
+way and exports with `--stride 8 --lambda 0.0175` instead of `--quality 4`.
 
 Same as the TensorFlow trainer: "same"-padded stride-2 convolutions with TensorFlow's
 padding (one pixel before, two after), GDN with reparameterized beta and gamma, rounded
