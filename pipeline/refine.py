@@ -299,7 +299,7 @@ class TransformRefiner:
     def _tables(self, table: np.ndarray):
         """(low, size, base) of each latent's table: its lowest value, its number of values, and its
         row's offset in the flattened code lengths."""
-        return self.table_low[table], self.table_size[table], (table * self.width).astype(np.int32)
+        return self.table_low[table], self.table_size[table], table.astype(np.int32) * self.width
 
     @staticmethod
     def _pixels(a: slice, b: slice, x: np.ndarray, table: np.ndarray):

@@ -134,13 +134,16 @@ class HyperCoder:
         return self.synthesis(z)[:grid[0], :grid[1]]
 
     def clip(self, y: np.ndarray, index: np.ndarray) -> np.ndarray:
-        r = self.radius[index]
-        return np.clip(y.astype(np.int32), -r, r)
+        """y [h, w, M] clipped to the tables `index` chooses (int16): what a code holds."""
+        held = np.empty(y.size, np.int16)
+        for _, chosen, values in self._by_table(y, index):
+            held[chosen] = values
+        return held.reshape(y.shape)
 
     def clipped(self, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """The latents a code of (y, z) holds, without coding them: y clipped to its tables."""
         grid = y.shape[:2]
-        return self.clip(y, self.indexes(self.side_information(z, grid), grid)).astype(np.int16)
+        return self.clip(y, self.indexes(self.side_information(z, grid), grid))
 
     def _groups(self, index: np.ndarray):
         """(table, flat positions in raster order) for each table in use, in table order (one
@@ -149,6 +152,13 @@ class HyperCoder:
         for j in np.flatnonzero(np.bincount(flat, minlength=len(self.radius))):
             yield int(j), np.flatnonzero(flat == j)
 
+    def _by_table(self, y: np.ndarray, index: np.ndarray):
+        """(table, flat positions, y's values there clipped to the table, int32) per table in use."""
+        flat = y.reshape(-1)
+        for j, chosen in self._groups(index):
+            r = int(self.radius[j])
+            yield j, chosen, np.clip(flat[chosen].astype(np.int32), -r, r)
+
     def encode(self, y: np.ndarray, z: np.ndarray) -> Tuple[bytes, np.ndarray]:
         """(code, the latents it holds: y clipped to its tables)."""
         grid = y.shape[:2]
@@ -156,13 +166,10 @@ class HyperCoder:
         index = self.indexes(z_hat, grid)
         coder = constriction.stream.queue.RangeEncoder()
         self.side.write(coder, z_hat)
-        flat = y.reshape(-1)
-        held = np.empty(flat.shape, np.int16)
-        for j, chosen in self._groups(index):
-            r = int(self.radius[j])
-            values = np.clip(flat[chosen].astype(np.int32), -r, r)
+        held = np.empty(y.size, np.int16)
+        for j, chosen, values in self._by_table(y, index):
             held[chosen] = values
-            coder.encode(values + r, self.tables.models[j])
+            coder.encode(values + int(self.radius[j]), self.tables.models[j])
         return finish(coder), held.reshape(y.shape)
 
     def decode(self, code: bytes, height: int, width: int, words: str = BIG) -> np.ndarray:
@@ -211,6 +218,5 @@ class HyperpriorCodec(SpatialCodec):
         chooses it: the table the code will use."""
         z = self._hyper_encode(latent=np.ascontiguousarray(latent, np.int16))["hyper"].numpy()
         grid = latent.shape[1:3]
-        return np.stack([self.coder.indexes(self.coder.side_information(side, grid), grid)
-                         for side in z]).astype(np.int32)  # int32: refine computes table * width
+        return np.stack([self.coder.indexes(self.coder.side_information(side, grid), grid) for side in z])
 
