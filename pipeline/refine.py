@@ -131,6 +131,30 @@ TILE_MARGIN = 4  # ... each seeing this many latents around it, held fixed (beyo
 SCORE_EVERY = 5  # steps between scorings of the rounded latents (a synthesis each; the loss falls steadily)
 
 
+class LatentTables:
+    """The table of each latent [..., h, w, M] (`index`), and where a family centres its tables on a
+    predicted mean (channelwise), the value each table's zero stands for (`centre`; else None).
+    Indexes like an array; the refiner takes it wherever it takes a plain array of table indexes."""
+
+    def __init__(self, index: np.ndarray, centre=None):
+        self.index, self.centre = index, centre
+
+    @property
+    def shape(self):
+        return self.index.shape
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, key):
+        return LatentTables(self.index[key], None if self.centre is None else self.centre[key])
+
+
+def _split(tables):
+    """(table indexes, centres or None) of a LatentTables or a plain array of indexes."""
+    return (tables.index, tables.centre) if isinstance(tables, LatentTables) else (tables, None)
+
+
 def table_bits(model: dict):
     """(bits [T, W], low [T], size [T]) of integer tables {"offsets", "frequencies", "precision"}:
     the code length of value low[t] + k under table t at bits[t, k]; MAX_BITS past a table's end."""
@@ -268,9 +292,9 @@ class TransformRefiner:
         [h, w, M], the table of each latent. Returns refined integer latents [h, w, M]."""
         x = image.astype(np.float32) / 255.0
         y = self.analysis(x[None])[0]
-        low = self.table_low[table]
-        out = np.clip(np.round(y), low, low + self.table_size[table] - 1)
-        del low  # each region's tables are looked up as it is searched: no whole-grid copies
+        low, size_, _ = self._tables(table)
+        out = np.clip(np.round(y), low, low + size_ - 1)
+        del low, size_  # each region's tables are looked up as it is searched: no whole-grid copies
         for (a, b), inner, tile, weight in self._regions(image.shape[:2], table.shape[:2], size):
             context = out[a, b].copy()  # each tile sees the earlier tiles' refined latents around it
             context[inner] = y[tile]
@@ -299,7 +323,9 @@ class TransformRefiner:
     def _tables(self, table: np.ndarray):
         """(low, size, base) of each latent's table: its lowest value, its number of values, and its
         row's offset in the flattened code lengths."""
-        return self.table_low[table], self.table_size[table], table.astype(np.int32) * self.width
+        index, centre = _split(table)
+        low = self.table_low[index] if centre is None else self.table_low[index] + centre.astype(np.float32)
+        return low, self.table_size[index], index.astype(np.int32) * self.width
 
     @staticmethod
     def _pixels(a: slice, b: slice, x: np.ndarray, table: np.ndarray):

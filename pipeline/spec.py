@@ -20,9 +20,10 @@ from pipeline.errors import LatentpackError
 FORMAT = "latentpack-codec"
 # 2: spatial and hyperprior families. 3: a dense entropy model may be a mixture of table sets
 # (`factorized-mixture`), whose codes an older reader would decode wrongly, so it refuses them.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
-FAMILIES = ("dense", "spatial", "hyperprior")
+# 4: the channelwise family.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+FAMILIES = ("dense", "spatial", "hyperprior", "channelwise")
 LATENT_DTYPES = ("int8", "int16")
 
 
@@ -138,16 +139,49 @@ class CodecSpec:
                    stride=need("stride", int, lambda v: v in (8, 16, 32, 64)),
                    channels=need("channels", int, lambda v: v == 3),
                    latent_channels=need("latent_channels", int, lambda v: 0 < v <= 1024),
-                   hyper_channels=need("hyper_channels", int, lambda v: 0 < v <= 1024) if family == "hyperprior"
-                   else None,
+                   hyper_channels=need("hyper_channels", int, lambda v: 0 < v <= 1024)
+                   if family in ("hyperprior", "channelwise") else None,
                    entropy_model=_freeze(need("entropy_model", dict)))
         if spec.latent_dtype != "int16":
             raise LatentpackError(f"{where}: {family} models store int16 latents")
         if family == "spatial":
             validate_tables(raw["entropy_model"], spec.latent_channels, where)
-        else:
+        elif family == "hyperprior":
             validate_hyperprior(raw["entropy_model"], spec.hyper_channels, where)
+        else:
+            validate_channelwise(raw["entropy_model"], spec.hyper_channels, spec.latent_channels, where)
         return spec
+
+
+def validate_channelwise(model, hyper_channels: int, latent_channels: int, where: str) -> None:
+    """Side information tables, Gaussian tables (scales x mean fractions), slices and integer networks."""
+    from pipeline.integer import check_layers
+
+    if not isinstance(model, dict) or model.get("kind") != "channelwise-mean-scale":
+        raise LatentpackError(f"{where}: invalid entropy_model: expected kind 'channelwise-mean-scale'")
+    validate_tables(model.get("hyper"), hyper_channels, where)
+    if not isinstance(model.get("feature_bits"), int):
+        raise LatentpackError(f"{where}: invalid entropy_model: needs an integer 'feature_bits'")
+    gaussian = model.get("gaussian")
+    levels = gaussian.get("mean_levels") if isinstance(gaussian, dict) else None
+    scales = gaussian.get("scales") if isinstance(gaussian, dict) else None
+    if not isinstance(levels, int) or levels < 1 or levels & (levels - 1) or not isinstance(scales, list) or not scales:
+        raise LatentpackError(f"{where}: invalid entropy_model: Gaussian tables need 'scales' and a power-of-two "
+                              "'mean_levels'")
+    validate_tables(gaussian, len(scales) * levels, where)
+    slices = model.get("slices")
+    if not isinstance(slices, list) or not slices or not all(isinstance(s, int) and s > 0 for s in slices) or \
+            sum(slices) != latent_channels:
+        raise LatentpackError(f"{where}: invalid entropy_model: 'slices' must add up to the latent channels")
+    check_layers(model.get("hyper_synthesis"), where, "hyper_synthesis")
+    context = model.get("context")
+    if not isinstance(context, list) or len(context) != len(slices):
+        raise LatentpackError(f"{where}: invalid entropy_model: a context network per slice")
+    for layers in context:
+        check_layers(layers, where, "context")
+        last = layers[-1]
+        if not all(isinstance(last.get(k), list) for k in ("mean_bits", "scale_bits", "index_offset", "index_step")):
+            raise LatentpackError(f"{where}: invalid entropy_model: a context network without its integer mappings")
 
 
 def validate_hyperprior(model, hyper_channels: int, where: str) -> None:

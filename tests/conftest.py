@@ -108,7 +108,21 @@ def hyperprior_model_dir(tmp_path_factory, photo_folder, spatial_model_dir):
     return str(out / "artifact")
 
 
-@pytest.fixture(scope="session", params=["spatial", "hyperprior"])
+@pytest.fixture(scope="session")
+def channelwise_model_dir(tmp_path_factory, photo_folder, spatial_model_dir):
+    """A tiny channel-conditional artifact (two slices): the spatial fixture's transforms, then 30 steps."""
+    from training.spatial import SpatialConfig, train
+
+    out = tmp_path_factory.mktemp("channelwise")
+    config = SpatialConfig(filters=16, latent_channels=8, crop=32, batch_size=4, steps=30, learning_rate=1e-3,
+                           checkpoint_every=30, validate_every=30, val_images=2, holdout_every=6, prior="channelwise",
+                           slices=2, context_filters=16)
+    train(config, str(photo_folder / "*.png"), "images", str(out / "artifact"), str(out / "checkpoints"),
+          init_from=os.path.join(os.path.dirname(spatial_model_dir), "checkpoints"))
+    return str(out / "artifact")
+
+
+@pytest.fixture(scope="session", params=["spatial", "hyperprior", "channelwise"])
 def photo_model_dir(request):
-    """Each photo model family in turn (the tests that hold for both)."""
+    """Each photo model family in turn (the tests that hold for all)."""
     return request.getfixturevalue(f"{request.param}_model_dir")

@@ -172,7 +172,11 @@ def add_refinement_to(model_dir: str) -> dict:
 def write_codec_json(model_dir: str, spec: dict) -> dict:
     """Write codec.json beside a saved model, with the fingerprint of the whole directory; the
     spec is validated exactly as the pipeline will read it. Returns the final dict."""
-    spec = dict(spec, format=FORMAT, format_version=FORMAT_VERSION, fingerprint="sha256:pending")
+    from pipeline.codecs import CODECS
+
+    # The oldest format that describes it, so that older readers refuse only what they cannot read.
+    version = getattr(CODECS.get(spec.get("family", "dense")), "format_version", FORMAT_VERSION)
+    spec = dict(spec, format=FORMAT, format_version=version, fingerprint="sha256:pending")
     codec_path = os.path.join(model_dir, CODEC_FILE)
     with open(codec_path, "w") as f:
         json.dump(spec, f, indent=2)

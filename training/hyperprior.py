@@ -105,27 +105,6 @@ class HyperpriorTrainer(spatial.SpatialTrainer):
         bits = tf.reduce_sum(gaussian_bits(noisy_y, log_scale), axis=[1, 2, 3]) + self.prior.bits(z_hat)
         return mse, tf.reduce_mean(bits) / pixels
 
-    def init_from(self, checkpoint: str) -> str:
-        """Start from another hyperprior run (all its weights: how another quality level starts),
-        or from a spatial (factorized) run's image transforms: the hyperprior, new, trains quickly
-        on top of transforms that already took hours."""
-        import tensorflow as tf
-
-        latest = tf.train.latest_checkpoint(checkpoint) or checkpoint
-        # Keras 3 saves the weights under the optimizer's list of them: the same shapes in the same
-        # order (and no more) is a hyperprior run of this size.
-        shapes = dict(tf.train.list_variables(latest))
-        stored = [shapes.get(f"optimizer/_trainable_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE")
-                  for i in range(len(self.variables) + 1)]
-        if stored == [list(v.shape) for v in self.variables] + [None]:
-            return spatial.init_weights_from(self, latest)
-        before = self.synthesis.layers[-1].kernel.numpy().copy()
-        tf.train.Checkpoint(analysis=self.analysis, synthesis=self.synthesis).restore(latest).expect_partial()
-        if np.array_equal(before, self.synthesis.layers[-1].kernel.numpy()):
-            from pipeline.errors import LatentpackError
-            raise LatentpackError(f"--init-from {latest}: holds no spatial transforms to start from")
-        return latest
-
     def bits(self, y) -> float:
         """Estimated bits of one image's rounded latents [1, h, w, M]: y given z, and z."""
         import tensorflow as tf

@@ -54,6 +54,9 @@ class SpatialConfig:
     prior: str = "factorized"  # or "hyperprior" (training/hyperprior.py)
     stride: int = STRIDE  # 16: four stride-2 stages (photos); 8: three, for very small images (CIFAR-10)
     kernel_storage: str = KERNEL_STORAGE  # how the exported SavedModel stores kernels (`stored_kernel`)
+    warmup_steps: int = 0  # the first steps train the entropy model alone, on fixed transforms (`rate`)
+    slices: int = 4  # channelwise: latent slices coded in sequence
+    context_filters: int = 96  # channelwise: channels of each slice's context network
 
 
 def build_transforms(filters: int, latent_channels: int, channels: int = 3, stride: int = STRIDE):
@@ -197,7 +200,27 @@ class SpatialTrainer:
             self.step.assign_add(1)
             return loss, mse, bpp
 
-        self.train_step = train_step
+        @tf.function
+        def entropy_step(x):
+            # Transforms held fixed: a new entropy model learns on a trained model's latents first,
+            # before its early, poor rates can pull the transforms away (no synthesis computed).
+            y = tf.stop_gradient(self.analysis(x, training=False))
+            with tf.GradientTape() as tape:
+                bpp = self.rate(y, tf.cast(tf.reduce_prod(tf.shape(x)[1:3]), tf.float32))
+            grads = tape.gradient(bpp, self.entropy_variables)
+            grads, _ = tf.clip_by_global_norm(grads, config.clip_norm)
+            self.optimizer.apply_gradients(zip(grads, self.entropy_variables))
+            self.step.assign_add(1)
+            return bpp, tf.constant(np.nan, tf.float32), bpp
+
+        self.train_step, self.entropy_step = train_step, entropy_step
+        self.entropy_variables = [v for name, part in parts.items() if name not in ("analysis", "synthesis")
+                                  for v in part.trainable_variables]
+
+    def rate(self, y, pixels):
+        """Bits per pixel of a batch of float latents (rounded straight through where the model
+        needs integers, uniform noise for the likelihood): the loss of `entropy_step`."""
+        raise NotImplementedError(f"{type(self).__name__} has no entropy-model warm-up")
 
     def build(self, config: SpatialConfig) -> dict:
         from training.prior import DeepFactorizedPrior
@@ -219,7 +242,27 @@ class SpatialTrainer:
         return mse, tf.reduce_mean(self.prior.bits(noisy)) / pixels
 
     def init_from(self, checkpoint: str) -> str:
-        return init_weights_from(self, checkpoint)
+        """Start from another run of this family and size (all its weights: how another quality
+        level starts), or from any photo run's image transforms (a factorized run's under a
+        hyperprior, a hyperprior's under a channelwise model): the entropy model, new, trains
+        quickly on top of transforms that already took hours."""
+        import tensorflow as tf
+
+        from pipeline.errors import LatentpackError
+
+        latest = tf.train.latest_checkpoint(checkpoint) or checkpoint
+        # Keras 3 saves the weights under the optimizer's list of them: the same shapes in the same
+        # order (and no more) is a run of this family and size.
+        shapes = dict(tf.train.list_variables(latest))
+        stored = [shapes.get(f"optimizer/_trainable_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE")
+                  for i in range(len(self.variables) + 1)]
+        if stored == [list(v.shape) for v in self.variables] + [None]:
+            return init_weights_from(self, latest)
+        before = self.synthesis.layers[-1].kernel.numpy().copy()
+        tf.train.Checkpoint(analysis=self.analysis, synthesis=self.synthesis).restore(latest).expect_partial()
+        if np.array_equal(before, self.synthesis.layers[-1].kernel.numpy()):
+            raise LatentpackError(f"--init-from {latest}: holds no photo transforms of this size to start from")
+        return latest
 
     def export(self, model_dir: str, holdout, history: dict, extra: dict) -> dict:
         return export(self, model_dir, holdout, history, extra)
@@ -253,13 +296,22 @@ class SpatialTrainer:
         return float(self.prior.bits(y).numpy()[0])
 
 
-def load_holdout(pattern: str, input_format: str, config: SpatialConfig) -> List[np.ndarray]:
-    images = []
-    for _, image in _photos(pattern, input_format, None, True, config.holdout_every):
-        images.append(image)
-        if len(images) >= config.val_images:
-            break
-    return images
+def load_holdout(pattern: str, input_format: str, config: SpatialConfig,
+                 validation: Optional[str] = None) -> List[np.ndarray]:
+    """The validation photos: the first `val_images` held-out ones of --input, or with a
+    `validation` pattern (a held-out set of one's own) up to `val_images` of those, spread evenly
+    over them in key order (so that every kind of photo in it is seen)."""
+    if validation is None:
+        images = []
+        for _, image in _photos(pattern, input_format, None, True, config.holdout_every):
+            images.append(image)
+            if len(images) >= config.val_images:
+                break
+        return images
+    found = sorted(_photos(validation, input_format, None, None, 0), key=lambda item: item[0])
+    if len(found) > config.val_images:
+        found = [found[i] for i in np.linspace(0, len(found) - 1, config.val_images).round().astype(int)]
+    return [image for _, image in found]
 
 
 def save_curves(history: dict, path: str) -> None:
@@ -290,8 +342,10 @@ def save_curves(history: dict, path: str) -> None:
 
 
 def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str, checkpoint_dir: str,
-          resume: bool = False, init_from: Optional[str] = None, extra: Optional[dict] = None) -> dict:
-    """Train (or continue) and export the artifact; returns its codec spec."""
+          resume: bool = False, init_from: Optional[str] = None, extra: Optional[dict] = None,
+          validation: Optional[str] = None) -> dict:
+    """Train (or continue) and export the artifact; returns its codec spec. With `validation` (a
+    pattern of held-out photos) every --input image is trained on and those validate."""
     import keras
     import tensorflow as tf
 
@@ -302,6 +356,9 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
     if config.prior == "hyperprior":
         from training.hyperprior import HyperpriorTrainer
         trainer = HyperpriorTrainer(config)
+    elif config.prior == "channelwise":
+        from training.channelwise import ChannelwiseTrainer
+        trainer = ChannelwiseTrainer(config)
     else:
         trainer = SpatialTrainer(config)
     manager = tf.train.CheckpointManager(trainer.checkpoint, checkpoint_dir, max_to_keep=2)
@@ -334,7 +391,7 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
         raise LatentpackError(f"no readable training images in --input {pattern!r} ({input_format}) outside the "
                               "held-out split")
     os.makedirs(checkpoint_dir, exist_ok=True)
-    holdout = load_holdout(pattern, input_format, config)
+    holdout = load_holdout(pattern, input_format, config, validation)
     log.info("%s model N=%d M=%d lambda=%g: %d held-out validation images, crops %d, batch %d, to step %d",
                  config.prior, config.filters, config.latent_channels, config.lmbda, len(holdout), config.crop,
                  config.batch_size, config.steps)
@@ -347,7 +404,8 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
     step = int(trainer.step)
     while step < config.steps:
         trainer.optimizer.learning_rate.assign(trainer.schedule(step))
-        values = [float(t) for t in trainer.train_step(next(batches))]
+        step_fn = trainer.entropy_step if step < config.warmup_steps else trainer.train_step
+        values = [float(t) for t in step_fn(next(batches))]
         if not np.isfinite(values[0]):
             raise LatentpackError(f"loss is {values[0]} at step {step + 1}: training diverged; resume from the last "
                              f"checkpoint in {checkpoint_dir} with a lower --learning-rate")
@@ -357,6 +415,7 @@ def train(config: SpatialConfig, pattern: str, input_format: str, model_dir: str
         if step % 100 == 0 or step == config.steps:
             rate = window_steps / max(time.time() - window_start, 1e-9)
             loss, mse, bpp = sums / window_steps
+            mse = mse if np.isfinite(mse) else 1.0  # entropy-model warm-up: no reconstruction computed
             history["train"].append({"step": step, "loss": loss, "psnr": float(10 * np.log10(1 / max(mse, 1e-10))),
                                      "bpp": bpp})
             eta = (config.steps - step) / max(rate, 1e-9)
@@ -447,6 +506,32 @@ def measure(module, entropy_model: dict, images, stride: int = STRIDE) -> dict:
         psnrs.append(psnr(image[None], recon[None])[0])
         bpps.append(bits / (h * w))
     return {"val_psnr": float(np.mean(psnrs)), "val_bpp": float(np.mean(bpps)), "val_images": len(images)}
+
+
+def measure_codec(model_dir: str, images) -> dict:
+    """Held-out PSNR and bits per pixel of a written artifact, through the pipeline's own codec
+    (`load_codec`: real codes, decoded as the decode job decodes them); also the worst photo."""
+    from pipeline import latents
+    from pipeline.codecs import load_codec
+    from pipeline.errors import LatentpackError
+    from pipeline.images import ImageBatch, psnr
+
+    if not images:
+        return {}
+    codec = load_codec(model_dir)
+    schema = latents.schema(codec.spec, "code")
+    psnrs, bpps = [], []
+    for i, image in enumerate(images):
+        batch = ImageBatch([f"val{i}"], image[None], np.full(1, -1, np.int64), np.zeros(1, bool))
+        columns = codec.compress(batch, "code")
+        table = latents.to_table(batch.keys, columns, batch.labels, batch.has_label, schema)
+        decoded = list(codec.decompress(table))
+        if len(decoded) != 1 or not isinstance(decoded[0], ImageBatch):
+            raise LatentpackError(f"{model_dir}: a held-out photo does not decode ({decoded[0]})")
+        psnrs.append(float(psnr(image[None], decoded[0].images[:1])[0]))
+        bpps.append(8.0 * len(columns["code"][0].as_py()) / (image.shape[0] * image.shape[1]))
+    return {"val_psnr": float(np.mean(psnrs)), "val_bpp": float(np.mean(bpps)), "val_psnr_min": min(psnrs),
+            "val_images": len(images)}
 
 
 def transform_weights(analysis, synthesis) -> dict:
@@ -557,12 +642,14 @@ def main(args) -> int:
         lmbda=lmbda, quality=args.quality if args.lmbda is None else None, crop=args.crop,
         batch_size=args.batch_size or defaults.batch_size, steps=args.steps or _default_steps(args.init_from),
         learning_rate=args.learning_rate or defaults.learning_rate, seed=args.seed,
+        holdout_every=0 if args.validation else defaults.holdout_every,
+        val_images=args.val_images or defaults.val_images, warmup_steps=args.warmup_steps,
         checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
-        prior="hyperprior" if args.arch == "hyperprior" else "factorized", stride=args.stride,
+        prior=args.arch if args.arch in ("hyperprior", "channelwise") else "factorized", stride=args.stride,
         kernel_storage=args.kernel_storage)
     checkpoint_dir = args.checkpoint_dir or args.model_dir.rstrip("/") + "-checkpoints"
     spec = train(config, args.input, args.input_format, args.model_dir, checkpoint_dir,
-                 resume=args.resume, init_from=args.init_from)
+                 resume=args.resume, init_from=args.init_from, validation=args.validation)
     m = spec["metrics"]
     print(f"model written to {args.model_dir}: {args.arch}, {config.latent_channels} latent channels, "
           f"held-out {m.get('val_psnr', float('nan')):.2f} dB at {m.get('val_bpp', float('nan')):.3f} bpp "

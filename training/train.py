@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--input", help="glob of training shards (not needed for mnist-sample)")
     p.add_argument("--input-format", default="tfrecord", choices=sorted(READERS), help="format of --input")
     p.add_argument("--model-dir", required=True, help="where to write the model artifact")
-    p.add_argument("--arch", default=defaults.arch, choices=["conv", "mlp", "spatial", "hyperprior"],
+    p.add_argument("--arch", default=defaults.arch, choices=["conv", "mlp", "spatial", "hyperprior", "channelwise"],
                    help="conv: convolutional with a linear bottleneck (one image size); mlp: the reference tutorial "
                         "model; spatial: the fully convolutional photo codec (any image size, training/spatial.py); "
                         "hyperprior: the same with a scale hyperprior (training/hyperprior.py)")
@@ -74,6 +74,13 @@ def parse_args(argv=None):
                               "models such as photo:6, and very small images, e.g. 32x32)")
     spatial.add_argument("--filters", type=int, default=None, help="channels of the hidden layers (N, default 64)")
     spatial.add_argument("--latent-channels", type=int, default=None, help="latent channels (M, default 96)")
+    spatial.add_argument("--validation", help="glob of held-out images to validate on (same --input-format); "
+                         "then every --input image is trained on (default: hold out the --input images whose "
+                         "key's CRC32 is divisible by 10)")
+    spatial.add_argument("--val-images", type=int, default=None, help="at most this many validation images (default 24)")
+    spatial.add_argument("--warmup-steps", type=int, default=0,
+                         help="train the entropy model alone for this many steps first, on the fixed transforms of "
+                              "--init-from (channelwise: a new entropy model on trained transforms)")
     spatial.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     spatial.add_argument("--checkpoint-dir", help="checkpoints and history (default: <model-dir>-checkpoints)")
     spatial.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
@@ -130,7 +137,7 @@ def check_args(args) -> None:
         if value is not None:
             need(np.isfinite(value) and value > 0, f"{name} must be a positive number", value)
     need(0 <= args.val_fraction < 1, "--val-fraction must be at least 0 and below 1", args.val_fraction)
-    if args.arch in ("spatial", "hyperprior"):
+    if args.arch in ("spatial", "hyperprior", "channelwise"):
         need(args.crop >= args.stride and args.crop % args.stride == 0,
              f"--crop must be a multiple of --stride {args.stride}", args.crop)
 
@@ -290,7 +297,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
     check_model_dir(args.model_dir)
-    if args.arch in ("spatial", "hyperprior"):
+    if args.arch in ("spatial", "hyperprior", "channelwise"):
         from training import spatial
         if not args.input:
             from pipeline.errors import LatentpackError

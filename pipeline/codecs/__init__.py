@@ -56,4 +56,4 @@ def shared_codec(model_dir: str, spec) -> ModelCodec:
         return _SHARED[key]
 
 
-from pipeline.codecs import dense, hyperprior, spatial  # noqa: E402,F401  (registers the families)
+from pipeline.codecs import channelwise, dense, hyperprior, spatial  # noqa: E402,F401  (registers the families)

@@ -22,6 +22,7 @@ class ModelCodec:
     """
 
     family = ""
+    format_version = 3  # the codec.json format version an artifact of this family is written with
 
     def __init__(self, model_dir: str, spec):
         import tensorflow as tf
