@@ -179,9 +179,19 @@ def write_codec_json(model_dir: str, spec: dict) -> dict:
     spec = dict(spec, format=FORMAT, format_version=version, fingerprint="sha256:pending")
     codec_path = os.path.join(model_dir, CODEC_FILE)
     with open(codec_path, "w") as f:
-        json.dump(spec, f, indent=2)
+        f.write(readable_json(spec))
     spec["fingerprint"] = compute_fingerprint(model_dir)
     validate_spec(spec, codec_path)
     with open(codec_path, "w") as f:
-        json.dump(spec, f, indent=2)
+        f.write(readable_json(spec))
     return spec
+
+
+def readable_json(value) -> str:
+    """JSON indented for reading, with lists of numbers (entropy tables) on one line each: a
+    channelwise model's 512 tables take 0.28 MB instead of 1.2 MB one number per line. (The
+    fingerprint reads the parsed JSON, so the layout never changes it.)"""
+    import re
+
+    text = json.dumps(value, indent=2)
+    return re.sub(r"\[\s+([-+.\deE,\s]+?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
