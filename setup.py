@@ -1,16 +1,17 @@
 """latentpack: compress image datasets into learned latent codes.
 
-Installs two packages, `training` (train and export the model artifact) and
-`pipeline` (the Beam encode/decode jobs), and the `latentpack` command. This
+Installs `families` (the model families, one folder each), `training` (train and export the
+model artifact) and `pipeline` (the Beam encode/decode jobs), and the `latentpack` command. This
 file is also what Beam stages to remote workers with `--setup_file ./setup.py`.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="latentpack",
-    version="0.6.0",
+    version="0.7.0",
     description="Compress image datasets with a learned autoencoder, as Apache Beam batch jobs.",
-    packages=["latentpack", "pipeline", "pipeline.codecs", "training", "models"],
+    packages=find_packages(include=["latentpack", "pipeline", "pipeline.*", "training", "families", "families.*",
+                                    "models"]),
     # The shipped photo models (SavedModel + codec.json per quality level, a few MB in all).
     package_data={"models": ["README.md", "*/*.json", "*/*.pb", "*/*.png", "*/variables/*"]},
     include_package_data=False,

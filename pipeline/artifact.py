@@ -2,7 +2,7 @@
 
 An artifact directory holds a TensorFlow SavedModel with two signatures, `encode`
 (uint8 images -> integer latents) and `decode` (the reverse), plus `codec.json`
-describing it (read into a `pipeline.spec.CodecSpec`; `pipeline.codecs` loads the
+describing it (read into a `pipeline.spec.CodecSpec`; `pipeline.codec` loads the
 family's codec class). The fingerprint is a SHA-256 over every
 file of the directory (codec.json without its own fingerprint field included), so a
 latent dataset can name exactly the model that made it.

@@ -27,7 +27,7 @@ from pipeline import keys, latents
 from pipeline.accounting import (DEFAULT_MAX_BAD_FRACTION, Gather, Progress, add_reasons, count_dead_letter,
                                  count_reasons, counts, finish, reported, summary, write_dead_letters)
 from pipeline.artifact import read_spec
-from pipeline.codecs import codec_class, shared_codec
+from pipeline.codec import codec_class, schema_of, shared_codec
 from pipeline.completion import DEAD_LETTER_DIR, MANIFEST, OutputFolder, clear_previous, read_manifest, run_to_completion
 from pipeline.errors import LatentpackError
 from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter
@@ -66,7 +66,7 @@ def check_dataset(dataset_dir: str, spec, manifest: dict) -> tuple:
         why_not = family.check_latent_format(spec, latent_format)
         if why_not:
             raise LatentpackError(f"{path}: latent format {latent_format!r} cannot be decoded with this model")
-        for field in latents.schema(spec, latent_format):
+        for field in schema_of(spec, latent_format):
             if field.name not in schema.names:
                 if version < latents.COLUMN_SINCE.get(field.name, 1):
                     continue  # a column added since this dataset's version

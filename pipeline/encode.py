@@ -25,7 +25,7 @@ from apache_beam.metrics import Metrics
 from pipeline import keys, latents, sinks
 from pipeline.accounting import DEFAULT_MAX_BAD_FRACTION, Progress, summary
 from pipeline.artifact import read_spec
-from pipeline.codecs import codec_class, shared_codec
+from pipeline.codec import codec_class, schema_of, shared_codec
 from pipeline.completion import MANIFEST, OutputFolder, run_to_completion, stored_json
 from pipeline.errors import BadImage, LatentpackError
 from pipeline.formats import READERS, Fields, open_input
@@ -158,7 +158,7 @@ class EncodeUnit(beam.DoFn):
     def setup(self):
         self.codec = shared_codec(self.model_dir, self.spec)
         self.shape = codec_class(self.spec).image_shape(self.spec)
-        self.schema = latents.schema(self.spec, self.latent_format)
+        self.schema = schema_of(self.spec, self.latent_format)
         self.images = Metrics.counter(NAMESPACE, "images_written")
         self.progress = Progress("encoded")
 
@@ -294,7 +294,7 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
     extra = {"job": "encode", "input": options.input, "input_format": options.input_format, "shards": len(shards),
              "latent_format": latent_format, "duplicate_keys": options.duplicate_keys, "refine": options.refine,
              "max_pixels": options.max_pixels,
-             "codec": latents.metadata_of(latents.schema(spec, latent_format)),
+             "codec": latents.metadata_of(schema_of(spec, latent_format)),
              # Which shipped model, of which release: a later release may ship a better (different) one.
              "model": options.model_dir if models.is_shipped_name(options.model_dir) else None,
              "latentpack_version": models.package_version()}

@@ -29,9 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+import families
 from pipeline import decode, encode, latents
 from pipeline.artifact import read_spec
-from pipeline.codecs import codec_class
+from pipeline.codec import codec_class
 from pipeline.errors import LatentpackError
 from pipeline.formats import READERS, get_reader
 from pipeline.images import ImageBatch, batch_photos, psnr
@@ -238,8 +239,9 @@ def plot(points, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     styles = {"jpeg": ("s-", "C0"), "webp": ("^-", "C2"), "avif": ("v-", "C4"), "mlp-ae": ("D", "C5"),
               "conv-ae": ("v", "C6")}
-    for family, color in (("spatial", "C3"), ("hyperprior", "C1"), ("dense", "C1")):
-        styles[f"latentpack-{family}"], styles[f"latentpack-{family}-refined"] = ("o-", color), ("*--", color)
+    for name in families.names():
+        color = families.family(name).color
+        styles[f"latentpack-{name}"], styles[f"latentpack-{name}-refined"] = ("o-", color), ("*--", color)
     for family in dict.fromkeys(p["family"] for p in points):
         pts = sorted((p for p in points if p["family"] == family and p["psnr"] < 99.9), key=lambda p: p["bpp"])
         if not pts:
@@ -351,7 +353,7 @@ def refinable(model_dir: str) -> bool:
     that cannot refine (a dense one exported without the signatures) is a clear error now, before
     any evaluation runs."""
     from pipeline import models
-    from pipeline.codecs import shared_codec
+    from pipeline.codec import shared_codec
 
     resolved = models.resolve(model_dir)
     spec = read_spec(resolved)

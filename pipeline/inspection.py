@@ -130,11 +130,9 @@ def main(argv=None) -> int:
     meta = latents.metadata_of(schema)
     images = manifest.get("images", 0)
     print(f"dataset      {dataset} ({'complete' if manifest.get('complete') else 'INCOMPLETE'})")
-    if meta.get("family", "dense") == "dense":
-        shape = (f"{meta['latent_dim']} x {meta['latent_dtype']}, {meta['quantization_bits']}-bit, "
-                 f"images {'x'.join(map(str, meta['image_shape']))}")
-    else:
-        shape = f"{meta.get('latent_channels')} latent channels, any image size"
+    import families
+
+    shape = families.family(meta.get("family", "dense")).describe(meta)
     print(f"model        {meta['model_fingerprint']} ({meta.get('arch')}, {shape})"
           + (f", encoded with --refine {manifest['refine']}" if manifest.get("refine") else ""))
     if images:
@@ -148,7 +146,7 @@ def main(argv=None) -> int:
         print(f"  {field.name:<8} {field.type}")
     if args.samples:
         from pipeline import models
-        from pipeline.codecs import codec_class, load_codec
+        from pipeline.codec import codec_class, load_codec
         from pipeline.images import DeadLetter
         model_dir = args.model_dir or models.by_fingerprint(meta["model_fingerprint"])
         if not model_dir:

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import latents
+from pipeline.codec import schema_of
 from pipeline.accounting import (Gather, add_reasons, count_dead_letter, count_reasons, counts, finish, reported,
                                  write_dead_letters)
 from pipeline.completion import DEAD_LETTER_DIR, FAILED, clear_previous, write_json
@@ -121,7 +122,7 @@ class WritePart(beam.DoFn):
         # Dead letters first: a part that exists always has its dead letters beside it.
         letters_path = posixpath.join(self.output, DEAD_LETTER_DIR, name[:-len(".parquet")] + ".jsonl")
         write_dead_letters(letters_path, letters)
-        latents.write_part(path, tables, latents.schema(self.spec, self.latent_format), self.latent_format,
+        latents.write_part(path, tables, schema_of(self.spec, self.latent_format), self.latent_format,
                            {COUNTS_KEY: json.dumps(counts(rows, reasons)),
                             **sources_entry(done, self.exact_sources)})
         yield {"part": path, "dead_letters": letters_path, "rows": rows, "reasons": reasons}

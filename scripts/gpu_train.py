@@ -2,7 +2,7 @@
 
 The device machines this project is sometimes lent carry PyTorch but not TensorFlow (and
 TensorFlow's wheels are far larger than what may travel there). This script is the same
-model and loss as `training/hyperprior.py` (`HyperpriorTrainer.losses`), written with
+model and loss as `families/hyperprior/train.py` (`HyperpriorTrainer.losses`), written with
 PyTorch ops in the Keras weights' own layouts and names, so a run goes
 
     python -m training.weights photo:4 init-q4.npz            # here: a shipped model's weights
@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 PEDESTAL = 2.0 ** -36
 BETA_MIN = 1e-6
-SCALE_MIN, SCALE_MAX = 0.11, 64.0  # training.hyperprior
-HOLDOUT_EVERY, VAL_IMAGES = 10, 24  # training.spatial.SpatialConfig
+SCALE_MIN, SCALE_MAX = 0.11, 64.0  # families.hyperprior.train
+HOLDOUT_EVERY, VAL_IMAGES = 10, 24  # training.loop.PhotoConfig, training.data
 
 
 def _same(size: int, kernel: int, stride: int):
@@ -185,7 +185,7 @@ def fresh_prior(channels: int, rng, init_scale: float = 10.0, filters=(3, 3, 3))
 
 def load_photos(folder: str, device):
     """(training images, held-out validation images) as uint8 [3, H, W] tensors on the device;
-    held out: CRC32 of the file name without extension divisible by 10 (training.spatial.is_holdout)."""
+    held out: CRC32 of the file name without extension divisible by 10 (training.data.is_holdout)."""
     from PIL import Image
 
     train, holdout = [], []

@@ -36,7 +36,7 @@ SMALL_REFINE = 25  # steps for the small images' refined encode
 def held_out_photos(limit: int) -> list:
     """Paths of held-out evaluation photos: BSDS500 images in training's held-out split."""
     sys.path.insert(0, ROOT)
-    from training.spatial import holdout_files
+    from training.data import holdout_files
 
     if os.path.isdir(BSDS):
         return holdout_files(BSDS)[:limit]

@@ -6,7 +6,7 @@ Writes (never committed; the sources' licences forbid it, and they are in ../sha
   photo-data/train/   the training mix, PNG (BSDS500 as its own JPEG files)
   photo-data/holdout/<kind>/   held-out photos of each kind, PNG, for `make photo-rd`
 
-Kinds and the held-out rule (`training.spatial.is_holdout`, CRC32 of the key):
+Kinds and the held-out rule (`training.data.is_holdout`, CRC32 of the key):
   bsds500     the 500 BSDS500 photos (481x321): the same 49 held out as always (crc % 10 == 0);
   wikiphotos  49 clean photos of cities, buildings, interiors and night scenes (~0.25 Mpx):
               held out where crc % 10 == 0 or crc % 4 == 0 (a bigger share: 13 photos);

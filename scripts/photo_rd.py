@@ -5,7 +5,7 @@
     python scripts/photo_rd.py --dataset cifar10 --out rd-cifar --models cifar-q1/ ... [--record]
 
 The evaluation photos are the BSDS500 images of ../shared/data/bsds500 that training
-holds out (crc32 of the key divisible by 10, `training.spatial.is_holdout`): the photo
+holds out (crc32 of the key divisible by 10, `training.data.is_holdout`): the photo
 models never saw them, and no public benchmark set (Kodak, CLIC, Tecnick) is used for
 anything. With `--dataset cifar10`, the held-out images (same rule on the Parquet keys) of
 the shared CIFAR-10 training set, for models fine-tuned on the rest; the record is then
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
 
 def write_holdout(dataset: str, folder: str, limit) -> list:
     """Write the held-out images of `dataset` into `folder` as PNG; returns their names."""
-    from training.spatial import _photos, holdout_files
+    from training.data import holdout_files, photos
 
     if dataset == "bsds500":
         names = [os.path.basename(p) for p in holdout_files(BSDS)][:limit]
@@ -82,7 +82,7 @@ def write_holdout(dataset: str, folder: str, limit) -> list:
             Image.open(os.path.join(BSDS, name)).convert("RGB").save(os.path.join(folder, name[:-4] + ".png"))
         return names
     names = []
-    for key, image in _photos(os.path.join(CIFAR, "*.parquet"), "parquet", None, True, 10):
+    for key, image in photos(os.path.join(CIFAR, "*.parquet"), "parquet", None, True, 10):
         names.append(key.replace(":", "_") + ".png")
         Image.fromarray(image).save(os.path.join(folder, names[-1]))
         if limit and len(names) >= limit:

@@ -42,10 +42,10 @@ def main(argv=None) -> int:
 
     from latentpack import cli
     from pipeline.formats import load_images
-    from training.rd import LONG_PRESETS
-    from pipeline.codecs import load_codec
-    from training.export import add_refinement_to
-    from training.train import TrainConfig, add_mixture_to, train
+    from families.dense.rd import LONG_PRESETS
+    from pipeline.codec import load_codec
+    from families.dense.export import add_refinement_to
+    from families.dense.train import TrainConfig, add_mixture_to, train
 
     _, images, labels, _ = load_images(MNIST, "idx")
     order = np.random.default_rng(0).permutation(len(images))

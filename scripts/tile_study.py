@@ -29,7 +29,7 @@ def child(argv) -> None:
     import numpy as np
 
     from pipeline import models
-    from pipeline.codecs import load_codec
+    from pipeline.codec import load_codec
 
     kind, model, out = argv[0], argv[1], argv[2]
     if kind == "analysis":  # the photo's latents, for the synthesis runs
@@ -41,7 +41,7 @@ def child(argv) -> None:
     side = int(argv[3])
     started = time.perf_counter()
     if kind == "synthesis":
-        from pipeline.codecs import spatial
+        from families.spatial import codec as spatial
         spatial.SYNTHESIS_TILE, spatial.SYNTHESIS_PIXELS = side, side * side
         pixels = load_codec(models.resolve(model)).synthesis(np.load(os.path.join(out, "latents.npy")))
         result = {"checksum": int(pixels[0, ::97, ::89].astype(np.int64).sum())}

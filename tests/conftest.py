@@ -43,7 +43,7 @@ def shards(tmp_path, mnist):
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, mnist):
     """A small conv artifact trained for a few epochs on 1,500 sample digits."""
-    from training.train import TrainConfig, train
+    from families.dense.train import TrainConfig, train
 
     out = str(tmp_path_factory.mktemp("model") / "artifact")
     train(TrainConfig(arch="conv", latent_dim=16, epochs=4, batch_size=64, seed=0), mnist[0][1000:2500], out)
@@ -53,7 +53,7 @@ def model_dir(tmp_path_factory, mnist):
 @pytest.fixture(scope="session")
 def rd_model_dir(tmp_path_factory, mnist):
     """A small rate-distortion artifact (learned prior, entropy-coded latents)."""
-    from training.train import TrainConfig, train
+    from families.dense.train import TrainConfig, train
 
     out = str(tmp_path_factory.mktemp("rd-model") / "artifact")
     train(TrainConfig(arch="conv", latent_dim=16, epochs=3, batch_size=64, seed=0, lmbda=0.02),
@@ -86,10 +86,10 @@ def photo_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def spatial_model_dir(tmp_path_factory, photo_folder):
     """A tiny spatial (GDN, per-channel prior) artifact trained for 40 steps on the photo folder."""
-    from training.spatial import SpatialConfig, train
+    from training.loop import PhotoConfig, train
 
     out = tmp_path_factory.mktemp("spatial")
-    config = SpatialConfig(filters=16, latent_channels=8, crop=32, batch_size=4, steps=40, learning_rate=1e-3,
+    config = PhotoConfig(filters=16, latent_channels=8, crop=32, batch_size=4, steps=40, learning_rate=1e-3,
                            checkpoint_every=20, validate_every=40, val_images=2, holdout_every=6)
     train(config, str(photo_folder / "*.png"), "images", str(out / "artifact"), str(out / "checkpoints"))
     return str(out / "artifact")
@@ -98,11 +98,11 @@ def spatial_model_dir(tmp_path_factory, photo_folder):
 @pytest.fixture(scope="session")
 def hyperprior_model_dir(tmp_path_factory, photo_folder, spatial_model_dir):
     """A tiny scale-hyperprior artifact: the spatial fixture's transforms, then 30 steps."""
-    from training.spatial import SpatialConfig, train
+    from training.loop import PhotoConfig, train
 
     out = tmp_path_factory.mktemp("hyperprior")
-    config = SpatialConfig(filters=16, latent_channels=8, crop=32, batch_size=4, steps=30, learning_rate=1e-3,
-                           checkpoint_every=30, validate_every=30, val_images=2, holdout_every=6, prior="hyperprior")
+    config = PhotoConfig(filters=16, latent_channels=8, crop=32, batch_size=4, steps=30, learning_rate=1e-3,
+                           checkpoint_every=30, validate_every=30, val_images=2, holdout_every=6, family="hyperprior")
     train(config, str(photo_folder / "*.png"), "images", str(out / "artifact"), str(out / "checkpoints"),
           init_from=os.path.join(os.path.dirname(spatial_model_dir), "checkpoints"))
     return str(out / "artifact")
@@ -111,11 +111,11 @@ def hyperprior_model_dir(tmp_path_factory, photo_folder, spatial_model_dir):
 @pytest.fixture(scope="session")
 def channelwise_model_dir(tmp_path_factory, photo_folder, spatial_model_dir):
     """A tiny channel-conditional artifact (two slices): the spatial fixture's transforms, then 30 steps."""
-    from training.spatial import SpatialConfig, train
+    from training.loop import PhotoConfig, train
 
     out = tmp_path_factory.mktemp("channelwise")
-    config = SpatialConfig(filters=16, latent_channels=8, crop=32, batch_size=4, steps=30, learning_rate=1e-3,
-                           checkpoint_every=30, validate_every=30, val_images=2, holdout_every=6, prior="channelwise",
+    config = PhotoConfig(filters=16, latent_channels=8, crop=32, batch_size=4, steps=30, learning_rate=1e-3,
+                           checkpoint_every=30, validate_every=30, val_images=2, holdout_every=6, family="channelwise",
                            slices=2, context_filters=16)
     train(config, str(photo_folder / "*.png"), "images", str(out / "artifact"), str(out / "checkpoints"),
           init_from=os.path.join(os.path.dirname(spatial_model_dir), "checkpoints"))

@@ -5,11 +5,11 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.codecs import load_codec
+from pipeline.codec import load_codec
 from pipeline.artifact import compute_fingerprint, read_spec
 from pipeline.errors import LatentpackError
 from pipeline.images import psnr
-from training.export import fit_quantization
+from families.dense.export import fit_quantization
 
 
 def test_artifact_round_trip(model_dir, mnist):

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import smooth_photos
 from pipeline.artifact import compute_fingerprint, read_spec
-from pipeline.codecs import load_codec
+from pipeline.codec import load_codec
 from pipeline.errors import LatentpackError
 from pipeline.integer import ACTIVATION_LIMIT, IntegerLayer, IntegerNetwork
 
@@ -109,7 +109,7 @@ def test_the_side_information_and_earlier_slices_decide_the_tables(channelwise_m
 
 def test_the_mean_picks_its_centre_and_fraction_in_integers():
     """acc / 2**bits rounded to 1/levels: its integer part centres the table, its fraction picks it."""
-    from pipeline.codecs.channelwise import ChannelwiseCoder
+    from families.channelwise.codec import ChannelwiseCoder
 
     coder = ChannelwiseCoder.__new__(ChannelwiseCoder)
     coder.levels, coder.bits, coder.scales, coder.latent_channels, coder.feature_bits = 8, 3, 64, 1, 0
@@ -131,14 +131,14 @@ def test_a_trained_scale_hyperprior_is_where_a_channelwise_model_starts(hyperpri
     import tensorflow as tf
 
     from training import weights
-    from training.channelwise import ChannelwiseTrainer, from_hyperprior
-    from training.hyperprior import HyperpriorTrainer
-    from training.spatial import SpatialConfig
+    from families.channelwise.train import ChannelwiseTrainer, from_hyperprior
+    from families.hyperprior.train import HyperpriorTrainer
+    from training.loop import PhotoConfig
 
-    config = SpatialConfig(filters=16, latent_channels=8, prior="hyperprior")
+    config = PhotoConfig(filters=16, latent_channels=8, family="hyperprior")
     hyper = HyperpriorTrainer(config)
     hyper.checkpoint.restore(tf.train.latest_checkpoint(hyperprior_model_dir + "/../checkpoints")).expect_partial()
-    cw = ChannelwiseTrainer(SpatialConfig(filters=16, latent_channels=8, prior="channelwise", slices=2,
+    cw = ChannelwiseTrainer(PhotoConfig(filters=16, latent_channels=8, family="channelwise", slices=2,
                                           context_filters=8))
     arrays = from_hyperprior(weights.arrays(hyper))
     for name, v in weights.named_variables(cw).items():

@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import BEAM_TEST_ARGS
 from latentpack import cli
 from pipeline import decode, encode, latents
-from pipeline.codecs import load_codec
+from pipeline.codec import load_codec
 from pipeline.formats import get_reader
 from pipeline.errors import LatentpackError
 from pipeline.outputs import safe_relative_path

@@ -114,7 +114,7 @@ def test_dask_runner_writes_the_direct_runners_dataset(direct, dataset, rd_model
     assert_same_as_direct(direct, lat, img)
     # Both worker processes took part: each has loaded the model (two partitions per worker thread).
     with distributed.Client(dask_cluster) as client:
-        loaded = client.run(lambda: bool(getattr(sys.modules.get("pipeline.codecs"), "_SHARED", None)))
+        loaded = client.run(lambda: bool(getattr(sys.modules.get("pipeline.codec"), "_SHARED", None)))
     assert len(loaded) == 2 and all(loaded.values()), loaded
 
 
@@ -184,8 +184,8 @@ def test_a_killed_dask_worker_loses_nothing(direct, dataset, rd_model_dir, tmp_p
         deadline = time.monotonic() + 120
         while victim is None and thread.is_alive() and time.monotonic() < deadline:
             # A worker that has loaded the model is in the middle of encoding shards.
-            busy = client.run(lambda: "pipeline.codecs" in sys.modules and bool(
-                sys.modules["pipeline.codecs"]._SHARED))
+            busy = client.run(lambda: "pipeline.codec" in sys.modules and bool(
+                sys.modules["pipeline.codec"]._SHARED))
             victim = next((addr for addr, loaded in busy.items() if loaded), None)
             time.sleep(0.05)
         assert victim is not None, "no worker started encoding"

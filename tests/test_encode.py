@@ -13,7 +13,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import BEAM_TEST_ARGS, write_tfrecord
 from pipeline import completion, encode, latents, sinks
-from pipeline.codecs import load_codec
+from pipeline.codec import load_codec
 from pipeline.artifact import read_spec
 from pipeline.errors import LatentpackError
 from pipeline.formats import get_reader

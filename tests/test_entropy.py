@@ -9,11 +9,12 @@ import pytest
 
 from conftest import BEAM_TEST_ARGS
 from pipeline import completion, decode, encode, entropy, latents
-from pipeline.codecs import load_codec
+from pipeline.codec import load_codec, schema_of
 from pipeline.artifact import read_spec
 from pipeline.entropy import EntropyCoder
 from pipeline.errors import LatentpackError
-from training.prior import PRECISION, FactorizedPrior, freeze, quantize_pmf
+from families.dense.prior import FactorizedPrior, freeze
+from training.prior import PRECISION, quantize_pmf
 
 # A fixed model and fixed latents, and the codes they gave when the golden file was written.
 # They must never change, on any machine, or datasets written elsewhere would stop decoding.
@@ -59,7 +60,7 @@ def test_golden_codes_are_stable():
 
 def test_a_mixture_prior_fits_latents_that_depend_on_each_other_and_codes_them_shorter():
     """Two kinds of images whose latents move together: one table set per kind beats one for all."""
-    from training.prior import add_mixture
+    from families.dense.prior import add_mixture
 
     rng = np.random.default_rng(0)
     kind = rng.integers(0, 2, 4000)
@@ -81,7 +82,7 @@ def test_a_mixture_prior_fits_latents_that_depend_on_each_other_and_codes_them_s
     # Both kinds found their own set (besides set 0, the trained prior).
     assert len(set(mixed.choose(held_out - offsets).tolist())) >= 2
     # And the model passes the artifact's checks only while its tables are integers summing to 2**16.
-    from pipeline.spec import validate_mixture
+    from families.dense.spec import validate_mixture
     validate_mixture(model, 12, "here")
     with pytest.raises(LatentpackError, match="invalid entropy_model"):
         validate_mixture(dict(model, weights=model["weights"][:-1] + [model["weights"][-1] + 1]), 12, "here")
@@ -181,7 +182,7 @@ def test_code_dataset_round_trip(rd_model_dir, shards, tmp_path):
         assert chunk.column(0).statistics.has_min_max
         # No serialized Arrow schema in a code part's footer; the types and the codec metadata read back.
         assert b"ARROW:schema" not in pq.ParquetFile(part).metadata.metadata
-        assert pq.read_schema(part).equals(latents.schema(read_spec(rd_model_dir), "code"), check_metadata=False)
+        assert pq.read_schema(part).equals(schema_of(read_spec(rd_model_dir), "code"), check_metadata=False)
         assert latents.metadata_of(pq.read_schema(part))["format_version"] == latents.FORMAT_VERSION
     codec = load_codec(rd_model_dir)
     assert table.column("code").to_pylist() == codec.entropy.encode(codec.encode(shards.images))

@@ -119,7 +119,7 @@ def test_photo_rd_script_on_held_out_cifar10_images(tmp_path, spatial_model_dir)
                    timeout=600)
     report = json.load(open(os.path.join(out, "rd.json")))
     assert report["images"] == 4 and report["sizes"] == ["32x32"]
-    from training.spatial import is_holdout
+    from training.data import is_holdout
     names = sorted(os.listdir(os.path.join(out, "holdout")))
     assert len(names) == 4 and all(is_holdout(n[:-4].replace("_", ":"), 10) for n in names)
     sys.path.insert(0, os.path.join(root, "scripts"))

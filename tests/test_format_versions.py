@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import BEAM_TEST_ARGS
 from pipeline import completion, decode, encode, latents
 from pipeline.artifact import read_spec
-from pipeline.codecs import load_codec
+from pipeline.codec import load_codec
 from pipeline.errors import LatentpackError
 
 V1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "v1")

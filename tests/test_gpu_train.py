@@ -14,17 +14,17 @@ import pytest
 from pipeline.errors import LatentpackError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = dict(filters=16, latent_channels=8, crop=32, batch_size=2, prior="hyperprior")
+SMALL = dict(filters=16, latent_channels=8, crop=32, batch_size=2, family="hyperprior")
 
 
 def _trainer(**kw):
     import keras
 
-    from training.hyperprior import HyperpriorTrainer
-    from training.spatial import SpatialConfig
+    from families.hyperprior.train import HyperpriorTrainer
+    from training.loop import PhotoConfig
 
     keras.utils.set_random_seed(kw.pop("seed", 0))
-    return HyperpriorTrainer(SpatialConfig(**dict(SMALL, **kw)))
+    return HyperpriorTrainer(PhotoConfig(**dict(SMALL, **kw)))
 
 
 def test_weights_file_round_trip_sets_every_weight_and_the_step(tmp_path):
@@ -98,14 +98,14 @@ def test_a_shipped_model_becomes_trainer_weights_that_compute_its_codes(tmp_path
     import tensorflow as tf
 
     from pipeline import models
-    from pipeline.codecs.hyperprior import IntegerHyperSynthesis
+    from families.hyperprior.codec import IntegerHyperSynthesis
     from training import weights
-    from training.hyperprior import SCALE_LEVELS, SCALE_MAX, SCALE_MIN, HyperpriorTrainer, pad_grid
-    from training.spatial import SpatialConfig
+    from families.hyperprior.train import SCALE_LEVELS, SCALE_MAX, SCALE_MIN, HyperpriorTrainer, pad_grid
+    from training.loop import PhotoConfig
 
     model_dir = models.resolve("photo:1")
     assert weights.main([model_dir, str(tmp_path / "w.npz")]) == 0
-    trainer = HyperpriorTrainer(SpatialConfig(prior="hyperprior"))
+    trainer = HyperpriorTrainer(PhotoConfig(family="hyperprior"))
     step, history, missing = weights.load(trainer, str(tmp_path / "w.npz"), require_all=False)
     assert step == 0 and history["from_artifact"] == model_dir and history["steps_before"] > 0
     assert missing and all(m.startswith("prior/") for m in missing)  # the side information's density: new
@@ -177,13 +177,13 @@ def gpu_train():
 
 def test_the_pytorch_trainer_mirrors_the_tensorflow_constants(gpu_train):
     """gpu_train cannot import them (it runs where Keras is not): it must copy them exactly."""
-    from training.hyperprior import SCALE_MAX, SCALE_MIN
-    from training.layers import _PEDESTAL, GDN
-    from training.spatial import SpatialConfig
+    from families.hyperprior.train import SCALE_MAX, SCALE_MIN
+    from families.spatial.layers import _PEDESTAL, GDN
+    from training.loop import PhotoConfig
 
     assert (gpu_train.PEDESTAL, gpu_train.BETA_MIN) == (_PEDESTAL, GDN().beta_min)
     assert (gpu_train.SCALE_MIN, gpu_train.SCALE_MAX) == (SCALE_MIN, SCALE_MAX)
-    defaults = SpatialConfig()
+    defaults = PhotoConfig()
     assert (gpu_train.HOLDOUT_EVERY, gpu_train.VAL_IMAGES) == (defaults.holdout_every, defaults.val_images)
 
 

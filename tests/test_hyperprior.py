@@ -11,8 +11,8 @@ import pytest
 
 from conftest import smooth_photos
 from pipeline.artifact import compute_fingerprint, read_spec
-from pipeline.codecs import load_codec
-from pipeline.codecs.hyperprior import ACTIVATION_LIMIT, WEIGHT_LIMIT, HyperCoder, IntegerHyperSynthesis
+from pipeline.codec import load_codec
+from families.hyperprior.codec import ACTIVATION_LIMIT, WEIGHT_LIMIT, HyperCoder, IntegerHyperSynthesis
 from pipeline.errors import LatentpackError
 
 
@@ -60,7 +60,7 @@ def test_float64_products_are_exact_at_the_largest_allowed_values():
 def test_large_grids_go_through_the_integer_network_in_strips_with_the_same_indexes(monkeypatch):
     """Strips of z rows with MARGIN rows of context give the whole grid's indexes exactly, down to
     strips of one row (what bounds the memory of a 24-megapixel photo's side information)."""
-    from pipeline.codecs import hyperprior
+    from families.hyperprior import codec as hyperprior
 
     rng = np.random.default_rng(4)
     n, m = 6, 5
@@ -86,7 +86,7 @@ def test_artifact_is_a_hyperprior(hyperprior_model_dir):
     assert len(model["hyper"]["frequencies"]) == 16 and len(model["gaussian"]["frequencies"]) == 64
     assert [layer["stride"] for layer in model["hyper_synthesis"]] == [2, 2, 1]
     assert spec.metrics["val_bpp"] > 0 and spec.metrics["val_psnr"] > 5
-    assert spec.training["prior"] == "hyperprior" and spec.training["steps_done"] == 30
+    assert spec.training["family"] == "hyperprior" and spec.training["steps_done"] == 30
 
 
 def test_the_side_information_decides_the_tables(hyperprior_model_dir):
@@ -160,12 +160,12 @@ def test_train_command_builds_a_hyperprior_on_spatial_transforms(tmp_path, photo
     # Another quality level starts from that hyperprior run: every weight, the hyper-transforms too.
     import tensorflow as tf
 
-    from training.hyperprior import HyperpriorTrainer
-    from training.spatial import SpatialConfig
+    from families.hyperprior.train import HyperpriorTrainer
+    from training.loop import PhotoConfig
 
-    trainer = HyperpriorTrainer(SpatialConfig(filters=16, latent_channels=8, lmbda=0.0018, prior="hyperprior"))
+    trainer = HyperpriorTrainer(PhotoConfig(filters=16, latent_channels=8, lmbda=0.0018, family="hyperprior"))
     latest = trainer.init_from(out + "-checkpoints")
-    restored = HyperpriorTrainer(SpatialConfig(filters=16, latent_channels=8, prior="hyperprior"))
+    restored = HyperpriorTrainer(PhotoConfig(filters=16, latent_channels=8, family="hyperprior"))
     restored.checkpoint.restore(latest).assert_existing_objects_matched()
     for a, b in zip(trainer.variables, restored.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())

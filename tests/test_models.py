@@ -7,7 +7,7 @@ import pytest
 from conftest import smooth_photos
 from pipeline import models
 from pipeline.artifact import read_spec
-from pipeline.codecs import load_codec
+from pipeline.codec import load_codec, schema_of
 from pipeline.errors import LatentpackError
 from pipeline.images import ImageBatch
 
@@ -54,7 +54,7 @@ def test_a_shipped_model_round_trips_a_photo_and_higher_quality_costs_more_bits(
         columns = codec.compress(ImageBatch(["x"], image[None], np.array([-1]), np.array([False])), "code")
         bits.append(len(columns["code"][0].as_py()) * 8)
         from pipeline import latents
-        table = latents.to_table(["x"], columns, np.array([-1]), np.array([False]), latents.schema(codec.spec, "code"))
+        table = latents.to_table(["x"], columns, np.array([-1]), np.array([False]), schema_of(codec.spec, "code"))
         (batch,) = list(codec.decompress(table))
         assert batch.images.shape == (1, 90, 130, 3)
         errors.append(float(np.mean((batch.images[0].astype(float) - image) ** 2)))

@@ -11,7 +11,7 @@ import pytest
 from conftest import BEAM_TEST_ARGS
 from pipeline import completion, decode, encode, latents
 from pipeline.artifact import read_spec
-from pipeline.codecs import load_codec
+from pipeline.codec import load_codec
 
 V1_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "v1", "model")
 
@@ -75,7 +75,7 @@ def test_zero_steps_are_the_encoders_own_latents_and_the_rate_is_the_tables(rd_m
 
 
 def test_an_artifact_exported_before_refinement_gains_it_with_its_codes_unchanged(tmp_path, mnist):
-    from training.export import add_refinement_to
+    from families.dense.export import add_refinement_to
 
     model = str(tmp_path / "model")
     shutil.copytree(V1_MODEL, model)
@@ -94,7 +94,7 @@ def test_an_artifact_exported_before_refinement_gains_it_with_its_codes_unchange
 
 
 def test_re_export_interrupted_between_its_renames_is_finished_by_the_next_call(tmp_path):
-    from training.export import add_refinement_to
+    from families.dense.export import add_refinement_to
 
     shutil.copytree(V1_MODEL, tmp_path / "model.before-refinement")  # the state a crash would leave
     (tmp_path / "model.refinable").mkdir()
@@ -123,7 +123,7 @@ def test_refine_that_cannot_apply_is_one_clear_error(case, shards, model_dir, tm
 def test_a_photo_model_without_its_lambda_cannot_refine(photo_model_dir):
     import dataclasses
 
-    from pipeline.codecs import codec_class
+    from pipeline.codec import codec_class
 
     spec = read_spec(photo_model_dir)
     assert codec_class(spec).check_refine(spec) is None
@@ -210,7 +210,7 @@ def test_refined_photo_codes_decode_with_the_same_decoder_and_trade_better(photo
 
 def test_photo_refinement_at_zero_steps_is_the_encoder_and_its_rate_is_the_tables(spatial_model_dir):
     from conftest import smooth_photos
-    from pipeline.codecs.spatial import pad_to_multiple
+    from families.spatial.codec import pad_to_multiple
 
     codec = load_codec(spatial_model_dir)
     image = np.stack(smooth_photos(np.random.default_rng(5), 1, sizes=[(37, 53)]))

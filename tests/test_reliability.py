@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from conftest import BEAM_TEST_ARGS, write_tfrecord
 from pipeline import completion, decode, encode, latents
+from pipeline.codec import schema_of
 from pipeline.formats import get_reader
 from pipeline.errors import BadImage, LatentpackError
 from pipeline.images import DeadLetter, ImageBatch, batch_records, decode_image, encode_png
@@ -219,7 +220,7 @@ def test_duplicate_keys_keep_first_or_fail(tmp_path, mnist, model_dir):
                                   "dead_lettered_by_reason": {"duplicate_key": 2}}
     table = rows(out)
     assert table.column("key").to_pylist() == ["w", "x", "y", "z"]
-    from pipeline.codecs import load_codec
+    from pipeline.codec import load_codec
     # The first occurrences are kept: x = a.tfrecord:0, y = a.tfrecord:1, z = b.tfrecord:1, w = b.tfrecord:2.
     expected = load_codec(model_dir).encode(images[[5, 0, 1, 4]])
     assert np.array_equal(latents.latents_of(table), expected)
@@ -283,7 +284,7 @@ def test_fuzz_decode_side_random_codes_dense(rd_model_dir, codes, keys):
     codec = _codec_cache(rd_model_dir)
     n = len(codes)
     table = latents.to_table(keys[:n], {"code": pa.array(codes, pa.binary())}, np.full(n, -1), np.zeros(n, bool),
-                             latents.schema(read_spec(rd_model_dir), "code"))
+                             schema_of(read_spec(rd_model_dir), "code"))
     _decompress_all(codec, table)
 
 
@@ -312,7 +313,7 @@ def test_fuzz_decode_side_random_codes_and_sizes_spatial(photo_model_dir, codes,
                "mode": pa.array(["RGB"] * n),
                "icc_profile": pa.array(profiles[:n], pa.binary())}
     table = latents.to_table([f"k{i}" for i in range(n)], columns, np.full(n, -1), np.zeros(n, bool),
-                             latents.schema(codec.spec, "code"))
+                             schema_of(codec.spec, "code"))
     for item in _decompress_all(codec, table):
         if isinstance(item, ImageBatch):
             h, w = item.images.shape[1:3]
@@ -326,7 +327,7 @@ _CODECS = {}
 
 
 def _codec_cache(model_dir):
-    from pipeline.codecs import load_codec
+    from pipeline.codec import load_codec
 
     if model_dir not in _CODECS:
         _CODECS[model_dir] = load_codec(model_dir)

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import BEAM_TEST_ARGS, write_tfrecord
 from pipeline import decode, encode, latents
-from pipeline.codecs import load_codec
+from pipeline.codec import load_codec
 from pipeline.formats import get_reader
 from pipeline.images import ImageBatch, batch_records, encode_png
 

@@ -32,7 +32,7 @@ def test_sdist_for_setup_file_holds_both_packages_and_the_command(tmp_path):
         names = tar.getnames()
         setup_py = tar.extractfile(next(n for n in names if n.endswith("/setup.py"))).read().decode()
     for module in ("latentpack/cli.py", "pipeline/encode.py", "pipeline/decode.py", "pipeline/formats.py",
-                   "pipeline/codecs/spatial.py", "training/train.py", "training/spatial.py", "models/__init__.py"):
+                   "families/channelwise/codec.py", "families/spatial/transforms.py", "training/train.py", "training/loop.py", "models/__init__.py"):
         assert any(n.endswith(module) for n in names), module
     assert "latentpack=latentpack.cli:console" in setup_py
 

@@ -14,8 +14,8 @@ from PIL import Image
 from conftest import BEAM_TEST_ARGS, smooth_photos
 from pipeline import completion, decode, encode, latents
 from pipeline.artifact import read_spec
-from pipeline.codecs import load_codec
-from pipeline.codecs import spatial as spatial_codec
+from pipeline.codec import load_codec, schema_of
+from families.spatial import codec as spatial_codec
 from pipeline.errors import LatentpackError
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageBatch, SourceRecord, batch_photos, decode_photo, encode_png
 
@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_gdn_matches_its_formula_and_keeps_parameters_positive():
     import tensorflow as tf
 
-    from training.layers import GDN
+    from families.spatial.layers import GDN
 
     layer = GDN()
     x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
@@ -57,7 +57,7 @@ def test_artifact_is_format_2_spatial(spatial_model_dir):
 def test_kernels_are_stored_as_int8_with_a_scale_per_filter(photo_model_dir):
     import tensorflow as tf
 
-    from training.spatial import dequantize, stored_kernel
+    from families.spatial.transforms import dequantize, stored_kernel
 
     rng = np.random.default_rng(4)
     kernel = rng.normal(size=(5, 5, 6, 7)) * rng.uniform(1e-4, 1.0, size=(1, 1, 6, 7))
@@ -83,11 +83,11 @@ def test_kernel_storage_float16_exports_the_same_checkpoint_the_other_way(spatia
 
     import tensorflow as tf
 
-    from training.spatial import SpatialConfig, train
+    from training.loop import PhotoConfig, train
 
     checkpoints = tmp_path / "checkpoints"
     shutil.copytree(os.path.join(os.path.dirname(spatial_model_dir), "checkpoints"), checkpoints)
-    config = SpatialConfig(filters=16, latent_channels=8, crop=32, batch_size=4, steps=40, learning_rate=1e-3,
+    config = PhotoConfig(filters=16, latent_channels=8, crop=32, batch_size=4, steps=40, learning_rate=1e-3,
                            checkpoint_every=20, validate_every=40, val_images=2, holdout_every=6,
                            kernel_storage="float16")
     spec = train(config, str(photo_folder / "*.png"), "images", str(tmp_path / "half"), str(checkpoints), resume=True)
@@ -108,7 +108,7 @@ def test_compress_pads_and_decompress_crops_back_to_the_exact_size(photo_model_d
     for latent_format in ("code", "int"):
         columns = codec.compress(ImageBatch(["a", "b"], images, np.array([3, -1]), np.array([True, False])),
                                  latent_format)
-        schema = latents.schema(codec.spec, latent_format)
+        schema = schema_of(codec.spec, latent_format)
         table = latents.to_table(["a", "b"], columns, np.array([3, -1]), np.array([True, False]), schema)
         assert table.column("height").to_pylist() == [size[0]] * 2 and table.column("width").to_pylist() == [size[1]] * 2
         (batch,) = list(codec.decompress(table))
@@ -127,7 +127,7 @@ def test_a_row_claiming_more_pixels_than_the_limit_is_a_dead_letter_not_decoded(
     columns = codec.compress(ImageBatch(["wide", "bomb"], images, np.array([-1, -1]), np.array([False, False])),
                              "code")
     table = latents.to_table(["wide", "bomb"], columns, np.array([-1, -1]), np.array([False, False]),
-                             latents.schema(codec.spec, "code"))
+                             schema_of(codec.spec, "code"))
     table = table.set_column(table.schema.get_field_index("height"), "height", pa.array([3, 65536], pa.int32()))
     table = table.set_column(table.schema.get_field_index("width"), "width", pa.array([70000, 65536], pa.int32()))
     table = table.set_column(table.schema.get_field_index("code"), "code",
@@ -218,7 +218,7 @@ def test_decoding_rows_of_many_sizes_holds_a_bounded_number_of_pixels(photo_mode
     codec = load_codec(photo_model_dir)
     sizes = [(16 + 8 * (i % 5), 24 + 8 * (i % 2)) for i in range(30)]  # 10 shapes, each three times
     images = smooth_photos(np.random.default_rng(6), 30, sizes=sizes)
-    schema = latents.schema(codec.spec, "code")
+    schema = schema_of(codec.spec, "code")
     no = np.array([-1]), np.array([False])
     table = pa.concat_tables([latents.to_table([f"k{i:02d}"], codec.compress(ImageBatch([f"k{i:02d}"], x[None], *no),
                                                                              "code"), *no, schema)
@@ -458,27 +458,28 @@ def test_decode_photo_conversions():
 
 
 def test_training_resumes_from_its_checkpoint(tmp_path, photo_folder):
-    from training.spatial import SpatialConfig, train
+    from training.loop import PhotoConfig, train
 
-    config = SpatialConfig(filters=8, latent_channels=4, crop=32, batch_size=2, steps=6, checkpoint_every=3,
+    config = PhotoConfig(filters=8, latent_channels=4, crop=32, batch_size=2, steps=6, checkpoint_every=3,
                            validate_every=6, val_images=1, holdout_every=6)
     ckpt = str(tmp_path / "ck")
     first = train(config, str(photo_folder / "*.png"), "images", str(tmp_path / "a"), ckpt)
     assert first["training"]["steps_done"] == 6
     history = json.load(open(os.path.join(ckpt, "history.json")))
     assert [r["step"] for r in history["val"]] == [6]
-    longer = SpatialConfig(**dict(config.__dict__, steps=9))
+    longer = PhotoConfig(**dict(config.__dict__, steps=9))
     second = train(longer, str(photo_folder / "*.png"), "images", str(tmp_path / "b"), ckpt, resume=True)
     assert second["training"]["steps_done"] == 9
     assert [r["step"] for r in json.load(open(os.path.join(ckpt, "history.json")))["val"]] == [6, 9]
 
 
 def test_training_never_sees_held_out_images(photo_folder):
-    from training.spatial import SpatialConfig, _photos, is_holdout
+    from training.data import is_holdout, photos
+    from training.loop import PhotoConfig
 
-    config = SpatialConfig(holdout_every=3)
-    train_keys = {k for k, _ in _photos(str(photo_folder / "*.png"), "images", None, False, 3)}
-    held = {k for k, _ in _photos(str(photo_folder / "*.png"), "images", None, True, 3)}
+    config = PhotoConfig(holdout_every=3)
+    train_keys = {k for k, _ in photos(str(photo_folder / "*.png"), "images", None, False, 3)}
+    held = {k for k, _ in photos(str(photo_folder / "*.png"), "images", None, True, 3)}
     assert train_keys and held and not train_keys & held
     assert all(is_holdout(k, config.holdout_every) for k in held)
 
@@ -486,7 +487,7 @@ def test_training_never_sees_held_out_images(photo_folder):
 DECODE_ELSEWHERE = """
 import json, sys
 import numpy as np, pyarrow.parquet as pq
-from pipeline.codecs import load_codec
+from pipeline.codec import load_codec
 codec = load_codec(sys.argv[1])
 table = pq.read_table(sys.argv[2]).sort_by("key")
 out = {}
@@ -528,9 +529,10 @@ def test_codes_decode_identically_in_another_process_with_other_settings(photo_m
 
 
 def test_init_from_restores_transforms_and_prior(tmp_path, photo_folder):
-    from training.spatial import SpatialConfig, SpatialTrainer, init_weights_from, train
+    from families.spatial.train import SpatialTrainer
+    from training.loop import PhotoConfig, init_weights_from, train
 
-    config = SpatialConfig(filters=8, latent_channels=4, crop=32, batch_size=2, steps=4, checkpoint_every=4,
+    config = PhotoConfig(filters=8, latent_channels=4, crop=32, batch_size=2, steps=4, checkpoint_every=4,
                            validate_every=4, val_images=1, holdout_every=6)
     ckpt = str(tmp_path / "ck")
     train(config, str(photo_folder / "*.png"), "images", str(tmp_path / "a"), ckpt)
@@ -553,7 +555,7 @@ def test_int_latents_outside_the_tables_are_dead_letters(photo_model_dir):
     values[1][0] = 30000
     columns["latent"] = pa.array(values, pa.list_(pa.int16()))
     table = latents.to_table(["a", "b"], columns, np.array([-1, -1]), np.array([False, False]),
-                             latents.schema(codec.spec, "int"))
+                             schema_of(codec.spec, "int"))
     out = list(codec.decompress(table))
     letters = [o for o in out if not isinstance(o, ImageBatch)]
     if codec.spec.family == "channelwise":
@@ -578,6 +580,6 @@ def test_a_stride_8_model_has_latents_at_an_eighth(tmp_path, photo_folder):
     assert codec.analysis(images).shape == (2, 4, 3, 4)
     columns = codec.compress(ImageBatch(["a", "b"], images, np.array([-1, -1]), np.array([False, False])), "code")
     table = latents.to_table(["a", "b"], columns, np.array([-1, -1]), np.array([False, False]),
-                             latents.schema(codec.spec, "code"))
+                             schema_of(codec.spec, "code"))
     (batch,) = list(codec.decompress(table))
     assert batch.images.shape == (2, 32, 20, 3)

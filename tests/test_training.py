@@ -2,9 +2,9 @@ import os
 
 import numpy as np
 
-from pipeline.codecs import load_codec
-from training.model import build
-from training.train import TrainConfig, split, train
+from pipeline.codec import load_codec
+from families.dense.model import build
+from families.dense.train import TrainConfig, split, train
 
 
 def test_mlp_is_the_reference_model():
@@ -44,7 +44,7 @@ def test_train_rgb_32x32_exports_a_working_artifact(tmp_path):
 def test_quality_preset_from_the_command_line(tmp_path):
     from latentpack import cli
     from pipeline.artifact import read_spec
-    from training.rd import QUALITY_PRESETS
+    from families.dense.rd import QUALITY_PRESETS
 
     out = str(tmp_path / "q1")
     assert cli.main(["train", "--input-format", "mnist-sample", "--quality", "1", "--epochs", "1", "--limit", "300",
@@ -66,7 +66,7 @@ def test_mixture_option_and_fitting_an_older_artifact(tmp_path, capsys):
     from latentpack import cli
     from pipeline.artifact import read_spec
     from pipeline.formats import load_images
-    from training.train import add_mixture_to
+    from families.dense.train import add_mixture_to
 
     plain = str(tmp_path / "plain")
     args = ["train", "--input-format", "mnist-sample", "--lambda", "0.02", "--latent-dim", "16", "--epochs", "1",

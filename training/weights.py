@@ -6,7 +6,7 @@ Names are "<part>/<layer>/<weight>" for the Keras transforms ("analysis/conv0/ke
 "synthesis/igdn1/gamma", "hyper_synthesis/hdeconv2/bias") and "<part>/<weight>" for the
 density of the side information ("prior/matrix0"), in Keras' layouts: convolution kernels
 [kh, kw, in, out], transposed ones [kh, kw, out, in], GDN's beta and gamma reparameterized as
-`training.layers.GDN` stores them. Besides the weights a file holds `step` (the steps trained)
+`families.spatial.layers.GDN` stores them. Besides the weights a file holds `step` (the steps trained)
 and `history` (the training history as JSON: losses, validations, seconds, where it ran).
 
     python -m training.weights photo:6 run.npz --kernels float16   # a shipped model -> file
@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.errors import LatentpackError
 
 def named_variables(trainer) -> Dict[str, object]:
-    """Every trainable weight of a trainer (`training.spatial.SpatialTrainer` or the hyperprior's) by name."""
+    """Every trainable weight of a trainer (a photo family's `training.loop.PhotoTrainer`) by name."""
     out = {}
     for part, model in trainer.parts.items():
         layers = getattr(model, "layers", None)
@@ -83,70 +83,6 @@ def load(trainer, path: str, require_all: bool = True) -> Tuple[int, dict, list]
     return step, history, missing
 
 
-def _gdn_stored(param: np.ndarray) -> np.ndarray:
-    """GDN's beta or gamma (the effective parameter) as `training.layers.GDN` stores it."""
-    from training.layers import _PEDESTAL
-
-    return np.sqrt(np.maximum(np.asarray(param, np.float64), 0.0) + _PEDESTAL).astype(np.float32)
-
-
-def from_artifact(model_dir: str) -> Dict[str, np.ndarray]:
-    """The weights of a hyperprior artifact (a shipped model) as a trainer's named arrays, all but
-    the side information's density (frozen into tables at export; a run starting from these learns
-    it afresh). Kernels are the stored ones dequantized. The hyper-synthesis is the float network
-    equivalent to the stored integer one: ReLU commutes with positive scaling, so spreading each
-    layer's power-of-two scale differently gives the same output; the last layer's scale follows
-    from the integer index mapping."""
-    import tensorflow as tf
-
-    from training.hyperprior import LOG_SCALE_STEP
-
-    with open(os.path.join(model_dir, "codec.json")) as f:
-        spec = json.load(f)
-    if spec.get("family") != "hyperprior":
-        raise LatentpackError(f"{model_dir}: not a hyperprior model (family {spec.get('family')!r})")
-    module = tf.saved_model.load(model_dir)
-    out: Dict[str, np.ndarray] = {}
-
-    def kernel(k, scale):
-        k = np.asarray(k.numpy(), np.float32)
-        return k if scale is None else k * np.asarray(scale.numpy(), np.float32)
-
-    for part, prefix in (("analysis", ("conv", "gdn")), ("synthesis", ("deconv", "igdn"))):
-        conv = gdn = 0
-        for layer in getattr(module, part):
-            a, b = layer[1], layer[2]
-            if len(a.shape) == 1:  # GDN: beta, gamma
-                out[f"{part}/{prefix[1]}{gdn}/beta"] = _gdn_stored(a.numpy())
-                out[f"{part}/{prefix[1]}{gdn}/gamma"] = _gdn_stored(b.numpy())
-                gdn += 1
-            else:
-                out[f"{part}/{prefix[0]}{conv}/kernel"] = kernel(a, layer[4] if len(layer) > 4 else None)
-                out[f"{part}/{prefix[0]}{conv}/bias"] = np.asarray(b.numpy(), np.float32)
-                conv += 1
-    for i, (k, scale, b) in enumerate(module.hyper_analysis):
-        out[f"hyper_analysis/hconv{i}/kernel"] = kernel(k, scale)
-        out[f"hyper_analysis/hconv{i}/bias"] = np.asarray(b.numpy(), np.float32)
-    layers = spec["entropy_model"]["hyper_synthesis"]
-    kernels = [np.asarray(k.numpy(), np.float64) for k in module.hyper_kernels]
-    biases = [np.asarray(b.numpy(), np.float64) for b in module.hyper_biases]
-    last_bits = int(round(np.log2(layers[-1]["index_step"] / LOG_SCALE_STEP)))  # fractional bits of the last accumulator
-    frac = 0  # fractional bits of the current layer's input
-    for i, (layer, k, b) in enumerate(zip(layers, kernels, biases)):
-        if i < len(layers) - 1:  # hidden: any split of the scale will do; keep the kernel near 1
-            wbits = int(round(np.log2(max(np.abs(k).max(), 1.0))))
-            acc = frac + wbits
-            next_frac = acc - layer["shift"]
-        else:
-            acc = last_bits
-            wbits = acc - frac
-        out[f"hyper_synthesis/hdeconv{i}/kernel"] = (k / 2.0 ** wbits).astype(np.float32)
-        out[f"hyper_synthesis/hdeconv{i}/bias"] = (b / 2.0 ** acc).astype(np.float32)
-        if i < len(layers) - 1:
-            frac = next_frac
-    return out
-
-
 # A stride-16 model's stages kept by `to_stride8` (new name <- old name): the analysis loses its
 # last hidden stage, the synthesis its middle one; the hyper-transforms and the prior are kept.
 STRIDE8_STAGES = {"analysis/conv0": "analysis/conv0", "analysis/gdn0": "analysis/gdn0",
@@ -191,6 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--filters", type=int, default=64, help="new: channels of the hidden layers (N)")
     p.add_argument("--latent-channels", type=int, default=96, help="new: latent channels (M)")
     p.add_argument("--seed", type=int, default=0, help="new: random seed of the initial weights")
+    p.add_argument("--family", default="hyperprior", help="new: the photo model family (hyperprior, channelwise, spatial)")
     p.add_argument("--kernels", choices=["float32", "float16"], default="float32",
                    help="how convolution kernels are stored in OUT (float16: half the bytes, for a start point "
                         "that must travel; GDN parameters and biases stay float32)")
@@ -200,12 +137,12 @@ def main(argv=None) -> int:
     if args.source == "new":
         import keras
 
-        from training.hyperprior import HyperpriorTrainer
-        from training.spatial import SpatialConfig
+        import families
+        from training.config import PhotoConfig
 
         keras.utils.set_random_seed(args.seed)
-        trainer = HyperpriorTrainer(SpatialConfig(filters=args.filters, latent_channels=args.latent_channels,
-                                                  prior="hyperprior", seed=args.seed))
+        trainer = families.family(args.family).trainer_module().TRAINER(PhotoConfig(
+            filters=args.filters, latent_channels=args.latent_channels, family=args.family, seed=args.seed))
         weights, step = arrays(trainer), 0
         history = {"new": {"filters": args.filters, "latent_channels": args.latent_channels, "seed": args.seed}}
         what = f"new weights, N={args.filters} M={args.latent_channels}"
@@ -218,9 +155,11 @@ def main(argv=None) -> int:
         model_dir = models.resolve(args.source)
         if not os.path.isfile(os.path.join(model_dir, "codec.json")):
             raise LatentpackError(f"{args.source}: not a model artifact (no codec.json), photo:<q>, new or a .npz")
-        weights, step = from_artifact(model_dir), 0
         with open(os.path.join(model_dir, "codec.json")) as f:
             spec = json.load(f)
+        import families
+
+        weights, step = families.family(spec.get("family", "dense")).weights_from_artifact(model_dir), 0
         history = {"from_artifact": args.source, "fingerprint": spec.get("fingerprint"),
                    "steps_before": spec.get("training", {}).get("steps_done", 0),
                    "seconds_before": spec.get("training", {}).get("seconds", 0.0)}

@@ -14,13 +14,13 @@ def encode_loop(pattern: str, model_dir: str, output: str) -> None:
     import pyarrow.parquet as pq
 
     from pipeline import latents
-    from pipeline.codecs import load_codec
+    from pipeline.codec import load_codec, schema_of
     from pipeline.formats import get_reader
     from pipeline.images import ImageBatch, batch_records
 
     codec = load_codec(model_dir)
     latent_format = codec.default_latent_format(codec.spec)
-    schema = latents.schema(codec.spec, latent_format)
+    schema = schema_of(codec.spec, latent_format)
     reader = get_reader("tfrecord")
     shards, root = reader.match(pattern)
     os.makedirs(output, exist_ok=True)
@@ -35,17 +35,18 @@ def encode_loop(pattern: str, model_dir: str, output: str) -> None:
 def encode_steps(pattern: str, model_dir: str) -> None:
     """Time each step of the encode work separately over the whole input, start-up excluded."""
     from pipeline import latents
-    from pipeline.codecs import load_codec
+    from PIL import Image
+
+    from pipeline.codec import load_codec, schema_of
     from pipeline.formats import get_reader
     from pipeline.images import batch_records
-    from PIL import Image
 
     codec = load_codec(model_dir)
     reader = get_reader("tfrecord")
     shards, root = reader.match(pattern)
     list(reader.records(shards[0], root))  # first use imports the Example proto; keep it out of the timing
     latent_format = codec.default_latent_format(codec.spec)
-    schema = latents.schema(codec.spec, latent_format)
+    schema = schema_of(codec.spec, latent_format)
     times = {}
 
     def timed(name, fn):
@@ -75,7 +76,7 @@ def decode_loop(dataset: str, model_dir: str, output: str, output_format: str = 
     import pyarrow.parquet as pq
 
     from pipeline import completion, latents
-    from pipeline.codecs import load_codec
+    from pipeline.codec import load_codec
     from pipeline.outputs import PngFiles, TFRecordShard
 
     codec = load_codec(model_dir)

@@ -40,6 +40,6 @@ def make_model(model_dir: str, **config) -> None:
     if os.path.exists(os.path.join(model_dir, "codec.json")):
         return
     from pipeline.formats import load_mnist_sample
-    from training.train import TrainConfig, train
+    from families.dense.train import TrainConfig, train
     # Throughput does not depend on how well the model is trained: one epoch is enough.
     train(TrainConfig(epochs=1, **config), load_mnist_sample()[0], model_dir)

@@ -3,14 +3,14 @@
     latentpack train --arch hyperprior --input 'photos/*.jpg' --input-format images \
         --quality 4 --steps 8000 --init-from photo-q4-checkpoints --model-dir photo-q4/
 
-The image transforms are the spatial family's (`training.spatial.build_transforms`); on top
+The image transforms are the spatial family's (`families.spatial.transforms`); on top
 of them a hyper-analysis summarizes |y| into side information z at 1/64 of the image size,
 coded with a per-channel non-parametric prior, and a hyper-synthesis predicts from z the
 scale of a zero-mean Gaussian for every latent. Rates: bits(y | sigma) + bits(z).
 
 Determinism policy (the table chosen for each latent must be the same on any machine).
 Training is in floating point. At export the hyper-synthesis is frozen into an INTEGER
-network (`pipeline.codecs.hyperprior.IntegerHyperSynthesis`): integer kernels of at most
+network (`families.hyperprior.codec.IntegerHyperSynthesis`): integer kernels of at most
 12 bits, integer biases, activations rounded down to at most 16 bits after every layer,
 and the Gaussian table index computed from the last layer's integer output by integer
 division. Every product and partial sum is an integer below 2**53, so evaluating it with
@@ -24,8 +24,9 @@ from typing import List
 
 import numpy as np
 
+from families.spatial import transforms
 from pipeline.errors import log
-from training import spatial
+from training.loop import PhotoConfig, PhotoTrainer, check_args, main as loop_main  # noqa: F401  (check_args: train's)
 
 SCALE_MIN, SCALE_MAX, SCALE_LEVELS = 0.11, 64.0, 64
 # Symbols of the Gaussian table for scale s: [-R, R], R = ceil(TAIL_SIGMAS * s) within [MIN_RADIUS, MAX_RADIUS].
@@ -78,13 +79,13 @@ def pad_grid(y, multiple: int = 4):
     return tf.concat([y, tf.repeat(y[:, :, -1:], pw, axis=2)], axis=2)
 
 
-class HyperpriorTrainer(spatial.SpatialTrainer):
-    """Variables, optimizer, step and checkpoint of a hyperprior model (schedule as SpatialTrainer)."""
+class HyperpriorTrainer(PhotoTrainer):
+    """Variables, optimizer, step and checkpoint of a hyperprior model."""
 
-    def build(self, config: spatial.SpatialConfig) -> dict:
+    def build(self, config: PhotoConfig) -> dict:
         from training.prior import DeepFactorizedPrior
 
-        analysis, synthesis = spatial.build_transforms(config.filters, config.latent_channels, stride=config.stride)
+        analysis, synthesis = transforms.build_transforms(config.filters, config.latent_channels, stride=config.stride)
         hyper_analysis, hyper_synthesis = build_hyper_transforms(config.filters, config.latent_channels)
         return {"analysis": analysis, "synthesis": synthesis, "hyper_analysis": hyper_analysis,
                 "hyper_synthesis": hyper_synthesis, "prior": DeepFactorizedPrior(config.filters, name="hyper_prior")}
@@ -118,14 +119,14 @@ class HyperpriorTrainer(spatial.SpatialTrainer):
 
 
 def HyperpriorModule(weights: dict, hyper_weights: list, integer: dict, latent_channels: int, hyper_channels: int,
-                     storage: str = spatial.KERNEL_STORAGE):
+                     storage: str = transforms.KERNEL_STORAGE):
     """The spatial module (encode/decode signatures) plus `hyper_encode` (int16 latents [N, h, w, M]
     -> int16 side information [N, ceil(h/4), ceil(w/4), N]) and the integer hyper-synthesis
     weights as int16 kernels / int64 biases (`hyper_kernels`, `hyper_biases`)."""
     import tensorflow as tf
 
-    module = spatial.SpatialModule(weights, latent_channels, storage)
-    module.hyper_analysis = [(*spatial.stored_kernel(k, storage, f"hyper_analysis{i}_k"),
+    module = transforms.SpatialModule(weights, latent_channels, storage)
+    module.hyper_analysis = [(*transforms.stored_kernel(k, storage, f"hyper_analysis{i}_k"),
                               tf.Variable(b.astype(np.float32), trainable=False, name=f"hyper_analysis{i}_b"), s)
                              for i, (k, b, s) in enumerate(hyper_weights)]
     module.hyper_kernels = [tf.Variable(layer["kernel"].astype(np.int16), trainable=False, name=f"hyper_synthesis{i}_k")
@@ -141,7 +142,7 @@ def HyperpriorModule(weights: dict, hyper_weights: list, integer: dict, latent_c
         y = tf.concat([y, tf.repeat(y[:, -1:], ph, axis=1)], axis=1)
         y = tf.concat([y, tf.repeat(y[:, :, -1:], pw, axis=2)], axis=2)
         for i, (kernel, scale, bias, stride) in enumerate(module.hyper_analysis):
-            y = tf.nn.conv2d(y, spatial.dequantize(kernel, scale, tf.float32), strides=stride, padding="SAME") + bias
+            y = tf.nn.conv2d(y, transforms.dequantize(kernel, scale, tf.float32), strides=stride, padding="SAME") + bias
             if i < len(module.hyper_analysis) - 1:
                 y = tf.nn.relu(y)
         return {"hyper": tf.cast(tf.clip_by_value(tf.round(y), -32767.0, 32767.0), tf.int16)}
@@ -218,54 +219,36 @@ def export(trainer: HyperpriorTrainer, model_dir: str, holdout, history: dict, e
     """Freeze the priors and the integer hyper-synthesis; write the SavedModel and codec.json."""
     import tensorflow as tf
 
-    from pipeline.codecs.hyperprior import entropy_model_spec
-    from training.export import write_codec_json
+    from families.hyperprior.codec import entropy_model_spec
+    from training.data import random_crops
+    from training.export import artifact_spec, write_photo_artifact
     from training.prior import freeze_channels
 
     config = trainer.config
     z_tables = freeze_channels(trainer.prior)
     # Activation ranges of the integer hyper-synthesis, from training crops (never the held-out images).
-    crops = spatial.random_crops(extra["input"], extra["input_format"], config, config.seed + 1)
+    crops = random_crops(extra["input"], extra["input_format"], config, config.seed + 1)
     calibration = []
     for _ in range(8):
         y = tf.round(trainer.analysis(np.stack([next(crops) for _ in range(16)]), training=False))
         calibration.append(tf.round(trainer.hyper_analysis(tf.abs(pad_grid(y)), training=False)).numpy())
     integer = integer_hyper_synthesis(trainer.hyper_synthesis, calibration)
-    weights = spatial.transform_weights(trainer.analysis, trainer.synthesis)
+    weights = transforms.transform_weights(trainer.analysis, trainer.synthesis)
     hyper_weights = [(np.asarray(layer.kernel), np.asarray(layer.bias), int(layer.strides[0]))
                      for layer in trainer.hyper_analysis.layers]
     module = HyperpriorModule(weights, hyper_weights, integer, config.latent_channels, config.filters,
                               config.kernel_storage)
     entropy_model = entropy_model_spec(z_tables, gaussian_tables(), integer)
-    spec = dict(spatial.artifact_spec(trainer, "hyperprior", "scale-hyperprior-integer", entropy_model, history,
-                                      extra), hyper_channels=config.filters)
-    spatial.save_artifact(model_dir, module, ("encode", "decode", "hyper_encode"), history)
-    spec["metrics"] = measure(model_dir, entropy_model, holdout, config.stride)
-    log.info("held-out: %.2f dB at %.3f bpp (exact code lengths)", spec["metrics"].get("val_psnr", 0),
+    spec = dict(artifact_spec(trainer, "hyperprior", "scale-hyperprior-integer", entropy_model, history, extra),
+                hyper_channels=config.filters)
+    spec = write_photo_artifact(model_dir, module, ("encode", "decode", "hyper_encode"), spec, history, holdout)
+    log.info("held-out: %.2f dB at %.3f bpp (real codes)", spec["metrics"].get("val_psnr", 0),
              spec["metrics"].get("val_bpp", 0))
-    return write_codec_json(model_dir, spec)
+    return spec
 
 
-def measure(model_dir: str, entropy_model: dict, images, stride: int = spatial.STRIDE) -> dict:
-    """Held-out PSNR and bits per pixel of the real codes (the SavedModel just written, the integer
-    hyper-synthesis and the range coder)."""
-    import tensorflow as tf
+TRAINER = HyperpriorTrainer
 
-    from pipeline.codecs.hyperprior import HyperCoder
-    from pipeline.images import psnr
 
-    if not images:
-        return {}
-    module = tf.saved_model.load(model_dir)
-    coder = HyperCoder(entropy_model, [k.numpy() for k in module.hyper_kernels],
-                       [b.numpy() for b in module.hyper_biases])
-    psnrs, bpps = [], []
-    for image in images:
-        h, w = image.shape[:2]
-        y = module.signatures["encode"](images=spatial.padded_batch(image, stride))["latent"].numpy()
-        z = module.signatures["hyper_encode"](latent=y)["hyper"].numpy()
-        code, y_coded = coder.encode(y[0], z[0])
-        recon = module.signatures["decode"](latent=y_coded[None])["image"].numpy()[0, :h, :w]
-        psnrs.append(psnr(image[None], recon[None])[0])
-        bpps.append(len(code) * 8.0 / (h * w))
-    return {"val_psnr": float(np.mean(psnrs)), "val_bpp": float(np.mean(bpps)), "val_images": len(images)}
+def main(args) -> int:
+    return loop_main(args, "hyperprior")

@@ -1,71 +1,17 @@
-"""The latent dataset: its Parquet schema, numpy <-> Arrow batches, and its manifest.
-
-A latent dataset is a directory of `latents-*.parquet` parts (zstd) with columns
-`key` (string), then the model family's columns (`code`, binary: the entropy-coded
-latents, or `latent`: the integer latents; spatial models add `height`, `width`,
-`channels`, `mode`), and `label` (int64, null when the source has none). The schema metadata under `latentpack` names the format
-version, the model fingerprint and the codec parameters. `_manifest.json`, written
-last, lists the parts; a dataset without it is incomplete.
-"""
+"""The latent dataset's parts: writing one whole, where the manifest says they are, and checking
+them against it (sizes, rows, CRC32C)."""
 from __future__ import annotations
 
-import json
 import posixpath
-import time
 from typing import Optional
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.completion import MANIFEST, commit  # noqa: F401  (MANIFEST: the dataset's completion marker)
+from pipeline.completion import commit
 from pipeline.errors import LatentpackError
-
-METADATA_KEY = b"latentpack"
-# 2: the codec family decides the value columns (spatial rows add height, width, channels, mode).
-# 3: codes are big-endian words with a shorter final state (`entropy.finish`), ~1.6 bytes fewer.
-# 4: photo rows add `icc_profile` (the source's colour profile; older readers would drop it).
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
-# Columns that datasets of earlier versions lack (their readers take them as null).
-COLUMN_SINCE = {"icc_profile": 4}
-PART_PREFIX = "latents"
-
-
-from pipeline.codecs.base import LATENT_FORMATS  # noqa: E402,F401  (for the encode job's flag)
-
-
-def schema(spec, latent_format: str = "int") -> pa.Schema:
-    """The Parquet schema of a dataset made with the model described by `spec` (a CodecSpec):
-    `key`, the model family's value columns, `label`; codec facts in the metadata."""
-    from pipeline.codecs import codec_class
-
-    family = codec_class(spec)
-    meta = dict(family.metadata(spec), format_version=FORMAT_VERSION, model_fingerprint=spec.fingerprint,
-                latent_format=latent_format)
-    fields = [pa.field("key", pa.string(), nullable=False)] + family.fields(spec, latent_format) + [
-        pa.field("label", pa.int64())]
-    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(meta).encode()})
-
-
-def to_table(keys, columns: dict, labels: np.ndarray, has_label: np.ndarray, schema_: pa.Schema) -> pa.Table:
-    """One Arrow table from a batch: keys, the codec's value columns, labels (null where absent)."""
-    label = pa.array(labels, pa.int64(), mask=~has_label)
-    arrays = [pa.array(keys, pa.string())] + [columns[f.name] for f in schema_ if f.name not in ("key", "label")]
-    return pa.Table.from_arrays(arrays + [label], schema=schema_)
-
-
-def latents_of(table) -> np.ndarray:
-    """The `latent` column of a dense model's table or record batch as a numpy array [N, D]
-    (the integer latents, usable as features)."""
-    column = table.column("latent")
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    dim = column.type.list_size
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-
 
 ROW_GROUP_ROWS = 65536
 # ... or fewer when rows are large (photo codes): a row group holds at most this many bytes.
@@ -116,13 +62,6 @@ def write_part(path: str, tables, schema_: pa.Schema, latent_format: str, metada
         writer.close()
     commit(tmp, path)
     return table.num_rows
-
-
-def metadata_of(schema_: pa.Schema) -> dict:
-    raw = (schema_.metadata or {}).get(METADATA_KEY)
-    if raw is None:
-        raise LatentpackError("not a latentpack dataset: the Parquet schema has no latentpack metadata")
-    return json.loads(raw)
 
 
 def part_paths(dataset_dir: str, manifest: dict) -> list:
@@ -198,18 +137,3 @@ def check_part(path: str, expected: dict) -> Optional[str]:
     if "rows" in expected and rows != expected["rows"]:
         return f"has {rows} rows, the manifest says {expected['rows']}"
     return None
-
-
-def manifest(parts: list, counts: dict, model_fingerprint: str, extra: Optional[dict] = None) -> dict:
-    return dict({
-        "format": "latentpack-dataset",
-        "format_version": FORMAT_VERSION,
-        "complete": True,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model_fingerprint": model_fingerprint,
-        "images": sum(p["rows"] for p in parts),
-        "total_bytes": sum(p["bytes"] for p in parts),
-        "files": parts,
-        "counts": counts,
-        "dead_letters": counts.get("dead_lettered", 0),
-    }, **(extra or {}))

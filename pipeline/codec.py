@@ -1,7 +1,19 @@
-"""What every model family provides: the columns it stores, compress and decompress."""
+"""The pipeline's side of a model artifact: what every family's codec provides (the columns it
+stores, compress and decompress), and loading one.
+
+    from pipeline.codec import load_codec
+    codec = load_codec(model_dir, spec)          # once per worker, in DoFn.setup()
+    columns = codec.compress(batch, "code")      # ImageBatch -> the dataset's value columns
+    for item in codec.decompress(table): ...     # Arrow rows -> ImageBatch (or DeadLetter per bad row)
+
+The jobs, writers, accounting and incremental mode only ever call this pair; quantizers,
+entropy tables and latent shapes stay inside the family's codec (`families/<name>/codec.py`),
+which `codec_class` finds through the family registry (`families`).
+"""
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple, Union
+import threading
+from typing import Dict, Iterator, List, Optional, Tuple, Type, Union
 
 import numpy as np
 import pyarrow as pa
@@ -9,20 +21,17 @@ import pyarrow as pa
 from pipeline.errors import LatentpackError
 from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, ImageBatch
 
-LATENT_FORMATS = ("code", "int")
+from pipeline.latents import LATENT_FORMATS
 
 
 class ModelCodec:
-    """A loaded model artifact. Subclasses set `family` and implement the four methods below.
+    """A loaded model artifact. Each family's subclass implements the four methods below.
 
     `compress(batch, latent_format, refine)` returns the dataset's value columns for a batch of
     same-shaped images (name -> Arrow array, in `fields` order); `decompress(table)` turns
     rows back into ImageBatches of same-shaped images, and a row whose value cannot be
     decoded into a DeadLetter, never an exception.
     """
-
-    family = ""
-    format_version = 3  # the codec.json format version an artifact of this family is written with
 
     def __init__(self, model_dir: str, spec):
         import tensorflow as tf
@@ -115,3 +124,44 @@ def row_labels(table) -> Tuple[np.ndarray, np.ndarray]:
     """(labels with -1 where null, has_label) of a table or record batch."""
     label = table.column("label")
     return label.fill_null(-1).to_numpy().astype(np.int64), label.is_valid().to_numpy(zero_copy_only=False)
+
+
+def schema_of(spec, latent_format: str = "int"):
+    """The Parquet schema of a dataset made with the model of `spec`: its family's columns and
+    facts (`pipeline.latents.schema`)."""
+    from pipeline import latents
+
+    family = codec_class(spec)
+    return latents.schema(family.fields(spec, latent_format), family.metadata(spec), spec.fingerprint, latent_format)
+
+
+def codec_class(spec) -> Type[ModelCodec]:
+    """The codec class of an artifact's family (families/<name>/codec.py)."""
+    import families
+
+    return families.family(spec.family).codec_class()
+
+
+def load_codec(model_dir: str, spec=None) -> ModelCodec:
+    """The artifact at `model_dir` as a loaded codec (spec read and verified if not given)."""
+    from pipeline.artifact import read_spec
+
+    spec = spec if spec is not None else read_spec(model_dir)
+    return codec_class(spec)(model_dir, spec)
+
+
+_SHARED: Dict[tuple, ModelCodec] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_codec(model_dir: str, spec) -> ModelCodec:
+    """`load_codec`, once per worker process: runners that set up a DoFn per task or bundle (Dask
+    does, per partition) reuse the model already in memory instead of loading it again. A loaded
+    codec is read-only, so the threads of one worker may share it."""
+    key = (model_dir, spec.fingerprint)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            if len(_SHARED) >= 2:  # a worker rarely needs more than one model at a time
+                _SHARED.pop(next(iter(_SHARED)))
+            _SHARED[key] = load_codec(model_dir, spec)
+        return _SHARED[key]

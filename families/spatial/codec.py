@@ -17,8 +17,8 @@ from typing import List
 import numpy as np
 import pyarrow as pa
 
-from pipeline.codecs import register
-from pipeline.codecs.base import ModelCodec, code_words, row_labels
+from families.spatial.transforms import apply_transform, pad_to_multiple
+from pipeline.codec import ModelCodec, code_words, row_labels
 from pipeline.entropy import ChannelCoder
 from pipeline.errors import LatentpackError
 from pipeline.images import BATCH_PIXELS, DEFAULT_MAX_PIXELS, DeadLetter, ImageBatch, ShapeGroups, profile_for
@@ -41,9 +41,7 @@ SYNTHESIS_PIXELS = SYNTHESIS_TILE * SYNTHESIS_TILE
 DECODE_PIXELS = BATCH_PIXELS
 
 
-@register
 class SpatialCodec(ModelCodec):
-    family = "spatial"
 
     def __init__(self, model_dir, spec):
         super().__init__(model_dir, spec)
@@ -262,41 +260,3 @@ class SpatialCodec(ModelCodec):
         idx = [i for i, _ in rows]
         return ImageBatch([keys[i] for i in idx], np.ascontiguousarray(images), labels[idx], has_label[idx],
                           modes=[modes[i] for i in idx], icc_profiles=[profiles[i] for i in idx])
-
-
-def apply_transform(layers, x, synthesis: bool):
-    """One of a spatial artifact's transforms on x, computed in x's dtype, from its stored layers.
-
-    `layers`: the SavedModel's `analysis` or `synthesis` list (`training.spatial.SpatialModule`
-    writes it, and its signatures compute with this function): per layer a tuple whose items 1
-    and 2 are a GDN's beta [C] and gamma [C, C], or a convolution's kernel [5, 5, a, b] and bias,
-    item 4 the kernel's int8 scale (absent or None for float16 kernels). A loaded SavedModel keeps
-    these variables (not the layer kinds: the rank tells GDN from convolution), so encoder-side
-    refinement can differentiate the very transforms the signatures run."""
-    import tensorflow as tf
-
-    dtype = x.dtype
-    for layer in layers:
-        a, b = layer[1], layer[2]
-        scale = layer[4] if len(layer) > 4 else None
-        if len(a.shape) == 1:  # GDN (analysis) or IGDN (synthesis)
-            norm = tf.sqrt(tf.tensordot(tf.square(x), tf.transpose(tf.cast(b, dtype)), axes=[[-1], [0]])
-                           + tf.cast(a, dtype))
-            x = x * norm if synthesis else x / norm
-            continue
-        kernel = tf.cast(a, dtype) if scale is None else tf.cast(a, dtype) * tf.cast(scale, dtype)
-        if synthesis:  # transposed convolution, stride 2, "same": output twice the input
-            shape = tf.shape(x)
-            out = tf.stack([shape[0], 2 * shape[1], 2 * shape[2], tf.shape(kernel)[2]])
-            x = tf.nn.conv2d_transpose(x, kernel, out, strides=2, padding="SAME") + tf.cast(b, dtype)
-        else:
-            x = tf.nn.conv2d(x, kernel, strides=2, padding="SAME") + tf.cast(b, dtype)
-    return x
-
-
-def pad_to_multiple(images: np.ndarray, multiple: int) -> np.ndarray:
-    """Edge-pad [N, H, W, C] on the bottom and right to multiples of `multiple`."""
-    h, w = images.shape[1:3]
-    if h % multiple == 0 and w % multiple == 0:
-        return images
-    return np.pad(images, ((0, 0), (0, -h % multiple), (0, -w % multiple), (0, 0)), mode="edge")

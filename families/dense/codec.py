@@ -11,8 +11,7 @@ from typing import List
 import numpy as np
 import pyarrow as pa
 
-from pipeline.codecs import register
-from pipeline.codecs.base import ModelCodec, code_words, row_labels
+from pipeline.codec import ModelCodec, code_words, row_labels
 from pipeline.entropy import EntropyCoder
 from pipeline.errors import LatentpackError
 from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, ImageBatch
@@ -22,9 +21,7 @@ DTYPES = {"int8": (np.int8, pa.int8()), "int16": (np.int16, pa.int16())}
 DECODE_ROWS = 1024
 
 
-@register
 class DenseCodec(ModelCodec):
-    family = "dense"
 
     def __init__(self, model_dir, spec):
         super().__init__(model_dir, spec)
@@ -92,7 +89,7 @@ class DenseCodec(ModelCodec):
         why = self.check_refine(self.spec)
         if why is None and not self._refinement_signatures():
             why = (f"--refine needs the analyze and synthesize signatures of this model's shapes, which "
-                   f"{self.model_dir} was exported without (latentpack < 0.4); training.export.add_refinement_to "
+                   f"{self.model_dir} was exported without (latentpack < 0.4); families.dense.export.add_refinement_to "
                    "re-exports it with them (README: Refinement)")
         return why
 

@@ -27,9 +27,10 @@ from typing import List
 
 import numpy as np
 
+from families.hyperprior.train import SCALE_MAX, SCALE_MIN, pad_grid
+from families.spatial import transforms
 from pipeline.errors import log
-from training import spatial
-from training.hyperprior import SCALE_MAX, SCALE_MIN, pad_grid
+from training.loop import PhotoTrainer, check_args, main as loop_main  # noqa: F401  (check_args: train's)
 
 
 def slice_sizes(latent_channels: int, slices: int) -> List[int]:
@@ -111,14 +112,14 @@ def from_hyperprior(weights: dict) -> dict:
     return out
 
 
-class ChannelwiseTrainer(spatial.SpatialTrainer):
+class ChannelwiseTrainer(PhotoTrainer):
     """Variables, optimizer, step and checkpoint of a channel-conditional model."""
 
     def build(self, config) -> dict:
         from training.prior import DeepFactorizedPrior
 
         self.sizes = slice_sizes(config.latent_channels, config.slices)
-        analysis, synthesis = spatial.build_transforms(config.filters, config.latent_channels, stride=config.stride)
+        analysis, synthesis = transforms.build_transforms(config.filters, config.latent_channels, stride=config.stride)
         hyper_analysis, hyper_synthesis = build_hyper_transforms(config.filters, config.latent_channels)
         parts = {"analysis": analysis, "synthesis": synthesis, "hyper_analysis": hyper_analysis,
                  "hyper_synthesis": hyper_synthesis,
@@ -193,7 +194,7 @@ def gaussian_tables(levels: int = MEAN_LEVELS) -> dict:
     s * levels + f codes k - centre for a Gaussian of scale s and mean centre + (f - levels/2) / levels."""
     from scipy.special import ndtr
 
-    from training.hyperprior import MAX_RADIUS, MIN_RADIUS, SCALE_LEVELS, TAIL_SIGMAS
+    from families.hyperprior.train import MAX_RADIUS, MIN_RADIUS, SCALE_LEVELS, TAIL_SIGMAS
     from training.prior import PRECISION, quantize_pmf
 
     scales = np.exp(np.linspace(np.log(SCALE_MIN), np.log(SCALE_MAX), SCALE_LEVELS))
@@ -295,9 +296,9 @@ def _calibration(trainer, crops) -> dict:
 
 def freeze_entropy_model(trainer, z_tables: dict, calibration: dict) -> tuple:
     """codec.json's entropy_model and the integer kernels and biases, in their order."""
-    from pipeline.codecs.channelwise import LATENT_LIMIT
+    from families.channelwise.codec import LATENT_LIMIT
     from pipeline.integer import ACTIVATION_LIMIT
-    from training.hyperprior import LOG_SCALE_STEP
+    from families.hyperprior.train import LOG_SCALE_STEP
 
     filters, m = trainer.config.filters, trainer.config.latent_channels
     hyper, kernels, biases, _, feature_bits = integer_network(
@@ -330,15 +331,15 @@ def freeze_entropy_model(trainer, z_tables: dict, calibration: dict) -> tuple:
 
 
 def ChannelwiseModule(weights: dict, hyper_weights: list, kernels, biases, latent_channels: int,
-                      storage: str = spatial.KERNEL_STORAGE):
+                      storage: str = transforms.KERNEL_STORAGE):
     """The spatial module (encode/decode signatures) plus `hyper_encode` (int16 latents [N, h, w, M]
     -> int16 side information [N, ceil(h/4), ceil(w/4), N]) and the integer networks' kernels
     (int8) and biases (int64), hyper-synthesis first, then each slice's
     context network."""
     import tensorflow as tf
 
-    module = spatial.SpatialModule(weights, latent_channels, storage)
-    module.hyper_analysis = [(*spatial.stored_kernel(k, storage, f"hyper_analysis{i}_k"),
+    module = transforms.SpatialModule(weights, latent_channels, storage)
+    module.hyper_analysis = [(*transforms.stored_kernel(k, storage, f"hyper_analysis{i}_k"),
                               tf.Variable(b.astype(np.float32), trainable=False, name=f"hyper_analysis{i}_b"), s)
                              for i, (k, b, s) in enumerate(hyper_weights)]
     module.integer_kernels = [tf.Variable(k.astype(np.int8), trainable=False, name=f"integer{i}_k")
@@ -355,7 +356,7 @@ def ChannelwiseModule(weights: dict, hyper_weights: list, kernels, biases, laten
         y = tf.concat([y, tf.repeat(y[:, :, -1:], pw, axis=2)], axis=2)
         y = tf.concat([y, tf.abs(y)], axis=-1)
         for i, (kernel, scale, bias, stride) in enumerate(module.hyper_analysis):
-            y = tf.nn.conv2d(y, spatial.dequantize(kernel, scale, tf.float32), strides=stride, padding="SAME") + bias
+            y = tf.nn.conv2d(y, transforms.dequantize(kernel, scale, tf.float32), strides=stride, padding="SAME") + bias
             if i < len(module.hyper_analysis) - 1:
                 y = tf.nn.relu(y)
         return {"hyper": tf.cast(tf.clip_by_value(tf.round(y), -32767.0, 32767.0), tf.int16)}
@@ -367,26 +368,32 @@ def ChannelwiseModule(weights: dict, hyper_weights: list, kernels, biases, laten
 def export(trainer: ChannelwiseTrainer, model_dir: str, holdout, history: dict, extra: dict) -> dict:
     """Freeze the side information's density, the integer networks and the tables; write the
     SavedModel and codec.json; measure the held-out photos through the pipeline's own codec."""
-    from training.export import write_codec_json
+    from training.data import random_crops
+    from training.export import artifact_spec, write_photo_artifact
     from training.prior import freeze_channels
 
     config = trainer.config
     z_tables = freeze_channels(trainer.prior)
     # Activation ranges of the integer networks, from training crops (never the held-out images).
-    crops = spatial.random_crops(extra["input"], extra["input_format"], config, config.seed + 1)
+    crops = random_crops(extra["input"], extra["input_format"], config, config.seed + 1)
     calibration = _calibration(trainer, [np.stack([next(crops) for _ in range(16)]) for _ in range(8)])
     entropy_model, kernels, biases = freeze_entropy_model(trainer, z_tables, calibration)
-    weights = spatial.transform_weights(trainer.analysis, trainer.synthesis)
+    weights = transforms.transform_weights(trainer.analysis, trainer.synthesis)
     hyper_weights = [(np.asarray(layer.kernel), np.asarray(layer.bias), int(layer.strides[0]))
                      for layer in trainer.hyper_analysis.layers]
     module = ChannelwiseModule(weights, hyper_weights, kernels, biases, config.latent_channels, config.kernel_storage)
-    spec = dict(spatial.artifact_spec(trainer, "channelwise", "channelwise-mean-scale-integer", entropy_model,
-                                      history, extra), hyper_channels=config.filters)
+    spec = dict(artifact_spec(trainer, "channelwise", "channelwise-mean-scale-integer", entropy_model, history, extra),
+                hyper_channels=config.filters)
     spec["architecture"] = dict(spec["architecture"], slices=list(trainer.sizes),
                                 context_filters=config.context_filters)
-    spatial.save_artifact(model_dir, module, ("encode", "decode", "hyper_encode"), history)
-    write_codec_json(model_dir, spec)
-    spec["metrics"] = spatial.measure_codec(model_dir, holdout)
+    spec = write_photo_artifact(model_dir, module, ("encode", "decode", "hyper_encode"), spec, history, holdout)
     log.info("held-out: %.2f dB at %.3f bpp (real codes)", spec["metrics"].get("val_psnr", 0),
              spec["metrics"].get("val_bpp", 0))
-    return write_codec_json(model_dir, spec)
+    return spec
+
+
+TRAINER = ChannelwiseTrainer
+
+
+def main(args) -> int:
+    return loop_main(args, "channelwise")

@@ -21,8 +21,7 @@ from typing import List, Tuple
 import constriction
 import numpy as np
 
-from pipeline.codecs import register
-from pipeline.codecs.spatial import SpatialCodec
+from families.spatial.codec import SpatialCodec
 from pipeline.entropy import BIG, ChannelCoder, finish, reader
 from pipeline.errors import LatentpackError
 from pipeline.integer import ACTIVATION_LIMIT, IntegerNetwork
@@ -179,10 +178,7 @@ class ChannelwiseCoder:
         return np.concatenate(centres, axis=-1), np.concatenate(tables, axis=-1)
 
 
-@register
 class ChannelwiseCodec(SpatialCodec):
-    family = "channelwise"
-    format_version = 4
 
     def make_coder(self):
         try:

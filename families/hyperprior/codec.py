@@ -21,8 +21,7 @@ from typing import List, Tuple
 import constriction
 import numpy as np
 
-from pipeline.codecs import register
-from pipeline.codecs.spatial import SpatialCodec
+from families.spatial.codec import SpatialCodec
 from pipeline.entropy import BIG, ChannelCoder, finish, reader
 from pipeline.errors import LatentpackError
 
@@ -183,9 +182,7 @@ class HyperCoder:
         return out.reshape(index.shape)
 
 
-@register
 class HyperpriorCodec(SpatialCodec):
-    family = "hyperprior"
 
     def make_coder(self):
         try:

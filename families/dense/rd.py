@@ -15,8 +15,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.errors import log
-from training import model
-from training.prior import FactorizedPrior
+from families.dense import model
+from families.dense.prior import FactorizedPrior
 
 # --quality 1..8 -> (lambda, latent_dim, conv width): low to high quality. The prior makes unused
 # latent dimensions nearly free, so latent_dim is generous; the high presets need a wider model
