@@ -42,7 +42,10 @@ setup(
                  "dask>=2024.4,<2027", "distributed>=2024.4,<2027",
                  # The producers of the datasets users bring: the tests write with them, then encode.
                  "tensorflow-datasets>=4.9.7,<5", "array-record>=0.5", "importlib_resources>=6",
-                 "datasets>=3,<6", "webdataset>=0.2.100,<0.3", "img2dataset>=1.45,<2"],
+                 "datasets>=3,<6", "webdataset>=0.2.100,<0.3", "img2dataset>=1.45,<2",
+                 # The PyTorch trainer for lent GPUs (scripts/gpu_train.py) is tested against TensorFlow:
+                 # the CPU build (installed from the file on the development and CI machines).
+                 "torch==2.13.0"],
         # `make demo`'s photographs: the ones scikit-image's wheel bundles in skimage/data.
         "demo": ["scikit-image>=0.22"],
     },

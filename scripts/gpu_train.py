@@ -1,9 +1,12 @@
-"""Train a hyperprior photo model on a GPU with PyTorch, where TensorFlow is not installed.
+"""Train a photo model (hyperprior or channelwise family) on a GPU with PyTorch, where TensorFlow
+is not installed.
 
 The device machines this project is sometimes lent carry PyTorch but not TensorFlow (and
 TensorFlow's wheels are far larger than what may travel there). This script is the same
-model and loss as `families/hyperprior/train.py` (`HyperpriorTrainer.losses`), written with
-PyTorch ops in the Keras weights' own layouts and names, so a run goes
+models and losses as `families/hyperprior/train.py` (`HyperpriorTrainer.losses`) and
+`families/channelwise/train.py` (`ChannelwiseTrainer.losses`; the family comes from the weights:
+context networks make it channelwise), written with PyTorch ops in the Keras weights' own
+layouts and names, so a run goes
 
     python -m training.weights photo:4 init-q4.npz            # here: a shipped model's weights
     python scripts/gpu_train.py --init init-q4.npz --lmbda 0.013 --data photos/ \
@@ -13,7 +16,10 @@ PyTorch ops in the Keras weights' own layouts and names, so a run goes
         --model-dir photo-q4                                  # here: export (integer tables, SavedModel)
 
 The number of stages comes from the weights: the stride-8 photo:6 (three stages) trains the same
-way and exports with `--stride 8 --lambda 0.0175` instead of `--quality 4`.
+way and exports with `--stride 8 --lambda 0.0175` instead of `--quality 4`. A channelwise model
+(the shipped family since 0.7.0) exports with `--arch channelwise`; `python -m training.weights
+photo:4 start.npz` gives its weights, and a scale hyperprior's weights through
+`families.channelwise.train.from_hyperprior` start one that computes exactly what the hyperprior did.
 
 Same as the TensorFlow trainer: "same"-padded stride-2 convolutions with TensorFlow's
 padding (one pixel before, two after), GDN with reparameterized beta and gamma, rounded
@@ -63,6 +69,11 @@ class Model:
         self.stride = 2 ** self.stages
         self.latent_channels = self.params[f"analysis/conv{self.stages - 1}/bias"].shape[0]
         self.matrices = sorted(n for n in self.params if n.startswith("prior/matrix"))
+        # Channelwise: each slice's size from its context network's last layer (mean and log-scale).
+        self.slices = []
+        while f"context{len(self.slices)}/cc{len(self.slices)}conv2/bias" in self.params:
+            self.slices.append(self.params[f"context{len(self.slices)}/cc{len(self.slices)}conv2/bias"].shape[0] // 2)
+        self.family = "channelwise" if self.slices else "hyperprior"
 
     def conv(self, x, name, stride, relu=False):
         k = self.params[name + "/kernel"]  # [kh, kw, in, out]
@@ -121,10 +132,31 @@ class Model:
         p = torch.clamp(torch.abs(torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower)), min=1e-9)
         return (-torch.log2(p)).reshape(c, n, -1).sum(dim=(0, 2))
 
+    def hyper_input(self, y):
+        """What the hyper-analysis reads: |y| (hyperprior), [y, |y|] (channelwise)."""
+        return torch.cat([y, torch.abs(y)], dim=1) if self.slices else torch.abs(y)
+
+    def entropy_parameters(self, features, y_hat):
+        """(mean, log_scale) [N, M, h, w]: hyperprior, zero and the features; channelwise, slice by
+        slice, the features plus each context network's corrections (ChannelwiseTrainer)."""
+        if not self.slices:
+            return torch.zeros_like(features), features
+        m = self.latent_channels
+        means, scales, start = [], [], 0
+        for i, size in enumerate(self.slices):
+            x = torch.cat([features, y_hat[:, :start]], dim=1) if start else features
+            x = self.conv(x, f"context{i}/cc{i}conv0", 1, relu=True)
+            x = self.conv(x, f"context{i}/cc{i}conv1", 1, relu=True)
+            out = self.conv(x, f"context{i}/cc{i}conv2", 1)
+            means.append(features[:, start:start + size] + out[:, :size])
+            scales.append(features[:, m + start:m + start + size] + out[:, size:])
+            start += size
+        return torch.cat(means, dim=1), torch.cat(scales, dim=1)
+
     @staticmethod
-    def gaussian_bits(y, log_scale):
+    def gaussian_bits(y, log_scale, mean=None):
         scale = torch.exp(torch.clamp(log_scale, math.log(SCALE_MIN), math.log(SCALE_MAX)))
-        v = torch.abs(y)
+        v = torch.abs(y if mean is None else y - mean)
         c = 1.0 / (scale * math.sqrt(2.0))
         p = 0.5 * (torch.special.erfc((v - 0.5) * c) - torch.special.erfc((v + 0.5) * c))
         return -torch.log2(torch.clamp(p, min=1e-9))
@@ -134,31 +166,33 @@ class Model:
         return F.pad(y, (0, (-y.shape[3]) % multiple, 0, (-y.shape[2]) % multiple), mode="replicate")
 
     def losses(self, x, noise_y=None, noise_z=None):
-        """(MSE, bits per pixel) of a batch x [N, 3, H, W] in [0, 1]: HyperpriorTrainer.losses."""
+        """(MSE, bits per pixel) of a batch x [N, 3, H, W] in [0, 1]: the family's trainer's `losses`."""
         y = self.analysis(x)
         y_hat = y + (torch.round(y) - y).detach()
-        z = self.hyper_analysis(torch.abs(self.pad_grid(y_hat)))
-        noisy_y = y + (torch.rand_like(y) - 0.5 if noise_y is None else noise_y)
+        z = self.hyper_analysis(self.hyper_input(self.pad_grid(y_hat)))
         z_hat = z + (torch.rand_like(z) - 0.5 if noise_z is None else noise_z)
-        log_scale = self.hyper_synthesis(z_hat)[:, :, :y.shape[2], :y.shape[3]]
+        features = self.hyper_synthesis(z_hat)[:, :, :y.shape[2], :y.shape[3]]
+        mean, log_scale = self.entropy_parameters(features, y_hat)
+        noisy_y = y + (torch.rand_like(y) - 0.5 if noise_y is None else noise_y)
         x_hat = self.synthesis(y_hat)
         mse = torch.mean((x - x_hat) ** 2)
-        bits = self.gaussian_bits(noisy_y, log_scale).sum(dim=(1, 2, 3)) + self.prior_bits(z_hat)
+        bits = self.gaussian_bits(noisy_y, log_scale, mean).sum(dim=(1, 2, 3)) + self.prior_bits(z_hat)
         return mse, bits.mean() / (x.shape[2] * x.shape[3])
 
     @torch.no_grad()
     def evaluate(self, images) -> dict:
         """Held-out PSNR and estimated bits per pixel on whole images (uint8 [3, H, W] tensors),
-        edge-padded to multiples of the stride as the pipeline pads them: HyperpriorTrainer.evaluate."""
+        edge-padded to multiples of the stride as the pipeline pads them: PhotoTrainer.evaluate."""
         psnrs, bpps = [], []
         for image in images:
             h, w = image.shape[1:]
             x = image[None].float() / 255.0
             x = F.pad(x, (0, (-w) % self.stride, 0, (-h) % self.stride), mode="replicate")
             y = torch.round(self.analysis(x))
-            z = torch.round(self.hyper_analysis(torch.abs(self.pad_grid(y))))
-            log_scale = self.hyper_synthesis(z)[:, :, :y.shape[2], :y.shape[3]]
-            bits = self.gaussian_bits(y, log_scale).sum() + self.prior_bits(z).sum()
+            z = torch.round(self.hyper_analysis(self.hyper_input(self.pad_grid(y))))
+            features = self.hyper_synthesis(z)[:, :, :y.shape[2], :y.shape[3]]
+            mean, log_scale = self.entropy_parameters(features, y)
+            bits = self.gaussian_bits(y, log_scale, mean).sum() + self.prior_bits(z).sum()
             x_hat = torch.round(torch.clamp(self.synthesis(y), 0, 1) * 255.0)[0, :, :h, :w]
             mse = torch.mean((x_hat - image.float()) ** 2).item()
             psnrs.append(10 * math.log10(255.0 ** 2 / max(mse, 1e-10)))
@@ -270,11 +304,12 @@ def main(argv=None) -> int:
     if not train:
         sys.exit(f"gpu_train: no training photos in {args.data}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    history = continued(before, {"script": "scripts/gpu_train.py", "device": name, "torch": torch.__version__,
+    history = continued(before, {"script": "scripts/gpu_train.py", "family": model.family, "device": name,
+                                 "torch": torch.__version__,
                                  "lmbda": args.lmbda, "crop": args.crop, "batch": args.batch,
                                  "learning_rate": args.learning_rate, "seconds": args.seconds, "start_step": step,
                                  "train_images": len(train), "val_images": len(holdout)})
-    print(f"{name}: {len(train)} training photos, {len(holdout)} held out; lambda {args.lmbda}, "
+    print(f"{name}: {model.family} model, {len(train)} training photos, {len(holdout)} held out; lambda {args.lmbda}, "
           f"crops {args.crop}, batch {args.batch}, {args.seconds:.0f} s", flush=True)
 
     def validate():
