@@ -34,6 +34,8 @@ setup(
         "matplotlib>=3.7",
         # Entropy coding of latents (range coder) from the artifact's integer tables.
         "constriction>=0.4,<0.6",
+        # JPEG XL (libjxl) for `latentpack evaluate`'s comparison (Pillow has JPEG, WebP and AVIF).
+        "imagecodecs>=2024.1",
     ],
     extras_require={
         # `--runner DaskRunner`: Beam's Dask runner on a dask.distributed cluster (apache-beam[dask]).

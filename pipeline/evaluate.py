@@ -1,4 +1,4 @@
-"""Rate-distortion evaluation: latentpack models against PNG, JPEG, WebP and AVIF on the same images.
+"""Rate-distortion evaluation: latentpack models against PNG, JPEG, WebP, AVIF and JPEG XL on the same images.
 
     latentpack evaluate --input 'photos/*.png' --input-format images \
         --model-dir photo:2 --model-dir photo:4 --output rd-out/
@@ -41,6 +41,7 @@ from pipeline.errors import log, show_progress
 JPEG_QUALITIES = (5, 10, 20, 30, 50, 70, 90)
 WEBP_QUALITIES = (0, 5, 10, 20, 40, 60, 80, 95)
 AVIF_QUALITIES = (10, 20, 30, 40, 50, 60, 75, 90)
+JXL_QUALITIES = (10, 25, 40, 55, 70, 80, 90, 95)  # libjxl's quality ("level"), effort 7
 MS_SSIM_MIN_SIDE = 161  # five scales of an 11-pixel window
 
 
@@ -85,7 +86,13 @@ def container_bytes(keys, payloads) -> int:
 
 
 def classical_encode(image: np.ndarray, codec: str, quality: Optional[int]) -> bytes:
-    """One image through Pillow's codec: PNG (lossless), JPEG, WebP (method 6) or AVIF (speed 6)."""
+    """One image through its codec: Pillow's PNG (lossless), JPEG, WebP (method 6) or AVIF (speed 6);
+    JPEG XL through imagecodecs' libjxl (effort 7)."""
+    if codec == "jxl":
+        import imagecodecs
+
+        return bytes(imagecodecs.jpegxl_encode(image[..., 0] if image.shape[-1] == 1 else image, level=quality,
+                                               effort=7))
     img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     out = io.BytesIO()
     if codec == "png":
@@ -100,13 +107,18 @@ def classical_encode(image: np.ndarray, codec: str, quality: Optional[int]) -> b
 
 
 def classical_decode(data: bytes, like: np.ndarray) -> np.ndarray:
+    if data[:2] == b"\xff\x0a" or data[4:8] == b"JXL ":  # a JPEG XL codestream or container
+        import imagecodecs
+
+        return np.asarray(imagecodecs.jpegxl_decode(data), np.uint8).reshape(like.shape)
     img = Image.open(io.BytesIO(data)).convert("L" if like.shape[-1] == 1 else "RGB")
     return np.asarray(img).reshape(like.shape)
 
 
-def classical_points(keys, images, codecs=("png", "jpeg", "webp", "avif")):
-    """Each classical codec over its quality sweep, with Pillow's codecs."""
-    sweeps = {"png": [None], "jpeg": JPEG_QUALITIES, "webp": WEBP_QUALITIES, "avif": AVIF_QUALITIES}
+def classical_points(keys, images, codecs=("png", "jpeg", "webp", "avif", "jxl")):
+    """Each classical codec over its quality sweep."""
+    sweeps = {"png": [None], "jpeg": JPEG_QUALITIES, "webp": WEBP_QUALITIES, "avif": AVIF_QUALITIES,
+              "jxl": JXL_QUALITIES}
     for codec in codecs:
         for quality in sweeps[codec]:
             started = time.time()
@@ -204,12 +216,12 @@ def bd_rate(anchor: list, test: list) -> Optional[float]:
 
 
 def bd_rates(points) -> dict:
-    """{model family: {"webp": %, "jpeg": %, "avif": %}} for each latentpack family with 2+ points."""
+    """{model family: {"webp": %, "jpeg": %, "avif": %, "jxl": %}} for each latentpack family with 2+ points."""
     families = {p["family"] for p in points if p["family"].startswith("latentpack")}
     out = {}
     for family in sorted(families):
         mine = [p for p in points if p["family"] == family]
-        out[family] = {a: bd_rate([p for p in points if p["family"] == a], mine) for a in ("webp", "jpeg", "avif")
+        out[family] = {a: bd_rate([p for p in points if p["family"] == a], mine) for a in ("webp", "jpeg", "avif", "jxl")
                        if any(p["family"] == a for p in points)}
     return out
 
@@ -237,7 +249,7 @@ def plot(points, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    styles = {"jpeg": ("s-", "C0"), "webp": ("^-", "C2"), "avif": ("v-", "C4"), "mlp-ae": ("D", "C5"),
+    styles = {"jpeg": ("s-", "C0"), "webp": ("^-", "C2"), "avif": ("v-", "C4"), "jxl": ("<-", "C8"), "mlp-ae": ("D", "C5"),
               "conv-ae": ("v", "C6")}
     for name in families.names():
         color = families.family(name).color
@@ -272,8 +284,8 @@ def parse_args(argv):
     p.add_argument("--model-dir", action="append", default=[],
                    help="a model artifact (or a shipped model, photo:<q>); repeat for several")
     p.add_argument("--output", required=True, help="folder for rd.json, rd.md, rd.png and the jobs' outputs")
-    p.add_argument("--classical", nargs="*", default=["png", "jpeg", "webp", "avif"],
-                   choices=["png", "jpeg", "webp", "avif"], help="classical codecs to sweep (none: only models)")
+    p.add_argument("--classical", nargs="*", default=["png", "jpeg", "webp", "avif", "jxl"],
+                   choices=["png", "jpeg", "webp", "avif", "jxl"], help="classical codecs to sweep (none: only models)")
     p.add_argument("--limit", type=int, help="evaluate on at most this many images (first keys)")
     p.add_argument("--refine", type=int, nargs="+", default=[0], metavar="STEPS",
                    help="encode each model with these steps of refinement (encode --refine), one curve each; "

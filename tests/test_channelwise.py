@@ -149,6 +149,57 @@ def test_a_trained_scale_hyperprior_is_where_a_channelwise_model_starts(hyperpri
     assert abs(cw.bits(y) - hyper.bits(y)) < 1e-3 * hyper.bits(y)
 
 
+def test_a_hyperprior_artifact_starts_a_channelwise_model_that_computes_the_same(hyperprior_model_dir):
+    """`--init-from photo:<q>` with --arch channelwise: the artifact's weights (training.weights.from_model,
+    the side information's density aside: frozen into tables at export) give the rates the hyperprior
+    trainer gives from the same artifact."""
+    import tensorflow as tf
+
+    from families.channelwise.train import ChannelwiseTrainer
+    from families.hyperprior.train import HyperpriorTrainer
+    from training import weights
+    from training.loop import PhotoConfig
+
+    arrays, history = weights.from_model(hyperprior_model_dir)
+    assert history["family"] == "hyperprior" and not any(k.startswith("prior/") for k in arrays)
+    hyper = HyperpriorTrainer(PhotoConfig(filters=16, latent_channels=8, family="hyperprior"))
+    weights.assign(hyper, arrays, hyperprior_model_dir, require_all=False)
+    cw_arrays, cw_history = weights.from_model(hyperprior_model_dir, "channelwise")
+    assert cw_history["as_family"] == "channelwise"
+    cw = ChannelwiseTrainer(PhotoConfig(filters=16, latent_channels=8, family="channelwise", slices=2,
+                                        context_filters=8))
+    missing = weights.assign(cw, cw_arrays, hyperprior_model_dir, require_all=False)
+    assert any(m.startswith("context") for m in missing)
+    for name, v in weights.named_variables(cw).items():  # the same (new) density of z in both
+        if name.startswith("prior/"):
+            v.assign(weights.named_variables(hyper)[name])
+    image = smooth_photos(np.random.default_rng(3), 1, sizes=[(64, 48)])[0]
+    y = tf.round(hyper.analysis(image[None].astype(np.float32) / 255.0))
+    assert abs(cw.bits(y) - hyper.bits(y)) < 1e-3 * hyper.bits(y)
+    # Through the command: a model name or folder as --init-from, and the error for an unknown name.
+    with pytest.raises(LatentpackError, match="no shipped model 'photo:99'"):
+        from training.train import main
+
+        main(["--arch", "channelwise", "--input", "x/*.png", "--input-format", "images", "--filters", "16",
+              "--latent-channels", "8", "--crop", "32", "--steps", "2", "--model-dir", "unused",
+              "--init-from", "photo:99"])
+
+
+def test_a_channelwise_run_starts_from_a_model_folder(tmp_path, photo_folder, hyperprior_model_dir, capsys):
+    from training.train import main
+
+    out = str(tmp_path / "cw")
+    assert main(["--arch", "channelwise", "--input", str(photo_folder / "*.png"), "--input-format", "images",
+                 "--filters", "16", "--latent-channels", "8", "--slices", "2", "--context-filters", "8",
+                 "--crop", "32", "--batch-size", "2", "--steps", "2", "--warmup-steps", "2",
+                 "--validate-every", "2", "--checkpoint-every", "2", "--model-dir", out,
+                 "--init-from", hyperprior_model_dir]) == 0
+    printed = capsys.readouterr().out
+    assert "entropy model alone" in printed and "model written to" in printed
+    spec = read_spec(out)
+    assert spec.family == "channelwise" and spec.training["steps_done"] == 2
+
+
 def _altered_copy(model_dir, tmp_path, change):
     copy = str(tmp_path / "altered")
     shutil.copytree(model_dir, copy)

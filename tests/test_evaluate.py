@@ -80,26 +80,46 @@ def test_bd_rate_of_a_curve_against_itself_and_a_cheaper_one():
     assert evaluate.bd_rate(anchor, [{"bpp": 1, "psnr": 50}, {"bpp": 2, "psnr": 60}]) is None
 
 
-def test_photo_rd_script_on_two_held_out_photos(tmp_path, spatial_model_dir):
-    """`make photo-rd` end to end on a small scale (needs ../shared/data/bsds500)."""
+def test_photo_rd_script_on_two_held_out_photos_of_each_kind(tmp_path, spatial_model_dir):
+    """`make photo-rd` end to end on a small scale, recorded into a scratch BENCHMARKS.md (needs
+    ../shared/data/bsds500 and wikiphotos)."""
     import subprocess
     import sys
 
     import pytest
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isdir(os.path.join(root, "..", "shared", "data", "bsds500")):
-        pytest.skip("../shared/data/bsds500 is not here")
+    for kind in ("bsds500", "wikiphotos"):
+        if not os.path.isdir(os.path.join(root, "..", "shared", "data", kind)):
+            pytest.skip(f"../shared/data/{kind} is not here")
     out = str(tmp_path / "rd")
     subprocess.run([sys.executable, os.path.join(root, "scripts", "photo_rd.py"), "--out", out, "--models",
-                    spatial_model_dir, "--limit", "2"], cwd=root, check=True, capture_output=True, timeout=600)
-    report = json.load(open(os.path.join(out, "rd.json")))
-    assert report["images"] == 2 and {p["family"] for p in report["points"]} >= {"latentpack-spatial", "webp", "avif"}
+                    spatial_model_dir, "--limit", "2"], cwd=root, check=True, capture_output=True, timeout=900)
     sys.path.insert(0, os.path.join(root, "scripts"))
+    import photo_data
     import photo_rd
-    webp = photo_rd.at_bpp(report["points"], "webp", sorted(p["bpp"] for p in report["points"]
-                                                             if p["family"] == "webp")[2])
-    assert webp is not None and 15 < webp < 60
+    import record
+    for kind in ("bsds500", "wikiphotos"):
+        report = json.load(open(os.path.join(out, kind, "rd.json")))
+        assert report["images"] == 2
+        assert {p["family"] for p in report["points"]} >= {"latentpack-spatial", "webp", "avif", "jxl"}
+        webp = photo_rd.at_bpp(report["points"], "webp", sorted(p["bpp"] for p in report["points"]
+                                                                 if p["family"] == "webp")[2])
+        assert webp is not None and 15 < webp < 60
+    # The wikiphotos evaluated are the ones the training mix holds out.
+    assert all(photo_data.held_out("wikiphotos", n[:-4]) for n in os.listdir(os.path.join(out, "wikiphotos", "holdout")))
+    target = tmp_path / "BENCHMARKS.md"
+    target.write_text("# Benchmarks\n")
+    original = record.BENCHMARKS
+    record.BENCHMARKS = str(target)
+    try:
+        photo_rd.record(photo_rd.argparse.Namespace(dataset="photos", out=out), ["--limit", "2"],
+                        ["bsds500", "wikiphotos"])
+    finally:
+        record.BENCHMARKS = original
+    text = target.read_text()
+    assert "### bsds500: 2 held-out photos" in text and "### wikiphotos: 2 held-out photos" in text
+    assert "JPEG XL" in text and "worst photo" in text and (tmp_path / "rd-photos-wikiphotos.png").exists()
 
 
 def test_photo_rd_script_on_held_out_cifar10_images(tmp_path, spatial_model_dir):
@@ -130,7 +150,7 @@ def test_photo_rd_script_on_held_out_cifar10_images(tmp_path, spatial_model_dir)
     original = record.BENCHMARKS
     record.BENCHMARKS = str(target)
     try:
-        photo_rd.record(photo_rd.argparse.Namespace(dataset="cifar10", out=out), ["--dataset", "cifar10"], 4)
+        photo_rd.record(photo_rd.argparse.Namespace(dataset="cifar10", out=out), ["--dataset", "cifar10"], ["cifar10"])
     finally:
         record.BENCHMARKS = original
     text = target.read_text()

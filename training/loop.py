@@ -193,6 +193,14 @@ def train(config: PhotoConfig, pattern: str, input_format: str, model_dir: str, 
         history = dict({"train": [], "val": [], "seconds": 0.0}, **history)
         log.info("initialized weights from %s at step %d%s", init_from, step,
                  f" ({len(missing)} weights new: {', '.join(missing[:3])}…)" if missing else "")
+    elif init_from and _is_model(init_from):  # a shipped model's name or an artifact folder
+        from training import weights
+
+        arrays, start = weights.from_model(init_from, config.family)
+        weights.assign(trainer, arrays, init_from, require_all=False)
+        trainer.step.assign(0)
+        history["start"] = start
+        log.info("initialized weights from the model %s (%s), step 0", init_from, start["family"])
     elif init_from:
         if not (tf.train.latest_checkpoint(init_from) or tf.io.gfile.exists(init_from + ".index")):
             raise LatentpackError(f"--init-from {init_from}: no training checkpoint there")
@@ -226,12 +234,14 @@ def train(config: PhotoConfig, pattern: str, input_format: str, model_dir: str, 
         if step % 100 == 0 or step == config.steps:
             rate = window_steps / max(time.time() - window_start, 1e-9)
             loss, mse, bpp = sums / window_steps
-            mse = mse if np.isfinite(mse) else 1.0  # entropy-model warm-up: no reconstruction computed
-            history["train"].append({"step": step, "loss": loss, "psnr": float(10 * np.log10(1 / max(mse, 1e-10))),
-                                     "bpp": bpp})
+            # The entropy-model warm-up computes no reconstruction: its rows have no PSNR.
+            train_psnr = float(10 * np.log10(1 / max(mse, 1e-10))) if np.isfinite(mse) else None
+            history["train"].append({"step": step, "loss": loss, "psnr": train_psnr, "bpp": bpp})
             eta = (config.steps - step) / max(rate, 1e-9)
-            print(f"step {step}/{config.steps}: loss {loss:.4f}, train PSNR {10 * np.log10(1 / max(mse, 1e-10)):.2f} dB "
-                  f"at {bpp:.3f} bpp; {rate:.1f} steps/s, ETA {eta / 60:.0f} min", flush=True)
+            quality = (f"train PSNR {train_psnr:.2f} dB at {bpp:.3f} bpp" if train_psnr is not None
+                       else f"entropy model alone: {bpp:.3f} bpp")
+            print(f"step {step}/{config.steps}: loss {loss:.4f}, {quality}; {rate:.1f} steps/s, "
+                  f"ETA {eta / 60:.0f} min", flush=True)
             history["seconds"] += time.time() - window_start
             sums, window_steps, window_start = np.zeros(3), 0, time.time()
         if holdout and (step % config.validate_every == 0 or step == config.steps):
@@ -251,6 +261,16 @@ def train(config: PhotoConfig, pattern: str, input_format: str, model_dir: str, 
             json.dump(history, f)
     with staged(model_dir) as out:  # written whole beside --model-dir, then swapped in
         return trainer.export(out, holdout, history, dict(extra or {}, input=pattern, input_format=input_format))
+
+
+def _is_model(name: str) -> bool:
+    """A shipped model's name (photo:4) or a folder holding an artifact's codec.json."""
+    from pipeline import models
+
+    if models.is_shipped_name(name):
+        models.resolve(name)  # an unknown name: one error listing the shipped ones
+        return True
+    return os.path.isfile(os.path.join(name, "codec.json"))
 
 
 def check_args(args) -> None:
@@ -286,7 +306,8 @@ def main(args, family: str) -> int:
         holdout_every=0 if args.validation else defaults.holdout_every,
         val_images=args.val_images or defaults.val_images, warmup_steps=args.warmup_steps,
         checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
-        family=family, stride=args.stride,
+        family=family, stride=args.stride, slices=args.slices or defaults.slices,
+        context_filters=args.context_filters or defaults.context_filters,
         kernel_storage=args.kernel_storage)
     checkpoint_dir = args.checkpoint_dir or args.model_dir.rstrip("/") + "-checkpoints"
     spec = train(config, args.input, args.input_format, args.model_dir, checkpoint_dir,

@@ -52,6 +52,10 @@ def parse_args(argv=None):
                          "then every --input image is trained on (default: hold out the --input images whose "
                          "key's CRC32 is divisible by 10)")
     spatial.add_argument("--val-images", type=int, default=None, help="at most this many validation images (default 24)")
+    spatial.add_argument("--slices", type=int, default=None,
+                         help="channelwise: latent slices coded in sequence, each conditioned on those before (default 4)")
+    spatial.add_argument("--context-filters", type=int, default=None,
+                         help="channelwise: channels of each slice's context network (default 96)")
     spatial.add_argument("--warmup-steps", type=int, default=0,
                          help="train the entropy model alone for this many steps first, on the fixed transforms of "
                               "--init-from (channelwise: a new entropy model on trained transforms)")
@@ -59,9 +63,11 @@ def parse_args(argv=None):
     spatial.add_argument("--checkpoint-dir", help="checkpoints and history (default: <model-dir>-checkpoints)")
     spatial.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     spatial.add_argument("--validate-every", type=int, default=2500, help="steps between held-out validations")
-    spatial.add_argument("--init-from", help="start from another run's checkpoint weights (e.g. a new --quality), or from a "
-                         "weights file (.npz, training.weights; a GPU run of scripts/gpu_train.py: without "
-                         "--steps, that run is exported at its own step)")
+    spatial.add_argument("--init-from", help="start from a model (a shipped name such as photo:4, or an artifact "
+                         "folder: a hyperprior model also starts a channelwise one, computing the same at step 0), "
+                         "another run's checkpoint weights (e.g. a new --quality), or a weights file (.npz, "
+                         "training.weights; a GPU run of scripts/gpu_train.py: without --steps, that run is "
+                         "exported at its own step)")
     spatial.add_argument("--kernel-storage", default=KERNEL_STORAGE, choices=["int8", "float16"],
                          help="how the exported model stores convolution kernels: int8 with a scale per filter "
                               "(30%% of float32's bytes) or float16 (half)")

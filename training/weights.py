@@ -11,6 +11,7 @@ and `history` (the training history as JSON: losses, validations, seconds, where
 
     python -m training.weights photo:6 run.npz --kernels float16   # a shipped model -> file
     python -m training.weights new run.npz --filters 128 --latent-channels 192   # a new model -> file
+    python -m training.weights photo:4 cw.npz --family channelwise   # a channelwise start point
     latentpack train --arch hyperprior ... --init-from run.npz   # file -> artifact
 """
 from __future__ import annotations
@@ -65,6 +66,14 @@ def load(trainer, path: str, require_all: bool = True) -> Tuple[int, dict, list]
     must exist in the trainer with the same shape; with `require_all`, every weight of the trainer
     must be in the file."""
     weights, step, history = read(path)
+    missing = assign(trainer, weights, path, require_all)
+    trainer.step.assign(step)
+    return step, history, missing
+
+
+def assign(trainer, weights: Dict[str, np.ndarray], path: str, require_all: bool = True) -> list:
+    """Assign named arrays to the trainer's variables (`path`: where they came from, for errors);
+    returns the names of the trainer's weights they did not hold."""
     variables = named_variables(trainer)
     unknown = sorted(set(weights) - set(variables))
     if unknown:
@@ -79,8 +88,7 @@ def load(trainer, path: str, require_all: bool = True) -> Tuple[int, dict, list]
             raise LatentpackError(f"{path}: {name} has shape {value.shape}, this model's is {tuple(v.shape)} "
                                   "(another --filters or --latent-channels?)")
         v.assign(value.astype(np.float32))
-    trainer.step.assign(step)
-    return step, history, missing
+    return missing
 
 
 # A stride-16 model's stages kept by `to_stride8` (new name <- old name): the analysis loses its
@@ -91,6 +99,34 @@ STRIDE8_STAGES = {"analysis/conv0": "analysis/conv0", "analysis/gdn0": "analysis
                   "synthesis/deconv0": "synthesis/deconv0", "synthesis/igdn0": "synthesis/igdn0",
                   "synthesis/deconv1": "synthesis/deconv2", "synthesis/igdn1": "synthesis/igdn2",
                   "synthesis/deconv2": "synthesis/deconv3"}
+
+
+def from_model(source: str, family: Optional[str] = None) -> Tuple[Dict[str, np.ndarray], dict]:
+    """The weights of a model artifact (a folder, or a shipped name such as photo:4) as a trainer's
+    named arrays, with a history naming where they came from. With `family` other than the
+    artifact's own, the weights are turned into that family's start point by its trainer module's
+    `start_from(weights, source_family)` (a channelwise model from a scale hyperprior computes the
+    same at step 0)."""
+    import families
+    from pipeline import models
+
+    model_dir = models.resolve(source)
+    if not os.path.isfile(os.path.join(model_dir, "codec.json")):
+        raise LatentpackError(f"{source}: not a model artifact (no codec.json), photo:<q>, new or a .npz")
+    with open(os.path.join(model_dir, "codec.json")) as f:
+        spec = json.load(f)
+    own = spec.get("family", "dense")
+    weights = families.family(own).weights_from_artifact(model_dir)
+    history = {"from_artifact": source, "family": own, "fingerprint": spec.get("fingerprint"),
+               "steps_before": spec.get("training", {}).get("steps_done", 0),
+               "seconds_before": spec.get("training", {}).get("seconds", 0.0)}
+    if family and family != own:
+        convert = getattr(families.family(family).trainer_module(), "start_from", None)
+        if convert is None:
+            raise LatentpackError(f"{source}: a {own} model cannot start a {family} model")
+        weights = convert(weights, own)
+        history["as_family"] = family
+    return weights, history
 
 
 def to_stride8(weights: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -127,7 +163,10 @@ def main(argv=None) -> int:
     p.add_argument("--filters", type=int, default=64, help="new: channels of the hidden layers (N)")
     p.add_argument("--latent-channels", type=int, default=96, help="new: latent channels (M)")
     p.add_argument("--seed", type=int, default=0, help="new: random seed of the initial weights")
-    p.add_argument("--family", default="hyperprior", help="new: the photo model family (hyperprior, channelwise, spatial)")
+    p.add_argument("--family", default=None,
+                   help="the photo model family of OUT (hyperprior, channelwise, spatial): for new, hyperprior "
+                        "unless given; for an artifact, its own unless given (photo:4 --family channelwise: a "
+                        "channelwise start point computing what photo:4 does)")
     p.add_argument("--kernels", choices=["float32", "float16"], default="float32",
                    help="how convolution kernels are stored in OUT (float16: half the bytes, for a start point "
                         "that must travel; GDN parameters and biases stay float32)")
@@ -141,8 +180,9 @@ def main(argv=None) -> int:
         from training.config import PhotoConfig
 
         keras.utils.set_random_seed(args.seed)
-        trainer = families.family(args.family).trainer_module().TRAINER(PhotoConfig(
-            filters=args.filters, latent_channels=args.latent_channels, family=args.family, seed=args.seed))
+        family = args.family or "hyperprior"
+        trainer = families.family(family).trainer_module().TRAINER(PhotoConfig(
+            filters=args.filters, latent_channels=args.latent_channels, family=family, seed=args.seed))
         weights, step = arrays(trainer), 0
         history = {"new": {"filters": args.filters, "latent_channels": args.latent_channels, "seed": args.seed}}
         what = f"new weights, N={args.filters} M={args.latent_channels}"
@@ -150,20 +190,9 @@ def main(argv=None) -> int:
         weights, step, history = read(args.source)
         what = f"weights of {args.source} at step {step}"
     else:
-        from pipeline import models
-
-        model_dir = models.resolve(args.source)
-        if not os.path.isfile(os.path.join(model_dir, "codec.json")):
-            raise LatentpackError(f"{args.source}: not a model artifact (no codec.json), photo:<q>, new or a .npz")
-        with open(os.path.join(model_dir, "codec.json")) as f:
-            spec = json.load(f)
-        import families
-
-        weights, step = families.family(spec.get("family", "dense")).weights_from_artifact(model_dir), 0
-        history = {"from_artifact": args.source, "fingerprint": spec.get("fingerprint"),
-                   "steps_before": spec.get("training", {}).get("steps_done", 0),
-                   "seconds_before": spec.get("training", {}).get("seconds", 0.0)}
-        what = f"weights of {args.source} ({spec.get('architecture', {})})"
+        weights, history = from_model(args.source, args.family)
+        step = 0
+        what = f"weights of {args.source} ({history['family']}{' as ' + args.family if args.family else ''})"
     if args.stride == 8:
         weights, step = to_stride8(weights), 0
         history = {"to_stride8": history}

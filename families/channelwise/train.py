@@ -112,6 +112,15 @@ def from_hyperprior(weights: dict) -> dict:
     return out
 
 
+def start_from(weights: dict, family: str) -> dict:
+    """Another family's weights as this family's start point (`training.weights.from_model`)."""
+    if family != "hyperprior":
+        from pipeline.errors import LatentpackError
+
+        raise LatentpackError(f"a channelwise model starts from a hyperprior model's weights, not a {family} one's")
+    return from_hyperprior(weights)
+
+
 class ChannelwiseTrainer(PhotoTrainer):
     """Variables, optimizer, step and checkpoint of a channel-conditional model."""
 
