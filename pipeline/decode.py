@@ -24,6 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipeline import keys, latents
+from pipeline import keys as keys_module
 from pipeline.accounting import (DEFAULT_MAX_BAD_FRACTION, Gather, Progress, add_reasons, count_dead_letter,
                                  count_reasons, counts, finish, reported, summary, write_dead_letters)
 from pipeline.artifact import read_spec
@@ -144,8 +145,9 @@ class DecodePart(beam.DoFn):
     BATCH_ROWS = 1024
 
     def __init__(self, model_dir: str, spec, output: str, output_format: str, label_names=None, max_pending: int = 2,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, only: Optional[dict] = None):
         self.model_dir, self.spec, self.output, self.output_format = model_dir, spec, output, output_format
+        self.only = only  # partial decode: part -> its selected keys (None: every row)
         self.label_names, self.max_pending = (list(label_names) if label_names else None), max_pending
         self.max_pixels = max_pixels
 
@@ -204,6 +206,14 @@ class DecodePart(beam.DoFn):
                         keep = np.ones(len(numbers), bool)
                         keep[repeated] = False
                         table, numbers = table.filter(pa.array(keep)), numbers[keep]
+                    if self.only is not None:
+                        import pyarrow.compute as pc
+
+                        keep = pc.is_in(table.column("key"), value_set=pa.array(self.only.get(path, []), pa.string()))
+                        keep = keep.to_numpy(zero_copy_only=False)
+                        table, numbers = table.filter(pa.array(keep)), numbers[keep]
+                        if not table.num_rows:
+                            continue
                     for item in self.codec.decompress(table, self.max_pixels):
                         if isinstance(item, DeadLetter):  # its index: the row in the part
                             letters.append(dataclasses.replace(item, source=item.source or path,
@@ -257,6 +267,8 @@ class DecodeOptions:
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
     allow_damaged: bool = False
     max_pixels: Optional[int] = None  # None: the limit the encode job applied (its manifest), else the default
+    keys: Optional[tuple] = None  # decode only these keys (--keys, --keys-file)
+    limit: Optional[int] = None  # decode only the first N keys in the dataset's order
 
 
 def parse_args(argv) -> tuple:
@@ -278,8 +290,55 @@ def parse_args(argv) -> tuple:
     p.add_argument("--max-pixels", type=int, default=None,
                    help="a row claiming an image of more pixels than this is a `too_many_pixels` dead letter, not "
                         f"decoded (default: the limit the dataset was encoded with, else {DEFAULT_MAX_PIXELS})")
+    select = p.add_mutually_exclusive_group()
+    select.add_argument("--keys", nargs="+", metavar="KEY", help="decode only these keys (partial decode)")
+    select.add_argument("--keys-file", help="decode only the keys listed in this file, one per line")
+    select.add_argument("--limit", type=int, help="decode only the first N keys (parts in order, keys sorted "
+                        "within each part)")
     args, beam_args = p.parse_known_args(either_spelling(p, sys.argv[1:] if argv is None else list(argv)))
-    return DecodeOptions(**vars(args)), beam_args
+    values = vars(args)
+    keys_file = values.pop("keys_file")
+    if keys_file is not None:
+        try:
+            with open(keys_file, encoding="utf-8") as f:
+                values["keys"] = [line.rstrip("\r\n") for line in f if line.rstrip("\r\n")]
+        except (OSError, UnicodeDecodeError) as e:
+            raise LatentpackError(f"--keys-file {keys_file}: cannot be read ({e})") from None
+        if not values["keys"]:
+            raise LatentpackError(f"--keys-file {keys_file} lists no keys")
+    if values["keys"] is not None:
+        values["keys"] = tuple(dict.fromkeys(values["keys"]))
+    if values["limit"] is not None and values["limit"] < 1:
+        raise LatentpackError(f"--limit must be at least 1 (got {values['limit']})")
+    return DecodeOptions(**values), beam_args
+
+
+def select_keys(paths: list, entries: list, keys: Optional[tuple], limit: Optional[int]) -> tuple:
+    """Partial decode: (the parts holding the selected keys, their entries, the keys per part, or
+    None for every key). Every --keys key must be in the dataset (else one error naming the
+    missing ones); --limit N takes the first N keys in the dataset's order."""
+    if keys is None and limit is None:
+        return paths, entries, None
+    wanted = set(keys or ())
+    chosen, found, taken = {}, set(), 0
+    for path in paths:
+        stored = keys_module.stored_keys(path)
+        if limit is not None:
+            mine = stored[:max(0, limit - taken)]
+            taken += len(mine)
+        else:
+            mine = [k for k in stored if k in wanted]
+            found.update(mine)
+        if mine:
+            chosen[path] = sorted(set(mine))
+        if limit is not None and taken >= limit:
+            break
+    missing = [k for k in (keys or ()) if k not in found]
+    if missing:
+        raise LatentpackError(f"--keys: {len(missing)} key(s) not in the dataset: "
+                              + ", ".join(repr(k) for k in missing[:5]) + (" …" if len(missing) > 5 else ""))
+    kept = [(p, e) for p, e in zip(paths, entries) if p in chosen]
+    return [p for p, _ in kept], [e for _, e in kept], chosen
 
 
 def run(argv=None, test_pipeline=None):
@@ -295,6 +354,7 @@ def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     model_dir = model_for(dataset, manifest, options.model_dir)
     spec = read_spec(model_dir)
     paths, entries = check_dataset(dataset, spec, manifest)
+    paths, entries, only = select_keys(paths, entries, options.keys, options.limit)
     max_pixels = pixel_limit(options.max_pixels, manifest)
     output = options.output.rstrip("/")
     if (output + "/").startswith(dataset + "/"):
@@ -304,7 +364,7 @@ def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     claim.claim()
     try:
         return _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, paths, entries, output,
-                              claim, manifest.get("label_names"), max_pixels)
+                              claim, manifest.get("label_names"), max_pixels, only)
     finally:
         claim.release()
 
@@ -324,13 +384,15 @@ def pixel_limit(option: Optional[int], manifest: dict) -> int:
 
 
 def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, paths, entries, output, claim,
-                   label_names=None, max_pixels=DEFAULT_MAX_PIXELS):
+                   label_names=None, max_pixels=DEFAULT_MAX_PIXELS, only=None):
     # PNG files are one per key and are overwritten in place; shard files are replaced.
     clear_previous(output, [f"images-*.{ext}" for ext in ("tfrecord", "npz", "parquet", "tar")]
                    + [f"images-*.{ext}.tmp" for ext in ("tfrecord", "npz", "parquet", "tar")]
                    + [f"{DEAD_LETTER_DIR}/*.jsonl", f"{DEAD_LETTER_DIR}/*.jsonl.tmp"])
     extra = {"job": "decode", "source": dataset, "output_format": options.output_format,
              "model_fingerprint": spec.fingerprint, "max_pixels": max_pixels}
+    if only is not None:
+        extra["selected_keys"] = sum(len(v) for v in only.values())
     fatal = () if options.allow_damaged else ("damaged_part",)
     p = test_pipeline or beam.Pipeline(options=runner_options(beam_args, len(paths)))
     listed = (p
@@ -348,7 +410,7 @@ def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, 
     ({"entry": listed, "later": later}
      | "JoinDuplicates" >> beam.CoGroupByKey()
      | "DecodeParts" >> beam.ParDo(DecodePart(model_dir, spec, output, options.output_format, label_names,
-                                              max_pixels=max_pixels))
+                                              max_pixels=max_pixels, only=only))
      | "GatherSummaries" >> Gather()
      | "WriteManifest" >> beam.ParDo(WriteDecodeManifest(output, paths, extra, options.max_bad_fraction, fatal)))
     return run_to_completion(p, output, "decoded output", claim)

@@ -126,3 +126,20 @@ def channelwise_model_dir(tmp_path_factory, photo_folder, spatial_model_dir):
 def photo_model_dir(request):
     """Each photo model family in turn (the tests that hold for all)."""
     return request.getfixturevalue(f"{request.param}_model_dir")
+
+
+@pytest.fixture(scope="session")
+def real_photos(tmp_path_factory):
+    """Three real photographs (scikit-image's bundled ones: a cat, coffee, a grey camera-man), cut
+    to 192x256 so that the shipped models run through the jobs in seconds."""
+    from PIL import Image
+    import skimage.data
+
+    folder = tmp_path_factory.mktemp("real-photos")
+    for name in ("chelsea", "coffee", "camera"):
+        image = getattr(skimage.data, name)()
+        h, w = image.shape[:2]
+        top, left = (h - 192) // 2, (w - 256) // 2
+        Image.fromarray(image[top:top + 192, left:left + 256]).save(folder / f"{name}.png")
+    return folder
+

@@ -35,6 +35,29 @@ def test_decode_to_png_matches_the_model(dataset, model_dir, shards, tmp_path):
     assert len(glob.glob(f"{out}/digits/*.png")) == 120
 
 
+def test_partial_decode_by_keys_file_and_limit(dataset, model_dir, shards, tmp_path, capsys):
+    out = str(tmp_path / "some")
+    manifest = decode.run(["--input", dataset, "--model-dir", model_dir, "--output", out,
+                           "--keys", shards.keys[3], shards.keys[80], shards.keys[3]] + BEAM_TEST_ARGS)
+    assert manifest["counts"]["written"] == 2 and manifest["selected_keys"] == 2
+    assert sorted(glob.glob(f"{out}/digits/*.png")) == sorted(f"{out}/{shards.keys[i]}.png" for i in (3, 80))
+    listed = tmp_path / "keys.txt"
+    listed.write_text("\n".join(shards.keys[10:15]) + "\n")
+    manifest = decode.run(["--input", dataset, "--model-dir", model_dir, "--output", str(tmp_path / "file"),
+                           "--keys-file", str(listed)] + BEAM_TEST_ARGS)
+    assert manifest["counts"]["written"] == 5
+    manifest = decode.run(["--input", dataset, "--model-dir", model_dir, "--output", str(tmp_path / "first"),
+                           "--limit", "7", "--output-format", "npz"] + BEAM_TEST_ARGS)
+    assert manifest["counts"]["written"] == 7
+    # A key the dataset lacks is one clear error before anything is written.
+    assert cli.main(["decode", "--input", dataset, "--model-dir", model_dir, "--output", str(tmp_path / "none"),
+                     "--keys", shards.keys[0], "digits/nope"] + BEAM_TEST_ARGS) == 2
+    err = capsys.readouterr().err
+    assert "latentpack: error: --keys: 1 key(s) not in the dataset: 'digits/nope'" in err
+    assert not os.path.exists(tmp_path / "none")
+    assert cli.main(["decode", "--input", dataset, "--output", str(tmp_path / "none"), "--limit", "0"]) == 2
+
+
 def test_decode_to_tfrecord_is_readable_by_the_encoder(dataset, model_dir, shards, tmp_path):
     out = str(tmp_path / "tfr")
     manifest = decode.run(["--input", dataset, "--model-dir", model_dir, "--output", out,
