@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench rd photo-rd photo-bench scaling env clean
+.PHONY: demo test bench rd photo-rd photo-bench loader-bench scaling env clean
 
 env: $(STAMP)
 
@@ -39,6 +39,11 @@ photo-rd: $(STAMP)
 # Photo encode/decode speed beside Pillow's codecs, and the peak memory of a 24-megapixel photo.
 photo-bench: $(STAMP)
 	$(PY) scripts/photo_bench.py --out bench-out/photos --record
+
+# Images/s from a latent dataset through latentpack.open beside Pillow and datasets on the same images.
+LOADER_ARGS ?= --n 10000
+loader-bench: $(STAMP)
+	$(PY) scripts/loader_bench.py --out bench-out/loader --record $(LOADER_ARGS)
 
 # The encode job on the DirectRunner and on Dask clusters of 1 and 2 workers, and the cloud cost
 # per million images that follows, recorded in BENCHMARKS.md ("Scaling and cost").

@@ -31,8 +31,19 @@ COMMANDS = {
 }
 
 
+def version() -> str:
+    """The installed package's version (setup.py's)."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("latentpack")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def usage() -> str:
-    lines = ["usage: latentpack COMMAND [options] [--verbose]   (latentpack COMMAND --help for its options)", "",
+    lines = ["usage: latentpack COMMAND [options] [--verbose]   (latentpack COMMAND --help for its options)",
+             "       latentpack --version", "",
              "  --verbose  also show TensorFlow's and Beam's own start-up logs", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
@@ -91,6 +102,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
     argv = [a for a in argv if a != "--verbose"]
+    if argv and argv[0] in ("--version", "-V"):
+        print(f"latentpack {version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2

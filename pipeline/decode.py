@@ -34,7 +34,7 @@ from pipeline.errors import LatentpackError
 from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter
 from pipeline.outputs import WRITERS, name_identity
 from pipeline.errors import show_progress
-from pipeline.runners import either_spelling, runner_options
+from pipeline.runners import check_beam_args, either_spelling, runner_options
 
 NAMESPACE = "latentpack.decode"
 
@@ -296,6 +296,7 @@ def parse_args(argv) -> tuple:
     select.add_argument("--limit", type=int, help="decode only the first N keys (parts in order, keys sorted "
                         "within each part)")
     args, beam_args = p.parse_known_args(either_spelling(p, sys.argv[1:] if argv is None else list(argv)))
+    check_beam_args(p, beam_args)
     values = vars(args)
     keys_file = values.pop("keys_file")
     if keys_file is not None:
@@ -308,6 +309,8 @@ def parse_args(argv) -> tuple:
             raise LatentpackError(f"--keys-file {keys_file} lists no keys")
     if values["keys"] is not None:
         values["keys"] = tuple(dict.fromkeys(values["keys"]))
+    if not (0.0 <= values["max_bad_fraction"] <= 1.0):  # NaN fails this too
+        raise LatentpackError(f"--max-bad-fraction must be a fraction from 0 to 1 (got {values['max_bad_fraction']})")
     if values["limit"] is not None and values["limit"] < 1:
         raise LatentpackError(f"--limit must be at least 1 (got {values['limit']})")
     return DecodeOptions(**values), beam_args

@@ -30,7 +30,7 @@ from pipeline.completion import MANIFEST, OutputFolder, run_to_completion, store
 from pipeline.errors import BadImage, LatentpackError
 from pipeline.formats import READERS, Fields, open_input
 from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, batch_records
-from pipeline.runners import either_spelling, runner_options
+from pipeline.runners import check_beam_args, either_spelling, runner_options
 from pipeline.errors import log, show_progress
 
 NAMESPACE = "latentpack.encode"
@@ -247,6 +247,7 @@ def parse_args(argv) -> tuple:
                    help="a key seen again: keep its first occurrence (by shard, then record index) and "
                         "dead-letter the others, or fail the job")
     args, beam_args = p.parse_known_args(either_spelling(p, sys.argv[1:] if argv is None else list(argv)))
+    check_beam_args(p, beam_args)
     fields = {f.name for f in dataclasses.fields(EncodeOptions)}
     return EncodeOptions(**{k: v for k, v in vars(args).items() if k in fields}), beam_args
 
@@ -266,6 +267,10 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
                               "image, in pixels, that is decoded (larger ones are dead letters)")
     if not 0 <= options.refine <= MAX_REFINE:
         raise LatentpackError(f"--refine must be 0 to {MAX_REFINE} steps (got {options.refine})")
+    if options.num_shards is not None and options.num_shards < 0:
+        raise LatentpackError(f"--num-shards must be 0 (as many parts as the job plans) or more (got {options.num_shards})")
+    if not (0.0 <= options.max_bad_fraction <= 1.0):  # NaN fails this too
+        raise LatentpackError(f"--max-bad-fraction must be a fraction from 0 to 1 (got {options.max_bad_fraction})")
     if options.skip_existing and options.num_shards:
         raise LatentpackError("--num-shards cannot apply with --skip-existing (its parts are planned among the new shards)")
     from pipeline import models

@@ -73,6 +73,38 @@ def _full_runner_name(arg: str, bare: bool = False) -> str:
     return f"--runner={DASK_RUNNER}" if arg == "--runner=DaskRunner" else arg
 
 
+def check_beam_args(parser, beam_args: List[str]) -> None:
+    """Refuse what neither the job nor Beam knows (a misspelled `--refnie 25` would otherwise be
+    dropped by Beam with a log line and the job run with defaults): one error naming the closest
+    known option. Beam's own pipeline options (every runner's, Dask's once asked for) pass."""
+    import difflib
+
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    from pipeline.errors import LatentpackError
+
+    if any("dask" in a.lower() for a in beam_args):
+        try:
+            import apache_beam.runners.dask.dask_runner  # noqa: F401  (registers the --dask_* options)
+        except ImportError:
+            pass
+    beam = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(beam)  # what PipelineOptions.get_all_options parses with
+    _, unknown = beam.parse_known_args(list(beam_args))
+    if not unknown:
+        return
+    first = unknown[0]
+    if not first.startswith("-"):
+        raise LatentpackError(f"unexpected argument {first!r} (options are --name value; {parser.prog} --help)")
+    name = first.split("=", 1)[0]
+    known = sorted({s for a in parser._actions for s in a.option_strings if s.startswith("--")}
+                   | {s for a in beam._actions for s in a.option_strings if s.startswith("--")})
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    raise LatentpackError(f"unknown option {name}" + (f": did you mean {close[0]}?" if close else "")
+                          + f" ({parser.prog} --help lists its options; Beam's pipeline options are accepted too)")
+
+
 def either_spelling(parser, argv: List[str]) -> List[str]:
     """argv with the job's own options also accepted in Beam's snake_case (`--model_dir` for
     `--model-dir`), as launchers that pass options from a dict write them (Airflow's Beam

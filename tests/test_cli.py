@@ -22,6 +22,34 @@ def test_usage_and_unknown_command(capsys):
     assert "unknown command" in capsys.readouterr().err
 
 
+def test_version(capsys):
+    from importlib.metadata import version
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"latentpack {version('latentpack')}"
+
+
+@pytest.mark.parametrize("job,extra,message", [
+    ("encode", ["--refnie", "25"], "unknown option --refnie: did you mean --refine?"),
+    ("encode", ["--num_shard=3"], "unknown option --num_shard: did you mean --num-shards?"),
+    ("decode", ["--ouput-format", "npz"], "unknown option --ouput-format: did you mean --output-format?"),
+    ("decode", ["stray"], "unexpected argument 'stray'"),
+    ("encode", ["--num-shards", "-1"], "--num-shards must be 0"),
+    ("encode", ["--max-bad-fraction", "nan"], "--max-bad-fraction must be a fraction from 0 to 1 (got nan)"),
+    ("decode", ["--max-bad-fraction", "1.5"], "--max-bad-fraction must be a fraction from 0 to 1"),
+])
+def test_mistaken_options_are_one_error_before_any_work(job, extra, message, shards, model_dir, tmp_path, capsys):
+    """A misspelled flag is not handed to Beam (which would drop it and run with defaults), and a
+    value outside its range is refused; Beam's own options still pass (the tests' --runner)."""
+    args = (["--input", shards.pattern, "--model-dir", model_dir] if job == "encode"
+            else ["--input", str(tmp_path / "lat")])
+    assert cli.main([job] + args + ["--output", str(tmp_path / "out"), "--runner=FnApiRunner",
+                                     "--direct_num_workers", "2"] + extra) == 2
+    err = capsys.readouterr().err
+    assert f"latentpack: error: {message}" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_user_error_exits_2_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.encode", "--input", str(tmp_path / "*.tfrecord"),
                            "--model-dir", str(tmp_path), "--output", str(tmp_path / "o")],
