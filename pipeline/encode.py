@@ -30,6 +30,7 @@ from pipeline.completion import MANIFEST, OutputFolder, run_to_completion, store
 from pipeline.errors import BadImage, LatentpackError
 from pipeline.formats import READERS, Fields, open_input
 from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, batch_records
+from pipeline.detect import resolve_input
 from pipeline.runners import check_beam_args, either_spelling, runner_options
 from pipeline.errors import log, show_progress
 
@@ -44,7 +45,7 @@ class EncodeOptions:
     input: str
     model_dir: str
     output: str
-    input_format: str = "tfrecord"
+    input_format: Optional[str] = None  # None: told from the files (pipeline.detect)
     latent_format: Optional[str] = None
     batch_size: int = 1024
     num_shards: int = 0
@@ -215,7 +216,9 @@ def parse_args(argv) -> tuple:
                                 epilog="Any other option is passed to Beam (--runner, --direct_num_workers, ...).")
     d = EncodeOptions("", "", "")
     p.add_argument("--input", help="glob of input shards, local or on any Beam filesystem (gs://, s3://)")
-    p.add_argument("--input-format", default=d.input_format, choices=sorted(READERS), help="format of --input")
+    p.add_argument("--input-format", default=d.input_format, choices=sorted(READERS),
+                   help="format of --input (default: told from the files' bytes; a Hugging Face save_to_disk "
+                        "folder may be given as --input itself)")
     p.add_argument("--model-dir", required=True,
                    help="model artifact directory (from latentpack train), or a shipped model: photo:<q> (1, 2, 4, 6)")
     p.add_argument("--output", required=True, help="directory for the latent dataset")
@@ -286,6 +289,10 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
         why_not = family.check_refine(spec) or shared_codec(model_dir, spec).missing_refinement()
         if why_not:
             raise LatentpackError(why_not)
+    input_format, pattern = resolve_input(options.input, options.input_format)
+    if input_format != options.input_format:
+        log.info("--input-format %s (told from the files)", input_format)
+        options = dataclasses.replace(options, input_format=input_format, input=pattern)
     reader, shards, root = open_input(options.input_format, options.input,
                                       Fields(options.image_feature, options.label_feature, options.key_feature))
     output = options.output.rstrip("/")

@@ -111,6 +111,24 @@ def broken_links(pattern: str) -> List[str]:
     return sorted(found)
 
 
+def zero_or_more_folders(pattern: str) -> List[str]:
+    """The patterns that make `dir/**/*.png` match the files directly in `dir/` too, as shells
+    with globstar and Python's glob do (Beam's `**/` needs at least one folder): the pattern, and
+    the pattern with each `**/` taken out."""
+    out, todo = [], [pattern]
+    while todo:
+        p = todo.pop()
+        if p in out:
+            continue
+        out.append(p)
+        at = p.find("**/")
+        while at >= 0:
+            if at == 0 or p[at - 1] == "/":
+                todo.append(p[:at] + p[at + 3:])
+            at = p.find("**/", at + 1)
+    return out
+
+
 def glob_root(pattern: str) -> str:
     """The fixed directory part of a glob: everything before the first wildcard, up to a '/'."""
     m = WILDCARD.search(pattern)
@@ -185,12 +203,13 @@ class Reader:
         if "://" not in pattern and not glob_root(pattern) and not pattern.startswith("/") and WILDCARD.search(pattern):
             pattern = "./" + pattern  # Beam's local glob finds nothing for a bare '*.jpg' in the working folder
         try:
-            found = FileSystems.match([pattern])[0].metadata_list
+            found = {m.path: m for p in zero_or_more_folders(pattern) for m in FileSystems.match([p])[0].metadata_list}
         except Exception as e:
             raise LatentpackError(f"cannot list --input {given!r}: {e}") from None
+        found = list(found.values())
         shards = sorted(m.path for m in found if not posixpath.basename(m.path).startswith("."))
         # Beam's listing leaves out links to nothing; they are inputs all the same (dead letters).
-        shards = sorted(shards + broken_links(pattern))
+        shards = sorted(set(shards + [b for p in zero_or_more_folders(pattern) for b in broken_links(p)]))
         if not shards:
             raise LatentpackError(f"no files match --input {given!r}")
         self.sizes = {m.path: m.size_in_bytes for m in found}

@@ -40,6 +40,13 @@ def test_images_folder_keys_are_relative_paths_without_extension(tmp_path, mnist
     (tmp_path / "imgs" / "sub" / "b.png").write_bytes(encode_png(mnist[0][1]))
     recs = read_all("images", str(tmp_path / "imgs" / "**.png"))
     assert sorted(r.key for r in recs) == ["a", "sub/b"]
+    # `dir/**/*.png` (the README's form) takes the files directly in dir/ too, as shells do.
+    recs = read_all("images", str(tmp_path / "imgs" / "**" / "*.png"))
+    assert sorted(r.key for r in recs) == ["a", "sub/b"]
+    (tmp_path / "imgs" / "sub" / "deeper").mkdir()
+    (tmp_path / "imgs" / "sub" / "deeper" / "c.png").write_bytes(encode_png(mnist[0][2]))
+    recs = read_all("images", str(tmp_path / "imgs" / "**" / "sub" / "**" / "*.png"))
+    assert sorted(r.key for r in recs) == ["sub/b", "sub/deeper/c"]
 
 
 def test_npz_and_npy(tmp_path, mnist):
@@ -225,3 +232,57 @@ def test_an_image_folders_keys_are_its_file_names_without_reading_the_files(tmp_
     monkeypatch.setattr(formats, "_read_bytes", lambda path: pytest.fail(f"{path} was read"))
     assert [list(reader.keys(shard, root)) for shard in shards] == expected
     assert sorted(k for shard in shards for k, _ in reader.keys(shard, root)) == ["a", "junk", "sub/b"]
+
+
+def test_the_input_format_is_told_from_the_files(tmp_path, mnist):
+    """--input-format left out: magic bytes (images, Parquet, npy, npz, tar, idx), the TFRecord
+    framing's checksum (whatever the file is named), a mixed or unknown folder one clear error."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipeline.detect import resolve_input
+
+    def folder(name):
+        (tmp_path / name).mkdir()
+        return tmp_path / name
+
+    png = folder("png")
+    (png / "a.png").write_bytes(encode_png(mnist[0][0]))
+    buf = io.BytesIO()
+    Image.fromarray(mnist[0][1][..., 0]).save(buf, "JPEG")
+    (png / "b.jpg").write_bytes(buf.getvalue())
+    assert resolve_input(str(png / "*"), None) == ("images", str(png / "*"))
+    records = folder("rec")
+    write_tfrecord(records / "part-00000", mnist[0][:2])  # no extension
+    assert resolve_input(str(records / "*"), None)[0] == "tfrecord"
+    (records / "features.json").write_text("{}")
+    assert resolve_input(str(records / "part-*"), None)[0] == "tfds"
+    pq.write_table(pa.table({"x": [1]}), folder("pq") / "t.parquet")
+    assert resolve_input(str(tmp_path / "pq" / "*"), None)[0] == "parquet"
+    np.save(folder("npy") / "a.npy", mnist[0][:2])
+    assert resolve_input(str(tmp_path / "npy" / "*"), None)[0] == "npy"
+    np.savez(folder("npz") / "a.npz", images=mnist[0][:2])
+    assert resolve_input(str(tmp_path / "npz" / "*"), None)[0] == "npz"
+    with tarfile.open(folder("tar") / "s.tar", "w") as tar:
+        info = tarfile.TarInfo("k.png")
+        data = encode_png(mnist[0][0])
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    assert resolve_input(str(tmp_path / "tar" / "*.tar"), None)[0] == "webdataset"
+    head = struct.pack(">BBBBIII", 0, 0, 8, 3, 1, 28, 28)
+    (folder("idx") / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(head + mnist[0][0].tobytes()))
+    assert resolve_input(str(tmp_path / "idx" / "*"), None)[0] == "idx"
+    # Given, a format is taken as it is; mixed or unknown files are one error naming the flag.
+    assert resolve_input(str(png / "*"), "tfrecord") == ("tfrecord", str(png / "*"))
+    (png / "c.npy").write_bytes(b"\x93NUMPY")
+    with pytest.raises(LatentpackError, match="mixes formats"):
+        resolve_input(str(png / "*"), None)
+    (folder("odd") / "x.bin").write_bytes(b"hello world, not an image")
+    with pytest.raises(LatentpackError, match="cannot tell the format .* pass --input-format"):
+        resolve_input(str(tmp_path / "odd" / "*"), None)
+    with pytest.raises(LatentpackError, match="is a folder: give a glob"):
+        resolve_input(str(png), None)

@@ -140,6 +140,26 @@ def test_hugging_face_save_to_disk(tmp_path, digits, model_dir):
     assert rows == {f"{stem}:{i}": int(y) for i, y in enumerate(digits[1])}
 
 
+def test_a_save_to_disk_folder_is_an_input_and_a_missing_file_an_error(tmp_path, digits, model_dir, capsys):
+    """`--input` a save_to_disk folder itself, no --input-format (told from state.json); a folder
+    whose state.json lists a file that is gone is one error, not half a dataset."""
+    from latentpack import cli
+
+    datasets = pytest.importorskip("datasets")
+    ds = hf_dataset(digits)
+    ds.save_to_disk(str(tmp_path / "hf"), num_shards=2)
+    manifest = encode.run(["--input", str(tmp_path / "hf"), "--model-dir", model_dir, "--output",
+                           str(tmp_path / "lat")] + BEAM_TEST_ARGS)
+    assert manifest["counts"]["written"] == N and manifest["input_format"] == "huggingface"
+    assert manifest["label_names"] == NAMES
+    assert len(datasets.load_from_disk(str(tmp_path / "hf"))) == N
+    os.remove(sorted(glob.glob(str(tmp_path / "hf" / "*.arrow")))[1])
+    assert cli.main(["encode", "--input", str(tmp_path / "hf"), "--model-dir", model_dir, "--output",
+                     str(tmp_path / "lat2")] + BEAM_TEST_ARGS) == 2
+    err = capsys.readouterr().err
+    assert "is listed in state.json but missing" in err and not os.path.exists(tmp_path / "lat2")
+
+
 def test_hugging_face_parquet(tmp_path, digits, model_dir):
     ds = hf_dataset(digits)
     ds.to_parquet(str(tmp_path / "train.parquet"))
