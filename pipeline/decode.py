@@ -46,6 +46,10 @@ def check_dataset(dataset_dir: str, spec, manifest: dict) -> tuple:
         raise LatentpackError(f"{dataset_dir}: {MANIFEST} is not a latentpack dataset manifest")
     check_fingerprint(posixpath.join(dataset_dir, MANIFEST), manifest.get("model_fingerprint"), spec, manifest)
     paths = latents.part_paths(dataset_dir, manifest)
+    wrong = latents.inconsistencies(manifest)
+    if wrong:
+        raise LatentpackError(f"{posixpath.join(dataset_dir, MANIFEST)}: {wrong[0]}; refusing to decode "
+                              f"(latentpack verify {dataset_dir} lists every problem)")
     family = codec_class(spec)
     # Sizes and row counts here, before anything is written; checksums in the workers.
     latents.require_intact(dataset_dir, paths, manifest["files"], checksums=False)

@@ -31,7 +31,11 @@ def problems(dataset: str, model_dir: str = None) -> tuple:
     if SEAL not in manifest:
         found.append(f"{latents.MANIFEST} has no {SEAL} (written before checksums were recorded): only sizes "
                      "and rows can be checked")
+    found.extend(latents.inconsistencies(manifest))
     paths = latents.part_paths(dataset, manifest)
+    for path in latents.unlisted_parts(dataset, manifest):
+        found.append(f"{path} is not listed in the manifest (added to the dataset by hand, or by another job): "
+                     "nothing reads it")
     rows = 0
     for path, expected in zip(paths, manifest["files"]):
         problem = latents.check_part(path, expected)

@@ -111,3 +111,26 @@ def test_a_key_stored_twice_is_decoded_once_and_dead_lettered_after(dataset, rd_
     assert f"key also at {os.path.basename(second)}:0" in letters[1]["error"]
     pngs = [f for _, _, files in os.walk(out) for f in files if f.endswith(".png")]
     assert len(pngs) == 118
+
+
+def test_a_resealed_manifest_that_cannot_be_so_and_an_unlisted_part(dataset, rd_model_dir, tmp_path, capsys):
+    """A manifest resealed by hand with a wrong image count or an unknown format version is refused
+    by decode and reported by verify; a part file the manifest does not list is reported."""
+    import shutil
+
+    path = os.path.join(dataset, completion.MANIFEST)
+    original = json.load(open(path))
+    first = latents.part_paths(dataset, original)[0]
+    shutil.copy(first, os.path.join(dataset, "latents-99999-of-99999.parquet"))
+    assert cli.main(["verify", dataset]) == 2
+    assert "latents-99999-of-99999.parquet is not listed in the manifest" in capsys.readouterr().out
+    os.remove(os.path.join(dataset, "latents-99999-of-99999.parquet"))
+    for change, message in (({"images": original["images"] + 7}, "says 127 images, its parts' entries 120 rows"),
+                            ({"format_version": 99}, "format_version 99 is not one this latentpack reads")):
+        json.dump(completion.seal(dict(original, **change)), open(path, "w"))
+        assert cli.main(["verify", dataset]) == 2
+        assert message in capsys.readouterr().out
+        with pytest.raises(LatentpackError, match=message.replace("(", r"\(")):
+            decode.run(["--input", dataset, "--model-dir", rd_model_dir, "--output", str(tmp_path / "o")]
+                       + BEAM_TEST_ARGS)
+        assert not os.path.exists(tmp_path / "o")

@@ -8,7 +8,7 @@
 `schema.py` (rows, columns, metadata), `parts.py` (writing and checking parts), `manifest.py`
 (the completion marker's content). It imports no codec: a codec's columns are passed in.
 """
-from pipeline.latents.manifest import MANIFEST, manifest, read_manifest  # noqa: F401
+from pipeline.latents.manifest import MANIFEST, inconsistencies, manifest, read_manifest, unlisted_parts  # noqa: F401
 from pipeline.latents.parts import (ROW_GROUP_BYTES, ROW_GROUP_ROWS, check_part, describe_parts,  # noqa: F401
                                     file_crc32c, part_paths, require_intact, write_part, writer_options)
 from pipeline.latents.schema import (COLUMN_SINCE, FORMAT_VERSION, LATENT_FORMATS, METADATA_KEY,  # noqa: F401
