@@ -20,6 +20,7 @@ import os
 import posixpath
 import socket
 import time
+from typing import Optional
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -201,12 +202,36 @@ class OutputFolder:
         self.held = False
 
 
-def clear_previous(output: str, patterns) -> None:
+def previous_marker(output: str, job: str) -> Optional[dict]:
+    """The manifest or failure marker an earlier run of `job` left in `output`, or None."""
+    for marker in (MANIFEST, FAILED):
+        found = stored_json(posixpath.join(output, marker))
+        if found is not None and found.get("job", OutputFolder._format_job(found)) == job:
+            return found
+    return None
+
+
+def recorded_files(output: str, marker: Optional[dict]) -> list:
+    """The files an earlier run's marker says it wrote (its `files` and `dead_letter_files`, plain
+    names inside `output` only): what a re-run may delete, and nothing else."""
+    out = []
+    for name in (marker or {}).get("files", []) + (marker or {}).get("dead_letter_files", []):
+        if isinstance(name, str) and name and not name.startswith("/") and ".." not in name.split("/") \
+                and "\\" not in name:
+            out.append(posixpath.join(output, name))
+    return out
+
+
+def clear_previous(output: str, patterns, owned=None) -> None:
     """Unmark `output`, then remove an earlier run's files matching `patterns` and the temporary
-    folders of a run killed before Beam finalized it. Nothing else in the folder is touched."""
+    folders of a run killed before Beam finalized it. Nothing else in the folder is touched.
+    With `owned` (the files an earlier run's marker lists), only those of them that match
+    `patterns` are removed: a file of the user's that merely looks like ours stays."""
     unmark(output)
     stale = {m.path for pattern in list(patterns) + [f"{DEAD_LETTER_DIR}/part-*.jsonl"]
              for m in FileSystems.match([posixpath.join(output, pattern)])[0].metadata_list}
+    if owned is not None:
+        stale &= set(owned)
     temp_dirs = set()
     for folder in (output, posixpath.join(output, DEAD_LETTER_DIR)):
         for m in FileSystems.match([posixpath.join(folder, "beam-temp-*/**")])[0].metadata_list:

@@ -29,7 +29,8 @@ from pipeline.accounting import (DEFAULT_MAX_BAD_FRACTION, Gather, Progress, add
                                  count_reasons, counts, finish, reported, summary, write_dead_letters)
 from pipeline.artifact import read_spec
 from pipeline.codec import codec_class, schema_of, shared_codec
-from pipeline.completion import DEAD_LETTER_DIR, MANIFEST, OutputFolder, clear_previous, read_manifest, run_to_completion
+from pipeline.completion import (DEAD_LETTER_DIR, MANIFEST, OutputFolder, clear_previous, previous_marker, read_manifest,
+                                 recorded_files, run_to_completion)
 from pipeline.errors import LatentpackError
 from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter
 from pipeline.outputs import WRITERS, name_identity
@@ -367,6 +368,10 @@ def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     if (output + "/").startswith(dataset + "/"):
         raise LatentpackError(f"--output {output} is, or is inside, the --input dataset {dataset}; decoding there "
                               "would replace the dataset's own manifest and dead letters: choose another folder")
+    earlier = previous_marker(output, "decode")
+    if earlier is not None and earlier.get("source") not in (None, dataset):
+        raise LatentpackError(f"--output {output} holds the decode of another dataset ({earlier.get('source')}); "
+                              "decoding there would replace it: choose another folder")
     claim = OutputFolder(output, "decode")
     claim.claim()
     try:
@@ -392,10 +397,14 @@ def pixel_limit(option: Optional[int], manifest: dict) -> int:
 
 def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, paths, entries, output, claim,
                    label_names=None, max_pixels=DEFAULT_MAX_PIXELS, only=None):
-    # PNG files are one per key and are overwritten in place; shard files are replaced.
+    # PNG files are one per key and are overwritten in place; shard files an earlier decode recorded
+    # (its manifest or failure marker) are replaced: a file that only looks like one is never deleted.
+    earlier = previous_marker(output, "decode")
+    owned = recorded_files(output, earlier) + [
+        m.path for pattern in (f"{DEAD_LETTER_DIR}/*.jsonl", f"{DEAD_LETTER_DIR}/*.jsonl.tmp")
+        for m in FileSystems.match([posixpath.join(output, pattern)])[0].metadata_list]
     clear_previous(output, [f"images-*.{ext}" for ext in ("tfrecord", "npz", "parquet", "tar")]
-                   + [f"images-*.{ext}.tmp" for ext in ("tfrecord", "npz", "parquet", "tar")]
-                   + [f"{DEAD_LETTER_DIR}/*.jsonl", f"{DEAD_LETTER_DIR}/*.jsonl.tmp"])
+                   + [f"{DEAD_LETTER_DIR}/*.jsonl", f"{DEAD_LETTER_DIR}/*.jsonl.tmp"], owned=owned)
     extra = {"job": "decode", "source": dataset, "output_format": options.output_format,
              "model_fingerprint": spec.fingerprint, "max_pixels": max_pixels}
     if only is not None:

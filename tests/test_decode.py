@@ -58,6 +58,28 @@ def test_partial_decode_by_keys_file_and_limit(dataset, model_dir, shards, tmp_p
     assert cli.main(["decode", "--input", dataset, "--output", str(tmp_path / "none"), "--limit", "0"]) == 2
 
 
+def test_a_rerun_deletes_only_what_an_earlier_decode_recorded(dataset, model_dir, shards, tmp_path):
+    """A re-run replaces the shards its earlier run's manifest lists, never a file of the user's
+    that only looks like one; another dataset's decode is refused in an earlier decode's folder."""
+    out = str(tmp_path / "out")
+    first = decode.run(["--input", dataset, "--model-dir", model_dir, "--output", out, "--output-format", "npz"]
+                       + BEAM_TEST_ARGS)
+    ours = sorted(os.path.join(out, f) for f in first["files"])
+    assert ours and all(os.path.exists(p) for p in ours)
+    mine = os.path.join(out, "images-mine.tfrecord")
+    with open(mine, "wb") as f:
+        f.write(b"the user's own shard")
+    second = decode.run(["--input", dataset, "--model-dir", model_dir, "--output", out, "--output-format", "npz"]
+                        + BEAM_TEST_ARGS)
+    assert open(mine, "rb").read() == b"the user's own shard"
+    assert sorted(os.path.join(out, f) for f in second["files"]) == ours
+    other = str(tmp_path / "other")
+    encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", other] + BEAM_TEST_ARGS)
+    with pytest.raises(LatentpackError, match="holds the decode of another dataset"):
+        decode.run(["--input", other, "--model-dir", model_dir, "--output", out] + BEAM_TEST_ARGS)
+    assert all(os.path.exists(p) for p in ours)
+
+
 def test_decode_to_tfrecord_is_readable_by_the_encoder(dataset, model_dir, shards, tmp_path):
     out = str(tmp_path / "tfr")
     manifest = decode.run(["--input", dataset, "--model-dir", model_dir, "--output", out,
@@ -112,22 +134,27 @@ def test_unsafe_key_goes_to_dead_letters(tmp_path, model_dir, mnist):
     assert not os.path.exists(tmp_path / "etc")
 
 
-def test_decoding_again_into_the_same_folder_leaves_no_stale_shards(dataset, model_dir, tmp_path, mnist):
+def test_decoding_again_into_the_same_folder_leaves_no_stale_shards(model_dir, tmp_path, mnist):
+    """The dataset re-encoded into fewer parts, decoded again into the same folder: the earlier
+    run's shards (its manifest lists them) are gone, only the new ones remain."""
     from conftest import write_tfrecord
-    out = str(tmp_path / "npz")
-    decode.run(["--input", dataset, "--model-dir", model_dir, "--output", out, "--output-format", "npz"]
-               + BEAM_TEST_ARGS)
     other = tmp_path / "other"
     other.mkdir()
-    write_tfrecord(other / "o.tfrecord", mnist[0][:5], keys=[f"o/{i}" for i in range(5)])
-    lat = str(tmp_path / "lat2")
-    encode.run(["--input", str(other / "o.tfrecord"), "--model-dir", model_dir, "--output", lat] + BEAM_TEST_ARGS)
+    for s in range(3):
+        write_tfrecord(other / f"o{s}.tfrecord", mnist[0][2 * s:2 * s + 2], keys=[f"o/{2 * s + i}" for i in range(2)])
+    lat, out = str(tmp_path / "lat2"), str(tmp_path / "npz")
+    encode.run(["--input", str(other / "o*.tfrecord"), "--model-dir", model_dir, "--output", lat,
+                "--num-shards", "3"] + BEAM_TEST_ARGS)
+    first = decode.run(["--input", lat, "--model-dir", model_dir, "--output", out, "--output-format", "npz"]
+                       + BEAM_TEST_ARGS)
+    encode.run(["--input", str(other / "o*.tfrecord"), "--model-dir", model_dir, "--output", lat,
+                "--num-shards", "1"] + BEAM_TEST_ARGS)
     manifest = decode.run(["--input", lat, "--model-dir", model_dir, "--output", out, "--output-format", "npz"]
                           + BEAM_TEST_ARGS)
     files = sorted(f for f in os.listdir(out) if f.endswith(".npz"))
-    assert files == sorted(manifest["files"])
+    assert files == sorted(manifest["files"]) and len(first["files"]) > len(files)
     keys = [k for f in files for k in np.load(os.path.join(out, f))["keys"].tolist()]
-    assert sorted(keys) == [f"o/{i}" for i in range(5)]
+    assert sorted(keys) == [f"o/{i}" for i in range(6)]
 
 
 def test_decode_part_writes_every_batch_before_it_reports(tmp_path, model_dir, mnist):

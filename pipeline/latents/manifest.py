@@ -32,8 +32,9 @@ def inconsistencies(manifest: dict) -> list:
         found.append(f"the manifest's format_version {version!r} is not one this latentpack reads "
                      f"({', '.join(map(str, READABLE_VERSIONS))}): written by a newer latentpack?")
     files = manifest.get("files") if isinstance(manifest.get("files"), list) else []
-    rows = sum(int(f.get("rows", 0)) for f in files if isinstance(f, dict) and isinstance(f.get("rows", 0), int))
-    if manifest.get("images") != rows:
+    counted = [f.get("rows") for f in files if isinstance(f, dict)]
+    rows = sum(counted) if all(isinstance(r, int) for r in counted) else None  # None: entries without rows
+    if rows is not None and manifest.get("images") != rows:
         found.append(f"the manifest says {manifest.get('images')} images, its parts' entries {rows} rows")
     return found
 
