@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import posixpath
 import time
+from typing import Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -102,7 +103,15 @@ def counts(read_written: int, reasons: dict) -> dict:
 def finish(output: str, payload: dict, max_bad_fraction: float, fatal_reasons=()) -> None:
     """Write `_manifest.json`, or `_failed.json` instead when too many inputs were bad or any
     dead letter has one of `fatal_reasons`."""
-    c = payload["counts"]
+    failure = failure_of(payload["counts"], max_bad_fraction, fatal_reasons)
+    if failure:
+        write_json(posixpath.join(output, FAILED), dict(payload, complete=False, failure=failure))
+    else:
+        write_json(posixpath.join(output, MANIFEST), seal(payload))
+
+
+def failure_of(c: dict, max_bad_fraction: float, fatal_reasons=()) -> Optional[str]:
+    """Why counts `c` fail a job (too many bad inputs, or a fatal reason), or None."""
     failure = None
     fatal = {r: n for r, n in c["dead_lettered_by_reason"].items() if r in fatal_reasons}
     if fatal:
@@ -111,10 +120,7 @@ def finish(output: str, payload: dict, max_bad_fraction: float, fatal_reasons=()
         failure = (f"{c['dead_lettered']} of {c['read']} inputs ({c['dead_lettered'] / c['read']:.1%}) could not "
                    f"be used, more than --max-bad-fraction {max_bad_fraction}; "
                    f"reasons: {c['dead_lettered_by_reason']}")
-    if failure:
-        write_json(posixpath.join(output, FAILED), dict(payload, complete=False, failure=failure))
-    else:
-        write_json(posixpath.join(output, MANIFEST), seal(payload))
+    return failure
 
 
 def summary(manifest: dict, done: str) -> str:

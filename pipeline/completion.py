@@ -98,13 +98,19 @@ def raise_if_failed(output: str) -> None:
     if FileSystems.exists(path):
         with FileSystems.open(path) as f:
             failed = json.loads(f.read())
-        raise LatentpackError(f"{failed['failure']}. The output is not marked complete; see "
-                              f"{posixpath.join(output, DEAD_LETTER_DIR)}/ for each input")
+        from pipeline.errors import BadDataError
+
+        kept = failed.get("kept_manifest")
+        state = ("The dataset is as the last successful run sealed it (its manifest is kept); this run's dead "
+                 "letters are in" if kept else "The output is not marked complete; see")
+        raise BadDataError(f"{failed['failure']}. {state} {posixpath.join(output, DEAD_LETTER_DIR)}/ for each input")
 
 
-def unmark(output: str) -> None:
-    """Delete an earlier run's completion markers first, so a re-run never looks complete early."""
-    for marker in (MANIFEST, FAILED):
+def unmark(output: str, keep_manifest: bool = False) -> None:
+    """Delete an earlier run's completion markers first, so a re-run never looks complete early
+    (an incremental run keeps the manifest: the dataset it seals stays usable while new parts are
+    added, and after a run that fails)."""
+    for marker in ((FAILED,) if keep_manifest else (MANIFEST, FAILED)):
         path = posixpath.join(output, marker)
         if FileSystems.exists(path):
             FileSystems.delete([path])
@@ -222,12 +228,12 @@ def recorded_files(output: str, marker: Optional[dict]) -> list:
     return out
 
 
-def clear_previous(output: str, patterns, owned=None) -> None:
+def clear_previous(output: str, patterns, owned=None, keep_manifest: bool = False) -> None:
     """Unmark `output`, then remove an earlier run's files matching `patterns` and the temporary
     folders of a run killed before Beam finalized it. Nothing else in the folder is touched.
     With `owned` (the files an earlier run's marker lists), only those of them that match
     `patterns` are removed: a file of the user's that merely looks like ours stays."""
-    unmark(output)
+    unmark(output, keep_manifest)
     stale = {m.path for pattern in list(patterns) + [f"{DEAD_LETTER_DIR}/part-*.jsonl"]
              for m in FileSystems.match([posixpath.join(output, pattern)])[0].metadata_list}
     if owned is not None:

@@ -349,6 +349,11 @@ def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, latent_fo
 def main(argv=None) -> int:
     show_progress()
     manifest = run(argv)
+    night = manifest.get("this_run")
+    if night is not None:  # --skip-existing: this run's own inputs, then the whole dataset
+        print(f"this run: {night['written']} new images, {night['dead_lettered']} dead letters "
+              f"{night['dead_lettered_by_reason'] or ''}".rstrip()
+              + f"; the dataset: {manifest['images']} images in {len(manifest['files'])} part(s)")
     print(summary(manifest, f"encoded {manifest['images']} images into {len(manifest['files'])} part(s), "
                             f"{manifest['total_bytes'] / max(manifest['images'], 1):.1f} bytes per image"))
     return 0

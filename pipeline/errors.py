@@ -29,6 +29,15 @@ def show_progress() -> None:
 class LatentpackError(Exception):
     """A user-facing error: printed as one line, exit status 2, no traceback."""
 
+    exit_code = 2
+
+
+class BadDataError(LatentpackError):
+    """The job ran, but too many of its inputs were bad (or one was fatally so): one line, exit
+    status 3, so that schedulers can tell bad data from bad settings (2)."""
+
+    exit_code = 3
+
 
 class BadImage(ValueError):
     """One image that cannot be used; `reason` is a short machine-readable tag."""
@@ -111,7 +120,7 @@ def guarded(main):
                 return main(argv)
             except LatentpackError as e:
                 print(f"latentpack: error: {e}", file=sys.stderr)
-                return 2
+                return e.exit_code
             except KeyboardInterrupt:
                 return _interrupted()
             except Exception as e:

@@ -33,9 +33,9 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import latents
 from pipeline.codec import schema_of
-from pipeline.accounting import (Gather, add_reasons, count_dead_letter, count_reasons, counts, finish, reported,
-                                 write_dead_letters)
-from pipeline.completion import DEAD_LETTER_DIR, FAILED, clear_previous, write_json
+from pipeline.accounting import (Gather, add_reasons, count_dead_letter, count_reasons, counts, failure_of, finish,
+                                 reported, write_dead_letters)
+from pipeline.completion import DEAD_LETTER_DIR, FAILED, clear_previous, seal, stored_json, write_json
 from pipeline.errors import LatentpackError, log
 from pipeline.images import DeadLetter
 
@@ -288,6 +288,29 @@ class WriteFolderManifest(beam.DoFn):
 
     def process(self, summaries):
         done = reported(summaries, self.planned, "written")
+        # This run is judged on its own inputs: a bad file tonight is measured against tonight's
+        # files, not every input the folder ever held. A run that fails removes its new parts and
+        # leaves the manifest of the last successful run (and so the dataset) as it was.
+        reasons = {}
+        for s in done.values():
+            add_reasons(reasons, s["reasons"])
+        this_run = counts(sum(s["rows"] for s in done.values()), reasons)
+        failure = failure_of(this_run, self.max_bad_fraction, self.fatal_reasons)
+        if failure:
+            sealed = stored_json(posixpath.join(self.output, latents.MANIFEST))
+            listed = {f.get("name") for f in (sealed or {}).get("files", []) if isinstance(f, dict)}
+            replaced = sorted(p for p in done if posixpath.basename(p) in listed)
+            new = sorted(p for p in done if posixpath.basename(p) not in listed)
+            if new:
+                FileSystems.delete(new)
+            kept = sealed is not None and not replaced
+            if sealed is not None and replaced:  # a part it sealed was rewritten: it no longer describes the folder
+                FileSystems.delete([posixpath.join(self.output, latents.MANIFEST)])
+            write_json(posixpath.join(self.output, FAILED), dict(
+                self.extra, complete=False, failure=f"this run: {failure}", counts=this_run, kept_manifest=kept,
+                removed_parts=[posixpath.basename(p) for p in new],
+                dead_letter_files=sorted(posixpath.relpath(s["dead_letters"], self.output) for s in done.values())))
+            return
         found = FileSystems.match([posixpath.join(self.output, f"{latents.PART_PREFIX}-*.parquet")])[0].metadata_list
         paths = sorted(m.path for m in found)
         total = {"read": 0, "written": 0, "dead_lettered": 0, "dead_lettered_by_reason": {}}
@@ -303,11 +326,11 @@ class WriteFolderManifest(beam.DoFn):
                 total[k] += part_counts[k]
             add_reasons(total["dead_lettered_by_reason"], part_counts["dead_lettered_by_reason"])
         payload = latents.manifest(latents.describe_parts(paths), total, self.spec.fingerprint,
-                                   dict(self.extra, incremental=True, parts_this_run=len(done)))
+                                   dict(self.extra, incremental=True, parts_this_run=len(done), this_run=this_run))
         payload["dead_letter_files"] = sorted(
             posixpath.relpath(m.path, self.output) for m in FileSystems.match(
                 [posixpath.join(self.output, DEAD_LETTER_DIR, "*.jsonl")])[0].metadata_list)
-        finish(self.output, payload, self.max_bad_fraction, self.fatal_reasons)
+        write_json(posixpath.join(self.output, latents.MANIFEST), seal(payload))
         yield payload
 
 
@@ -324,7 +347,8 @@ class WriteNewShards(_LatentSink):
 
     def prepare(self, shards):
         """In the driver: drop unfinished temporary files, and return the shards that still need a part."""
-        clear_previous(self.output, [f"{latents.PART_PREFIX}-*.parquet.tmp", f"{DEAD_LETTER_DIR}/*.jsonl.tmp"])
+        clear_previous(self.output, [f"{latents.PART_PREFIX}-*.parquet.tmp", f"{DEAD_LETTER_DIR}/*.jsonl.tmp"],
+                       keep_manifest=True)
         found = sorted(m.path for m in FileSystems.match(
             [posixpath.join(self.output, f"{latents.PART_PREFIX}-*.parquet")])[0].metadata_list)
         held = self.held_shards(shards, found)

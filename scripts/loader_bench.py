@@ -54,7 +54,7 @@ def build(kind: str, out: str, n: int) -> dict:
         else:
             from training.data import holdout_files
 
-            for path in holdout_files(os.path.join(SHARED, "bsds500", "*.jpg")):
+            for path in holdout_files(os.path.join(SHARED, "bsds500")):
                 Image.open(path).convert("RGB").save(os.path.join(png, os.path.basename(path)[:-4] + ".png"))
     files = sorted(glob.glob(os.path.join(png, "*.png")))
     for fmt, ext, opts in (("webp", "webp", {"quality": 75, "method": 6}), ("jpeg", "jpg", {"quality": 75})):
