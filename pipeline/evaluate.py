@@ -280,7 +280,8 @@ def parse_args(argv):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="Any other option is passed to Beam for the encode and decode jobs.")
     p.add_argument("--input", required=True, help="glob of the evaluation images")
-    p.add_argument("--input-format", default="tfrecord", choices=sorted(READERS), help="format of --input")
+    p.add_argument("--input-format", default=None, choices=sorted(READERS),
+                   help="format of --input (default: told from the files)")
     p.add_argument("--model-dir", action="append", default=[],
                    help="a model artifact (or a shipped model, photo:<q>); repeat for several")
     p.add_argument("--output", required=True, help="folder for rd.json, rd.md, rd.png and the jobs' outputs")
@@ -290,7 +291,11 @@ def parse_args(argv):
     p.add_argument("--refine", type=int, nargs="+", default=[0], metavar="STEPS",
                    help="encode each model with these steps of refinement (encode --refine), one curve each; "
                         "e.g. 0 50 for the model as it is and refined")
-    return p.parse_known_args(argv)
+    args, beam_args = p.parse_known_args(argv)
+    from pipeline.runners import check_beam_args
+
+    check_beam_args(p, beam_args)
+    return args, beam_args
 
 
 def check_output(output: str, runs: int) -> None:
@@ -330,6 +335,9 @@ def run(argv=None) -> dict:
     runs = [(model_dir, refine) for refine in dict.fromkeys(args.refine) for model_dir in args.model_dir
             if not refine or refinable(model_dir)]
     check_output(args.output, len(runs))
+    from pipeline.detect import resolve_input
+
+    args.input_format, args.input = resolve_input(args.input, args.input_format)
     os.makedirs(args.output, exist_ok=True)
     keys, images = load_eval_images(args.input, args.input_format, args.limit)
     log.info("evaluating on %d images", len(images))
