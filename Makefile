@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py --out demo-out
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 # Throughput benchmark (not a test): results go to bench-out/ and are quoted in BENCHMARKS.md.
 BENCH_ARGS ?= --n 60000 --scale 10 --repeats 3

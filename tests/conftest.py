@@ -143,3 +143,23 @@ def real_photos(tmp_path_factory):
         Image.fromarray(image[top:top + 192, left:left + 256]).save(folder / f"{name}.png")
     return folder
 
+
+
+# Skips the suite may show, by test name, each with why. None today: every optional library the
+# tests use (torch, datasets, webdataset, tensorflow_datasets, distributed) is in the test extra,
+# so a skip in `make test` means a broken environment or a test that quietly stopped running, and
+# it fails the run (its reason is printed: make test runs with -rs).
+ALLOWED_SKIPS: dict = {}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or exitstatus != 0:
+        return
+    unexpected = [r.nodeid for r in reporter.stats.get("skipped", [])
+                  if not any(name in r.nodeid for name in ALLOWED_SKIPS)]
+    if unexpected and not session.config.getoption("keyword") and not session.config.getoption("markexpr"):
+        reporter.write_line("")
+        reporter.write_line(f"unexpected skips (see tests/conftest.py ALLOWED_SKIPS): {', '.join(unexpected[:10])}",
+                            red=True)
+        session.exitstatus = 1
