@@ -49,7 +49,10 @@ class BadImage(ValueError):
 
 # Errors of the machine rather than of the data: no space, quota, read-only or forbidden folder.
 _ENVIRONMENT_ERRNOS = {28: "no space left on the device", 122: "disk quota exceeded",
-                       30: "read-only file system", 13: "permission denied"}
+                       30: "read-only file system", 13: "permission denied",
+                       20: "a part of the path is a file, not a folder", 21: "a folder is in the way",
+                       36: "a file name too long for the file system",
+                       27: "the file grew past the size the system allows (a file-size limit, ulimit -f?)"}
 
 
 def environment_error(e: BaseException):
@@ -58,7 +61,7 @@ def environment_error(e: BaseException):
 
     if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
         return _ENVIRONMENT_ERRNOS[e.errno] + (f" writing {e.filename}" if e.filename else "")
-    m = re.search(r"OSError: \[Errno (\d+)\] ([^\[\n]*)", str(e))
+    m = re.search(r"(?:^|OSError: )\[Errno (\d+)\] ([^\[\n]*)", str(e))
     if m and int(m.group(1)) in _ENVIRONMENT_ERRNOS:
         path = re.search(r"'([^']+)'", m.group(2))
         return _ENVIRONMENT_ERRNOS[int(m.group(1))] + (f" writing {path.group(1)}" if path else "")

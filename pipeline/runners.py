@@ -91,7 +91,17 @@ def check_beam_args(parser, beam_args: List[str]) -> None:
     beam = _BeamArgumentParser(allow_abbrev=False)
     for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
         cls._add_argparse_args(beam)  # what PipelineOptions.get_all_options parses with
-    _, unknown = beam.parse_known_args(list(beam_args))
+    known, unknown = beam.parse_known_args(list(beam_args))
+    runner = getattr(known, "runner", None)
+    if runner and "." not in runner:  # a dotted name is a runner class of the user's, imported by Beam
+        from apache_beam.runners.runner import create_runner
+
+        try:
+            create_runner(_full_runner_name(runner, bare=True))
+        except ValueError as e:
+            valid = str(e).split("Valid values are ", 1)[-1].split(" or the fully")[0]
+            raise LatentpackError(f"--runner {runner} is not a Beam runner (valid: {valid}, or the dotted name "
+                                  "of a PipelineRunner class)") from None
     if not unknown:
         return
     first = unknown[0]

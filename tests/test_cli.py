@@ -37,6 +37,7 @@ def test_version(capsys):
     ("encode", ["--num-shards", "-1"], "--num-shards must be 0"),
     ("encode", ["--max-bad-fraction", "nan"], "--max-bad-fraction must be a fraction from 0 to 1 (got nan)"),
     ("decode", ["--max-bad-fraction", "1.5"], "--max-bad-fraction must be a fraction from 0 to 1"),
+    ("encode", ["--runner", "NoSuchRunner"], "--runner NoSuchRunner is not a Beam runner (valid: DataflowRunner"),
 ])
 def test_mistaken_options_are_one_error_before_any_work(job, extra, message, shards, model_dir, tmp_path, capsys):
     """A misspelled flag is not handed to Beam (which would drop it and run with defaults), and a
@@ -48,6 +49,20 @@ def test_mistaken_options_are_one_error_before_any_work(job, extra, message, sha
     err = capsys.readouterr().err
     assert f"latentpack: error: {message}" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("where,message", [
+    ("file/sub", "a part of the path is a file, not a folder writing"),
+    ("x" * 300, "a file name too long for the file system writing"),
+])
+def test_an_output_the_system_refuses_is_one_line(where, message, shards, model_dir, tmp_path):
+    (tmp_path / "file").write_text("a user's file")
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "latentpack"), "encode", "--input",
+                           shards.pattern, "--model-dir", model_dir, "--output", str(tmp_path / where),
+                           "--runner=FnApiRunner"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert f"latentpack: error: {message}" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "file").read_text() == "a user's file"
 
 
 def test_user_error_exits_2_without_traceback(tmp_path):
