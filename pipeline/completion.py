@@ -36,7 +36,7 @@ DEAD_LETTER_DIR = "dead_letter"
 # The decode job's probe of how its output's filesystem compares file names (`outputs.name_identity`):
 # a name in lower case ending in an accented letter (one code point), created and removed at once.
 NAME_PROBE = ".latentpack-name-probe-\u00e9"
-_OURS = (MANIFEST, FAILED, LOCK, DEAD_LETTER_DIR, NAME_PROBE)
+_OURS = (MANIFEST, FAILED, LOCK, DEAD_LETTER_DIR, NAME_PROBE, "_model")
 
 
 SEAL = "manifest_sha256"

@@ -107,6 +107,9 @@ def model_for(dataset_dir: str, manifest: dict, model_dir: Optional[str]) -> str
 
     if model_dir:
         return models.resolve(model_dir)
+    inside = models.embedded(dataset_dir)
+    if inside is not None:  # the dataset's own copy (encode --embed-model): checked as any artifact is
+        return inside
     fingerprint = manifest.get("model_fingerprint")
     name = models.by_fingerprint(fingerprint) if fingerprint else None
     if name is None:

@@ -52,6 +52,7 @@ class EncodeOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
     skip_existing: bool = False
+    embed_model: str = "auto"  # store the model in <output>/_model/: auto (not shipped), always, never
     duplicate_keys: str = "keep-first"
     image_feature: Optional[str] = None
     label_feature: Optional[str] = None
@@ -243,6 +244,10 @@ def parse_args(argv) -> tuple:
                    help="reject images with more pixels than this, before decoding them")
     p.add_argument("--max-bad-fraction", type=float, default=d.max_bad_fraction,
                    help="fail the job, leaving the output unmarked, if more than this fraction of inputs is bad")
+    p.add_argument("--embed-model", choices=["auto", "always", "never"], default=d.embed_model,
+                   help="store the model inside the dataset (_model/), so that decode needs no --model-dir: auto "
+                        "for a model that is not shipped, always (also a shipped one: archives that must outlive "
+                        "releases), never")
     p.add_argument("--skip-existing", action="store_true",
                    help="incremental: encode only the input shards that no part in --output holds yet (for this "
                         "model and latent format), into new parts; the manifest covers every part in --output")
@@ -314,6 +319,10 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
         extra["label_names"] = reader.label_names()
     fatal = ("duplicate_key",) if options.duplicate_keys == "fail" else ()
     try:
+        if options.embed_model == "always" or (options.embed_model == "auto"
+                                               and models.by_fingerprint(spec.fingerprint) is None):
+            extra["embedded_model"] = {"folder": models.EMBEDDED,
+                                       "bytes": models.embed(model_dir, output, spec.fingerprint)}
         return _build_and_run(options, beam_args, test_pipeline, spec, model_dir, latent_format, reader, shards,
                               root, output, extra, fatal, claim)
     finally:
@@ -354,8 +363,11 @@ def main(argv=None) -> int:
         print(f"this run: {night['written']} new images, {night['dead_lettered']} dead letters "
               f"{night['dead_lettered_by_reason'] or ''}".rstrip()
               + f"; the dataset: {manifest['images']} images in {len(manifest['files'])} part(s)")
+    model = manifest.get("embedded_model")
     print(summary(manifest, f"encoded {manifest['images']} images into {len(manifest['files'])} part(s), "
-                            f"{manifest['total_bytes'] / max(manifest['images'], 1):.1f} bytes per image"))
+                            f"{manifest['total_bytes'] / max(manifest['images'], 1):.1f} bytes per image"
+                            + (f" (and the model, {model['bytes'] / 1e6:.2f} MB once, in {model['folder']}/)"
+                               if model else "")))
     return 0
 
 

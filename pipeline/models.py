@@ -75,3 +75,59 @@ def package_version() -> str:
         return metadata.version("latentpack")
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+EMBEDDED = "_model"  # a dataset's own copy of a model that is not shipped
+
+
+def embed(model_dir: str, output: str, fingerprint: str) -> int:
+    """Copy the artifact at `model_dir` into `<output>/_model/` (once: a copy already there with the
+    same fingerprint is kept; another one is replaced), so that the dataset decodes without the
+    model's folder. Files are written whole under temporary names, then renamed. Returns the
+    bytes of the copy."""
+    import posixpath
+    import shutil
+
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipeline.artifact import read_spec
+    from pipeline.completion import commit
+
+    target = posixpath.join(output, EMBEDDED)
+    if FileSystems.exists(posixpath.join(target, "codec.json")):
+        try:
+            if read_spec(target).fingerprint == fingerprint:
+                return _size(target)
+        except LatentpackError:
+            pass  # damaged: replaced below
+        FileSystems.delete([target])
+    for folder, _, files in os.walk(model_dir):
+        rel = os.path.relpath(folder, model_dir)
+        for name in files:
+            dest = posixpath.join(target, *([] if rel == "." else rel.split(os.sep)), name)
+            if not FileSystems.exists(posixpath.dirname(dest)):
+                FileSystems.mkdirs(posixpath.dirname(dest))
+            with open(os.path.join(folder, name), "rb") as src, FileSystems.create(dest + ".tmp") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+            commit(dest + ".tmp", dest)
+    if read_spec(target).fingerprint != fingerprint:
+        raise LatentpackError(f"{target}: the embedded copy of {model_dir} does not match its fingerprint")
+    return _size(target)
+
+
+def _size(folder: str) -> int:
+    from apache_beam.io.filesystems import FileSystems
+
+    import posixpath
+
+    return sum(m.size_in_bytes for m in FileSystems.match([posixpath.join(folder, "**")])[0].metadata_list)
+
+
+def embedded(dataset_dir: str) -> Optional[str]:
+    """The dataset's embedded model folder, or None."""
+    import posixpath
+
+    from apache_beam.io.filesystems import FileSystems
+
+    path = posixpath.join(dataset_dir, EMBEDDED)
+    return path if FileSystems.exists(posixpath.join(path, "codec.json")) else None

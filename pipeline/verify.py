@@ -65,6 +65,18 @@ def problems(dataset: str, model_dir: str = None) -> tuple:
         if not isinstance(name, str) or name.startswith("/") or ".." in name.split("/") or \
                 not FileSystems.exists(posixpath.join(dataset, name)):
             found.append(f"dead-letter file {str(name)[:80]!r} is missing or outside the dataset")
+    if manifest.get("embedded_model"):
+        from pipeline import models
+        from pipeline.artifact import read_spec
+
+        inside = models.embedded(dataset)
+        try:
+            if inside is None:
+                raise LatentpackError(f"the manifest records an embedded model, and {dataset}/_model has none")
+            if read_spec(inside).fingerprint != manifest.get("model_fingerprint"):
+                found.append(f"{inside} is not the model that made this dataset")
+        except LatentpackError as e:
+            found.append(f"embedded model: {e}")
     if model_dir:
         from pipeline import models
         from pipeline.artifact import read_spec

@@ -297,3 +297,47 @@ def test_every_image_output_carries_the_colour_profile_of_a_row_that_has_one(tmp
     photos = {r.key: decode_photo(r.encoded) for p in paths for r in reader.read(p, root)}
     assert {k: (p.icc, p.pixels.tobytes()) for k, p in photos.items()} == {
         "with": (icc, images[0].tobytes()), "without": (None, images[1].tobytes())}
+
+
+def test_a_dataset_carries_a_model_that_is_not_shipped(shards, model_dir, tmp_path, capsys):
+    """encode stores a model that is not shipped in the dataset (_model/, once, fingerprint-checked);
+    a copy of the dataset elsewhere decodes, verifies and opens with no model argument."""
+    import latentpack
+
+    lat = str(tmp_path / "lat")
+    assert cli.main(["encode", "--input", shards.pattern, "--model-dir", model_dir, "--output", lat]
+                    + BEAM_TEST_ARGS) == 0
+    assert "and the model," in capsys.readouterr().out
+    manifest = json.load(open(os.path.join(lat, "_manifest.json")))
+    model_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(model_dir) for f in fs)
+    assert manifest["embedded_model"] == {"folder": "_model", "bytes": model_bytes}
+    moved = str(tmp_path / "elsewhere" / "lat")
+    shutil.copytree(lat, moved)
+    out = str(tmp_path / "png")
+    assert decode.run(["--input", moved, "--output", out] + BEAM_TEST_ARGS)["counts"]["written"] == 120
+    assert cli.main(["verify", moved]) == 0
+    assert len(latentpack.open(moved)) == 120
+    # Re-encoding the folder keeps the one copy; a damaged copy is reported and refused.
+    encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", moved, "--skip-existing"]
+               + BEAM_TEST_ARGS)
+    assert sorted(os.listdir(moved)).count("_model") == 1
+    with open(os.path.join(moved, "_model", "saved_model.pb"), "ab") as f:
+        f.write(b"\0")
+    capsys.readouterr()
+    assert cli.main(["verify", moved]) == 2
+    assert "embedded model:" in capsys.readouterr().out
+    with pytest.raises(LatentpackError, match="fingerprint|modified"):
+        decode.run(["--input", moved, "--output", str(tmp_path / "png2")] + BEAM_TEST_ARGS)
+
+
+def test_a_shipped_model_is_embedded_only_when_asked(shards, tmp_path, mnist):
+    from conftest import write_tfrecord
+
+    write_tfrecord(tmp_path / "p.tfrecord", [np.repeat(mnist[0][0], 3, axis=-1)], keys=["p"])
+    plain, kept = str(tmp_path / "plain"), str(tmp_path / "kept")
+    encode.run(["--input", str(tmp_path / "p.tfrecord"), "--model-dir", "photo:1", "--output", plain]
+               + BEAM_TEST_ARGS)
+    assert not os.path.exists(os.path.join(plain, "_model"))
+    manifest = encode.run(["--input", str(tmp_path / "p.tfrecord"), "--model-dir", "photo:1", "--output", kept,
+                           "--embed-model", "always"] + BEAM_TEST_ARGS)
+    assert manifest["embedded_model"]["bytes"] > 1e6 and os.path.isfile(os.path.join(kept, "_model", "codec.json"))

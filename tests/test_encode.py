@@ -114,7 +114,8 @@ def test_rerun_gives_identical_rows_and_no_stale_parts(shards, model_dir, tmp_pa
     encode.run(args + ["--num-shards", "1"])
     manifest, second = read_rows(out)
     assert first.equals(second)
-    assert sorted(os.listdir(out)) == ["_manifest.json", "dead_letter", "latents-00000-of-00001.parquet"]
+    # (_model: the model, not a shipped one, travels with the dataset)
+    assert sorted(os.listdir(out)) == ["_manifest.json", "_model", "dead_letter", "latents-00000-of-00001.parquet"]
 
 
 def test_empty_glob_and_bad_model_are_clear_errors(tmp_path, model_dir):

@@ -56,7 +56,7 @@ def test_killed_run_then_rerun_gives_one_complete_dataset(tmp_path, mnist, model
     manifest = encode.run(args + ["--output", out])
     assert manifest["images"] == 2000
     assert rows(out).equals(rows(reference))
-    assert sorted(os.listdir(out)) == ["_manifest.json", "dead_letter"] + [f["name"] for f in manifest["files"]]
+    assert sorted(os.listdir(out)) == ["_manifest.json", "_model", "dead_letter"] + [f["name"] for f in manifest["files"]]
     assert len(manifest["files"]) == 40 and not glob.glob(f"{out}/**/*.tmp", recursive=True)
 
 
