@@ -228,3 +228,26 @@ def test_an_inconsistent_channelwise_artifact_is_one_clear_error(channelwise_mod
     copy = _altered_copy(channelwise_model_dir, tmp_path, change)
     with pytest.raises(LatentpackError, match=message):
         load_codec(copy)
+
+
+def test_a_fit_from_a_model_under_a_time_budget_gets_a_verdict(tmp_path, photo_folder, hyperprior_model_dir, capsys):
+    """--init-from a model with --minutes: trains until the budget is spent, then measures the fit
+    and its start on the same held-out images (real codes). A fit that does not beat its start
+    writes nothing (an earlier --model-dir stays); --export-anyway keeps it."""
+    from training.train import main
+
+    out = str(tmp_path / "fit")
+    common = ["--arch", "hyperprior", "--input", str(photo_folder / "*.png"), "--input-format", "images",
+              "--filters", "16", "--latent-channels", "8", "--crop", "32", "--batch-size", "2",
+              "--validate-every", "100000", "--checkpoint-every", "100000", "--model-dir", out,
+              "--init-from", hyperprior_model_dir, "--learning-rate", "1e-9"]  # learns nothing: its new z density is worse
+    assert main(common + ["--minutes", "0.05", "--checkpoint-dir", str(tmp_path / "ck1")]) == 0
+    printed = capsys.readouterr().out
+    verdict = json.load(open(tmp_path / "ck1" / "verdict.json"))
+    assert "held-out verdict on" in printed and verdict["start"]["val_images"] == verdict["fit"]["val_images"] > 0
+    assert verdict["start_loss"] == pytest.approx(verdict["start"]["val_bpp"] + 0.013 * verdict["start"]["val_mse"])
+    assert not verdict["better"] and "nothing written" in printed and not os.path.exists(out)
+    assert main(common + ["--steps", "3", "--export-anyway", "--checkpoint-dir", str(tmp_path / "ck2")]) == 0
+    assert "model written to" in capsys.readouterr().out and read_spec(out).training["steps_done"] == 3
+    with pytest.raises(LatentpackError, match="--minutes must be a positive number"):
+        main(common + ["--minutes", "0"])

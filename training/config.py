@@ -33,5 +33,7 @@ class PhotoConfig:
     stride: int = 16  # 16: four stride-2 stages (photos); 8: three, for very small images (CIFAR-10)
     kernel_storage: str = KERNEL_STORAGE  # how the exported SavedModel stores kernels (`stored_kernel`)
     warmup_steps: int = 0  # the first steps train the entropy model alone, on fixed transforms (`rate`)
+    minutes: Optional[float] = None  # a wall-clock budget: steps re-planned from the measured rate
+    export_anyway: bool = False  # a fit from a model that does not beat it on held-out images still exports
     slices: int = 4  # channelwise: latent slices coded in sequence
     context_filters: int = 96  # channelwise: channels of each slice's context network

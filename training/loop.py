@@ -118,12 +118,14 @@ class PhotoTrainer:
             raise LatentpackError(f"--init-from {latest}: holds no photo transforms of this size to start from")
         return latest
 
-    def schedule(self, step: int) -> float:
-        """Constant, then the last 15% of --steps anneals linearly to 1/10 of the rate."""
-        start = 0.85 * self.config.steps
+    def schedule(self, step: int, total: Optional[int] = None) -> float:
+        """Constant, then the last 15% of the steps (--steps, or what --minutes leaves room for)
+        anneals linearly to 1/10 of the rate."""
+        total = total or self.config.steps
+        start = 0.85 * total
         if step < start:
             return self.config.learning_rate
-        frac = min(1.0, (step - start) / max(1.0, self.config.steps - start))
+        frac = min(1.0, (step - start) / max(1.0, total - start))
         return self.config.learning_rate * (1.0 - 0.9 * frac)
 
     def evaluate(self, images: List[np.ndarray]) -> dict:
@@ -221,8 +223,13 @@ def train(config: PhotoConfig, pattern: str, input_format: str, model_dir: str, 
     started, window_start, window_steps = time.time(), time.time(), 0
     sums = np.zeros(3)
     step = int(trainer.step)
-    while step < config.steps:
-        trainer.optimizer.learning_rate.assign(trainer.schedule(step))
+    total = config.steps  # with --minutes: re-planned from the measured rate every 100 steps
+    deadline = started + 60.0 * config.minutes if config.minutes else None
+    while step < total:
+        if deadline is not None and time.time() >= deadline:
+            log.info("--minutes %g reached at step %d", config.minutes, step)
+            break
+        trainer.optimizer.learning_rate.assign(trainer.schedule(step, total))
         step_fn = trainer.entropy_step if step < config.warmup_steps else trainer.train_step
         values = [float(t) for t in step_fn(next(batches))]
         if not np.isfinite(values[0]):
@@ -231,25 +238,27 @@ def train(config: PhotoConfig, pattern: str, input_format: str, model_dir: str, 
         sums += values
         step += 1
         window_steps += 1
-        if step % 100 == 0 or step == config.steps:
+        if step % 100 == 0 or step == total:
             rate = window_steps / max(time.time() - window_start, 1e-9)
+            if deadline is not None:
+                total = min(config.steps, step + max(1, int(rate * max(0.0, deadline - time.time()))))
             loss, mse, bpp = sums / window_steps
             # The entropy-model warm-up computes no reconstruction: its rows have no PSNR.
             train_psnr = float(10 * np.log10(1 / max(mse, 1e-10))) if np.isfinite(mse) else None
             history["train"].append({"step": step, "loss": loss, "psnr": train_psnr, "bpp": bpp})
-            eta = (config.steps - step) / max(rate, 1e-9)
+            eta = (total - step) / max(rate, 1e-9)
             quality = (f"train PSNR {train_psnr:.2f} dB at {bpp:.3f} bpp" if train_psnr is not None
                        else f"entropy model alone: {bpp:.3f} bpp")
-            print(f"step {step}/{config.steps}: loss {loss:.4f}, {quality}; {rate:.1f} steps/s, "
+            print(f"step {step}/{total}: loss {loss:.4f}, {quality}; {rate:.1f} steps/s, "
                   f"ETA {eta / 60:.0f} min", flush=True)
             history["seconds"] += time.time() - window_start
             sums, window_steps, window_start = np.zeros(3), 0, time.time()
-        if holdout and (step % config.validate_every == 0 or step == config.steps):
+        if holdout and (step % config.validate_every == 0 or step == total):
             metrics = dict(trainer.evaluate(holdout), step=step)
             history["val"].append(metrics)
             print(f"  validation at step {step}: {metrics['val_psnr']:.2f} dB at {metrics['val_bpp']:.3f} bpp "
                   f"(estimated) on {len(holdout)} held-out images", flush=True)
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        if step % config.checkpoint_every == 0 or step == total:
             manager.save(checkpoint_number=step)
             with open(history_path + ".tmp", "w") as f:
                 json.dump(history, f)
@@ -259,8 +268,53 @@ def train(config: PhotoConfig, pattern: str, input_format: str, model_dir: str, 
         manager.save(checkpoint_number=step)  # so that --resume can continue them
         with open(history_path, "w") as f:
             json.dump(history, f)
-    with staged(model_dir) as out:  # written whole beside --model-dir, then swapped in
-        return trainer.export(out, holdout, history, dict(extra or {}, input=pattern, input_format=input_format))
+    start_dir = _start_model(init_from)
+    try:
+        with staged(model_dir) as out:  # written whole beside --model-dir, then swapped in
+            spec = trainer.export(out, holdout, history, dict(extra or {}, input=pattern, input_format=input_format))
+            if start_dir and holdout:
+                spec["verdict"] = judge(start_dir, init_from, spec, holdout, config, checkpoint_dir)
+                if not spec["verdict"]["better"] and not config.export_anyway:
+                    raise _NotBetter(spec)
+    except _NotBetter as e:  # staged() removed what was written; an earlier --model-dir stays as it was
+        e.spec["exported"] = False
+        return e.spec
+    spec["exported"] = True
+    return spec
+
+
+class _NotBetter(Exception):
+    def __init__(self, spec):
+        super().__init__("not better than its start")
+        self.spec = spec
+
+
+def _start_model(init_from: Optional[str]) -> Optional[str]:
+    """The artifact folder a run started from (--init-from a model), else None."""
+    if not init_from or init_from.endswith(".npz") or not _is_model(init_from):
+        return None
+    from pipeline import models
+
+    return models.resolve(init_from)
+
+
+def judge(start_dir: str, start_name: str, spec: dict, holdout, config: PhotoConfig, checkpoint_dir: str) -> dict:
+    """The held-out verdict of a fit against the model it started from (both through the pipeline's
+    codec, real codes), printed and kept in <checkpoint-dir>/verdict.json."""
+    from training.measure import measure_codec, verdict
+
+    result = verdict(measure_codec(start_dir, holdout), spec["metrics"], config.lmbda)
+    s, f = result["start"], result["fit"]
+    print(f"held-out verdict on {f['val_images']} images: {start_name} {s['val_psnr']:.2f} dB at "
+          f"{s['val_bpp']:.4f} bpp, this fit {f['val_psnr']:.2f} dB at {f['val_bpp']:.4f} bpp "
+          f"({result['bits_change']:+.1%} bits, {result['psnr_change']:+.2f} dB); loss (bpp + lambda*MSE) "
+          f"{result['fit_loss']:.4f} vs {result['start_loss']:.4f}: "
+          + ("better" if result["better"] else "NOT better" + ("" if config.export_anyway else
+                                                               ": not exported (--export-anyway to keep it)")),
+          flush=True)
+    with open(os.path.join(checkpoint_dir, "verdict.json"), "w") as fh:
+        json.dump(dict(result, start_model=start_name), fh, indent=1)
+    return result
 
 
 def _is_model(name: str) -> bool:
@@ -301,18 +355,24 @@ def main(args, family: str) -> int:
     config = PhotoConfig(
         filters=args.filters or defaults.filters, latent_channels=args.latent_channels or defaults.latent_channels,
         lmbda=lmbda, quality=args.quality if args.lmbda is None else None, crop=args.crop,
-        batch_size=args.batch_size or defaults.batch_size, steps=args.steps or _default_steps(args.init_from),
+        batch_size=args.batch_size or defaults.batch_size,
+        steps=args.steps or (10 ** 9 if args.minutes else _default_steps(args.init_from)),
         learning_rate=args.learning_rate or defaults.learning_rate, seed=args.seed,
         holdout_every=0 if args.validation else defaults.holdout_every,
         val_images=args.val_images or defaults.val_images, warmup_steps=args.warmup_steps,
         checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
         family=family, stride=args.stride, slices=args.slices or defaults.slices,
+        minutes=args.minutes, export_anyway=args.export_anyway,
         context_filters=args.context_filters or defaults.context_filters,
         kernel_storage=args.kernel_storage)
     checkpoint_dir = args.checkpoint_dir or args.model_dir.rstrip("/") + "-checkpoints"
     spec = train(config, args.input, args.input_format, args.model_dir, checkpoint_dir,
                  resume=args.resume, init_from=args.init_from, validation=args.validation)
     m = spec["metrics"]
+    if not spec.get("exported", True):
+        print(f"nothing written to {args.model_dir}: the fit does not beat {args.init_from} on the held-out images "
+              f"(see {checkpoint_dir}/verdict.json; --export-anyway keeps it)")
+        return 0
     print(f"model written to {args.model_dir}: {args.arch}, {config.latent_channels} latent channels, "
           f"held-out {m.get('val_psnr', float('nan')):.2f} dB at {m.get('val_bpp', float('nan')):.3f} bpp "
           f"on {m.get('val_images', 0)} images; fingerprint {spec['fingerprint'][:19]}…")

@@ -59,6 +59,12 @@ def parse_args(argv=None):
     spatial.add_argument("--warmup-steps", type=int, default=0,
                          help="train the entropy model alone for this many steps first, on the fixed transforms of "
                               "--init-from (channelwise: a new entropy model on trained transforms)")
+    spatial.add_argument("--minutes", type=float, default=None,
+                         help="a wall-clock budget: train until it is spent (the steps re-planned from the measured "
+                              "rate, the last 15%% annealed), then export; --steps, if given, still caps it")
+    spatial.add_argument("--export-anyway", action="store_true",
+                         help="with --init-from a model: export the fit even when it does not beat that model on "
+                              "the held-out images (by default it says so and writes nothing)")
     spatial.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     spatial.add_argument("--checkpoint-dir", help="checkpoints and history (default: <model-dir>-checkpoints)")
     spatial.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
@@ -113,7 +119,8 @@ def check_args(args) -> None:
                                                    ("--limit", args.limit)) if value is not None]
     for name, value in positive:
         need(value >= 1, f"{name} must be at least 1", value)
-    for name, value in (("--learning-rate", args.learning_rate), ("--lambda", args.lmbda)):
+    for name, value in (("--learning-rate", args.learning_rate), ("--lambda", args.lmbda),
+                        ("--minutes", getattr(args, "minutes", None))):
         if value is not None:
             need(np.isfinite(value) and value > 0, f"{name} must be a positive number", value)
     need(0 <= args.val_fraction < 1, "--val-fraction must be at least 0 and below 1", args.val_fraction)
