@@ -17,9 +17,9 @@ layouts and names, so a run goes
 
 The number of stages comes from the weights: the stride-8 photo:6 (three stages) trains the same
 way and exports with `--stride 8 --lambda 0.0175` instead of `--quality 4`. A channelwise model
-(the shipped family since 0.7.0) exports with `--arch channelwise`; `python -m training.weights
-photo:4 start.npz` gives its weights, and a scale hyperprior's weights through
-`families.channelwise.train.from_hyperprior` start one that computes exactly what the hyperprior did.
+(the newest family; the shipped models are still scale hyperpriors) exports with `--arch
+channelwise`; `python -m training.weights photo:4 start.npz --family channelwise` gives a start
+point that computes exactly what photo:4 does (`families.channelwise.train.from_hyperprior`).
 
 Same as the TensorFlow trainer: "same"-padded stride-2 convolutions with TensorFlow's
 padding (one pixel before, two after), GDN with reparameterized beta and gamma, rounded

@@ -31,8 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--arch", default=defaults.arch, choices=families.archs(),
                    help="conv: convolutional with a linear bottleneck (one image size); mlp: the reference tutorial "
                         "model; spatial: the fully convolutional photo codec (any image size); hyperprior: the same "
-                        "with a scale hyperprior; channelwise: with a channel-conditional mean-scale prior (the "
-                        "shipped photo models); families/<family>/train.py")
+                        "with a scale hyperprior (the shipped photo models); channelwise: with a channel-conditional "
+                        "mean-scale prior; families/<family>/train.py")
     p.add_argument("--latent-dim", type=int, default=defaults.latent_dim, help="latent values per image")
     p.add_argument("--width", type=int, default=defaults.width, help="conv arch: channels of the first stage")
     p.add_argument("--latent-bits", type=int, default=defaults.latent_bits, choices=range(2, 17), metavar="2..16",
