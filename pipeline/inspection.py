@@ -112,8 +112,23 @@ def byte_split(paths) -> dict:
     return out
 
 
+def check_picture(path: str) -> None:
+    """--picture must be a new or existing file in an existing folder: checked before any decoding."""
+    import os
+
+    from pipeline.errors import LatentpackError
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise LatentpackError(f"--picture {path} is a folder; give the PNG file to write")
+    if not os.path.isdir(parent):
+        raise LatentpackError(f"--picture {path}: the folder {parent} does not exist")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.picture:
+        check_picture(args.picture)
     dataset = args.dataset.rstrip("/")
     if args.allow_incomplete and not FileSystems.exists(f"{dataset}/{latents.MANIFEST}"):
         paths = sorted(m.path for m in FileSystems.match([f"{dataset}/{latents.PART_PREFIX}-*.parquet"])[0].metadata_list)

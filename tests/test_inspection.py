@@ -55,3 +55,12 @@ def test_pandas_pyarrow_and_duckdb_read_the_same_rows(dataset, shards):
     assert frame["label"].tolist() == [r[2] for r in rows] == shards.labels.tolist()
     counts = dict(duckdb.sql(f"SELECT label, count(*) FROM read_parquet({files!r}) GROUP BY label").fetchall())
     assert sum(counts.values()) == 120
+
+
+def test_a_picture_that_cannot_be_written_is_refused_before_decoding(dataset, model_dir, tmp_path, capsys):
+    for where, message in ((tmp_path / "missing" / "grid.png", "does not exist"), (tmp_path, "is a folder")):
+        assert cli.main(["inspect", dataset, "--model-dir", model_dir, "--samples", "4", "--picture",
+                         str(where)]) == 2
+        err = capsys.readouterr().err
+        assert f"latentpack: error: --picture {where}" in err and message in err
+    assert not (tmp_path / "missing").exists()
