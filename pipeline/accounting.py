@@ -23,21 +23,39 @@ DEFAULT_MAX_BAD_FRACTION = 0.01
 
 
 class Progress:
-    """Logs images done and images per second at a steady interval (per worker)."""
+    """Logs images done, images per second and, with a `total` of work (images, or input bytes
+    for encode, whose image count is not known before reading), the share done and the time
+    left, at a steady interval. One per worker process: the job's total is split between workers
+    only on multi-process runners, where each reports its own share of the rate."""
 
-    def __init__(self, what: str, every_s: float = 10.0):
-        self.what, self.every_s = what, every_s
-        self.done, self.started, self.last = 0, None, 0.0
+    def __init__(self, what: str, every_s: float = 10.0, total: int = 0, unit: str = "images"):
+        self.what, self.every_s, self.total, self.unit = what, every_s, total, unit
+        self.done, self.work, self.started, self.last = 0, 0, None, 0.0
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, work: int = None) -> None:
+        """`n` images done; `work`: units of the total done with them (default: the images)."""
         now = time.monotonic()
         if self.started is None:
             self.started = self.last = now
         self.done += n
+        self.work += n if work is None else work
         if now - self.last >= self.every_s:
             self.last = now
-            rate = self.done / max(now - self.started, 1e-9)
-            log.info("%s %d images (%.3g images/s)", self.what, self.done, rate)
+            elapsed = max(now - self.started, 1e-9)
+            rate = self.done / elapsed
+            if self.total and self.work:
+                share = min(1.0, self.work / self.total)
+                left = elapsed * (1.0 - share) / max(share, 1e-9)
+                log.info("%s %d images (%.3g images/s); %.0f%% of %d %s, ETA %s", self.what, self.done, rate,
+                         100 * share, self.total, self.unit, _duration(left))
+            else:
+                log.info("%s %d images (%.3g images/s)", self.what, self.done, rate)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def count_reasons(letters) -> dict:

@@ -153,9 +153,10 @@ class DecodePart(beam.DoFn):
     BATCH_ROWS = 1024
 
     def __init__(self, model_dir: str, spec, output: str, output_format: str, label_names=None, max_pending: int = 2,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, only: Optional[dict] = None):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, only: Optional[dict] = None, total: int = 0):
         self.model_dir, self.spec, self.output, self.output_format = model_dir, spec, output, output_format
         self.only = only  # partial decode: part -> its selected keys (None: every row)
+        self.total = total  # images the job decodes (for progress)
         self.label_names, self.max_pending = (list(label_names) if label_names else None), max_pending
         self.max_pixels = max_pixels
 
@@ -165,7 +166,7 @@ class DecodePart(beam.DoFn):
         self.codec = shared_codec(self.model_dir, self.spec)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="latentpack-writer")
         self.images = Metrics.counter(NAMESPACE, "images_decoded")
-        self.progress = Progress("decoded")
+        self.progress = Progress("decoded", total=self.total)
 
     def process(self, element):
         path, joined = element
@@ -429,7 +430,9 @@ def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, 
     ({"entry": listed, "later": later}
      | "JoinDuplicates" >> beam.CoGroupByKey()
      | "DecodeParts" >> beam.ParDo(DecodePart(model_dir, spec, output, options.output_format, label_names,
-                                              max_pixels=max_pixels, only=only))
+                                              max_pixels=max_pixels, only=only,
+                                              total=sum(len(v) for v in only.values()) if only is not None
+                                              else sum(int(e.get("rows", 0)) for e in entries)))
      | "GatherSummaries" >> Gather()
      | "WriteManifest" >> beam.ParDo(WriteDecodeManifest(output, paths, extra, options.max_bad_fraction, fatal)))
     return run_to_completion(p, output, "decoded output", claim)

@@ -156,13 +156,14 @@ class EncodeUnit(beam.DoFn):
         self.reader, self.root = reader, root
         self.model_dir, self.spec, self.latent_format = model_dir, spec, latent_format
         self.batch_size, self.max_pixels, self.refine = batch_size, max_pixels, refine
+        self.sizes, self.total_bytes = {}, 0  # input bytes per shard (EncodeImages sets them: progress)
 
     def setup(self):
         self.codec = shared_codec(self.model_dir, self.spec)
         self.shape = codec_class(self.spec).image_shape(self.spec)
         self.schema = schema_of(self.spec, self.latent_format)
         self.images = Metrics.counter(NAMESPACE, "images_written")
-        self.progress = Progress("encoded")
+        self.progress = Progress("encoded", total=self.total_bytes, unit="input bytes")
 
     def process(self, element):
         _, entries = element
@@ -176,8 +177,9 @@ class EncodeUnit(beam.DoFn):
             columns = self.codec.compress(item, self.latent_format, self.refine)
             yield part, latents.to_table(item.keys, columns, item.labels, item.has_label, self.schema)
             self.images.inc(len(item))
-            self.progress.add(len(item))
+            self.progress.add(len(item), work=0)
         for shard, _ in unit:
+            self.progress.add(0, work=int(self.sizes.get(shard, 0) or 0))
             yield part, sinks.ShardDone(shard)
 
 
@@ -193,6 +195,8 @@ class EncodeImages(beam.PTransform):
         self.unit_of = work_units(self.part_of, reader.unit_files, reader.unit_bytes, reader.sizes)
         self.reader, self.root = reader, root
         self.fn = EncodeUnit(reader, root, model_dir, spec, latent_format, batch_size, max_pixels, refine)
+        self.fn.sizes = {s: int(reader.sizes.get(s, 0) or 0) for s in self.part_of}
+        self.fn.total_bytes = sum(self.fn.sizes.values())
 
     def expand(self, pbegin):
         planned = (pbegin

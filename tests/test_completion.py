@@ -186,3 +186,20 @@ def test_the_demo_replaces_its_own_output_and_nothing_else(tmp_path):
     (earlier / "report.json").write_text("{}")
     start_afresh(str(earlier), {"latents", "report.json"}, "demo")
     assert os.listdir(earlier) == []
+
+
+def test_progress_reports_the_share_done_and_the_time_left(caplog, monkeypatch):
+    import logging
+
+    from pipeline import accounting
+
+    clock = iter([100.0, 110.0, 130.0])
+    monkeypatch.setattr(accounting.time, "monotonic", lambda: next(clock))
+    progress = accounting.Progress("decoded", every_s=5, total=400)
+    with caplog.at_level(logging.INFO, logger="latentpack"):
+        progress.add(0)      # starts the clock
+        progress.add(100)    # 10 s for a quarter: 30 s left
+        progress.add(100)    # 30 s for a half: 30 s left
+    lines = [r.getMessage() for r in caplog.records if "decoded" in r.getMessage()]
+    assert lines == ["decoded 100 images (10 images/s); 25% of 400 images, ETA 30s",
+                     "decoded 200 images (6.67 images/s); 50% of 400 images, ETA 30s"]
