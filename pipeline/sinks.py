@@ -118,6 +118,7 @@ class WritePart(beam.DoFn):
             count_dead_letter(NAMESPACE, letter)
         reasons = count_reasons(letters)
         rows = sum(t.num_rows for t in tables)
+        pixels = sum(_pixels(t, self.spec) for t in tables)
         path = posixpath.join(self.output, name)
         # Dead letters first: a part that exists always has its dead letters beside it.
         letters_path = posixpath.join(self.output, DEAD_LETTER_DIR, name[:-len(".parquet")] + ".jsonl")
@@ -125,7 +126,22 @@ class WritePart(beam.DoFn):
         latents.write_part(path, tables, schema_of(self.spec, self.latent_format), self.latent_format,
                            {COUNTS_KEY: json.dumps(counts(rows, reasons)),
                             **sources_entry(done, self.exact_sources)})
-        yield {"part": path, "dead_letters": letters_path, "rows": rows, "reasons": reasons}
+        yield {"part": path, "dead_letters": letters_path, "rows": rows, "reasons": reasons, "pixels": pixels}
+
+
+def _pixels(table, spec) -> int:
+    """Pixels of a table's images: its height and width columns (photo families), else the
+    model's one image size."""
+    import numpy as np
+
+    if "height" in table.column_names and "width" in table.column_names:
+        h = table.column("height").to_numpy().astype(np.int64)
+        w = table.column("width").to_numpy().astype(np.int64)
+        return int((h * w).sum())
+    from pipeline.codec import codec_class
+
+    shape = codec_class(spec).image_shape(spec)
+    return table.num_rows * shape[0] * shape[1] if shape else 0
 
 
 class _LatentSink(beam.PTransform):
@@ -179,7 +195,8 @@ class WriteManifest(beam.DoFn):
             add_reasons(reasons, s["reasons"])
         rows = sum(s["rows"] for s in by_part.values())
         described = latents.describe_parts([s["part"] for s in by_part.values()])
-        payload = latents.manifest(described, counts(rows, reasons), self.fingerprint, self.extra)
+        payload = latents.manifest(described, counts(rows, reasons), self.fingerprint,
+                                   dict(self.extra, pixels=sum(s.get("pixels", 0) for s in by_part.values())))
         payload["dead_letter_files"] = sorted(posixpath.relpath(s["dead_letters"], self.output)
                                               for s in by_part.values())
         finish(self.output, payload, self.max_bad_fraction, self.fatal_reasons)

@@ -251,3 +251,17 @@ def test_a_damaged_shard_record_in_a_footer_leaves_the_part_known_by_name(tmp_pa
     os.rename(path, named)
     sink = sinks.WriteNewShards(str(tmp_path), types.SimpleNamespace(fingerprint="sha256:0"), "code", {})
     assert sink.held_shards(["/in/a.tfrecord", "/in/b.tfrecord"], [named]) == {"/in/b.tfrecord"}
+
+
+def test_the_summary_says_bits_per_pixel_and_how_much_smaller(shards, model_dir, tmp_path, capsys):
+    from latentpack import cli
+
+    out = str(tmp_path / "lat")
+    assert cli.main(["encode", "--input", shards.pattern, "--model-dir", model_dir, "--output", out]
+                    + BEAM_TEST_ARGS) == 0
+    manifest = json.load(open(os.path.join(out, "_manifest.json")))
+    assert manifest["pixels"] == 120 * 28 * 28
+    assert manifest["input_bytes"] == sum(os.path.getsize(p) for p in glob.glob(shards.pattern))
+    line = capsys.readouterr().out
+    assert f"{8 * manifest['total_bytes'] / manifest['pixels']:.3f} bits per pixel" in line
+    assert f"{manifest['input_bytes'] / manifest['total_bytes']:.1f}x smaller than the input files" in line
