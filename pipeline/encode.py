@@ -317,6 +317,7 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
              "max_pixels": options.max_pixels,
              # the input files' bytes (every matched shard): the summary's "N× smaller"
              "input_bytes": sum(int(reader.sizes.get(s, 0) or 0) for s in shards),
+             "hidden_files_skipped": len(getattr(reader, "hidden", [])),
              "codec": latents.metadata_of(schema_of(spec, latent_format)),
              # Which shipped model, of which release: a later release may ship a better (different) one.
              "model": options.model_dir if models.is_shipped_name(options.model_dir) else None,

@@ -195,6 +195,7 @@ class Reader:
     # of an image folder in runs of up to `unit_files` files and `unit_bytes`, batched together.
     unit_files, unit_bytes = 1, 0
     sizes: dict = {}  # input bytes of each shard `match` found
+    hidden: list = []  # files `match` found and left out because their names start with "."
 
     def match(self, pattern: str) -> Tuple[List[str], str]:
         if not pattern:
@@ -208,6 +209,12 @@ class Reader:
             raise LatentpackError(f"cannot list --input {given!r}: {e}") from None
         found = list(found.values())
         shards = sorted(m.path for m in found if not posixpath.basename(m.path).startswith("."))
+        # Hidden files (`.a.png`, editors' and sync tools' droppings) are left out, but counted:
+        # the manifest's `hidden_files_skipped` and a log line say how many, never silently.
+        self.hidden = sorted(m.path for m in found if posixpath.basename(m.path).startswith("."))
+        if self.hidden:
+            log.warning("%d hidden file(s) matched --input and are not read (e.g. %s)", len(self.hidden),
+                        self.hidden[0])
         # Beam's listing leaves out links to nothing; they are inputs all the same (dead letters).
         shards = sorted(set(shards + [b for p in zero_or_more_folders(pattern) for b in broken_links(p)]))
         if not shards:

@@ -265,3 +265,15 @@ def test_the_summary_says_bits_per_pixel_and_how_much_smaller(shards, model_dir,
     line = capsys.readouterr().out
     assert f"{8 * manifest['total_bytes'] / manifest['pixels']:.3f} bits per pixel" in line
     assert f"{manifest['input_bytes'] / manifest['total_bytes']:.1f}x smaller than the input files" in line
+
+
+def test_hidden_files_are_left_out_but_counted(mnist, model_dir, tmp_path):
+    from pipeline.images import encode_png
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode_png(mnist[0][0]))
+    (folder / ".a.png").write_bytes(encode_png(mnist[0][1]))  # a sync tool's copy
+    manifest = encode.run(["--input", str(folder / "*.png"), "--model-dir", model_dir, "--output",
+                           str(tmp_path / "lat")] + BEAM_TEST_ARGS)
+    assert manifest["images"] == 1 and manifest["hidden_files_skipped"] == 1
