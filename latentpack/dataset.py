@@ -207,7 +207,7 @@ class LatentDataset:
     def _decode(self, table: pa.Table, raise_errors: bool = False) -> List[dict]:
         """Rows -> records in the rows' order; a row that does not decode raises or is recorded."""
         extra = [n for n in table.column_names if n not in self.codec_columns and n not in ("key", "label")]
-        by_key: Dict[str, dict] = {}
+        by_key: Dict[str, np.ndarray] = {}
         keys = table.column("key").to_pylist()
         labels = table.column("label").fill_null(-1).to_numpy().astype(np.int64)
         for item in self.codec.decompress(table, self.max_pixels):
@@ -219,13 +219,12 @@ class LatentDataset:
                 with self._lock:
                     self.dead_letters.append(letter)
                 continue
-            for key, image in zip(item.keys, item.images):
-                by_key[key] = {"image": image}
+            by_key.update(zip(item.keys, item.images))
         records = []
         for i, key in enumerate(keys):
             if key not in by_key:
                 continue
-            record = {"key": key, "image": by_key[key]["image"], "label": int(labels[i])}
+            record = {"key": key, "image": by_key[key], "label": int(labels[i])}
             for name in extra:
                 record[name] = table.column(name)[i].as_py()
             records.append(record)

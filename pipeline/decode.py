@@ -24,7 +24,6 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipeline import keys, latents
-from pipeline import keys as keys_module
 from pipeline.accounting import (DEFAULT_MAX_BAD_FRACTION, Gather, Progress, add_reasons, count_dead_letter,
                                  count_reasons, counts, finish, reported, summary, write_dead_letters)
 from pipeline.artifact import read_spec
@@ -325,16 +324,16 @@ def parse_args(argv) -> tuple:
     return DecodeOptions(**values), beam_args
 
 
-def select_keys(paths: list, entries: list, keys: Optional[tuple], limit: Optional[int]) -> tuple:
+def select_keys(paths: list, entries: list, selected: Optional[tuple], limit: Optional[int]) -> tuple:
     """Partial decode: (the parts holding the selected keys, their entries, the keys per part, or
     None for every key). Every --keys key must be in the dataset (else one error naming the
     missing ones); --limit N takes the first N keys in the dataset's order."""
-    if keys is None and limit is None:
+    if selected is None and limit is None:
         return paths, entries, None
-    wanted = set(keys or ())
+    wanted = set(selected or ())
     chosen, found, taken = {}, set(), 0
     for path in paths:
-        stored = keys_module.stored_keys(path)
+        stored = keys.stored_keys(path)
         if limit is not None:
             mine = stored[:max(0, limit - taken)]
             taken += len(mine)
@@ -345,7 +344,7 @@ def select_keys(paths: list, entries: list, keys: Optional[tuple], limit: Option
             chosen[path] = sorted(set(mine))
         if limit is not None and taken >= limit:
             break
-    missing = [k for k in (keys or ()) if k not in found]
+    missing = [k for k in (selected or ()) if k not in found]
     if missing:
         raise LatentpackError(f"--keys: {len(missing)} key(s) not in the dataset: "
                               + ", ".join(repr(k) for k in missing[:5]) + (" …" if len(missing) > 5 else ""))
@@ -403,16 +402,18 @@ def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, 
                    label_names=None, max_pixels=DEFAULT_MAX_PIXELS, only=None):
     # PNG files are one per key and are overwritten in place; shard files an earlier decode recorded
     # (its manifest or failure marker) are replaced: a file that only looks like one is never deleted.
-    earlier = previous_marker(output, "decode")
-    owned = recorded_files(output, earlier) + [
-        m.path for pattern in (f"{DEAD_LETTER_DIR}/*.jsonl", f"{DEAD_LETTER_DIR}/*.jsonl.tmp")
-        for m in FileSystems.match([posixpath.join(output, pattern)])[0].metadata_list]
-    clear_previous(output, [f"images-*.{ext}" for ext in ("tfrecord", "npz", "parquet", "tar")]
-                   + [f"{DEAD_LETTER_DIR}/*.jsonl", f"{DEAD_LETTER_DIR}/*.jsonl.tmp"], owned=owned)
+    # Writers' temporary files and the dead letters (a folder of the job's own) always are the job's.
+    always_ours = ([f"images-*.{ext}.tmp" for ext in ("tfrecord", "npz", "parquet", "tar")]
+                   + [f"{DEAD_LETTER_DIR}/*.jsonl", f"{DEAD_LETTER_DIR}/*.jsonl.tmp"])
+    owned = recorded_files(output, previous_marker(output, "decode")) + [
+        m.path for pattern in always_ours for m in FileSystems.match([posixpath.join(output, pattern)])[0].metadata_list]
+    clear_previous(output, [f"images-*.{ext}" for ext in ("tfrecord", "npz", "parquet", "tar")] + always_ours,
+                   owned=owned)
     extra = {"job": "decode", "source": dataset, "output_format": options.output_format,
              "model_fingerprint": spec.fingerprint, "max_pixels": max_pixels}
+    total = sum(int(e.get("rows", 0)) for e in entries)  # the images to decode (progress)
     if only is not None:
-        extra["selected_keys"] = sum(len(v) for v in only.values())
+        extra["selected_keys"] = total = sum(len(v) for v in only.values())
     fatal = () if options.allow_damaged else ("damaged_part",)
     p = test_pipeline or beam.Pipeline(options=runner_options(beam_args, len(paths)))
     listed = (p
@@ -430,9 +431,7 @@ def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, dataset, 
     ({"entry": listed, "later": later}
      | "JoinDuplicates" >> beam.CoGroupByKey()
      | "DecodeParts" >> beam.ParDo(DecodePart(model_dir, spec, output, options.output_format, label_names,
-                                              max_pixels=max_pixels, only=only,
-                                              total=sum(len(v) for v in only.values()) if only is not None
-                                              else sum(int(e.get("rows", 0)) for e in entries)))
+                                              max_pixels=max_pixels, only=only, total=total))
      | "GatherSummaries" >> Gather()
      | "WriteManifest" >> beam.ParDo(WriteDecodeManifest(output, paths, extra, options.max_bad_fraction, fatal)))
     return run_to_completion(p, output, "decoded output", claim)

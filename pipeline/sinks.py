@@ -314,19 +314,7 @@ class WriteFolderManifest(beam.DoFn):
         this_run = counts(sum(s["rows"] for s in done.values()), reasons)
         failure = failure_of(this_run, self.max_bad_fraction, self.fatal_reasons)
         if failure:
-            sealed = stored_json(posixpath.join(self.output, latents.MANIFEST))
-            listed = {f.get("name") for f in (sealed or {}).get("files", []) if isinstance(f, dict)}
-            replaced = sorted(p for p in done if posixpath.basename(p) in listed)
-            new = sorted(p for p in done if posixpath.basename(p) not in listed)
-            if new:
-                FileSystems.delete(new)
-            kept = sealed is not None and not replaced
-            if sealed is not None and replaced:  # a part it sealed was rewritten: it no longer describes the folder
-                FileSystems.delete([posixpath.join(self.output, latents.MANIFEST)])
-            write_json(posixpath.join(self.output, FAILED), dict(
-                self.extra, complete=False, failure=f"this run: {failure}", counts=this_run, kept_manifest=kept,
-                removed_parts=[posixpath.basename(p) for p in new],
-                dead_letter_files=sorted(posixpath.relpath(s["dead_letters"], self.output) for s in done.values())))
+            self.fail(done, f"this run: {failure}", this_run)
             return
         found = FileSystems.match([posixpath.join(self.output, f"{latents.PART_PREFIX}-*.parquet")])[0].metadata_list
         paths = sorted(m.path for m in found)
@@ -334,9 +322,8 @@ class WriteFolderManifest(beam.DoFn):
         for path in paths:
             state = part_state(path)
             if state is None or (state.fingerprint, state.latent_format) != (self.spec.fingerprint, self.latent_format):
-                failure = (f"{path} was not written by an incremental (--skip-existing) run with this model and "
-                           "latent format; move it away, or encode without --skip-existing")
-                write_json(posixpath.join(self.output, FAILED), {"complete": False, "failure": failure})
+                self.fail(done, f"{path} was not written by an incremental (--skip-existing) run with this model "
+                                "and latent format; move it away, or encode without --skip-existing", this_run)
                 return
             part_counts = state.counts
             for k in ("read", "written", "dead_lettered"):
@@ -349,6 +336,24 @@ class WriteFolderManifest(beam.DoFn):
                 [posixpath.join(self.output, DEAD_LETTER_DIR, "*.jsonl")])[0].metadata_list)
         write_json(posixpath.join(self.output, latents.MANIFEST), seal(payload))
         yield payload
+
+
+    def fail(self, done: dict, failure: str, this_run: dict) -> None:
+        """A run that fails removes the parts it added and keeps the manifest of the last successful
+        run (unless it rewrote a part that manifest sealed: then the manifest goes too), and
+        writes `_failed.json` with this run's counts, reason and dead letters."""
+        sealed = stored_json(posixpath.join(self.output, latents.MANIFEST))
+        listed = {f.get("name") for f in (sealed or {}).get("files", []) if isinstance(f, dict)}
+        replaced = [p for p in done if posixpath.basename(p) in listed]
+        new = sorted(p for p in done if posixpath.basename(p) not in listed)
+        if new:
+            FileSystems.delete(new)
+        if sealed is not None and replaced:  # a part it sealed was rewritten: it no longer describes the folder
+            FileSystems.delete([posixpath.join(self.output, latents.MANIFEST)])
+        write_json(posixpath.join(self.output, FAILED), dict(
+            self.extra, complete=False, failure=failure, counts=this_run,
+            kept_manifest=sealed is not None and not replaced, removed_parts=[posixpath.basename(p) for p in new],
+            dead_letter_files=sorted(posixpath.relpath(s["dead_letters"], self.output) for s in done.values())))
 
 
 class WriteNewShards(_LatentSink):

@@ -69,9 +69,13 @@ def test_a_rerun_deletes_only_what_an_earlier_decode_recorded(dataset, model_dir
     mine = os.path.join(out, "images-mine.tfrecord")
     with open(mine, "wb") as f:
         f.write(b"the user's own shard")
+    stale = os.path.join(out, "images-00000-of-00009.npz.tmp")  # a writer's file from a killed run
+    with open(stale, "wb") as f:
+        f.write(b"half a shard")
     second = decode.run(["--input", dataset, "--model-dir", model_dir, "--output", out, "--output-format", "npz"]
                         + BEAM_TEST_ARGS)
     assert open(mine, "rb").read() == b"the user's own shard"
+    assert not os.path.exists(stale)
     assert sorted(os.path.join(out, f) for f in second["files"]) == ours
     other = str(tmp_path / "other")
     encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", other] + BEAM_TEST_ARGS)

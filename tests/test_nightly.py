@@ -17,7 +17,8 @@ def night(settings, env_extra=None):
     return subprocess.run([NIGHTLY, str(settings)], env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_nightly_wrapper_encodes_each_days_new_shards_once(tmp_path, mnist, model_dir):
+def nightly_settings(tmp_path, model_dir):
+    """(incoming folder, latent dataset folder, settings file) of a nightly job on this machine."""
     incoming, latents = tmp_path / "incoming", tmp_path / "latents"
     incoming.mkdir()
     settings = tmp_path / "nightly.env"
@@ -28,6 +29,11 @@ def test_nightly_wrapper_encodes_each_days_new_shards_once(tmp_path, mnist, mode
         f"LATENTPACK={os.path.join(os.path.dirname(sys.executable), 'latentpack')}\n"
         "LATENTPACK_BEAM_ARGS=--runner=FnApiRunner\n"
         f"LATENTPACK_LOCK={tmp_path / 'nightly.lock'}\n")
+    return incoming, latents, settings
+
+
+def test_nightly_wrapper_encodes_each_days_new_shards_once(tmp_path, mnist, model_dir):
+    incoming, latents, settings = nightly_settings(tmp_path, model_dir)
     images = mnist[0]
 
     def arrive(day, n):
@@ -63,16 +69,7 @@ def test_a_night_with_a_corrupt_file_keeps_the_earlier_nights(tmp_path, mnist, m
 
     from conftest import BEAM_TEST_ARGS
 
-    incoming, latents = tmp_path / "incoming", tmp_path / "latents"
-    incoming.mkdir()
-    settings = tmp_path / "nightly.env"
-    settings.write_text(
-        f"LATENTPACK_INPUT='{incoming}/*.tfrecord'\n"
-        f"LATENTPACK_OUTPUT={latents}\n"
-        f"LATENTPACK_MODEL={model_dir}\n"
-        f"LATENTPACK={os.path.join(os.path.dirname(sys.executable), 'latentpack')}\n"
-        "LATENTPACK_BEAM_ARGS=--runner=FnApiRunner\n"
-        f"LATENTPACK_LOCK={tmp_path / 'nightly.lock'}\n")
+    incoming, latents, settings = nightly_settings(tmp_path, model_dir)
     images = mnist[0]
 
     def arrive(name, start, n):
