@@ -101,7 +101,12 @@ class _Interrupts:
         return self
 
     def _handler(self, signum, frame):
+        import logging
+
         self.seen = True
+        # Beam and TensorFlow log the exception the interrupt causes (with its traceback) on the way
+        # out; after Ctrl-C the one line the user gets is ours.
+        logging.disable(logging.CRITICAL)
         raise KeyboardInterrupt
 
     def __exit__(self, *exc):

@@ -1,6 +1,7 @@
 """Output folders: a job touches only what it wrote, one job at a time, and an interrupted job says so."""
 import glob
 import json
+import logging
 import os
 import signal
 import socket
@@ -100,6 +101,7 @@ def test_an_interrupt_that_reaches_the_entry_point_as_another_error_still_exits_
         assert guarded(job)([]) == 130
     finally:
         signal.signal(signal.SIGINT, before)
+        logging.disable(logging.NOTSET)  # the interrupt silenced logging for the rest of the process
     assert capsys.readouterr().err.strip() == "latentpack: interrupted"
     with pytest.raises(RuntimeError, match="a bug"):
         guarded(broken)([])
@@ -189,8 +191,6 @@ def test_the_demo_replaces_its_own_output_and_nothing_else(tmp_path):
 
 
 def test_progress_reports_the_share_done_and_the_time_left(caplog, monkeypatch):
-    import logging
-
     from pipeline import accounting
 
     clock = iter([100.0, 110.0, 130.0])
