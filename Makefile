@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench rd photo-rd photo-bench loader-bench scaling env clean
+.PHONY: demo test bench rd photo-rd photo-bench loader-bench fit-bench scaling env clean
 
 env: $(STAMP)
 
@@ -44,6 +44,12 @@ photo-bench: $(STAMP)
 LOADER_ARGS ?= --n 10000
 loader-bench: $(STAMP)
 	$(PY) scripts/loader_bench.py --out bench-out/loader --record $(LOADER_ARGS)
+
+# Fits from photo:4 to CIFAR-10, MNIST and grey photos for 10, 30 and 60 CPU-minutes, each judged
+# on its domain's held-out images (needs ../shared/data and scripts/photo_data.py's photo-data/).
+FIT_ARGS ?= --minutes 10 30 60
+fit-bench: $(STAMP)
+	$(PY) scripts/fit_bench.py --out bench-out/fit $(FIT_ARGS)
 
 # The encode job on the DirectRunner and on Dask clusters of 1 and 2 workers, and the cloud cost
 # per million images that follows, recorded in BENCHMARKS.md ("Scaling and cost").

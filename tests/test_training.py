@@ -1,6 +1,7 @@
 import os
 
 import numpy as np
+import pytest
 
 from pipeline.codec import load_codec
 from families.dense.model import build
@@ -163,3 +164,14 @@ def test_an_export_that_fails_or_stops_midway_leaves_the_earlier_artifact_whole(
     os.replace(model, tmp_path / "model.replaced")
     recover(str(model))
     assert (model / "codec.json").read_text() == "new"
+
+
+def test_bits_at_equal_psnr_interpolate_a_curve_and_never_extrapolate():
+    from training.measure import bits_at, equal_quality
+
+    curve = [{"val_psnr": 30.0, "val_bpp": 0.5}, {"val_psnr": 34.0, "val_bpp": 2.0}, {"val_psnr": 32.0, "val_bpp": 1.0}]
+    assert bits_at(curve, 32.0) == pytest.approx(1.0)
+    assert bits_at(curve, 31.0) == pytest.approx(np.sqrt(0.5 * 1.0))  # log-rate halfway
+    assert bits_at(curve, 29.9) is None and bits_at(curve, 34.1) is None and bits_at(curve[:1], 30.0) is None
+    fit = {"val_psnr": 32.0, "val_bpp": 0.8}
+    assert equal_quality(fit, {"avif": curve, "webp": curve[:1]}) == {"avif": pytest.approx(-0.2), "webp": None}

@@ -23,6 +23,15 @@ def save_curves(history: dict, path: str) -> None:
         ax2.set_ylabel("bits per pixel")
         ax.set_ylabel("held-out PSNR (dB)")
         ax.set_xlabel("step")
+        first = history.get("val_start")
+        if first and all("val_loss" in r for r in val):  # a fit from a model: the held-out gain so far
+            gain = axes[0].twinx()
+            gain.plot([first["step"]] + [r["step"] for r in val],
+                      [0.0] + [100 * (r["val_loss"] / first["val_loss"] - 1) for r in val], "o-", color="C2",
+                      label="held-out loss vs start (%)")
+            gain.axhline(0.0, color="C2", lw=0.5)
+            gain.set_ylabel("held-out loss vs start model (%)")
+            gain.legend(loc="upper right")
     axes[0].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -134,15 +134,19 @@ class PhotoTrainer:
 
         from pipeline.images import psnr
 
-        psnrs, bpps = [], []
+        psnrs, bpps, mses = [], [], []
         for image in images:
             h, w = image.shape[:2]
             y = tf.round(self.analysis(padded_batch(image, self.config.stride).astype(np.float32) / 255.0,
                                        training=False))
-            x_hat = self.synthesis(y, training=False).numpy()[0, :h, :w]
-            psnrs.append(psnr(image[None], np.round(np.clip(x_hat, 0, 1) * 255.0)[None])[0])
+            x_hat = np.round(np.clip(self.synthesis(y, training=False).numpy()[0, :h, :w], 0, 1) * 255.0)
+            psnrs.append(psnr(image[None], x_hat[None])[0])
+            mses.append(float(np.mean((image.astype(np.float64) - x_hat) ** 2)))
             bpps.append(self.bits(y) / (h * w))
-        return {"val_psnr": float(np.mean(psnrs)), "val_bpp": float(np.mean(bpps))}
+        bpp, mse = float(np.mean(bpps)), float(np.mean(mses))
+        # The training objective on the 0..255 scale, as the verdict measures it on real codes.
+        return {"val_psnr": float(np.mean(psnrs)), "val_bpp": bpp, "val_mse": mse,
+                "val_loss": bpp + self.config.lmbda * mse}
 
     def build(self, config) -> dict:
         raise NotImplementedError
@@ -225,6 +229,9 @@ def train(config: PhotoConfig, pattern: str, input_format: str, model_dir: str, 
     step = int(trainer.step)
     total = config.steps  # with --minutes: re-planned from the measured rate every 100 steps
     deadline = started + 60.0 * config.minutes if config.minutes else None
+    if holdout and "start" in history and "val_start" not in history:
+        # A fit from a model: its held-out figures at step 0, so that every validation says what it gained.
+        history["val_start"] = dict(trainer.evaluate(holdout), step=step)
     while step < total:
         if deadline is not None and time.time() >= deadline:
             log.info("--minutes %g reached at step %d", config.minutes, step)
@@ -256,8 +263,11 @@ def train(config: PhotoConfig, pattern: str, input_format: str, model_dir: str, 
         if holdout and (step % config.validate_every == 0 or step == total):
             metrics = dict(trainer.evaluate(holdout), step=step)
             history["val"].append(metrics)
+            first = history.get("val_start")
+            gain = (f"; held-out loss {metrics['val_loss']:.4f}, {metrics['val_loss'] / first['val_loss'] - 1:+.1%} "
+                    f"against the start model" if first else "")
             print(f"  validation at step {step}: {metrics['val_psnr']:.2f} dB at {metrics['val_bpp']:.3f} bpp "
-                  f"(estimated) on {len(holdout)} held-out images", flush=True)
+                  f"(estimated) on {len(holdout)} held-out images{gain}", flush=True)
         if step % config.checkpoint_every == 0 or step == total:
             manager.save(checkpoint_number=step)
             with open(history_path + ".tmp", "w") as f:
@@ -300,11 +310,20 @@ def _start_model(init_from: Optional[str]) -> Optional[str]:
 
 def judge(start_dir: str, start_name: str, spec: dict, holdout, config: PhotoConfig, checkpoint_dir: str) -> dict:
     """The held-out verdict of a fit against the model it started from (both through the pipeline's
-    codec, real codes), printed and kept in <checkpoint-dir>/verdict.json."""
-    from training.measure import measure_codec, verdict
+    codec, real codes), printed and kept in <checkpoint-dir>/verdict.json. Beside it, the bits the
+    fit saves at its own PSNR against the shipped models of its start's family (a curve through
+    them, where the start is one) and against WebP and AVIF on the same held-out images."""
+    from training.measure import classical_curves, equal_quality, measure_codec, verdict
 
-    result = verdict(measure_codec(start_dir, holdout), spec["metrics"], config.lmbda)
+    start = measure_codec(start_dir, holdout)
+    result = verdict(start, spec["metrics"], config.lmbda)
     s, f = result["start"], result["fit"]
+    curves = dict(classical_curves(holdout))
+    ladder = _shipped_ladder(start_dir, start, holdout)
+    if ladder:
+        curves["shipped"] = ladder
+    result["equal_psnr"] = equal_quality(f, curves)
+    result["curves"] = curves
     print(f"held-out verdict on {f['val_images']} images: {start_name} {s['val_psnr']:.2f} dB at "
           f"{s['val_bpp']:.4f} bpp, this fit {f['val_psnr']:.2f} dB at {f['val_bpp']:.4f} bpp "
           f"({result['bits_change']:+.1%} bits, {result['psnr_change']:+.2f} dB); loss (bpp + lambda*MSE) "
@@ -312,9 +331,34 @@ def judge(start_dir: str, start_name: str, spec: dict, holdout, config: PhotoCon
           + ("better" if result["better"] else "NOT better" + ("" if config.export_anyway else
                                                                ": not exported (--export-anyway to keep it)")),
           flush=True)
+    names = {"shipped": "the shipped models", "webp": "WebP", "avif": "AVIF"}
+    print("  bits at the fit's PSNR against " + "; ".join(
+        f"{names.get(k, k)}: " + (f"{v:+.1%}" if v is not None else "outside their range")
+        for k, v in result["equal_psnr"].items()), flush=True)
     with open(os.path.join(checkpoint_dir, "verdict.json"), "w") as fh:
         json.dump(dict(result, start_model=start_name), fh, indent=1)
     return result
+
+
+def _shipped_ladder(start_dir: str, start: dict, holdout) -> list:
+    """Held-out figures of every shipped model of the start's family when the start is one of them
+    (photo:4 -> photo:1, 2, 4, 6), for a rate-distortion curve; else []."""
+    from pipeline import models
+    from pipeline.artifact import read_spec
+    from training.measure import measure_codec
+
+    shipped = models.shipped()
+    here = os.path.realpath(start_dir)
+    if here not in {os.path.realpath(d) for d in shipped.values()}:
+        return []
+    family = read_spec(start_dir).family
+    ladder = []
+    for name, folder in shipped.items():
+        if os.path.realpath(folder) == here:
+            ladder.append(dict(start, model=name))
+        elif read_spec(folder).family == family:
+            ladder.append(dict(measure_codec(folder, holdout), model=name))
+    return ladder
 
 
 def _is_model(name: str) -> bool:

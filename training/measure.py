@@ -42,3 +42,37 @@ def verdict(start: dict, fit: dict, lmbda: float) -> dict:
     return {"start": start, "fit": fit, "start_loss": loss(start), "fit_loss": loss(fit),
             "better": loss(fit) < loss(start), "bits_change": fit["val_bpp"] / start["val_bpp"] - 1.0,
             "psnr_change": fit["val_psnr"] - start["val_psnr"]}
+
+
+def bits_at(curve, psnr: float):
+    """Bits per pixel a rate-distortion curve needs for `psnr` (mean PSNR over the same images),
+    log-rate interpolated between its two neighbouring points; None outside the curve's range
+    (no extrapolation: a fit better than the best point of a ladder is reported as beyond it)."""
+    pts = sorted((p["val_psnr"], p["val_bpp"]) for p in curve if p.get("val_bpp", 0) > 0)
+    if len(pts) < 2 or not pts[0][0] <= psnr <= pts[-1][0]:
+        return None
+    q = np.array([a for a, _ in pts])
+    r = np.maximum.accumulate(np.log([b for _, b in pts]))  # rate never falls as quality rises
+    return float(np.exp(np.interp(psnr, q, r)))
+
+
+def classical_curves(images, codecs=("webp", "avif")) -> dict:
+    """{codec: [{"val_psnr", "val_bpp"} per quality]} over the same held-out images, with Pillow's
+    codecs at the qualities `latentpack evaluate` sweeps."""
+    from pipeline.evaluate import classical_points
+
+    keys = [f"val{i}" for i in range(len(images))]
+    curves = {}
+    for p in classical_points(keys, list(images), codecs):
+        curves.setdefault(p["family"], []).append({"val_psnr": p["psnr"], "val_bpp": p["bpp"], "quality": p["quality"]})
+    return curves
+
+
+def equal_quality(fit: dict, curves: dict) -> dict:
+    """For each curve: how many more (+) or fewer (-) bits the fit spends than that codec needs
+    for the fit's PSNR, as a fraction; None where the fit's PSNR is outside the curve."""
+    out = {}
+    for name, curve in curves.items():
+        need = bits_at(curve, fit["val_psnr"])
+        out[name] = None if need is None else fit["val_bpp"] / need - 1.0
+    return out

@@ -19,9 +19,9 @@ def _gdn_stored(param: np.ndarray) -> np.ndarray:
 
 
 def from_artifact(model_dir: str) -> Dict[str, np.ndarray]:
-    """The weights of a hyperprior artifact (a shipped model) as a trainer's named arrays, all but
-    the side information's density (frozen into tables at export; a run starting from these learns
-    it afresh). Kernels are the stored ones dequantized. The hyper-synthesis is the float network
+    """The weights of a hyperprior artifact (a shipped model) as a trainer's named arrays. Kernels
+    are the stored ones dequantized. The side information's density, which the artifact holds only
+    as frozen integer tables, is fitted back to those tables (`prior_from_tables`). The hyper-synthesis is the float network
     equivalent to the stored integer one: ReLU commutes with positive scaling, so spreading each
     layer's power-of-two scale differently gives the same output; the last layer's scale follows
     from the integer index mapping."""
@@ -72,4 +72,19 @@ def from_artifact(model_dir: str) -> Dict[str, np.ndarray]:
         out[f"hyper_synthesis/hdeconv{i}/bias"] = (b / 2.0 ** acc).astype(np.float32)
         if i < len(layers) - 1:
             frac = next_frac
+    out.update(prior_from_tables(spec["entropy_model"]["hyper"]))
     return out
+
+
+def prior_from_tables(tables: dict) -> Dict[str, np.ndarray]:
+    """The side information's density (`prior/...` arrays of a `DeepFactorizedPrior`) fitted to the
+    integer tables it was frozen into. Without it a run from an artifact started with a fresh
+    density and gave every image its side information's bits again: +31% bits on CIFAR-10 at step
+    1 from photo:4 (models/README.md). Deterministic: the same tables give the same arrays."""
+    from pipeline.errors import log
+    from training.prior import DeepFactorizedPrior, fit_to_tables
+
+    prior = DeepFactorizedPrior(len(tables["offsets"]), name="prior")
+    gap = fit_to_tables(prior, tables)
+    log.info("the side information's density recovered from its tables (%.4f bits per symbol from them)", gap)
+    return {f"prior/{w.name}": np.asarray(w.numpy(), np.float32) for w in prior.weights}
