@@ -75,9 +75,10 @@ class EntropyCoder:
     def decode(self, codes: Sequence[bytes], words: str = BIG) -> np.ndarray:
         out = np.empty((len(codes), len(self.sizes)), np.int64)
         for i, code in enumerate(codes):
-            decoder = reader(code, words)
+            decoder = CheckedReader(code, words)
             k = int(decoder.decode(self.family, self.weights)[0]) if self.weights is not None else 0
             out[i] = decoder.decode(self.family, self.probabilities[k])
+            decoder.verify()
         return out + self.offsets
 
 
@@ -124,7 +125,10 @@ class ChannelCoder:
 
     def decode(self, code: bytes, height: int, width: int, words: str = BIG) -> np.ndarray:
         """One code -> latents [height, width, C] (height, width: the latent grid)."""
-        return self.read(reader(code, words), height, width)
+        decoder = CheckedReader(code, words)
+        latent = self.read(decoder, height, width)
+        decoder.verify()
+        return latent
 
 
 def words_for(format_version: int) -> str:
@@ -163,3 +167,32 @@ def reader(code: bytes, words: str = BIG):
     padded = code + b"\0" * (-len(code) % 4)
     return constriction.stream.queue.RangeDecoder(
         np.frombuffer(padded, ">u4" if words == BIG else "<u4").astype(np.uint32))
+
+
+class DamagedCode(ValueError):
+    """A code that is not the one its decoded values encode to."""
+
+
+class CheckedReader:
+    """A range decoder that checks its code as it goes, at no cost in bytes: every symbol it
+    decodes is also encoded again, with the same model, into an echo; at the end (`verify`) the
+    echo's `finish` must be the code itself. A code is `finish`'s canonical output, so an empty,
+    cut, lengthened, zeroed or random code, which the decoder would read as some plausible values,
+    is caught: its values encode to other bytes. (Formats 1 and 2 wrote codes another way: words
+    other than BIG are read unchecked.)"""
+
+    def __init__(self, code: bytes, words: str = BIG):
+        self.code = code
+        self.decoder = reader(code, words)
+        self.echo = constriction.stream.queue.RangeEncoder() if words == BIG else None
+
+    def decode(self, model, *args):
+        symbols = self.decoder.decode(model, *args)
+        if self.echo is not None:
+            params = args if args and not np.isscalar(args[0]) else ()
+            self.echo.encode(np.asarray(symbols, np.int32), model, *params)
+        return symbols
+
+    def verify(self) -> None:
+        if self.echo is not None and finish(self.echo) != self.code:
+            raise DamagedCode(f"the code's {len(self.code)} bytes are not what its decoded values encode to")

@@ -31,6 +31,16 @@ def test_bad_data_crc_skips_one_record():
     assert out[2] == (2, b"third")
 
 
+def test_a_broken_length_field_is_one_bad_crc_for_the_rest_of_the_shard():
+    """A flipped bit in a record's length field: the framing is lost, so the rest of the shard is one
+    `bad_crc` dead letter (never records read from the wrong offsets)."""
+    first = frame(b"first")
+    data = bytearray(first + frame(b"second") + frame(b"third"))
+    data[len(first) + 2] ^= 0xFF
+    out = list(read_records(io.BytesIO(bytes(data))))
+    assert out[0] == (0, b"first") and len(out) == 2 and out[1][1].reason == "bad_crc"
+
+
 @pytest.mark.parametrize("cut", [3, 12, 15])
 def test_truncated_file_reports_once(cut):
     data = frame(b"first") + frame(b"second")[:cut]

@@ -22,7 +22,7 @@ import constriction
 import numpy as np
 
 from families.spatial.codec import SpatialCodec
-from pipeline.entropy import BIG, ChannelCoder, finish, reader
+from pipeline.entropy import BIG, ChannelCoder, CheckedReader, finish
 from pipeline.errors import LatentpackError
 from pipeline.integer import ACTIVATION_LIMIT, IntegerNetwork
 
@@ -151,7 +151,7 @@ class ChannelwiseCoder:
 
     def decode(self, code: bytes, height: int, width: int, words: str = BIG) -> np.ndarray:
         """One code -> latents [height, width, M] (int16; height, width: the latent grid)."""
-        coder = reader(code, words)
+        coder = CheckedReader(code, words)
         z_hat = self.side.read(coder, -(-height // 4), -(-width // 4))
         features = self._features(z_hat, (height, width))
         out = np.empty((height, width, self.latent_channels), np.int16)
@@ -163,6 +163,7 @@ class ChannelwiseCoder:
                 flat[chosen] = coder.decode(self.tables.models[t], len(chosen)) - int(self.radius[t])
             out[..., start:start + size] = (flat.reshape(centre.shape) + centre).astype(np.int16)
             start += size
+        coder.verify()
         return out
 
     def table_of(self, y: np.ndarray, z: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

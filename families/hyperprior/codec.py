@@ -22,7 +22,7 @@ import constriction
 import numpy as np
 
 from families.spatial.codec import SpatialCodec
-from pipeline.entropy import BIG, ChannelCoder, finish, reader
+from pipeline.entropy import BIG, ChannelCoder, CheckedReader, finish
 from pipeline.errors import LatentpackError
 
 EXACT = 2.0 ** 53
@@ -173,12 +173,13 @@ class HyperCoder:
 
     def decode(self, code: bytes, height: int, width: int, words: str = BIG) -> np.ndarray:
         """One code -> latents [height, width, M] (int16; height, width: the latent grid)."""
-        coder = reader(code, words)
+        coder = CheckedReader(code, words)
         z_hat = self.side.read(coder, -(-height // 4), -(-width // 4))
         index = self.indexes(z_hat, (height, width))
         out = np.zeros(index.size, np.int16)
         for j, chosen in self._groups(index):
             out[chosen] = coder.decode(self.tables.models[j], len(chosen)) - int(self.radius[j])
+        coder.verify()
         return out.reshape(index.shape)
 
 
