@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench rd photo-rd photo-bench loader-bench fit-bench scaling env clean
+.PHONY: demo test bench rd photo-rd photo-bench loader-bench fit-bench planted mutate scaling env clean
 
 env: $(STAMP)
 
@@ -50,6 +50,10 @@ loader-bench: $(STAMP)
 FIT_ARGS ?= --minutes 10 30 60
 fit-bench: $(STAMP)
 	$(PY) scripts/fit_bench.py --out bench-out/fit $(FIT_ARGS)
+
+# Known bugs planted one at a time in a copy of the code: each must fail a test (docs/testing.md).
+planted: $(STAMP)
+	$(PY) scripts/planted_bugs.py --out bench-out/planted.md
 
 # The encode job on the DirectRunner and on Dask clusters of 1 and 2 workers, and the cloud cost
 # per million images that follows, recorded in BENCHMARKS.md ("Scaling and cost").

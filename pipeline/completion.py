@@ -42,6 +42,22 @@ _OURS = (MANIFEST, FAILED, LOCK, DEAD_LETTER_DIR, NAME_PROBE, "_model")
 SEAL = "manifest_sha256"
 
 
+def same_place(path: str) -> str:
+    """A path as one spelling per place: local paths absolute with links, `.` and `..` resolved
+    (`lat`, `./lat`, `/work/lat` and a link to it are one folder); a remote URL (gs://, s3://) with
+    its path normalized."""
+    if "://" in path:
+        scheme, rest = path.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(rest)}"
+    return os.path.realpath(path)
+
+
+def is_within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or inside it, however either is spelled."""
+    path, folder = same_place(path), same_place(folder)
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
 def seal(manifest: dict) -> dict:
     """The manifest with a SHA-256 of its own canonical JSON (without this field), so that an
     edited manifest is noticed."""

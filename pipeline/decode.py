@@ -28,8 +28,8 @@ from pipeline.accounting import (DEFAULT_MAX_BAD_FRACTION, Gather, Progress, add
                                  count_reasons, counts, finish, reported, summary, write_dead_letters)
 from pipeline.artifact import read_spec
 from pipeline.codec import codec_class, schema_of, shared_codec
-from pipeline.completion import (DEAD_LETTER_DIR, MANIFEST, OutputFolder, clear_previous, previous_marker, read_manifest,
-                                 recorded_files, run_to_completion)
+from pipeline.completion import (DEAD_LETTER_DIR, MANIFEST, OutputFolder, clear_previous, is_within, previous_marker,
+                                 read_manifest, recorded_files, run_to_completion)
 from pipeline.errors import LatentpackError
 from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter
 from pipeline.outputs import WRITERS, name_identity
@@ -368,7 +368,7 @@ def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     paths, entries, only = select_keys(paths, entries, options.keys, options.limit)
     max_pixels = pixel_limit(options.max_pixels, manifest)
     output = options.output.rstrip("/")
-    if (output + "/").startswith(dataset + "/"):
+    if is_within(output, dataset):
         raise LatentpackError(f"--output {output} is, or is inside, the --input dataset {dataset}; decoding there "
                               "would replace the dataset's own manifest and dead letters: choose another folder")
     earlier = previous_marker(output, "decode")

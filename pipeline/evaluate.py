@@ -328,6 +328,22 @@ def check_output(output: str, runs: int) -> None:
             ours = False
         if not ours:
             refuse("rd.json", "which is not an earlier evaluation's report")
+    else:  # no report of ours: a rd.md or rd.png there is someone else's
+        for name in ("rd.md", "rd.png"):
+            if os.path.lexists(os.path.join(output, name)):
+                refuse(name, "which no earlier evaluation wrote (there is no rd.json of one)")
+
+
+def check_input(pattern: str, input_format: str, output: str) -> None:
+    """The images evaluated must not be in --output: an evaluation would read its own rd.png
+    (and an earlier run's subset) back as test images."""
+    from pipeline.completion import is_within
+
+    shards, _ = get_reader(input_format).match(pattern)
+    inside = [s for s in shards if is_within(s, output)]
+    if inside:
+        raise LatentpackError(f"--input matches files inside --output {output} (e.g. {inside[0]}); the evaluation "
+                              "would read its own output: choose another --output or a narrower --input")
 
 
 def run(argv=None) -> dict:
@@ -338,6 +354,7 @@ def run(argv=None) -> dict:
     from pipeline.detect import resolve_input
 
     args.input_format, args.input = resolve_input(args.input, args.input_format)
+    check_input(args.input, args.input_format, args.output)
     os.makedirs(args.output, exist_ok=True)
     keys, images = load_eval_images(args.input, args.input_format, args.limit)
     log.info("evaluating on %d images", len(images))

@@ -37,14 +37,34 @@ def test_decode_never_deletes_or_overwrites_files_it_did_not_write(tmp_path, sha
     assert snapshot(str(mine)) == before
 
 
-def test_decode_into_its_own_dataset_is_refused(tmp_path, shards, model_dir):
+def test_decode_into_its_own_dataset_is_refused(tmp_path, shards, model_dir, monkeypatch):
+    """However the two paths are spelled: relative or absolute, with `./` or `..`, or through a link."""
     lat = str(tmp_path / "lat")
     encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", lat] + BEAM_TEST_ARGS)
     before = snapshot(lat)
-    for target in (lat, os.path.join(lat, "decoded")):
+    os.symlink(lat, tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    for source, target in ((lat, lat), (lat, os.path.join(lat, "decoded")), ("lat", "./lat/dec"),
+                           ("./lat", os.path.join(lat, "..", "lat", "dec")), (lat, "link/dec"), ("link", lat)):
         with pytest.raises(LatentpackError, match="is, or is inside, the --input dataset"):
-            decode.run(["--input", lat, "--model-dir", model_dir, "--output", target] + BEAM_TEST_ARGS)
+            decode.run(["--input", source, "--model-dir", model_dir, "--output", target] + BEAM_TEST_ARGS)
     assert snapshot(lat) == before
+
+
+def test_encode_never_reads_its_own_output_however_it_is_spelled(tmp_path, shards, model_dir, monkeypatch):
+    """`encode --input 'pics/*.png' --output ./pics` would write into the folder it reads: refused
+    for every spelling of the folder (the guard once compared the strings, so `./pics` passed)."""
+    lat = str(tmp_path / "lat")
+    encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", lat] + BEAM_TEST_ARGS)
+    decode.run(["--input", lat, "--model-dir", model_dir, "--output", str(tmp_path / "pics")] + BEAM_TEST_ARGS)
+    before = snapshot(str(tmp_path / "pics"))
+    os.symlink(tmp_path / "pics", tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    for output in ("./pics", "pics/", str(tmp_path / "pics"), "sub/../pics", "link"):
+        with pytest.raises(LatentpackError, match="matches files inside --output"):
+            encode.run(["--input", "pics/**/*.png", "--input-format", "images", "--model-dir", model_dir,
+                        "--output", output] + BEAM_TEST_ARGS)
+    assert snapshot(str(tmp_path / "pics")) == before
 
 
 def test_encode_refuses_an_output_its_input_reads_and_an_output_that_is_a_file(tmp_path, shards, model_dir):

@@ -1,4 +1,5 @@
 import json
+import glob
 import os
 import sys
 
@@ -53,23 +54,42 @@ def test_evaluate_photos_of_mixed_sizes(tmp_path, photo_folder, spatial_model_di
     assert again["images"] == 4 and [p["images"] for p in again["points"]] == [4] * len(again["points"])
 
 
-@pytest.mark.parametrize("name", ["model-0", "subset", "rd.json"])
+@pytest.mark.parametrize("name", ["model-0", "subset", "rd.json", "rd.md", "rd.png"])
 def test_evaluate_never_replaces_what_it_did_not_write(tmp_path, photo_folder, spatial_model_dir, name):
-    """`--output .` in a project whose trained model is in `model-0/`: refused, and the model kept."""
+    """`--output .` in a project whose trained model is in `model-0/`, or whose notes are rd.md (or
+    a figure rd.png) with no report of an earlier evaluation beside them: refused, and kept."""
     out = tmp_path / "project"
     mine = out / name
-    if name == "rd.json":
+    if name.startswith("rd."):
         out.mkdir()
         mine.write_text('{"my": "notes"}')
     else:
         mine.mkdir(parents=True)
         (mine / "codec.json").write_text("{}")
-    with pytest.raises(evaluate.LatentpackError, match=f"holds {name}, which is not an earlier evaluation"):
+    with pytest.raises(evaluate.LatentpackError, match=f"holds {name}, which (is not an earlier evaluation|no earlier)"):
         evaluate.run(["--input", str(photo_folder / "*.png"), "--input-format", "images", "--limit", "2",
                       "--model-dir", spatial_model_dir, "--output", str(out), "--classical", "jpeg"]
                      + BEAM_TEST_ARGS)
     assert sorted(os.listdir(out)) == [name]
-    assert (mine.read_text() if name == "rd.json" else (mine / "codec.json").read_text()) in ('{"my": "notes"}', "{}")
+    assert (mine.read_text() if name.startswith("rd.") else (mine / "codec.json").read_text()) in ('{"my": "notes"}', "{}")
+
+
+def test_evaluate_never_reads_its_own_output(tmp_path, photo_folder, spatial_model_dir):
+    """An --input glob that covers --output (the report kept in the photos' folder, run again with
+    a glob that reaches it): refused before anything is written, or the evaluation would read its
+    own rd.png as a test image."""
+    import shutil
+
+    folder = tmp_path / "photos"
+    shutil.copytree(photo_folder, folder)
+    common = ["--input-format", "images", "--limit", "2", "--model-dir", spatial_model_dir,
+              "--output", str(folder / "report"), "--classical", "jpeg"] + BEAM_TEST_ARGS
+    evaluate.run(["--input", str(folder / "*.png")] + common)
+    before = {p: os.path.getmtime(p) for p in glob.glob(str(folder / "report" / "*"))}
+    assert str(folder / "report" / "rd.png") in before
+    with pytest.raises(evaluate.LatentpackError, match="matches files inside --output"):
+        evaluate.run(["--input", str(folder / "**" / "*.png")] + common)
+    assert {p: os.path.getmtime(p) for p in glob.glob(str(folder / "report" / "*"))} == before
 
 
 def test_bd_rate_of_a_curve_against_itself_and_a_cheaper_one():
