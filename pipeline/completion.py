@@ -58,6 +58,15 @@ def is_within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
+def create_file(path: str):
+    """A file opened for writing as Beam's FileSystems.create does, but locally never through a
+    symbolic link (O_NOFOLLOW: a link planted where the job writes fails with ELOOP, one error line)."""
+    if "://" in path:
+        return FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666), "wb")
+
+
 def seal(manifest: dict) -> dict:
     """The manifest with a SHA-256 of its own canonical JSON (without this field), so that an
     edited manifest is noticed."""
@@ -175,6 +184,17 @@ class OutputFolder:
         # Markers written before `job` was recorded: tell the job by the manifest's format.
         return {"latentpack-dataset": "encode", "latentpack-decoded": "decode"}.get(marker.get("format"))
 
+    def _symbolic_link(self) -> Optional[str]:
+        """The first symbolic link anywhere in a local output folder (links are never followed)."""
+        if "://" in self.output:
+            return None
+        for folder, dirs, files in os.walk(self.output):
+            for name in dirs + files:
+                path = os.path.join(folder, name)
+                if os.path.islink(path):
+                    return path
+        return None
+
     def _foreign_entries(self) -> list:
         """Entries of the folder that no latentpack job of this kind wrote (first few only)."""
         if "://" in self.output:
@@ -207,6 +227,11 @@ class OutputFolder:
             stale = lock.get("job") == self.job
             log.warning("found a stale lock in %s (pid %s on %s, since %s, no longer running); taking over",
                             self.output, lock.get("pid"), lock.get("host"), lock.get("started"))
+        link = self._symbolic_link()
+        if link is not None:
+            raise LatentpackError(
+                f"--output {self.output} holds a symbolic link, {link} -> {os.readlink(link)}; a job writes only "
+                "real files in its output (a re-run would write through the link, to a file outside it): remove it")
         if not stale and not self._previous_run_of_this_job():
             foreign = self._foreign_entries()
             if foreign:

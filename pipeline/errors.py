@@ -52,7 +52,8 @@ _ENVIRONMENT_ERRNOS = {28: "no space left on the device", 122: "disk quota excee
                        30: "read-only file system", 13: "permission denied",
                        20: "a part of the path is a file, not a folder", 21: "a folder is in the way",
                        36: "a file name too long for the file system",
-                       27: "the file grew past the size the system allows (a file-size limit, ulimit -f?)"}
+                       27: "the file grew past the size the system allows (a file-size limit, ulimit -f?)",
+                       40: "a symbolic link where the job writes a file (never written through)"}
 
 
 def environment_error(e: BaseException):

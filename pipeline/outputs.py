@@ -14,10 +14,9 @@ import posixpath
 import unicodedata
 from typing import Callable, Dict, Optional
 
-from apache_beam.io.filesystems import FileSystems
 
 from pipeline import tfrecord
-from pipeline.completion import NAME_PROBE, commit, write_bytes
+from pipeline.completion import NAME_PROBE, commit, create_file, write_bytes
 from pipeline.images import DeadLetter
 
 WRITERS: Dict[str, Callable] = {}
@@ -100,7 +99,7 @@ class PngFiles:
         written, letters = 0, []
         for path, row in zip(paths, rows):
             try:
-                with FileSystems.create(path) as f:
+                with create_file(path) as f:
                     f.write(batch.png(row))
                 written += 1
             except OSError as e:
@@ -137,7 +136,7 @@ class TFRecordShard(_RenamedOnClose):
 
     def __init__(self, path: str):
         super().__init__(path)
-        self.handle = FileSystems.create(self.tmp)
+        self.handle = create_file(self.tmp)
 
     def write(self, batch):
         self.handle.write(frame_examples(batch))
@@ -158,7 +157,7 @@ class ParquetImagesShard(_RenamedOnClose):
 
         super().__init__(path)
         self.schema = image_schema(label_names)
-        self.handle = FileSystems.create(self.tmp)
+        self.handle = create_file(self.tmp)
         self.writer = pq.ParquetWriter(self.handle, self.schema, compression="zstd")
 
     def write(self, batch):
@@ -181,7 +180,7 @@ class WebDatasetShard(_RenamedOnClose):
         import tarfile
 
         super().__init__(path)
-        self.handle = FileSystems.create(self.tmp)
+        self.handle = create_file(self.tmp)
         self.tar = tarfile.open(fileobj=self.handle, mode="w|", format=tarfile.PAX_FORMAT)
 
     def _add(self, name: str, data: bytes) -> None:

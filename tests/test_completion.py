@@ -223,3 +223,38 @@ def test_progress_reports_the_share_done_and_the_time_left(caplog, monkeypatch):
     lines = [r.getMessage() for r in caplog.records if "decoded" in r.getMessage()]
     assert lines == ["decoded 100 images (10 images/s); 25% of 400 images, ETA 30s",
                      "decoded 200 images (6.67 images/s); 50% of 400 images, ETA 30s"]
+
+
+def test_a_symbolic_link_planted_in_the_output_is_never_written_through(tmp_path, shards, model_dir):
+    """Between two nightly decodes someone replaces a decoded PNG with a link to a file elsewhere
+    (or links a folder out): the re-run refuses the folder, and the file the link points to is
+    untouched; a link that appears while a job writes is not followed either (O_NOFOLLOW)."""
+    from pipeline.completion import create_file
+    from pipeline.errors import environment_error
+
+    lat, out = str(tmp_path / "lat"), tmp_path / "png"
+    encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", lat] + BEAM_TEST_ARGS)
+    decode.run(["--input", lat, "--model-dir", model_dir, "--output", str(out)] + BEAM_TEST_ARGS)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a user's file")
+    planted = next(p for p in sorted(out.rglob("*.png")))
+    planted.unlink()
+    planted.symlink_to(victim)
+    with pytest.raises(LatentpackError, match="holds a symbolic link"):
+        decode.run(["--input", lat, "--model-dir", model_dir, "--output", str(out)] + BEAM_TEST_ARGS)
+    assert victim.read_text() == "a user's file"
+    planted.unlink()
+    (out / "elsewhere").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(LatentpackError, match="holds a symbolic link"):
+        decode.run(["--input", lat, "--model-dir", model_dir, "--output", str(out)] + BEAM_TEST_ARGS)
+    (out / "elsewhere").unlink()
+    with pytest.raises(LatentpackError, match="holds a symbolic link"):
+        os.symlink(victim, os.path.join(lat, "latents-99999-of-99999.parquet"))
+        encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", lat] + BEAM_TEST_ARGS)
+    assert victim.read_text() == "a user's file"
+    link = tmp_path / "link.png"
+    link.symlink_to(victim)
+    with pytest.raises(OSError) as caught:
+        create_file(str(link))
+    assert environment_error(caught.value).startswith("a symbolic link where the job writes a file")
+    assert victim.read_text() == "a user's file"
