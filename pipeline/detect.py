@@ -102,7 +102,7 @@ def resolve_input(pattern: Optional[str], input_format: Optional[str]) -> Tuple[
     """(input format, pattern): a `save_to_disk` folder becomes the pattern of its listed files
     (all checked to be there); a format left out is detected from up to SAMPLE matched files, which
     must agree (else one error naming what was found and the flag to pass)."""
-    from pipeline.formats import READERS, get_reader
+    from pipeline.formats import NOT_UTF8, READERS, get_reader
 
     if pattern and _is_folder(pattern.rstrip("/")) and input_format in (None, "huggingface"):
         folder = pattern.rstrip("/")
@@ -122,8 +122,10 @@ def resolve_input(pattern: Optional[str], input_format: Optional[str]) -> Tuple[
     if not pattern:
         raise LatentpackError("--input is required (or --input-format mnist-sample for the embedded digits)")
     shards, _ = copy.copy(get_reader("tfrecord")).match(pattern)
+    readable = [s for s in shards if not s.startswith(NOT_UTF8)]  # those are dead letters, whatever the format
+    shards = readable or shards
     kinds = {}
-    for path in shards[:SAMPLE]:
+    for path in readable[:SAMPLE]:
         kinds.setdefault(kind_of(path), []).append(path)
     known = {k: v for k, v in kinds.items() if k is not None}
     if len(known) == 1 and None not in kinds:

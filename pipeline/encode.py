@@ -28,7 +28,7 @@ from pipeline.artifact import read_spec
 from pipeline.codec import codec_class, schema_of, shared_codec
 from pipeline.completion import MANIFEST, OutputFolder, is_within, run_to_completion, stored_json
 from pipeline.errors import BadImage, LatentpackError
-from pipeline.formats import READERS, Fields, open_input
+from pipeline.formats import READERS, Fields, open_input, shown
 from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter, batch_records
 from pipeline.detect import resolve_input
 from pipeline.runners import check_beam_args, either_spelling, runner_options
@@ -305,7 +305,7 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
     reader, shards, root = open_input(options.input_format, options.input,
                                       Fields(options.image_feature, options.label_feature, options.key_feature))
     output = options.output.rstrip("/")
-    inside = [shard for shard in shards if is_within(shard, output)]
+    inside = [shown(shard) for shard in shards if is_within(shown(shard), output)]
     if inside:
         raise LatentpackError(f"--input matches files inside --output {output} (e.g. {inside[0]}); the job would read "
                               "its own output: choose another --output or a narrower --input")

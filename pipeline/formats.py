@@ -66,6 +66,8 @@ def not_a_file(path: str) -> Optional[str]:
     """Why a local input path is no file to read (a FIFO would block the reader forever, a device
     like /dev/zero never end), or None: regular files, paths on other filesystems, and paths that
     are not there (the reader's own open says why; `mnist-sample`'s is no path at all)."""
+    if path.startswith(NOT_UTF8):
+        return "its name is not UTF-8 text"
     if "://" in path:
         return None
     try:
@@ -78,6 +80,25 @@ def not_a_file(path: str) -> Optional[str]:
 
 
 WILDCARD = re.compile(r"[*?\[]")
+
+# A shard whose file name is not UTF-8 text (bytes that Python holds as surrogates) travels through
+# the job as this marker and the name with its bytes escaped: Beam's string coder cannot carry the
+# name itself, and the file becomes a `bad_key` dead letter, never read, never a failed job.
+NOT_UTF8 = "\0not-utf8:"
+
+
+def shown(shard: str) -> str:
+    """A shard's path as messages and checks see it (a NOT_UTF8 one: its escaped name)."""
+    return shard[len(NOT_UTF8):] if shard.startswith(NOT_UTF8) else shard
+
+
+def carried(path: str) -> str:
+    """`path` as a shard can carry it through Beam: as it is, or NOT_UTF8 + its escaped bytes."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return NOT_UTF8 + path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def broken_links(pattern: str) -> List[str]:
@@ -208,10 +229,10 @@ class Reader:
         except Exception as e:
             raise LatentpackError(f"cannot list --input {given!r}: {e}") from None
         found = list(found.values())
-        shards = sorted(m.path for m in found if not posixpath.basename(m.path).startswith("."))
+        shards = sorted(carried(m.path) for m in found if not posixpath.basename(m.path).startswith("."))
         # Hidden files (`.a.png`, editors' and sync tools' droppings) are left out, but counted:
         # the manifest's `hidden_files_skipped` and a log line say how many, never silently.
-        self.hidden = sorted(m.path for m in found if posixpath.basename(m.path).startswith("."))
+        self.hidden = sorted(carried(m.path) for m in found if posixpath.basename(m.path).startswith("."))
         if self.hidden:
             log.warning("%d hidden file(s) matched --input and are not read (e.g. %s)", len(self.hidden),
                         self.hidden[0])
@@ -219,7 +240,7 @@ class Reader:
         shards = sorted(set(shards + [b for p in zero_or_more_folders(pattern) for b in broken_links(p)]))
         if not shards:
             raise LatentpackError(f"no files match --input {given!r}")
-        self.sizes = {m.path: m.size_in_bytes for m in found}
+        self.sizes = {carried(m.path): m.size_in_bytes for m in found}
         return shards, glob_root(pattern)
 
     def configure(self, fields: Fields, shards: List[str], root: str) -> "Reader":
@@ -247,6 +268,11 @@ class Reader:
 
     def records(self, shard: str, root: str) -> Iterator[SourceRecord]:
         """`read`, with a file that fails midway reported as one bad record, never an exception."""
+        if shard.startswith(NOT_UTF8):
+            name = shard[len(NOT_UTF8):]
+            yield SourceRecord(relative_name(name, root), name, 0, error=BadImage(
+                "bad_key", f"the file name is not UTF-8 text ({posixpath.basename(name)}, bytes escaped); rename it"))
+            return
         problem = not_a_file(shard)
         if problem:
             yield SourceRecord(self.file_key(shard, root), shard, 0, error=BadImage("unreadable_file", problem))

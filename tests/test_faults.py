@@ -244,3 +244,23 @@ def test_every_reason_in_the_fault_table_has_a_named_test():
             assert any(f'"{reason}"' in sources[n] for n in named), \
                 f"no test the row names asserts `{reason}`: {row[:80]}"
     assert code_reasons - in_table == set(), f"reasons missing from the fault table: {code_reasons - in_table}"
+
+
+def test_a_file_name_that_is_not_utf8_is_a_bad_key_dead_letter(tmp_path, mnist, model_dir):
+    """An image folder holding a file whose name is Latin-1 bytes (copied from an old archive):
+    Beam's string coder cannot carry the name, which once killed the job with a traceback. The file
+    is a `bad_key` dead letter naming it with its bytes escaped; the rest encodes, the format is
+    still told from the files."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(mnist[0][0, ..., 0]).save(folder / "ok.png")
+    bad = os.path.join(os.fsencode(str(folder)), b"caf\xe9.png")
+    with open(bad, "wb") as f:
+        f.write(png(mnist[0][1, ..., 0]))
+    lat = str(tmp_path / "lat")
+    manifest = encode.run(["--input", str(folder / "*.png"), "--model-dir", model_dir, "--output", lat,
+                           "--max-bad-fraction", "0.5"] + BEAM_TEST_ARGS)
+    assert manifest["images"] == 1 and manifest["counts"]["dead_lettered_by_reason"] == {"bad_key": 1}
+    (letter,) = [json.loads(line) for name in glob.glob(os.path.join(lat, "dead_letter", "*.jsonl"))
+                 for line in open(name)]
+    assert letter["reason"] == "bad_key" and "caf\\xe9.png" in letter["error"] and letter["key"] == "caf\\xe9.png"
