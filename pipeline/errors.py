@@ -69,6 +69,44 @@ def environment_error(e: BaseException):
     return None
 
 
+_REMOTE_HINTS = {
+    "gs": "gs:// paths need Beam's GCP extra (pip install 'apache-beam[gcp]') and Google credentials "
+          "(gcloud auth application-default login, or GOOGLE_APPLICATION_CREDENTIALS)",
+    "s3": "s3:// paths need Beam's AWS extra (pip install 'apache-beam[aws]') and AWS credentials "
+          "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, or --s3_access_key_id and --s3_region_name)",
+}
+
+
+def remote_error(e: BaseException):
+    """One line for a cloud storage path the machine cannot use (no client library, no
+    credentials, no network, no such bucket), also when Beam wrapped it, or None."""
+    import re
+
+    text = f"{type(e).__name__}: {e}"
+    chain, cause = [text], e.__cause__ or e.__context__
+    while cause is not None and len(chain) < 5:
+        chain.append(f"{type(cause).__name__}: {cause}")
+        cause = cause.__cause__ or cause.__context__
+    text = " / ".join(chain)
+    paths = re.findall(r"\b((?:gs|s3|hdfs|azfs)://[^\s'\",}\]]+)", text)
+    scheme = paths[0].split("://")[0] if paths else ("gs" if "GcsIO" in text or "GCP" in text else
+                                                      "s3" if "boto" in text.lower() or "S3" in text else None)
+    if scheme is None and not re.search(r"No filesystem found for scheme", text):
+        return None
+    unknown = re.search(r"No filesystem found for scheme (\w+)", text)
+    if unknown:
+        return f"no file system for {unknown.group(1)}:// paths in this installation"
+    where = f" ({paths[0]})" if paths else ""
+    if re.search(r"dependencies are not installed|No module named|Failed to import|Must provide one of client or options", text):
+        return f"cannot use {scheme}:// paths here{where}: " + _REMOTE_HINTS.get(scheme, "its client is not installed")
+    if re.search(r"[Cc]redential|NoCredentialsError|Unable to locate credentials|DefaultCredentialsError", text):
+        return f"no credentials for {scheme}://{where}: " + _REMOTE_HINTS.get(scheme, "")
+    if "BeamIOError" in text or re.search(r"(?i)connection|timed? ?out|resolve|unreachable|NotFound|403|404", text):
+        detail = chain[-1].split("\n")[0][:200]
+        return f"cannot reach {scheme}://{where}: {detail}"
+    return None
+
+
 def _interrupted() -> int:
     """Report an interrupt; a second one while the interpreter shuts down (joining Beam's and
     TensorFlow's threads) exits at once with the same status, not with a traceback."""
@@ -136,8 +174,12 @@ def guarded(main):
                 if interrupts.seen or str(e).startswith("KeyboardInterrupt"):  # re-raised by Beam or TF
                     return _interrupted()
                 line = environment_error(e)
+                if line is not None:
+                    line += "; the output is not marked complete"
+                else:
+                    line = remote_error(e)
                 if line is None:
                     raise
-                print(f"latentpack: error: {line}; the output is not marked complete", file=sys.stderr)
+                print(f"latentpack: error: {line}", file=sys.stderr)
                 return 2
     return run

@@ -65,6 +65,25 @@ def test_an_output_the_system_refuses_is_one_line(where, message, shards, model_
     assert (tmp_path / "file").read_text() == "a user's file"
 
 
+@pytest.mark.parametrize("command,path,message", [
+    ("encode-output", "gs://latentpack-test-no-bucket/lat", "cannot use gs:// paths here"),
+    ("decode-input", "s3://latentpack-test-no-bucket/lat", "cannot use s3:// paths here"),
+])
+def test_a_cloud_path_this_machine_cannot_use_is_one_line(command, path, message, shards, model_dir, tmp_path):
+    """gs:// and s3:// with no client library, credentials or network (this machine has none):
+    one error line that says what is missing, exit 2, never Beam's or the client's traceback."""
+    exe = os.path.join(os.path.dirname(sys.executable), "latentpack")
+    argv = {"encode-output": ["encode", "--input", shards.pattern, "--model-dir", model_dir, "--output", path],
+            "decode-input": ["decode", "--input", path, "--output", str(tmp_path / "out")],
+            "encode-input": ["encode", "--input", path, "--input-format", "images", "--model-dir", model_dir,
+                             "--output", str(tmp_path / "out")]}[command]
+    proc = subprocess.run([exe] + argv + ["--runner=FnApiRunner"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"latentpack: error: {message}") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_user_error_exits_2_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.encode", "--input", str(tmp_path / "*.tfrecord"),
                            "--model-dir", str(tmp_path), "--output", str(tmp_path / "o")],
