@@ -519,7 +519,8 @@ class TFDSReader(TFRecordReader):
 
 @register
 class ImageFolderReader(Reader):
-    """PNG/JPEG files; key = path relative to the glob's fixed directory, without extension."""
+    """PNG/JPEG files; key = path relative to the glob's fixed directory, without extension (with
+    it for files that differ only in their extension)."""
 
     name = "images"
     part_files, part_bytes = 256, 16 << 20
@@ -527,8 +528,26 @@ class ImageFolderReader(Reader):
     # folder of them still spreads over a cluster's workers.
     unit_files, unit_bytes = 256, 1 << 20
 
+    full_names: frozenset = frozenset()  # shards whose key keeps the extension (`match`)
+
+    def match(self, pattern):
+        """As any reader's, and: files of one folder that differ only in their extension (`a.png`
+        and `a.jpg`, a photo exported twice) would both be key `a`; those keep their extension
+        (`a.png`, `a.jpg`) so that both are stored, and a warning names them."""
+        shards, root = super().match(pattern)
+        by_stem: dict = {}
+        for shard in shards:
+            by_stem.setdefault(posixpath.splitext(shard)[0], []).append(shard)
+        self.full_names = frozenset(s for group in by_stem.values() if len(group) > 1 for s in group)
+        if self.full_names:
+            example = sorted(self.full_names)[:2]
+            log.warning("%d files share their name with another of the same folder but for the extension "
+                        "(e.g. %s): their keys keep the extension", len(self.full_names),
+                        " and ".join(posixpath.basename(e) for e in example))
+        return shards, root
+
     def file_key(self, shard, root):
-        return _stem(shard, root)
+        return relative_name(shard, root) if shard in self.full_names else _stem(shard, root)
 
     def keys(self, shard, root):
         # The key is the file's name: the pass for keys seen twice need not read every file (twice

@@ -34,6 +34,27 @@ def test_tfrecord_keys_labels_and_fallback_keys(tmp_path, mnist):
     assert recs[0].encoded == encode_png(images[0])
 
 
+def test_files_that_differ_only_in_their_extension_keep_both_as_keys_with_it(tmp_path, mnist, model_dir):
+    """`a.png` and `a.jpg` in one folder (a photo exported twice) would both be key `a`, and the
+    second a `duplicate_key` dead letter: both are kept, as keys `a.png` and `a.jpg`; a file of
+    the same stem in another folder, and every other file, keeps its usual key."""
+    from conftest import BEAM_TEST_ARGS
+    from pipeline import encode
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(encode_png(mnist[0][0]))
+    Image.fromarray(mnist[0][1][..., 0]).save(folder / "a.jpg", quality=95)
+    (folder / "b.png").write_bytes(encode_png(mnist[0][2]))
+    (folder / "sub" / "a.png").write_bytes(encode_png(mnist[0][3]))
+    recs = read_all("images", str(folder / "**" / "*.*"))
+    assert sorted(r.key for r in recs) == ["a.jpg", "a.png", "b", "sub/a"]
+    manifest = encode.run(["--input", str(folder / "**" / "*.*"), "--input-format", "images", "--model-dir",
+                           model_dir, "--output", str(tmp_path / "lat")] + BEAM_TEST_ARGS)
+    assert manifest["images"] == 4 and manifest["counts"]["dead_lettered"] == 0
+
+
 def test_images_folder_keys_are_relative_paths_without_extension(tmp_path, mnist):
     (tmp_path / "imgs" / "sub").mkdir(parents=True)
     (tmp_path / "imgs" / "a.png").write_bytes(encode_png(mnist[0][0]))
