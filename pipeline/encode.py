@@ -352,6 +352,7 @@ def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, latent_fo
         sink = sinks.WriteLatentDataset(output, spec, latent_format, extra, options.num_shards,
                                         options.max_bad_fraction, fatal, reader.part_files, reader.part_bytes,
                                         reader.sizes)
+    sink.stamps = dict(reader.stamps)
     sink.prepare(shards)
     p = test_pipeline or beam.Pipeline(options=runner_options(beam_args, len(shards)))
     # With --skip-existing, keys already stored in the folder's older parts count as first occurrences.

@@ -216,6 +216,7 @@ class Reader:
     # of an image folder in runs of up to `unit_files` files and `unit_bytes`, batched together.
     unit_files, unit_bytes = 1, 0
     sizes: dict = {}  # input bytes of each shard `match` found
+    stamps: dict = {}  # [size, modification time] of each shard `match` found (`sinks.stamp`)
     hidden: list = []  # files `match` found and left out because their names start with "."
 
     def match(self, pattern: str) -> Tuple[List[str], str]:
@@ -241,6 +242,8 @@ class Reader:
         if not shards:
             raise LatentpackError(f"no files match --input {given!r}")
         self.sizes = {carried(m.path): m.size_in_bytes for m in found}
+        self.stamps = {carried(m.path): [m.size_in_bytes, getattr(m, "last_updated_in_seconds", None)]
+                       for m in found}
         return shards, glob_root(pattern)
 
     def configure(self, fields: Fields, shards: List[str], root: str) -> "Reader":

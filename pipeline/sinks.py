@@ -44,6 +44,20 @@ COUNTS_KEY = b"latentpack_counts"
 SOURCES_KEY = b"latentpack_source_range"
 FILES_KEY = b"latentpack_sources_zlib"  # the exact list (incremental parts; every part before the range)
 OLD_FILES_KEY = b"latentpack_sources"  # the oldest parts: a plain JSON list
+STAMPS_KEY = b"latentpack_sources_stamp"  # a digest of the part's input shards' names, sizes and times
+
+
+def stamp(shards, stamps: dict) -> str:
+    """A digest of a run of input shards as they are now: each one's name, size and modification
+    time (`Reader.stamps`; a file that is gone counts as such). A part records it, so that a later
+    `--skip-existing` run sees when a shard it holds was changed, replaced or removed, without
+    reading every input again; 16 bytes of SHA-256 in hex."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for shard in sorted(shards):
+        h.update(json.dumps([shard, stamps.get(shard)]).encode("utf-8", "surrogatepass") + b"\n")
+    return h.hexdigest()[:32]
 
 
 def sources_metadata(shards) -> bytes:
@@ -96,9 +110,11 @@ class WritePart(beam.DoFn):
     """(part name, [tables, dead letters, ShardDone]) -> the part and its dead letters, written
     whole; yields a summary {part, dead_letters, rows, reasons}."""
 
-    def __init__(self, output: str, spec, latent_format: str, shards_per_part: dict, exact_sources: bool = False):
+    def __init__(self, output: str, spec, latent_format: str, shards_per_part: dict, exact_sources: bool = False,
+                 part_stamps: Optional[dict] = None):
         self.output, self.spec, self.latent_format = output, spec, latent_format
         self.shards_per_part, self.exact_sources = dict(shards_per_part), exact_sources
+        self.part_stamps = dict(part_stamps or {})
 
     def process(self, element):
         name, items = element
@@ -125,7 +141,8 @@ class WritePart(beam.DoFn):
         write_dead_letters(letters_path, letters)
         latents.write_part(path, tables, schema_of(self.spec, self.latent_format), self.latent_format,
                            {COUNTS_KEY: json.dumps(counts(rows, reasons)),
-                            **sources_entry(done, self.exact_sources)})
+                            **sources_entry(done, self.exact_sources),
+                            **({STAMPS_KEY: self.part_stamps[name]} if name in self.part_stamps else {})})
         yield {"part": path, "dead_letters": letters_path, "rows": rows, "reasons": reasons, "pixels": pixels}
 
 
@@ -155,6 +172,13 @@ class _LatentSink(beam.PTransform):
         self.max_bad_fraction, self.fatal_reasons = max_bad_fraction, tuple(fatal_reasons)
         self.part_of = {}  # shard -> part name, for the shards this run reads
         self.existing = []  # parts already in the folder whose keys come first (--skip-existing)
+        self.stamps = {}  # shard -> [size, modification time] as the input's listing gave them
+
+    def part_stamps(self) -> dict:
+        runs = {}
+        for shard, part in self.part_of.items():
+            runs.setdefault(part, []).append(shard)
+        return {part: stamp(run, self.stamps) for part, run in runs.items()}
 
     def planned_paths(self) -> set:
         return {posixpath.join(self.output, part) for part in self.part_of.values()}
@@ -174,7 +198,8 @@ class _LatentSink(beam.PTransform):
         return (items
                 | "GroupByPart" >> beam.GroupByKey()
                 | "WriteParts" >> beam.ParDo(WritePart(self.output, self.spec, self.latent_format,
-                                                       self.shards_per_part(), self.exact_sources))
+                                                       self.shards_per_part(), self.exact_sources,
+                                                       self.part_stamps()))
                 | "GatherSummaries" >> Gather()
                 | "WriteManifest" >> beam.ParDo(self.manifest_fn()))
 
@@ -265,6 +290,7 @@ class PartState:
     latent_format: str
     counts: dict
     sources: Optional[dict]
+    stamp: Optional[str] = None  # `stamp` of its input shards when written (parts since 0.7)
 
 
 def part_state(path: str) -> Optional[PartState]:
@@ -279,8 +305,9 @@ def part_state(path: str) -> Optional[PartState]:
             sources = None
         if not _well_formed(sources):  # a damaged footer: the part is known by its name alone
             sources = None
+        stamped = meta.get(STAMPS_KEY)
         return PartState(info["model_fingerprint"], info.get("latent_format", "int"), json.loads(meta[COUNTS_KEY]),
-                         sources)
+                         sources, stamped.decode() if isinstance(stamped, bytes) else None)
     except Exception:
         return None
 
@@ -373,28 +400,40 @@ class WriteNewShards(_LatentSink):
                        keep_manifest=True)
         found = sorted(m.path for m in FileSystems.match(
             [posixpath.join(self.output, f"{latents.PART_PREFIX}-*.parquet")])[0].metadata_list)
-        held = self.held_shards(shards, found)
-        todo = [shard for shard in shards if shard not in held]
+        held, changed = self.held_shards(shards, found)
+        again = {shard for run in changed.values() for shard in run}
+        todo = [shard for shard in shards if shard not in held or shard in again]
         log.info("%d of %d shard(s) already have a part; encoding %d", len(shards) - len(todo), len(shards),
                  len(todo))
-        index = plan_parts(todo, self.sizes, self.part_files, self.part_bytes)
+        if changed:
+            log.warning("%d part(s) hold input shards that changed, were replaced or were removed since they were "
+                        "written (size or time differs); encoding them again in place: %s", len(changed),
+                        ", ".join(posixpath.basename(p) for p in sorted(changed)[:3]))
+        new = [shard for shard in todo if shard not in again]
+        index = plan_parts(new, self.sizes, self.part_files, self.part_bytes)
         runs = {}
-        for shard, i in zip(todo, index):
+        for shard, i in zip(new, index):
             runs.setdefault(i, []).append(shard)
         self.part_of = {shard: part_name(run) for run in runs.values() for shard in run}
+        # A changed part is written again under its own name, so that it replaces itself.
+        self.part_of.update({shard: posixpath.basename(path) for path, run in changed.items() for shard in run})
+        self.changed_parts = sorted(posixpath.basename(p) for p in changed)
         rewritten = {posixpath.join(self.output, name) for name in self.part_of.values()}
         # Every part that stays: its keys come before any new one.
         self.existing = [path for path in found if path not in rewritten]
         return todo
 
-    def held_shards(self, shards, paths) -> set:
-        """The shards of this run that a part (for this model and latent format) already holds: by
-        its footer's list of shards, or its run of them (first to last: the shards of the input
-        between them must be as many as the part recorded), or, for parts that record neither, by
-        its name (one part per shard)."""
+    def held_shards(self, shards, paths) -> tuple:
+        """(the shards of this run that a part (for this model and latent format) already holds,
+        {part path: its shards that are still there} for the parts whose shards changed since they
+        were written). Held: by the part's footer's list of shards, or its run of them (first to
+        last: the shards of the input between them must be as many as the part recorded), or, for
+        parts that record neither, by its name (one part per shard). Changed: the footer's stamp of
+        its shards (names, sizes, times) differs from theirs now."""
         ordered = sorted(shards)
+        present = set(shards)
         by_name = {}  # part name -> shard, for parts that record no shards (built on first need)
-        held = set()
+        held, changed = set(), {}
         for path in paths:
             state = part_state(path)
             if state is None or (state.fingerprint, state.latent_format) != (self.spec.fingerprint, self.latent_format):
@@ -404,21 +443,31 @@ class WriteNewShards(_LatentSink):
                 by_name = by_name or {part_name([s]): s for s in shards}
                 if posixpath.basename(path) in by_name:
                     held.add(by_name[posixpath.basename(path)])
-            elif "files" in sources:
-                held.update(sources["files"])
+                continue
+            if "files" in sources:
+                recorded = list(sources["files"])
             elif sources["shards"] == 1:
-                held.add(sources["first"])
+                recorded = [sources["first"]]
             elif sources["shards"]:
-                run = ordered[bisect.bisect_left(ordered, sources["first"]):
-                              bisect.bisect_right(ordered, sources["last"])]
-                if len(run) != sources["shards"]:
+                recorded = ordered[bisect.bisect_left(ordered, sources["first"]):
+                                   bisect.bisect_right(ordered, sources["last"])]
+                if len(recorded) != sources["shards"]:
                     raise LatentpackError(
                         f"{path} holds {sources['shards']} input shard(s) from {sources['first']} to "
-                        f"{sources['last']}, and the input now has {len(run)} there: it was not written by an "
+                        f"{sources['last']}, and the input now has {len(recorded)} there: it was not written by an "
                         "incremental run over this input; move it away, or encode without --skip-existing")
-                held.update(run)
-        return held
+            else:
+                recorded = []
+            held.update(recorded)
+            if state.stamp is not None and recorded and stamp(recorded, self.stamps) != state.stamp:
+                still = [shard for shard in recorded if shard in present]
+                if still:
+                    changed[path] = still
+                else:
+                    log.warning("%s: every input shard it holds is gone; the part is kept", path)
+        return held, changed
 
     def manifest_fn(self):
-        return WriteFolderManifest(self.output, self.spec, self.latent_format, self.extra, self.max_bad_fraction,
+        extra = dict(self.extra, parts_rewritten=getattr(self, "changed_parts", []))
+        return WriteFolderManifest(self.output, self.spec, self.latent_format, extra, self.max_bad_fraction,
                                    self.fatal_reasons, self.planned_paths())

@@ -250,7 +250,7 @@ def test_a_damaged_shard_record_in_a_footer_leaves_the_part_known_by_name(tmp_pa
     named = str(tmp_path / sinks.part_name(["/in/b.tfrecord"]))
     os.rename(path, named)
     sink = sinks.WriteNewShards(str(tmp_path), types.SimpleNamespace(fingerprint="sha256:0"), "code", {})
-    assert sink.held_shards(["/in/a.tfrecord", "/in/b.tfrecord"], [named]) == {"/in/b.tfrecord"}
+    assert sink.held_shards(["/in/a.tfrecord", "/in/b.tfrecord"], [named]) == ({"/in/b.tfrecord"}, {})
 
 
 def test_the_summary_says_bits_per_pixel_and_how_much_smaller(shards, model_dir, tmp_path, capsys):

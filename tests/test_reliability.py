@@ -447,6 +447,52 @@ def test_skip_existing_on_an_image_folder_writes_one_part_per_night(tmp_path, mn
     assert sinks.part_name(["/x/y z.png"]) == f"latents-y_z.png-{zlib.crc32(b'/x/y z.png'):08x}.parquet"
 
 
+def test_skip_existing_encodes_again_the_parts_whose_photos_changed_or_went(tmp_path, mnist, model_dir):
+    """A nightly image folder where, between nights, a photo is edited in place (same name, new
+    pixels) and another is deleted: the parts holding them are encoded again under their own names
+    (the edited photo's new pixels stored, the deleted one gone, not kept as if still there), the
+    untouched part is left as it was, and the manifest names the rewritten parts."""
+    folder, out = tmp_path / "in", str(tmp_path / "lat")
+    folder.mkdir()
+
+    def put(name, index):
+        (folder / f"{name}.png").write_bytes(encode_png(mnist[0][index]))
+
+    for i, name in enumerate(["a0", "a1", "a2"]):
+        put(name, i)
+    args = ["--input", str(folder / "*.png"), "--input-format", "images", "--model-dir", model_dir,
+            "--output", out, "--skip-existing"] + BEAM_TEST_ARGS
+    first = encode.run(args)
+    for i, name in enumerate(["b0", "b1"]):
+        put(name, 10 + i)
+    second = encode.run(args)
+    assert second["parts_this_run"] == 1 and second["parts_rewritten"] == []
+    (part_a,) = [f["name"] for f in first["files"]]
+    part_b = next(f["name"] for f in second["files"] if f["name"] != part_a)
+    untouched = os.stat(os.path.join(out, part_b)).st_mtime_ns
+    put("a1", 20)  # edited in place: another digit under the same name
+    os.utime(folder / "a1.png", ns=(os.stat(folder / "a1.png").st_atime_ns, os.stat(folder / "a1.png").st_mtime_ns + 10 ** 9))
+    (folder / "a2.png").unlink()
+    third = encode.run(args)
+    assert third["parts_rewritten"] == [part_a] and third["parts_this_run"] == 1
+    assert sorted(f["name"] for f in third["files"]) == sorted([part_a, part_b])
+    assert os.stat(os.path.join(out, part_b)).st_mtime_ns == untouched
+    assert rows(out).column("key").to_pylist() == ["a0", "a1", "b0", "b1"]
+    assert third["images"] == 4 and third["counts"]["read"] == 4
+    decoded = str(tmp_path / "dec")
+    decode.run(["--input", out, "--model-dir", model_dir, "--output", decoded, "--output-format", "npz"] + BEAM_TEST_ARGS)
+    images = {}
+    for name in os.listdir(decoded):
+        if name.endswith(".npz"):
+            with np.load(os.path.join(decoded, name)) as npz:
+                images.update(zip(npz["keys"].tolist(), npz["images"]))
+    from pipeline.images import psnr
+    new, old = mnist[0][20][None], mnist[0][1][None]
+    assert psnr(new, images["a1"][None])[0] > psnr(old, images["a1"][None])[0] + 3  # the edited pixels
+    # A night with nothing changed rewrites nothing.
+    assert encode.run(args)["parts_rewritten"] == []
+
+
 def test_later_occurrences_whatever_order_the_places_arrive_in():
     from pipeline import keys
 
