@@ -55,6 +55,12 @@ fit-bench: $(STAMP)
 planted: $(STAMP)
 	$(PY) scripts/planted_bugs.py --out bench-out/planted.md
 
+# Mutation testing of pipeline/images.py, entropy.py and completion.py against their tests
+# (setup.cfg's [mutmut]); survivors are listed by `mutmut results` and recorded in docs/testing.md.
+mutate: $(STAMP)
+	$(PY) -m pip install --quiet "mutmut>=3.3,<4"
+	.venv/bin/mutmut run --max-children 2; .venv/bin/mutmut results
+
 # The encode job on the DirectRunner and on Dask clusters of 1 and 2 workers, and the cloud cost
 # per million images that follows, recorded in BENCHMARKS.md ("Scaling and cost").
 scaling: $(STAMP)
