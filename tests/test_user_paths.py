@@ -115,3 +115,15 @@ def test_the_jobs_run_as_modules(tmp_path, shards, model_dir):
                               text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert len([n for _, _, files in os.walk(out) for n in files if n.endswith(".png")]) == 120
+
+
+def test_the_jobs_run_with_the_default_runner(tmp_path):
+    """No --runner, as the README's commands and users run them: Beam's default (the DirectRunner,
+    which looks for its Prism binary and, offline, falls back) encodes and decodes."""
+    exe = os.path.join(os.path.dirname(sys.executable), "latentpack")
+    lat, out = str(tmp_path / "lat"), str(tmp_path / "out")
+    for argv in (["encode", "--input", os.path.join(GOLDEN, "rgb.png"), "--model-dir", "photo:1", "--output", lat],
+                 ["decode", "--input", lat, "--output", out]):
+        proc = subprocess.run([exe] + argv, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert Image.open(os.path.join(out, "rgb.png")).size == (112, 80)
