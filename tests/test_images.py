@@ -137,3 +137,18 @@ def test_libspng_path_rejects_corrupt_pixel_data(mnist):
     with pytest.raises(BadImage) as e:
         decode_image(bytes(data), (28, 28, 1))
     assert e.value.reason == "undecodable"
+
+
+def test_a_colour_profile_is_kept_only_for_the_pixels_it_describes():
+    """`profile_for` (killed mutants of `make mutate`): an RGB profile for 3 channels, a GRAY one
+    for 1, nothing for the other count, a header without `acsp`, or bytes too short to be one."""
+    from PIL import ImageCms
+
+    from pipeline.images import profile_for
+
+    rgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    grey = rgb[:16] + b"GRAY" + rgb[20:]  # the same header naming the GRAY colour space
+    assert profile_for(rgb, 3) == rgb and profile_for(rgb, 1) is None
+    assert profile_for(grey, 1) == grey and profile_for(grey, 3) is None
+    assert profile_for(rgb[:36] + b"xxxx" + rgb[40:], 3) is None
+    assert profile_for(rgb[:100], 3) is None and profile_for(None, 3) is None and profile_for(b"", 1) is None

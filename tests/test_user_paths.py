@@ -127,3 +127,23 @@ def test_the_jobs_run_with_the_default_runner(tmp_path):
         proc = subprocess.run([exe] + argv, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert Image.open(os.path.join(out, "rgb.png")).size == (112, 80)
+
+
+def test_the_demo_runs_end_to_end(tmp_path):
+    """`make demo`'s script as the Makefile runs it (only the folder and the in-process runner
+    differ): it trains, encodes and decodes the held-out digits and the photos, and its report
+    holds what the README quotes, within wide bounds (the README's run: 16.0x, 22.12 dB)."""
+    out = tmp_path / "demo-out"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--out", str(out),
+                           "--beam-args=--runner=FnApiRunner"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "latentpack demo: 1000 held-out MNIST images" in proc.stdout and "Traceback" not in proc.stderr
+    report = json.load(open(out / "report.json"))
+    assert report["images"] == 1000 and report["dead_letters"] == 0
+    assert report["compression_ratio"] > 10 and report["psnr_mean"] > 20
+    assert report["refined"]["psnr_mean"] > report["psnr_mean"]
+    for picture in ("comparison.png", "model/loss.png"):
+        assert Image.open(out / picture).width > 0
+    photos = json.load(open(out / "photos" / "report.json"))
+    assert photos and os.listdir(out / "photos" / "compare")
