@@ -97,3 +97,28 @@ def test_a_dataset_names_its_shipped_model_and_decode_finds_it(monkeypatch, tmp_
     # Given the model's folder, it decodes as before.
     decode.run(["--input", lat, "--model-dir", hyperprior_model_dir, "--output", str(tmp_path / "out3")]
                + BEAM_TEST_ARGS)
+
+
+# Measured once (2026-12-07) on the three real photographs of the `real_photos` fixture (scikit-image's
+# chelsea, coffee and camera, 192x256 crops): mean PSNR, bits per pixel of the real codes, worst PSNR.
+MEASURED = {"photo:1": (28.203, 0.1785, 27.866), "photo:2": (29.444, 0.2560, 29.029),
+            "photo:4": (31.346, 0.5016, 30.578), "photo:6": (33.954, 0.8521, 33.464)}
+
+
+def test_the_shipped_models_quality_on_real_photos_is_what_was_measured(real_photos):
+    """Each shipped model encodes and decodes real photos (not a number read back from codec.json)
+    to the quality and size recorded above, within 0.05 dB and 1% of the bits: a change of the
+    models, the transforms or the entropy coding that costs quality or bits fails here."""
+    from PIL import Image
+
+    from training.measure import measure_codec
+
+    images = []
+    for name in ("chelsea", "coffee", "camera"):
+        image = np.asarray(Image.open(real_photos / f"{name}.png"))
+        images.append(image[..., None] if image.ndim == 2 else image)
+    for name, (psnr_mean, bpp, worst) in MEASURED.items():
+        m = measure_codec(models.resolve(name), images)
+        assert m["val_psnr"] == pytest.approx(psnr_mean, abs=0.05), name
+        assert m["val_psnr_min"] == pytest.approx(worst, abs=0.05), name
+        assert m["val_bpp"] == pytest.approx(bpp, rel=0.01), name
