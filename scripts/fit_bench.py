@@ -142,10 +142,14 @@ def main(argv=None) -> int:
     unknown = set(args.domains) - set(data)
     if unknown:
         sys.exit(f"fit_bench: unknown domain(s) {sorted(unknown)}; known: {sorted(data)}")
-    rows = []
+    # Rows of earlier invocations into the same --out stay in the table; this one's replace theirs.
+    earlier = os.path.join(args.out, "fit-bench.json")
+    rows = json.load(open(earlier)) if os.path.exists(earlier) else []
     for name in args.domains:
         for minutes in args.minutes:
-            rows.append(run_fit(name, minutes, data[name], args))
+            row = run_fit(name, minutes, data[name], args)
+            rows = sorted([r for r in rows if (r["domain"], r["minutes"]) != (name, minutes)] + [row],
+                          key=lambda r: (r["domain"], r["minutes"]))
             with open(os.path.join(args.out, "fit-bench.json"), "w") as fh:
                 json.dump(rows, fh, indent=1)
             with open(os.path.join(args.out, "fit-bench.md"), "w") as fh:
