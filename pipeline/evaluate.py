@@ -335,15 +335,21 @@ def check_output(output: str, runs: int) -> None:
 
 
 def check_input(pattern: str, input_format: str, output: str) -> None:
-    """The images evaluated must not be in --output: an evaluation would read its own rd.png
-    (and an earlier run's subset) back as test images."""
+    """The images evaluated must not be what an evaluation writes into --output (its rd.png, its
+    `subset` and `model-<i>` folders): it would read them back as test images. Other files there
+    (a held-out folder the user keeps beside the report) may be evaluated."""
+    import re
+
     from pipeline.completion import is_within
 
     shards, _ = get_reader(input_format).match(pattern)
-    inside = [s for s in shards if is_within(s, output)]
+    own = [os.path.join(output, name) for name in ("rd.json", "rd.md", "rd.png", "subset")]
+    inside = [s for s in shards if any(is_within(s, o) for o in own)
+              or (is_within(s, output) and re.match(r"model-\d+(/|$)", os.path.relpath(s, output)))]
     if inside:
-        raise LatentpackError(f"--input matches files inside --output {output} (e.g. {inside[0]}); the evaluation "
-                              "would read its own output: choose another --output or a narrower --input")
+        raise LatentpackError(f"--input matches files an evaluation writes into --output {output} (e.g. "
+                              f"{inside[0]}); it would read its own output: choose another --output or a narrower "
+                              "--input")
 
 
 def run(argv=None) -> dict:

@@ -87,7 +87,7 @@ def test_evaluate_never_reads_its_own_output(tmp_path, photo_folder, spatial_mod
     evaluate.run(["--input", str(folder / "*.png")] + common)
     before = {p: os.path.getmtime(p) for p in glob.glob(str(folder / "report" / "*"))}
     assert str(folder / "report" / "rd.png") in before
-    with pytest.raises(evaluate.LatentpackError, match="matches files inside --output"):
+    with pytest.raises(evaluate.LatentpackError, match="matches files an evaluation writes into --output"):
         evaluate.run(["--input", str(folder / "**" / "*.png")] + common)
     assert {p: os.path.getmtime(p) for p in glob.glob(str(folder / "report" / "*"))} == before
 
