@@ -133,8 +133,9 @@ def test_an_interrupted_job_exits_130_unmarked_and_unlocked(tmp_path, mnist, mod
 
     folder = tmp_path / "in"
     folder.mkdir()
-    for s in range(4):
-        write_tfrecord(folder / f"p{s}.tfrecord", mnist[0][s * 500:(s + 1) * 500])
+    for s in range(8):  # enough work that the interrupt, sent as the lock appears, lands mid-job
+        write_tfrecord(folder / f"p{s}.tfrecord", mnist[0][(s % 4) * 500:(s % 4 + 1) * 500],
+                       keys=[f"p{s}-{i}" for i in range(500)])
     out = str(tmp_path / "lat")
     proc = subprocess.Popen([sys.executable, "-m", "latentpack.cli", "encode", "--input", str(folder / "*.tfrecord"),
                              "--model-dir", model_dir, "--output", out] + BEAM_TEST_ARGS, cwd=ROOT,
@@ -142,7 +143,7 @@ def test_an_interrupted_job_exits_130_unmarked_and_unlocked(tmp_path, mnist, mod
     deadline = time.time() + 120
     while not os.path.exists(os.path.join(out, completion.LOCK)) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    time.sleep(0.5)
+    time.sleep(0.3)  # past the claim, well before the 4,000 images are done
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
