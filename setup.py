@@ -13,7 +13,8 @@ setup(
     packages=find_packages(include=["latentpack", "pipeline", "pipeline.*", "training", "families", "families.*",
                                     "models"]),
     # The shipped photo models (SavedModel + codec.json per quality level, a few MB in all).
-    package_data={"models": ["README.md", "*/*.json", "*/*.pb", "*/*.png", "*/variables/*"]},
+    package_data={"models": ["README.md", "*/*.json", "*/*.pb", "*/*.png", "*/variables/*",
+                            "retired/*/*.json", "retired/*/*.pb", "retired/*/*.png", "retired/*/variables/*"]},
     include_package_data=False,
     python_requires=">=3.10",
     install_requires=[

@@ -30,7 +30,7 @@ from pipeline.artifact import read_spec
 from pipeline.codec import codec_class, schema_of, shared_codec
 from pipeline.completion import (DEAD_LETTER_DIR, MANIFEST, OutputFolder, clear_previous, is_within, previous_marker,
                                  read_manifest, recorded_files, run_to_completion)
-from pipeline.errors import LatentpackError
+from pipeline.errors import LatentpackError, log
 from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter
 from pipeline.outputs import WRITERS, name_identity
 from pipeline.errors import show_progress
@@ -89,10 +89,10 @@ def check_fingerprint(path: str, fingerprint: str, spec, manifest: Optional[dict
 
     name, version = (manifest or {}).get("model"), (manifest or {}).get("latentpack_version")
     if name:  # a shipped model: this installation may ship a newer one under the same name
-        shipped = models.by_fingerprint(fingerprint)
+        found = models.find(fingerprint)
         raise LatentpackError(
             f"{path} was encoded with the shipped model {name} of latentpack {version} ({fingerprint}); "
-            + (f"this installation ships it as {shipped}: decode with --model-dir {shipped}" if shipped else
+            + (f"this installation has it as {found[0]}: leave --model-dir out (or give {found[1]})" if found else
                f"this installation does not ship that model (its {name} is a different one): decode with "
                f"--model-dir set to that model's folder ({models.folder_name(name)} of latentpack {version})"))
     raise LatentpackError(
@@ -101,20 +101,28 @@ def check_fingerprint(path: str, fingerprint: str, spec, manifest: Optional[dict
 
 
 def model_for(dataset_dir: str, manifest: dict, model_dir: Optional[str]) -> str:
-    """--model-dir as given, or, when it is left out, the shipped model that encoded the dataset."""
+    """--model-dir as given, or, when it is left out, the model that encoded the dataset: its
+    embedded copy, or the shipped (or retired) model with its fingerprint. A shipped name that an
+    earlier release gave to the model that encoded it (`--model-dir photo:6` for a dataset of
+    0.5.0's photo:6) means that model, kept under models/retired/."""
     from pipeline import models
 
+    fingerprint = manifest.get("model_fingerprint")
     if model_dir:
+        if models.is_shipped_name(model_dir) and fingerprint:
+            found = models.find(fingerprint)
+            if found and found[0].split(" ")[0] == model_dir and found[0] != model_dir:
+                log.info("%s was encoded with %s (%s…): decoding with it", dataset_dir, found[0], fingerprint[:19])
+                return found[1]
         return models.resolve(model_dir)
     inside = models.embedded(dataset_dir)
     if inside is not None:  # the dataset's own copy (encode --embed-model): checked as any artifact is
         return inside
-    fingerprint = manifest.get("model_fingerprint")
-    name = models.by_fingerprint(fingerprint) if fingerprint else None
-    if name is None:
+    found = models.find(fingerprint) if fingerprint else None
+    if found is None:
         raise LatentpackError(f"--model-dir is needed: {dataset_dir} was encoded with model {fingerprint}, which "
                               "this installation does not ship; give that model's folder")
-    return models.resolve(name)
+    return found[1]
 
 
 def _stored_key_buckets(element, identity=None):

@@ -327,7 +327,7 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
     fatal = ("duplicate_key",) if options.duplicate_keys == "fail" else ()
     try:
         if options.embed_model == "always" or (options.embed_model == "auto"
-                                               and models.by_fingerprint(spec.fingerprint) is None):
+                                               and models.find(spec.fingerprint) is None):
             extra["embedded_model"] = {"folder": models.EMBEDDED,
                                        "bytes": models.embed(model_dir, output, spec.fingerprint)}
         return _build_and_run(options, beam_args, test_pipeline, spec, model_dir, latent_format, reader, shards,

@@ -163,8 +163,8 @@ def main(argv=None) -> int:
         from pipeline import models
         from pipeline.codec import codec_class, load_codec
         from pipeline.images import DeadLetter
-        model_dir = args.model_dir or models.embedded(args.dataset.rstrip("/")) or models.by_fingerprint(
-            meta["model_fingerprint"])
+        found = models.find(meta["model_fingerprint"])
+        model_dir = args.model_dir or models.embedded(args.dataset.rstrip("/")) or (found and found[1])
         if not model_dir:
             raise LatentpackError(f"--samples needs --model-dir to decode (the dataset's model "
                                   f"{meta['model_fingerprint']} is not a shipped one)")

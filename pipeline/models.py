@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from pipeline.errors import LatentpackError
 
@@ -29,6 +29,26 @@ def shipped() -> Dict[str, str]:
         m = re.fullmatch(r"(\w+)-q(\d)", entry)
         if m and os.path.exists(os.path.join(root, entry, "codec.json")):
             found[f"{m.group(1)}:{m.group(2)}"] = os.path.join(root, entry)
+    return found
+
+
+RETIRED = "retired"  # models/retired/<prefix><quality>-<release>/: what earlier releases shipped
+
+
+def retired() -> Dict[str, str]:
+    """{"photo:6 of 0.5.0": artifact folder} for the models that earlier releases shipped under a
+    name that now names a better model: kept (models/retired/) so that their datasets still
+    decode with this installation. They are never picked by name for encoding."""
+    try:
+        import models
+    except ImportError:
+        return {}
+    root = os.path.join(os.path.dirname(models.__file__), RETIRED)
+    found = {}
+    for entry in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        m = re.fullmatch(r"(\w+)-q(\d)-(\d+\.\d+\.\d+)", entry)
+        if m and os.path.exists(os.path.join(root, entry, "codec.json")):
+            found[f"{m.group(1)}:{m.group(2)} of {m.group(3)}"] = os.path.join(root, entry)
     return found
 
 
@@ -55,13 +75,21 @@ def is_shipped_name(model_dir: str) -> bool:
 
 
 def by_fingerprint(fingerprint: str) -> Optional[str]:
-    """The name of the shipped model with this fingerprint (as its codec.json records it; loading
-    it verifies every file), or None."""
-    for name, folder in shipped().items():
+    """The name of the model this installation ships with this fingerprint (as its codec.json
+    records it; loading it verifies every file), or None. Retired models are not counted."""
+    found = find(fingerprint)
+    return found[0] if found and found[1] == shipped().get(found[0]) else None
+
+
+def find(fingerprint: str) -> Optional[Tuple[str, str]]:
+    """(name, folder) of the shipped or retired model with this fingerprint, or None: the model
+    that encoded a dataset, found without being named. A retired model's name says its release
+    ("photo:6 of 0.5.0")."""
+    for name, folder in list(shipped().items()) + list(retired().items()):
         try:
             with open(os.path.join(folder, "codec.json")) as f:
                 if json.load(f).get("fingerprint") == fingerprint:
-                    return name
+                    return name, folder
         except (OSError, ValueError):
             continue
     return None
