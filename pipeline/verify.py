@@ -78,11 +78,11 @@ def problems(dataset: str, model_dir: str = None) -> tuple:
         except LatentpackError as e:
             found.append(f"embedded model: {e}")
     if model_dir:
-        from pipeline import models
         from pipeline.artifact import read_spec
+        from pipeline.decode import model_for
 
-        try:
-            spec = read_spec(models.resolve(model_dir))
+        try:  # a shipped name that an earlier release gave the dataset's model means that (retired) model
+            spec = read_spec(model_for(dataset, manifest, model_dir))
         except LatentpackError as e:
             found.append(f"model: {e}")
         else:

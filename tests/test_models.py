@@ -141,6 +141,9 @@ def test_a_dataset_of_a_retired_model_decodes_without_naming_it(monkeypatch, tmp
         if png.endswith(".png"):
             assert (tmp_path / "a" / png).read_bytes() == (tmp_path / "b" / png).read_bytes()
     assert inspection.main([lat, "--samples", "1"]) == 0
+    from pipeline import verify
+    assert verify.problems(lat, "photo:6")[0] == [] and verify.problems(lat)[0] == []
+    assert "did not make this dataset" in " ".join(verify.problems(lat, "photo:4")[0])
     # Another shipped name is still the other model, which did not make this dataset: one clear error.
     with pytest.raises(LatentpackError, match="shipped model photo:6 .* has it as photo:6 of 0.5.0: leave --model-dir out"):
         decode.run(["--input", lat, "--model-dir", "photo:4", "--output", str(tmp_path / "c")] + BEAM_TEST_ARGS)
