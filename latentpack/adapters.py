@@ -101,25 +101,53 @@ def torch_loader(ds, batch_size: int, num_workers: int, shuffle: bool, seed: int
 def tf_dataset(ds, shuffle: bool = False, seed: int = 0, epoch: int = 0):
     import tensorflow as tf
 
+    extra = {f.name: _tf_scalar(f.type) for f in ds.extra_fields}
+    extra = {name: dtype for name, dtype in extra.items() if dtype is not None}
+
     def records():
         for record in ds.records(shuffle=shuffle, seed=seed, epoch=epoch):
-            yield {"key": record["key"], "image": record["image"], "label": record["label"]}
+            out = {"key": record["key"], "image": record["image"], "label": record["label"]}
+            for name, dtype in extra.items():  # a null becomes the type's zero (tf has no nulls)
+                value = record.get(name)
+                out[name] = value if value is not None else (b"" if dtype == tf.string else 0)
+            yield out
 
     signature = {"key": tf.TensorSpec((), tf.string), "image": tf.TensorSpec((None, None, None), tf.uint8),
-                 "label": tf.TensorSpec((), tf.int64)}
+                 "label": tf.TensorSpec((), tf.int64), **{n: tf.TensorSpec((), d) for n, d in extra.items()}}
     return tf.data.Dataset.from_generator(records, output_signature=signature).prefetch(tf.data.AUTOTUNE)
+
+
+def _tf_scalar(arrow_type):
+    """The tf dtype of an Arrow scalar type, or None (lists, structs: not given to tf.data)."""
+    import pyarrow as pa
+    import tensorflow as tf
+
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_binary(arrow_type) \
+            or pa.types.is_large_binary(arrow_type):
+        return tf.string
+    if pa.types.is_boolean(arrow_type):
+        return tf.bool
+    if pa.types.is_integer(arrow_type):
+        return tf.int64
+    if pa.types.is_floating(arrow_type):
+        return tf.float64
+    return None
 
 
 def hf_dataset(ds, shuffle: bool = False, seed: int = 0):
     import datasets
+    import pyarrow as pa
     from PIL import Image
+
+    names = [f.name for f in ds.extra_fields]
 
     def records():
         for record in ds.records(shuffle=shuffle, seed=seed):
             image = record["image"]
             yield {"key": record["key"], "image": Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image),
-                   "label": record["label"]}
+                   "label": record["label"], **{name: record.get(name) for name in names}}
 
     features = datasets.Features({"key": datasets.Value("string"), "image": datasets.Image(),
-                                  "label": datasets.Value("int64")})
+                                  "label": datasets.Value("int64"),
+                                  **datasets.Features.from_arrow_schema(pa.schema(ds.extra_fields))})
     return datasets.IterableDataset.from_generator(records, features=features)

@@ -127,6 +127,14 @@ class LatentDataset:
         return self.manifest.get("label_names")
 
     @property
+    def extra_fields(self) -> List[pa.Field]:
+        """The source's other columns kept beside the codes (a caption, an id, ...), as records name
+        them: every record holds them after key, image and label ([] when the input had none)."""
+        from pipeline.decode import given_back
+
+        return given_back(self.schema)
+
+    @property
     def keys(self) -> List[str]:
         """Every key, in the dataset's order (parts in the manifest's order, rows sorted by key
         inside each part); a key stored twice (only a hand-made dataset has one) appears twice."""
@@ -207,6 +215,7 @@ class LatentDataset:
     def _decode(self, table: pa.Table, raise_errors: bool = False) -> List[dict]:
         """Rows -> records in the rows' order; a row that does not decode raises or is recorded."""
         extra = [n for n in table.column_names if n not in self.codec_columns and n not in ("key", "label")]
+        named = _given_names(table.schema)
         by_key: Dict[str, np.ndarray] = {}
         keys = table.column("key").to_pylist()
         labels = table.column("label").fill_null(-1).to_numpy().astype(np.int64)
@@ -226,7 +235,7 @@ class LatentDataset:
                 continue
             record = {"key": key, "image": by_key[key], "label": int(labels[i])}
             for name in extra:
-                record[name] = table.column(name)[i].as_py()
+                record[named.get(name, name)] = table.column(name)[i].as_py()
             records.append(record)
         return records
 
@@ -326,16 +335,30 @@ class LatentDataset:
         return torch_loader(self, batch_size, num_workers, shuffle, seed, **kwargs)
 
     def to_tf_dataset(self, shuffle: bool = False, seed: int = 0, epoch: int = 0):
-        """A `tf.data.Dataset` of {"key", "image" (uint8 [H, W, C]), "label"}, prefetched (AUTOTUNE)."""
+        """A `tf.data.Dataset` of {"key", "image" (uint8 [H, W, C]), "label"} and the source's other
+        columns of scalar types (strings, bytes, numbers, booleans), prefetched (AUTOTUNE)."""
         from latentpack.adapters import tf_dataset
 
         return tf_dataset(self, shuffle, seed, epoch)
 
     def to_hf(self, shuffle: bool = False, seed: int = 0):
-        """A Hugging Face `datasets.IterableDataset` of {"key", "image" (PIL), "label"}."""
+        """A Hugging Face `datasets.IterableDataset` of {"key", "image" (PIL), "label"} and the
+        source's other columns, typed as they were."""
         from latentpack.adapters import hf_dataset
 
         return hf_dataset(self, shuffle, seed)
+
+
+def _given_names(schema: pa.Schema) -> Dict[str, str]:
+    """{stored name: name records give} of a part's extra columns (`pipeline.decode.given_back`)."""
+    from pipeline import latents
+    from pipeline.decode import DECODED_COLUMNS
+
+    try:
+        entries = latents.metadata_of(schema).get("extra_columns", [])
+    except LatentpackError:
+        return {}
+    return {e["name"]: e["source"] for e in entries if e["source"] not in DECODED_COLUMNS}
 
 
 def _collate(records: Sequence[dict]) -> dict:

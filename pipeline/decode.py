@@ -186,7 +186,11 @@ class DecodePart(beam.DoFn):
             letters = [DeadLetter(f"{name}:{i}", path, i, "damaged_part", f"{name} {problem}")
                        for i in range(int(expected.get("rows", 1)))]
         else:
-            writer = WRITERS[self.output_format](self.output, part_stem(path), self.label_names)
+            with FileSystems.open(path) as f:
+                part_schema = pq.ParquetFile(f).schema_arrow
+            extra = [part_schema.field(n) for n in latents.extra_names(part_schema)]
+            writer = WRITERS[self.output_format](self.output, part_stem(path), self.label_names,
+                                                 extra_fields=given_back(part_schema))
             pending = collections.deque()
 
             def drain(limit):
@@ -230,11 +234,13 @@ class DecodePart(beam.DoFn):
                         table, numbers = table.filter(pa.array(keep)), numbers[keep]
                         if not table.num_rows:
                             continue
+                    extras = with_extras(table, extra)
                     for item in self.codec.decompress(table, self.max_pixels):
                         if isinstance(item, DeadLetter):  # its index: the row in the part
                             letters.append(dataclasses.replace(item, source=item.source or path,
                                                                index=int(numbers[item.index])))
                         else:
+                            extras(item)
                             pending.append(self.pool.submit(writer.write, item))
                             drain(self.max_pending)
             drain(0)
@@ -248,6 +254,34 @@ class DecodePart(beam.DoFn):
 
     def teardown(self):
         self.pool.shutdown(wait=True)
+
+
+def with_extras(table, fields):
+    """A function that sets a decoded ImageBatch's `extras` (the source's other columns, `fields` of
+    the part) from the rows of `table` it came from, by key (a table's keys are unique here: the
+    later rows of a key are dead letters before decoding); a no-op for a part without extras."""
+    if not fields:
+        return lambda batch: None
+    rows = dict(zip(table.column("key").to_pylist(), zip(*(table.column(f.name).to_pylist() for f in fields))))
+
+    def attach(batch):
+        batch.extras = [rows.get(key) for key in batch.keys]
+    return attach
+
+
+# The decoded outputs' own columns: an extra column is given back under its source's name unless
+# it is one of these (then under the name the latent part stores it by, `source_<name>`).
+DECODED_COLUMNS = ("key", "image", "label")
+
+
+def given_back(part_schema) -> list:
+    """A part's extra columns as the decoded outputs name them: under the source's own name, unless
+    that is one of the outputs' own columns (then as the part stores it, `source_<name>`)."""
+    out = []
+    for entry in latents.metadata_of(part_schema).get("extra_columns", []):
+        field = part_schema.field(entry["name"])
+        out.append(field.with_name(entry["source"]) if entry["source"] not in DECODED_COLUMNS else field)
+    return out
 
 
 class WriteDecodeManifest(beam.DoFn):
@@ -376,6 +410,11 @@ def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     paths, entries, only = select_keys(paths, entries, options.keys, options.limit)
     max_pixels = pixel_limit(options.max_pixels, manifest)
     output = options.output.rstrip("/")
+    if manifest.get("extra_columns") and options.output_format != "parquet":
+        log.warning("the dataset keeps the input's other column(s) %s beside the codes; --output-format %s "
+                    "has no place for them (--output-format parquet writes them back; latentpack.open gives "
+                    "them): the images are decoded without them", ", ".join(manifest["extra_columns"]),
+                    options.output_format)
     if is_within(output, dataset):
         raise LatentpackError(f"--output {output} is, or is inside, the --input dataset {dataset}; decoding there "
                               "would replace the dataset's own manifest and dead letters: choose another folder")

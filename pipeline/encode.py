@@ -161,7 +161,7 @@ class EncodeUnit(beam.DoFn):
     def setup(self):
         self.codec = shared_codec(self.model_dir, self.spec)
         self.shape = codec_class(self.spec).image_shape(self.spec)
-        self.schema = schema_of(self.spec, self.latent_format)
+        self.schema = schema_of(self.spec, self.latent_format, self.reader.extra_fields())
         self.images = Metrics.counter(NAMESPACE, "images_written")
         self.progress = Progress("encoded", total=self.total_bytes, unit="input bytes")
 
@@ -175,7 +175,7 @@ class EncodeUnit(beam.DoFn):
                 yield part, item
                 continue
             columns = self.codec.compress(item, self.latent_format, self.refine)
-            yield part, latents.to_table(item.keys, columns, item.labels, item.has_label, self.schema)
+            yield part, latents.to_table(item.keys, columns, item.labels, item.has_label, self.schema, item.extras)
             self.images.inc(len(item))
             self.progress.add(len(item), work=0)
         for shard, _ in unit:
@@ -324,6 +324,9 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
              "latentpack_version": models.package_version()}
     if reader.label_names():  # class names the input declares (TFDS, Hugging Face): decode's Parquet keeps them
         extra["label_names"] = reader.label_names()
+    if reader.extra_fields():  # the input's other columns, kept beside the codes: decode gives them back
+        extra["extra_columns"] = [f.name for f in reader.extra_fields()]
+        log.info("keeping the input's other column(s) beside the codes: %s", ", ".join(extra["extra_columns"]))
     fatal = ("duplicate_key",) if options.duplicate_keys == "fail" else ()
     try:
         if options.embed_model == "always" or (options.embed_model == "auto"
@@ -353,6 +356,7 @@ def _build_and_run(options, beam_args, test_pipeline, spec, model_dir, latent_fo
                                         options.max_bad_fraction, fatal, reader.part_files, reader.part_bytes,
                                         reader.sizes)
     sink.stamps = dict(reader.stamps)
+    sink.extra_fields = tuple(reader.extra_fields())
     sink.prepare(shards)
     p = test_pipeline or beam.Pipeline(options=runner_options(beam_args, len(shards)))
     # With --skip-existing, keys already stored in the folder's older parts count as first occurrences.

@@ -257,6 +257,11 @@ class Reader:
         """The class names of the labels, where the input says them (TFDS, Hugging Face)."""
         return None
 
+    def extra_fields(self) -> list:
+        """The input's other columns (pyarrow fields), kept in the latent dataset beside the codes
+        and given back by decode: a table input's columns besides image, label and key."""
+        return []
+
     def read(self, shard: str, root: str) -> Iterator[SourceRecord]:
         raise NotImplementedError
 
@@ -718,6 +723,8 @@ class Columns:
     label: Optional[str] = None
     key: Optional[str] = None
     label_names: Optional[tuple] = None
+    # The table's other columns (pyarrow fields), kept beside the codes (`Reader.extra_fields`).
+    extra: tuple = ()
 
 
 def resolve_columns(schema, fields: Fields, where: str, info: Optional[dict] = None) -> Columns:
@@ -753,16 +760,43 @@ def resolve_columns(schema, fields: Fields, where: str, info: Optional[dict] = N
     label_names = None
     if label and isinstance(features.get(label), dict) and features[label].get("names"):
         label_names = tuple(str(n) for n in features[label]["names"])
-    return Columns(image, label, key, label_names)
+    extra = tuple(f for f in schema if f.name not in (image, label, key))
+    return Columns(image, label, key, label_names, extra)
+
+
+def extra_values(rb, fields) -> Tuple[list, Optional[str]]:
+    """The columns `fields` of a record batch as Python values, row-major ([tuple per row]), each
+    cast to its field's type (the job's, from its first shard); a column this batch lacks is null.
+    Returns (rows, problem): a column that cannot be cast leaves rows empty and says why."""
+    import pyarrow as pa
+
+    if not fields:
+        return [], None
+    names, columns = rb.schema.names, []
+    for field in fields:
+        if field.name not in names:
+            columns.append([None] * rb.num_rows)
+            continue
+        column = rb.column(field.name)
+        if column.type != field.type:
+            try:
+                column = column.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                return [], (f"column {field.name!r} is {column.type} here, {field.type} in the first input "
+                            f"file, and does not convert: {e}")
+        columns.append(column.to_pylist())
+    return list(zip(*columns)), None
 
 
 def table_records(batches, columns: Columns, shard: str, stem: str, folder: str = "") -> Iterator[SourceRecord]:
     """Arrow record batches -> SourceRecords. An image cell is bytes, or a {bytes, path} struct
-    (Hugging Face's `Image`): its bytes, or else the file at its path (relative to `folder`)."""
+    (Hugging Face's `Image`): its bytes, or else the file at its path (relative to `folder`). The
+    other columns' values (`columns.extra`) travel with each record."""
     import pyarrow as pa
 
     index = 0
     for rb in batches:
+        extras, problem = extra_values(rb, columns.extra)
         images = rb.column(columns.image)
         paths = None
         if pa.types.is_struct(images.type):
@@ -787,11 +821,14 @@ def table_records(batches, columns: Columns, shard: str, stem: str, folder: str 
                                                         f"{e}") from None
                 if not data:
                     raise BadImage("missing_image", "null image bytes")
+                if problem:
+                    raise BadImage("bad_column", problem)
             except BadImage as e:
                 error = e
             except (UnicodeError, ValueError) as e:
                 error = BadImage("bad_key", f"key is not valid UTF-8 text: {e}")
-            yield SourceRecord(key, shard, index, encoded=None if error else data, label=label, error=error)
+            yield SourceRecord(key, shard, index, encoded=None if error else data, label=label, error=error,
+                               extra=extras[i] if extras and not error else None)
             index += 1
 
 
@@ -827,6 +864,9 @@ class TableReader(Reader):
     def label_names(self):
         return list(self.columns.label_names) if self.columns and self.columns.label_names else None
 
+    def extra_fields(self):
+        return list(self.columns.extra) if self.columns else []
+
     def read(self, shard, root):
         stem = _stem(shard, root)
         columns = self.columns
@@ -859,8 +899,11 @@ class ParquetImagesReader(TableReader):
     def batches(self, f, columns):
         import pyarrow.parquet as pq
 
-        wanted = [c for c in (columns.image, columns.key, columns.label) if c]
-        yield from pq.ParquetFile(f).iter_batches(batch_size=1024, columns=wanted)
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        wanted = [c for c in (columns.image, columns.key, columns.label) if c] + [
+            e.name for e in columns.extra if e.name in names]
+        yield from pf.iter_batches(batch_size=1024, columns=wanted)
 
 
 @register

@@ -31,6 +31,8 @@ class SourceRecord:
     label: Optional[int] = None
     # Set by a reader when the record itself is unreadable (bad framing, missing field).
     error: Optional[BadImage] = None
+    # The values of the source's other columns (`Reader.extra_fields`, in their order), or None.
+    extra: Optional[tuple] = None
 
 
 @dataclasses.dataclass
@@ -59,6 +61,8 @@ class ImageBatch:
     modes: Optional[list] = None
     # Per image, the ICC colour profile its pixels are in (None: none, i.e. sRGB); None: none at all.
     icc_profiles: Optional[list] = None
+    # Per image, the values of the source's other columns (a tuple each); None: the source has none.
+    extras: Optional[list] = None
 
     def __post_init__(self):
         if self.icc_profiles is not None and all(p is None for p in self.icc_profiles):
@@ -345,7 +349,7 @@ def batch_records(records: Iterable[SourceRecord], shape: tuple, batch_size: int
     images = np.empty((batch_size,) + tuple(shape), np.uint8)
     labels = np.full(batch_size, -1, np.int64)
     has_label = np.zeros(batch_size, bool)
-    keys = []
+    keys, extras = [], []
     for rec in records:
         try:
             if rec.error is not None:
@@ -364,15 +368,20 @@ def batch_records(records: Iterable[SourceRecord], shape: tuple, batch_size: int
         labels[n] = -1 if rec.label is None else rec.label
         has_label[n] = rec.label is not None
         keys.append(rec.key)
+        extras.append(rec.extra)
         if len(keys) == batch_size:
-            yield ImageBatch(keys, images, labels, has_label)
+            yield ImageBatch(keys, images, labels, has_label, extras=_extras(extras))
             images = np.empty_like(images)
             labels = np.full(batch_size, -1, np.int64)
             has_label = np.zeros(batch_size, bool)
-            keys = []
+            keys, extras = [], []
     if keys:
         n = len(keys)
-        yield ImageBatch(keys, images[:n].copy(), labels[:n].copy(), has_label[:n].copy())
+        yield ImageBatch(keys, images[:n].copy(), labels[:n].copy(), has_label[:n].copy(), extras=_extras(extras))
+
+
+def _extras(values: list) -> Optional[list]:
+    return None if all(v is None for v in values) else values
 
 
 # A batch of photos holds at most this many pixels (a few hundred MB of activations in the model).
@@ -440,12 +449,13 @@ def batch_photos(records: Iterable[SourceRecord], batch_size: int, max_pixels: i
     `pending_pixels` waiting), plus DeadLetters."""
     groups = ShapeGroups(batch_size, batch_pixels, pending_pixels)
 
-    def batch(items):  # items: ((key, label), photo); the record itself (its encoded bytes) is not kept
-        labels, photos = [label for (_, label), _ in items], [photo for _, photo in items]
+    def batch(items):  # items: ((key, label, extra), photo); the record itself (its encoded bytes) is not kept
+        labels, photos = [label for (_, label, _), _ in items], [photo for _, photo in items]
         has = np.array([label is not None for label in labels], bool)
         values = np.array([-1 if label is None else label for label in labels], np.int64)
-        return ImageBatch([key for (key, _), _ in items], np.stack([p.pixels for p in photos]), values, has,
-                          [p.mode for p in photos], icc_profiles=[p.icc for p in photos])
+        return ImageBatch([key for (key, _, _), _ in items], np.stack([p.pixels for p in photos]), values, has,
+                          [p.mode for p in photos], icc_profiles=[p.icc for p in photos],
+                          extras=_extras([extra for (_, _, extra), _ in items]))
 
     for rec in records:
         try:
@@ -453,7 +463,7 @@ def batch_photos(records: Iterable[SourceRecord], batch_size: int, max_pixels: i
         except BadImage as e:
             yield DeadLetter(rec.key, rec.source, rec.index, e.reason, str(e))
             continue
-        for _, items in groups.add(photo.pixels.shape, ((rec.key, rec.label), photo)):
+        for _, items in groups.add(photo.pixels.shape, ((rec.key, rec.label, rec.extra), photo)):
             yield batch(items)
     for _, items in groups.rest():
         yield batch(items)

@@ -152,16 +152,16 @@ class ParquetImagesShard(_RenamedOnClose):
     with the `huggingface` schema metadata that `datasets` reads: `image` opens as an `Image`
     feature, and `label` as a `ClassLabel` when the class names are known."""
 
-    def __init__(self, path: str, label_names=None):
+    def __init__(self, path: str, label_names=None, extra_fields=()):
         import pyarrow.parquet as pq
 
         super().__init__(path)
-        self.schema = image_schema(label_names)
+        self.schema = image_schema(label_names, extra_fields)
         self.handle = create_file(self.tmp)
         self.writer = pq.ParquetWriter(self.handle, self.schema, compression="zstd")
 
     def write(self, batch):
-        self.writer.write_table(image_table(batch).replace_schema_metadata(self.schema.metadata))
+        self.writer.write_table(image_table(batch, self.schema))
         return len(batch), []
 
     def close(self) -> list:
@@ -246,19 +246,26 @@ def frame_examples(batch) -> bytes:
         for i, key in enumerate(batch.keys))
 
 
-def image_table(batch):
-    """An ImageBatch as an Arrow table in Hugging Face's image layout."""
+def image_table(batch, schema=None):
+    """An ImageBatch as an Arrow table in Hugging Face's image layout (`schema`: `image_schema`'s,
+    whose columns after `label` are the source's other columns, from `batch.extras`)."""
     import pyarrow as pa
 
+    schema = schema or IMAGE_SCHEMA
     pngs = pa.array([batch.png(i) for i in range(len(batch))], pa.binary())
     paths = pa.array([k + ".png" for k in batch.keys], pa.string())
     image = pa.StructArray.from_arrays([pngs, paths], names=["bytes", "path"])
     label = pa.array(batch.labels, pa.int64(), mask=~batch.has_label)
-    return pa.Table.from_arrays([pa.array(batch.keys, pa.string()), image, label], schema=IMAGE_SCHEMA)
+    arrays = [pa.array(batch.keys, pa.string()), image, label]
+    for i, field in enumerate(list(schema)[3:]):
+        arrays.append(pa.array([row[i] if row is not None else None for row in batch.extras]
+                               if batch.extras else [None] * len(batch), field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def image_schema(label_names=None):
-    """The decoded Parquet schema, with the `huggingface` metadata that types its columns."""
+def image_schema(label_names=None, extra_fields=()):
+    """The decoded Parquet schema, with the `huggingface` metadata that types its columns; the
+    source's other columns (`extra_fields`) after `label`, typed as `datasets` reads them."""
     import json
 
     import pyarrow as pa
@@ -266,10 +273,31 @@ def image_schema(label_names=None):
     label = ({"names": [str(n) for n in label_names], "_type": "ClassLabel"} if label_names
              else {"dtype": "int64", "_type": "Value"})
     features = {"key": {"dtype": "string", "_type": "Value"}, "image": {"_type": "Image"}, "label": label}
-    return pa.schema([("key", pa.string()),
-                      ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-                      ("label", pa.int64())],
-                     metadata={b"huggingface": json.dumps({"info": {"features": features}}).encode()})
+    fields = [pa.field("key", pa.string()), pa.field("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+              pa.field("label", pa.int64())] + list(extra_fields)
+    for field in extra_fields:
+        feature = hf_feature(field.type)
+        if feature is not None:  # another type's feature `datasets` tells from the Arrow type itself
+            features[field.name] = feature
+    return pa.schema(fields, metadata={b"huggingface": json.dumps({"info": {"features": features}}).encode()})
+
+
+def hf_feature(arrow_type):
+    """The `datasets` feature (as JSON) of an Arrow type, for the types tables commonly hold
+    (scalars, strings, bytes, lists of them), or None (`datasets` then types the column from the
+    Arrow type itself)."""
+    import pyarrow as pa
+
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        inner = hf_feature(arrow_type.value_type)
+        return None if inner is None else {"feature": inner, "_type": "Sequence"}
+    names = {pa.string(): "string", pa.large_string(): "large_string", pa.binary(): "binary",
+             pa.large_binary(): "large_binary", pa.bool_(): "bool"}
+    if arrow_type in names:
+        return {"dtype": names[arrow_type], "_type": "Value"}
+    if pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type):
+        return {"dtype": str(arrow_type), "_type": "Value"}
+    return None
 
 
 IMAGE_SCHEMA = image_schema()
@@ -282,30 +310,30 @@ IMAGE_SCHEMA = image_schema()
 # shard files written]` (none for one file per image).
 
 @register("png")
-def _png_writer(output: str, stem: str, label_names=None):
+def _png_writer(output: str, stem: str, label_names=None, extra_fields=()):
     """`<output>/<key>.png`; a '/' in a key makes sub-folders."""
     return PngFiles(output)
 
 
 @register("tfrecord")
-def _tfrecord_writer(output: str, stem: str, label_names=None):
+def _tfrecord_writer(output: str, stem: str, label_names=None, extra_fields=()):
     """`<output>/images-<part>.tfrecord` with the Example schema the encoder reads."""
     return TFRecordShard(posixpath.join(output, f"images-{stem}.tfrecord"))
 
 
 @register("npz")
-def _npz_writer(output: str, stem: str, label_names=None):
+def _npz_writer(output: str, stem: str, label_names=None, extra_fields=()):
     """`<output>/images-<hash>.npz` per batch."""
     return NpzFiles(output)
 
 
 @register("parquet")
-def _parquet_writer(output: str, stem: str, label_names=None):
+def _parquet_writer(output: str, stem: str, label_names=None, extra_fields=()):
     """`<output>/images-<part>.parquet` in Hugging Face's image layout (`datasets.load_dataset("parquet")`)."""
-    return ParquetImagesShard(posixpath.join(output, f"images-{stem}.parquet"), label_names)
+    return ParquetImagesShard(posixpath.join(output, f"images-{stem}.parquet"), label_names, extra_fields)
 
 
 @register("webdataset")
-def _webdataset_writer(output: str, stem: str, label_names=None):
+def _webdataset_writer(output: str, stem: str, label_names=None, extra_fields=()):
     """`<output>/images-<part>.tar` WebDataset shards (`webdataset.WebDataset`)."""
     return WebDatasetShard(posixpath.join(output, f"images-{stem}.tar"))

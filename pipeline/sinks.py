@@ -111,10 +111,11 @@ class WritePart(beam.DoFn):
     whole; yields a summary {part, dead_letters, rows, reasons}."""
 
     def __init__(self, output: str, spec, latent_format: str, shards_per_part: dict, exact_sources: bool = False,
-                 part_stamps: Optional[dict] = None):
+                 part_stamps: Optional[dict] = None, extra_fields=()):
         self.output, self.spec, self.latent_format = output, spec, latent_format
         self.shards_per_part, self.exact_sources = dict(shards_per_part), exact_sources
         self.part_stamps = dict(part_stamps or {})
+        self.extra_fields = list(extra_fields)  # the source's other columns, kept beside the codes
 
     def process(self, element):
         name, items = element
@@ -139,7 +140,7 @@ class WritePart(beam.DoFn):
         # Dead letters first: a part that exists always has its dead letters beside it.
         letters_path = posixpath.join(self.output, DEAD_LETTER_DIR, name[:-len(".parquet")] + ".jsonl")
         write_dead_letters(letters_path, letters)
-        latents.write_part(path, tables, schema_of(self.spec, self.latent_format), self.latent_format,
+        latents.write_part(path, tables, schema_of(self.spec, self.latent_format, self.extra_fields), self.latent_format,
                            {COUNTS_KEY: json.dumps(counts(rows, reasons)),
                             **sources_entry(done, self.exact_sources),
                             **({STAMPS_KEY: self.part_stamps[name]} if name in self.part_stamps else {})})
@@ -193,13 +194,14 @@ class _LatentSink(beam.PTransform):
         raise NotImplementedError
 
     exact_sources = False  # footers list their shards (rather than first, last, count)
+    extra_fields: tuple = ()  # the source's other columns (`Reader.extra_fields`), kept in every part
 
     def expand(self, items):
         return (items
                 | "GroupByPart" >> beam.GroupByKey()
                 | "WriteParts" >> beam.ParDo(WritePart(self.output, self.spec, self.latent_format,
                                                        self.shards_per_part(), self.exact_sources,
-                                                       self.part_stamps()))
+                                                       self.part_stamps(), self.extra_fields))
                 | "GatherSummaries" >> Gather()
                 | "WriteManifest" >> beam.ParDo(self.manifest_fn()))
 

@@ -12,4 +12,5 @@ from pipeline.latents.manifest import MANIFEST, inconsistencies, manifest, read_
 from pipeline.latents.parts import (ROW_GROUP_BYTES, ROW_GROUP_ROWS, check_part, describe_parts,  # noqa: F401
                                     file_crc32c, part_paths, require_intact, write_part, writer_options)
 from pipeline.latents.schema import (COLUMN_SINCE, FORMAT_VERSION, LATENT_FORMATS, METADATA_KEY,  # noqa: F401
-                                     PART_PREFIX, READABLE_VERSIONS, latents_of, metadata_of, schema, to_table)
+                                     PART_PREFIX, READABLE_VERSIONS, extra_names, latents_of, metadata_of, schema,
+                                     to_table)

@@ -30,20 +30,48 @@ PART_PREFIX = "latents"
 LATENT_FORMATS = ("code", "int")
 
 
-def schema(columns: List[pa.Field], codec_metadata: dict, fingerprint: str, latent_format: str) -> pa.Schema:
-    """The Parquet schema of a part: `key`, the codec's value `columns`, `label`; the codec's facts,
-    the model fingerprint, the format version and the latent format in the metadata."""
+def schema(columns: List[pa.Field], codec_metadata: dict, fingerprint: str, latent_format: str,
+           extra: List[pa.Field] = ()) -> pa.Schema:
+    """The Parquet schema of a part: `key`, the codec's value `columns`, `label`, then the source's
+    other columns (`extra`, as the input had them; one whose name is taken is stored as
+    `source_<name>`); the codec's facts, the model fingerprint, the format version, the latent
+    format and the extra columns' names in the metadata."""
+    fields = [pa.field("key", pa.string(), nullable=False)] + list(columns) + [pa.field("label", pa.int64())]
+    taken = {f.name for f in fields}
+    stored = []
+    for field in extra:
+        name = field.name
+        while name in taken:
+            name = f"source_{name}"
+        taken.add(name)
+        stored.append({"name": name, "source": field.name})
+        fields.append(pa.field(name, field.type))  # nullable: an input file may lack the column
     meta = dict(codec_metadata, format_version=FORMAT_VERSION, model_fingerprint=fingerprint,
                 latent_format=latent_format)
-    fields = [pa.field("key", pa.string(), nullable=False)] + list(columns) + [pa.field("label", pa.int64())]
+    if stored:
+        meta["extra_columns"] = stored
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(meta).encode()})
 
 
-def to_table(keys, columns: dict, labels: np.ndarray, has_label: np.ndarray, schema_: pa.Schema) -> pa.Table:
-    """One Arrow table from a batch: keys, the codec's value columns, labels (null where absent)."""
+def extra_names(schema_: pa.Schema) -> List[str]:
+    """The names of a part's extra columns (the source's other columns), in order; [] if none."""
+    raw = (schema_.metadata or {}).get(METADATA_KEY)
+    return [e["name"] for e in json.loads(raw).get("extra_columns", [])] if raw else []
+
+
+def to_table(keys, columns: dict, labels: np.ndarray, has_label: np.ndarray, schema_: pa.Schema,
+             extras: list = None) -> pa.Table:
+    """One Arrow table from a batch: keys, the codec's value columns, labels (null where absent),
+    and the extra columns' values (`extras`: a tuple per row, or None: all null)."""
     label = pa.array(labels, pa.int64(), mask=~has_label)
-    arrays = [pa.array(keys, pa.string())] + [columns[f.name] for f in schema_ if f.name not in ("key", "label")]
-    return pa.Table.from_arrays(arrays + [label], schema=schema_)
+    names = extra_names(schema_)
+    arrays = [pa.array(keys, pa.string())] + [columns[f.name] for f in schema_
+                                              if f.name not in ("key", "label") and f.name not in names]
+    arrays.append(label)
+    for i, name in enumerate(names):
+        values = [None if row is None else row[i] for row in extras] if extras else [None] * len(keys)
+        arrays.append(pa.array(values, schema_.field(name).type))
+    return pa.Table.from_arrays(arrays, schema=schema_)
 
 
 def latents_of(table) -> np.ndarray:
