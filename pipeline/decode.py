@@ -410,10 +410,14 @@ def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     paths, entries, only = select_keys(paths, entries, options.keys, options.limit)
     max_pixels = pixel_limit(options.max_pixels, manifest)
     output = options.output.rstrip("/")
-    if manifest.get("extra_columns") and options.output_format != "parquet":
-        log.warning("the dataset keeps the input's other column(s) %s beside the codes; --output-format %s "
-                    "has no place for them (--output-format parquet writes them back; latentpack.open gives "
-                    "them): the images are decoded without them", ", ".join(manifest["extra_columns"]),
+    # The outputs that write the source's other columns back: Parquet all of them, WebDataset a
+    # WebDataset input's other files.
+    unwritten = [c for c in manifest.get("extra_columns", []) if options.output_format != "parquet"
+                 and not (options.output_format == "webdataset" and c == "members")]
+    if unwritten:
+        log.warning("the dataset keeps the input's other column(s) %s beside the codes (where the input had "
+                    "any); --output-format %s has no place for them (--output-format parquet writes them back; "
+                    "latentpack.open gives them): the images are decoded without them", ", ".join(unwritten),
                     options.output_format)
     if is_within(output, dataset):
         raise LatentpackError(f"--output {output} is, or is inside, the --input dataset {dataset}; decoding there "

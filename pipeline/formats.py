@@ -941,10 +941,19 @@ class HuggingFaceArrowReader(TableReader):
 
 @register
 class WebDatasetReader(Reader):
-    """WebDataset tar shards: `<key>.png`/`.jpg`/`.jpeg` members, optional `<key>.cls` labels."""
+    """WebDataset tar shards: `<key>.png`/`.jpg`/`.jpeg` members, optional `<key>.cls` labels; a
+    sample's other files (img2dataset's `.txt` caption and `.json`, say) are kept by extension
+    (`MEMBERS`)."""
 
     name = "webdataset"
     IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+    # The column that keeps each sample's other files: {extension without its dot: bytes}.
+    MEMBERS = "members"
+
+    def extra_fields(self):
+        import pyarrow as pa
+
+        return [pa.field(self.MEMBERS, pa.map_(pa.string(), pa.binary()))]
 
     def read(self, shard, root):
         import tarfile
@@ -993,10 +1002,11 @@ class WebDatasetReader(Reader):
         return posixpath.join(folder, stem) if folder else stem, ext
 
     def _record(self, sample, shard, index):
-        encoded = next((sample[e] for e in self.IMAGE_EXTS if e in sample), None)
-        if encoded is None:  # e.g. "seg.png": WebDataset decodes by the last part of the extension
-            encoded = next((v for e, v in sample.items() if e != "key" and "." + e.rsplit(".", 1)[-1]
-                            in self.IMAGE_EXTS), None)
+        image = next((e for e in self.IMAGE_EXTS if e in sample), None)
+        if image is None:  # e.g. "seg.png": WebDataset decodes by the last part of the extension
+            image = next((e for e in sample if e != "key" and "." + e.rsplit(".", 1)[-1] in self.IMAGE_EXTS), None)
+        encoded = sample[image] if image else None
+        others = sorted((e[1:], v) for e, v in sample.items() if e not in ("key", image, ".cls"))
         label, error = None, None
         try:
             if ".cls" in sample:
@@ -1005,4 +1015,5 @@ class WebDatasetReader(Reader):
                 raise BadImage("missing_image", "sample has no .png/.jpg member")
         except BadImage as e:
             error, encoded = e, None
-        return SourceRecord(sample["key"], shard, index, encoded=encoded, label=label, error=error)
+        return SourceRecord(sample["key"], shard, index, encoded=encoded, label=label, error=error,
+                            extra=(others or None,) if not error else None)

@@ -171,17 +171,21 @@ class ParquetImagesShard(_RenamedOnClose):
 
 
 class WebDatasetShard(_RenamedOnClose):
-    """One WebDataset tar shard: `<key>.png` and, where there is a label, `<key>.cls` per image, in
+    """One WebDataset tar shard: `<key>.png`, where there is a label `<key>.cls`, and the source
+    sample's other files (a WebDataset input's `members`: `<key>.txt`, `<key>.json`) per image, in
     key order, with fixed member metadata (the same bytes from every runner). WebDataset cuts a
     member name at the first dot of its base name, so a key with a dot there cannot round-trip:
     it is a dead letter `unsafe_key`."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, extra_fields=()):
         import tarfile
 
         super().__init__(path)
         self.handle = create_file(self.tmp)
         self.tar = tarfile.open(fileobj=self.handle, mode="w|", format=tarfile.PAX_FORMAT)
+        # A WebDataset input's other files (`formats.WebDatasetReader.MEMBERS`) go back as members.
+        names = [f.name for f in extra_fields]
+        self.members = names.index("members") if "members" in names else None
 
     def _add(self, name: str, data: bytes) -> None:
         import io
@@ -204,6 +208,10 @@ class WebDatasetShard(_RenamedOnClose):
                 continue
             if batch.has_label[i]:
                 self._add(key + ".cls", str(int(batch.labels[i])).encode())
+            row = batch.extras[i] if batch.extras and self.members is not None else None
+            for ext, data in (row[self.members] or []) if row else []:
+                if ext not in ("png", "cls"):
+                    self._add(f"{key}.{ext}", data)
             written += 1
         return written, letters
 
@@ -336,4 +344,4 @@ def _parquet_writer(output: str, stem: str, label_names=None, extra_fields=()):
 @register("webdataset")
 def _webdataset_writer(output: str, stem: str, label_names=None, extra_fields=()):
     """`<output>/images-<part>.tar` WebDataset shards (`webdataset.WebDataset`)."""
-    return WebDatasetShard(posixpath.join(output, f"images-{stem}.tar"))
+    return WebDatasetShard(posixpath.join(output, f"images-{stem}.tar"), extra_fields)

@@ -221,6 +221,28 @@ def test_img2dataset_output_folders(tmp_path, digits, model_dir, output_format):
     assert manifest["counts"] == {"read": N, "written": N, "dead_lettered": 0, "dead_lettered_by_reason": {}}
     # img2dataset's keys; it has captions, not labels.
     assert rows_of(tmp_path / "lat")[1] == {f"{i:09d}": None for i in range(N)}
+    # Its captions and metadata are kept beside the codes, and given back.
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetDataset(latents.part_paths(str(tmp_path / "lat"), read_manifest(str(tmp_path / "lat")))).read()
+    rows = {r["key"]: r for r in table.to_pylist()}
+    captions = {f"{i:09d}": f"a digit {digits[1][i]}" for i in range(N)}
+    if output_format == "parquet":  # (img2dataset's Parquet holds its schema's columns, not the caption)
+        assert all(r["url"] == f"https://example.com/{int(k)}.jpg" and r["status"] == "success"
+                   and r["height"] == 28 for k, r in rows.items())
+        return
+    import json
+
+    for key, row in rows.items():
+        members = dict(row["members"])
+        assert members["txt"].decode() == captions[key] and json.loads(members["json"])["url"].endswith(f"/{int(key)}.jpg")
+    wds = pytest.importorskip("webdataset")
+    out = tmp_path / "decoded"
+    decoded = decode.run(["--input", str(tmp_path / "lat"), "--model-dir", model_dir, "--output", str(out),
+                          "--output-format", "webdataset"] + BEAM_TEST_ARGS)
+    samples = list(wds.WebDataset([str(out / f) for f in decoded["files"]], shardshuffle=False))
+    assert {s["__key__"]: s["txt"].decode() for s in samples} == captions
+    assert all(json.loads(s["json"])["status"] == "success" and "png" in s for s in samples)
 
 
 def test_parquet_column_options_and_errors(tmp_path, digits, model_dir):
