@@ -35,6 +35,8 @@ setup(
         "matplotlib>=3.7",
         # Entropy coding of latents (range coder) from the artifact's integer tables.
         "constriction>=0.4,<0.6",
+        # One BLAS thread for the integer networks' small matrix products (pipeline/integer.py).
+        "threadpoolctl>=3.1",
         # JPEG XL (libjxl) for `latentpack evaluate`'s comparison (Pillow has JPEG, WebP and AVIF).
         "imagecodecs>=2024.1",
     ],

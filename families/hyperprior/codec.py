@@ -24,6 +24,7 @@ import numpy as np
 from families.spatial.codec import SpatialCodec
 from pipeline.entropy import BIG, ChannelCoder, CheckedReader, finish
 from pipeline.errors import LatentpackError
+from pipeline.integer import one_blas_thread
 
 EXACT = 2.0 ** 53
 WEIGHT_LIMIT, ACTIVATION_LIMIT = 2 ** 12, 2 ** 16 - 1
@@ -88,7 +89,11 @@ class IntegerHyperSynthesis:
         on input rows at most 2 away (`_transpose_conv`), so a strip's inner rows are exactly the
         whole grid's: integers, in any order of summation. Bounds the float64 work arrays for a
         stride-8 model's latent grid of a 24-megapixel photo (750x500x96) to about STRIP_POSITIONS
-        positions at a time."""
+        positions at a time. BLAS runs on one thread here (`pipeline.integer.one_blas_thread`)."""
+        with one_blas_thread():
+            return self._strips(z)
+
+    def _strips(self, z: np.ndarray) -> np.ndarray:
         h, w = z.shape[:2]
         rows = max(1, STRIP_POSITIONS // (16 * max(w, 1)))
         if h <= rows:
