@@ -411,9 +411,9 @@ def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     max_pixels = pixel_limit(options.max_pixels, manifest)
     output = options.output.rstrip("/")
     # The outputs that write the source's other columns back: Parquet all of them, WebDataset a
-    # WebDataset input's other files.
+    # WebDataset input's other files, TFRecord a TFRecord input's other features.
     unwritten = [c for c in manifest.get("extra_columns", []) if options.output_format != "parquet"
-                 and not (options.output_format == "webdataset" and c == "members")]
+                 and (options.output_format, c) not in (("webdataset", "members"), ("tfrecord", "features"))]
     if unwritten:
         log.warning("the dataset keeps the input's other column(s) %s beside the codes (where the input had "
                     "any); --output-format %s has no place for them (--output-format parquet writes them back; "

@@ -324,9 +324,8 @@ def run_job(options: EncodeOptions, beam_args: List[str] = (), test_pipeline=Non
              "latentpack_version": models.package_version()}
     if reader.label_names():  # class names the input declares (TFDS, Hugging Face): decode's Parquet keeps them
         extra["label_names"] = reader.label_names()
-    if reader.extra_fields():  # the input's other columns, kept beside the codes: decode gives them back
-        extra["extra_columns"] = [f.name for f in reader.extra_fields()]
-        log.info("keeping the input's other column(s) beside the codes: %s", ", ".join(extra["extra_columns"]))
+    if reader.extra_fields():  # the input's other columns, kept beside the codes (the manifest lists those
+        extra["extra_columns"] = [f.name for f in reader.extra_fields()]  # some part holds values of)
     fatal = ("duplicate_key",) if options.duplicate_keys == "fail" else ()
     try:
         if options.embed_model == "always" or (options.embed_model == "auto"
@@ -392,6 +391,8 @@ def main(argv=None) -> int:
                             + _size_summary(manifest)
                             + (f" (and the model, {model['bytes'] / 1e6:.2f} MB once, in {model['folder']}/)"
                                if model else "")))
+    if manifest.get("extra_columns"):
+        print(f"kept the input's other column(s) beside the codes: {', '.join(manifest['extra_columns'])}")
     return 0
 
 

@@ -400,10 +400,18 @@ def _sample_records(shards: List[str], limit: int = 20):
 
 @register
 class TFRecordReader(Reader):
-    """tf.train.Example records; the image, label and key features as configured or detected."""
+    """tf.train.Example records; the image, label and key features as configured or detected; the
+    other features kept (`FEATURES`)."""
 
     name = "tfrecord"
     names: Optional[tfrecord.ExampleNames] = None  # None: resolved from each shard's first record
+    # The column that keeps each Example's other features: one serialized tf.train.Example.
+    FEATURES = "features"
+
+    def extra_fields(self):
+        import pyarrow as pa
+
+        return [pa.field(self.FEATURES, pa.binary())]
 
     def configure(self, fields, shards, root):
         # The first of a few records that shows where the image is: a junk record at the start of
@@ -449,11 +457,12 @@ class TFRecordReader(Reader):
                         names = resolve_example_names(record, Fields(), shard)
                     except LatentpackError:
                         names = tfrecord.SLIM
-                encoded, key, label = tfrecord.parse_example(record, names)
+                encoded, key, label, rest = tfrecord.parse_example_and_rest(record, names)
             except BadImage as e:
                 yield SourceRecord(fallback_key, shard, index, error=e)
                 continue
-            yield SourceRecord(key or fallback_key, shard, index, encoded=encoded, label=label)
+            yield SourceRecord(key or fallback_key, shard, index, encoded=encoded, label=label,
+                               extra=(rest,) if rest else None)
 
 
 @register

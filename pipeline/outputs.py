@@ -132,14 +132,17 @@ class _RenamedOnClose:
 
 
 class TFRecordShard(_RenamedOnClose):
-    """One TFRecord file of PNG Examples, in the schema the encoder reads."""
+    """One TFRecord file of PNG Examples, in the schema the encoder reads, with a TFRecord or TFDS
+    input's other features (its `features` column) added back."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, extra_fields=()):
         super().__init__(path)
         self.handle = create_file(self.tmp)
+        names = [f.name for f in extra_fields]
+        self.features = names.index("features") if "features" in names else None
 
     def write(self, batch):
-        self.handle.write(frame_examples(batch))
+        self.handle.write(frame_examples(batch, self.features))
         return len(batch), []
 
     def close(self) -> list:
@@ -246,11 +249,16 @@ class NpzFiles:
         return list(self.files)
 
 
-def frame_examples(batch) -> bytes:
-    """An ImageBatch as TFRecord-framed tf.train.Examples, one blob per batch."""
+def frame_examples(batch, features: Optional[int] = None) -> bytes:
+    """An ImageBatch as TFRecord-framed tf.train.Examples, one blob per batch; `features`: which of
+    the batch's extras holds the source Example's other features (added back), or None."""
+    def rest(i):
+        row = batch.extras[i] if features is not None and batch.extras else None
+        return row[features] if row else None
+
     return b"".join(
-        tfrecord.frame(tfrecord.make_example(
-            batch.png(i), key, int(batch.labels[i]) if batch.has_label[i] else None))
+        tfrecord.frame(tfrecord.merge_rest(tfrecord.make_example(
+            batch.png(i), key, int(batch.labels[i]) if batch.has_label[i] else None), rest(i)))
         for i, key in enumerate(batch.keys))
 
 
@@ -326,7 +334,7 @@ def _png_writer(output: str, stem: str, label_names=None, extra_fields=()):
 @register("tfrecord")
 def _tfrecord_writer(output: str, stem: str, label_names=None, extra_fields=()):
     """`<output>/images-<part>.tfrecord` with the Example schema the encoder reads."""
-    return TFRecordShard(posixpath.join(output, f"images-{stem}.tfrecord"))
+    return TFRecordShard(posixpath.join(output, f"images-{stem}.tfrecord"), extra_fields)
 
 
 @register("npz")

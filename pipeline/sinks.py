@@ -144,7 +144,11 @@ class WritePart(beam.DoFn):
                            {COUNTS_KEY: json.dumps(counts(rows, reasons)),
                             **sources_entry(done, self.exact_sources),
                             **({STAMPS_KEY: self.part_stamps[name]} if name in self.part_stamps else {})})
-        yield {"part": path, "dead_letters": letters_path, "rows": rows, "reasons": reasons, "pixels": pixels}
+        # Which of the source's other columns hold anything here (a TFRecord input with no features
+        # besides its image has an all-null `features` column: nothing kept, nothing to mention).
+        held = [f.name for f in self.extra_fields if any(t.column(f.name).null_count < t.num_rows for t in tables)]
+        yield {"part": path, "dead_letters": letters_path, "rows": rows, "reasons": reasons, "pixels": pixels,
+               "extra_columns": held}
 
 
 def _pixels(table, spec) -> int:
@@ -223,11 +227,25 @@ class WriteManifest(beam.DoFn):
         rows = sum(s["rows"] for s in by_part.values())
         described = latents.describe_parts([s["part"] for s in by_part.values()])
         payload = latents.manifest(described, counts(rows, reasons), self.fingerprint,
-                                   dict(self.extra, pixels=sum(s.get("pixels", 0) for s in by_part.values())))
+                                   with_extra_columns(dict(self.extra, pixels=sum(s.get("pixels", 0)
+                                                                                  for s in by_part.values())),
+                                                      by_part.values()))
         payload["dead_letter_files"] = sorted(posixpath.relpath(s["dead_letters"], self.output)
                                               for s in by_part.values())
         finish(self.output, payload, self.max_bad_fraction, self.fatal_reasons)
         yield payload
+
+
+def with_extra_columns(extra: dict, summaries, earlier=()) -> dict:
+    """The manifest's `extra_columns`: the source's other columns that some part holds values of
+    (in the input's order; `earlier`: those an earlier run's parts hold), or none at all."""
+    held = set(earlier).union(*[s.get("extra_columns", []) for s in summaries])
+    names = [n for n in extra.get("extra_columns", []) if n in held] + sorted(set(earlier) - set(extra.get(
+        "extra_columns", [])))
+    out = {k: v for k, v in extra.items() if k != "extra_columns"}
+    if names:
+        out["extra_columns"] = names
+    return out
 
 
 def plan_parts(shards, sizes: dict, min_files: int = 1, min_bytes: int = 0, num_parts: int = 0) -> list:
@@ -358,8 +376,11 @@ class WriteFolderManifest(beam.DoFn):
             for k in ("read", "written", "dead_lettered"):
                 total[k] += part_counts[k]
             add_reasons(total["dead_lettered_by_reason"], part_counts["dead_lettered_by_reason"])
+        earlier = stored_json(posixpath.join(self.output, latents.MANIFEST)) or {}
         payload = latents.manifest(latents.describe_parts(paths), total, self.spec.fingerprint,
-                                   dict(self.extra, incremental=True, parts_this_run=len(done), this_run=this_run))
+                                   with_extra_columns(dict(self.extra, incremental=True, parts_this_run=len(done),
+                                                           this_run=this_run), done.values(),
+                                                      earlier.get("extra_columns", [])))
         payload["dead_letter_files"] = sorted(
             posixpath.relpath(m.path, self.output) for m in FileSystems.match(
                 [posixpath.join(self.output, DEAD_LETTER_DIR, "*.jsonl")])[0].metadata_list)

@@ -106,6 +106,13 @@ def feature_kinds(record: bytes) -> dict:
 
 def parse_example(record: bytes, names: ExampleNames = SLIM) -> Tuple[bytes, Optional[str], Optional[int]]:
     """tf.train.Example bytes -> (encoded image, key or None, label or None), or BadImage."""
+    return parse_example_and_rest(record, names)[:3]
+
+
+def parse_example_and_rest(record: bytes, names: ExampleNames = SLIM):
+    """tf.train.Example bytes -> (encoded image, key or None, label or None, the rest), or
+    BadImage. The rest: the Example's other features (TF-slim's image/height, a TFDS dataset's
+    `id` or `objects/bbox`, ...) as one serialized tf.train.Example, or None when it has none."""
     try:
         ex = _example_class().FromString(record)
     except Exception as e:
@@ -134,7 +141,30 @@ def parse_example(record: bytes, names: ExampleNames = SLIM) -> Tuple[bytes, Opt
             label = int(values[0])
         elif feature.bytes_list.value or feature.float_list.value:
             raise BadImage("bad_label", f"{names.label} is not an int64 feature")
-    return encoded, key, label
+    rest = None
+    if len(feat) > 1 + (names.key in feat if names.key else 0) + (names.label in feat if names.label else 0):
+        for name in (names.image, names.key, names.label):
+            if name and name in feat:
+                del feat[name]
+        rest = ex.SerializeToString(deterministic=True)
+    return encoded, key, label, rest
+
+
+def merge_rest(example: bytes, rest: Optional[bytes]) -> bytes:
+    """An Example written by `make_example` with the source's other features (`rest`) added back;
+    `image/format` says what the image now is (PNG)."""
+    if not rest:
+        return example
+    ex = _example_class().FromString(example)
+    other = _example_class().FromString(rest)
+    feat = ex.features.feature
+    for name, value in other.features.feature.items():
+        if name not in feat:
+            feat[name].CopyFrom(value)
+    if "image/format" in other.features.feature:
+        feat["image/format"].ClearField("bytes_list")
+        feat["image/format"].bytes_list.value.append(b"png")
+    return ex.SerializeToString(deterministic=True)
 
 
 def write_shard(path: str, images, keys=None, labels=None, extra_records=()) -> str:

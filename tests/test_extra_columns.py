@@ -150,3 +150,61 @@ def test_a_column_whose_type_differs_in_another_file_is_a_bad_column_dead_letter
     assert sorted(d["key"] for d in letters) == ["c:0", "c:1"]
     assert all(d["reason"] == "bad_column" and "'id' is string here, int64 in the first input file" in d["error"]
                for d in letters)
+
+
+def test_a_tfrecord_examples_other_features_are_kept_and_written_back(tmp_path, mnist, model_dir, shards, caplog):
+    """TF-slim Examples carry image/height, image/width, image/format, image/filename and a box
+    list beside the image: kept (one serialized Example per row, `features`), written back by
+    decode's TFRecord output with image/format saying png, and given by `latentpack.open`. A
+    TFRecord input with nothing besides image, key and label keeps nothing and says nothing."""
+    from tensorflow.core.example import example_pb2
+
+    from pipeline import tfrecord
+
+    images, labels = mnist[0][:N], mnist[1][:N]
+    records = []
+    for i in range(N):
+        ex = example_pb2.Example.FromString(tfrecord.make_example(png(images[i]), f"d{i:02d}", int(labels[i])))
+        feat = ex.features.feature
+        feat["image/height"].int64_list.value.append(28)
+        feat["image/width"].int64_list.value.append(28)
+        feat["image/format"].bytes_list.value.append(b"jpeg")
+        feat["image/filename"].bytes_list.value.append(f"scan-{i}.jpg".encode())
+        feat["image/object/bbox/xmin"].float_list.value.extend([0.25, 0.5 + i / 100])
+        records.append(ex.SerializeToString())
+    with open(tmp_path / "in.tfrecord", "wb") as f:
+        f.write(b"".join(tfrecord.frame(r) for r in records))
+    lat = tmp_path / "lat"
+    manifest = encode.run(["--input", str(tmp_path / "in.tfrecord"), "--input-format", "tfrecord",
+                           "--model-dir", model_dir, "--output", str(lat)] + BEAM_TEST_ARGS)
+    assert manifest["counts"]["written"] == N and manifest["extra_columns"] == ["features"]
+    stored = {r["key"]: example_pb2.Example.FromString(r["features"]) for r in part_rows(lat).to_pylist()}
+    assert sorted(stored["d03"].features.feature) == ["image/filename", "image/format", "image/height",
+                                                      "image/object/bbox/xmin", "image/width"]
+    out = tmp_path / "out"
+    decoded = decode.run(["--input", str(lat), "--output", str(out), "--output-format", "tfrecord"] + BEAM_TEST_ARGS)
+    back = {}
+    for name in decoded["files"]:
+        with open(out / name, "rb") as f:
+            for _, record in tfrecord.read_records(f):
+                ex = example_pb2.Example.FromString(record)
+                back[ex.features.feature["image/key"].bytes_list.value[0].decode()] = ex.features.feature
+    assert sorted(back) == [f"d{i:02d}" for i in range(N)]
+    for i in range(N):
+        feat = back[f"d{i:02d}"]
+        assert feat["image/filename"].bytes_list.value[0] == f"scan-{i}.jpg".encode()
+        assert list(feat["image/object/bbox/xmin"].float_list.value) == pytest.approx([0.25, 0.5 + i / 100])
+        assert feat["image/format"].bytes_list.value == [b"png"]  # what the decoded image is
+        assert feat["image/class/label"].int64_list.value[0] == int(labels[i])
+        assert feat["image/encoded"].bytes_list.value[0].startswith(b"\x89PNG")
+    import latentpack
+
+    assert example_pb2.Example.FromString(latentpack.open(str(lat))["d05"]["features"]).features.feature[
+        "image/filename"].bytes_list.value[0] == b"scan-5.jpg"
+    # Plain shards (image, key, label only): no extra column is reported, and decoding says nothing.
+    plain = encode.run(["--input", shards.pattern, "--model-dir", model_dir, "--output", str(tmp_path / "plain")]
+                       + BEAM_TEST_ARGS)
+    assert "extra_columns" not in plain
+    with caplog.at_level(logging.WARNING, logger="latentpack"):
+        decode.run(["--input", str(tmp_path / "plain"), "--output", str(tmp_path / "png")] + BEAM_TEST_ARGS)
+    assert "other column" not in caplog.text
