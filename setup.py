@@ -8,7 +8,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="latentpack",
-    version="0.7.0",
+    version="0.8.0",
     description="Compress image datasets with a learned autoencoder, as Apache Beam batch jobs.",
     packages=find_packages(include=["latentpack", "pipeline", "pipeline.*", "training", "families", "families.*",
                                     "models"]),
