@@ -132,7 +132,15 @@ class LatentDataset:
         them: every record holds them after key, image and label ([] when the input had none)."""
         from pipeline.decode import given_back
 
-        return given_back(self.schema)
+        wanted = self.manifest.get("extra_columns") or []
+        found: Dict[str, pa.Field] = {}
+        for path in self._paths if wanted else []:  # a part stores those it holds values of
+            with self._open(path) as f:
+                for field in given_back(pq.read_schema(f)):
+                    found.setdefault(field.name, field)
+            if len(found) >= len(wanted):
+                break
+        return list(found.values())
 
     @property
     def keys(self) -> List[str]:

@@ -140,13 +140,17 @@ class WritePart(beam.DoFn):
         # Dead letters first: a part that exists always has its dead letters beside it.
         letters_path = posixpath.join(self.output, DEAD_LETTER_DIR, name[:-len(".parquet")] + ".jsonl")
         write_dead_letters(letters_path, letters)
-        latents.write_part(path, tables, schema_of(self.spec, self.latent_format, self.extra_fields), self.latent_format,
+        # The source's other columns that hold anything here; a part stores only those (a TFRecord
+        # input with nothing besides image, key and label adds no column at all).
+        stored = latents.metadata_of(schema_of(self.spec, self.latent_format, self.extra_fields)).get(
+            "extra_columns", [])  # [{name: as the tables hold it, source: the input's name}]
+        held = [e["source"] for e in stored if any(t.column(e["name"]).null_count < t.num_rows for t in tables)]
+        schema = schema_of(self.spec, self.latent_format, [f for f in self.extra_fields if f.name in held])
+        tables = [t.select(schema.names).replace_schema_metadata(schema.metadata) for t in tables]
+        latents.write_part(path, tables, schema, self.latent_format,
                            {COUNTS_KEY: json.dumps(counts(rows, reasons)),
                             **sources_entry(done, self.exact_sources),
                             **({STAMPS_KEY: self.part_stamps[name]} if name in self.part_stamps else {})})
-        # Which of the source's other columns hold anything here (a TFRecord input with no features
-        # besides its image has an all-null `features` column: nothing kept, nothing to mention).
-        held = [f.name for f in self.extra_fields if any(t.column(f.name).null_count < t.num_rows for t in tables)]
         yield {"part": path, "dead_letters": letters_path, "rows": rows, "reasons": reasons, "pixels": pixels,
                "extra_columns": held}
 

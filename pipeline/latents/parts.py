@@ -12,6 +12,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.completion import commit
 from pipeline.errors import LatentpackError
+from pipeline.latents.schema import extra_names
 
 ROW_GROUP_ROWS = 65536
 # ... or fewer when rows are large (photo codes): a row group holds at most this many bytes.
@@ -44,7 +45,8 @@ def write_part(path: str, tables, schema_: pa.Schema, latent_format: str, metada
     # types: they skip the serialized Arrow schema (~0.7 KB of footer, the codec metadata in it a
     # second time) and carry the codec metadata as the file's own key-value metadata, which
     # readers show as the schema's. (A dense `int` part's fixed-size lists need the Arrow schema.)
-    flat = latent_format == "code"
+    # (Parts that keep the source's other columns store the Arrow schema: those may be any type.)
+    flat = latent_format == "code" and not extra_names(schema_)
     if flat:
         metadata = {**(schema_.metadata or {}), **(metadata or {})}
         schema_, table = schema_.remove_metadata(), table.replace_schema_metadata(None)
