@@ -358,15 +358,13 @@ class LatentDataset:
 
 
 def _given_names(schema: pa.Schema) -> Dict[str, str]:
-    """{stored name: name records give} of a part's extra columns (`pipeline.decode.given_back`)."""
-    from pipeline import latents
-    from pipeline.decode import DECODED_COLUMNS
+    """{stored name: name records give} of a part's extra columns (`pipeline.decode.given_names`)."""
+    from pipeline.decode import given_names
 
     try:
-        entries = latents.metadata_of(schema).get("extra_columns", [])
-    except LatentpackError:
+        return given_names(schema)
+    except LatentpackError:  # a table without the latentpack metadata: its columns as stored
         return {}
-    return {e["name"]: e["source"] for e in entries if e["source"] not in DECODED_COLUMNS}
 
 
 def _collate(records: Sequence[dict]) -> dict:

@@ -126,14 +126,15 @@ def row_labels(table) -> Tuple[np.ndarray, np.ndarray]:
     return label.fill_null(-1).to_numpy().astype(np.int64), label.is_valid().to_numpy(zero_copy_only=False)
 
 
-def schema_of(spec, latent_format: str = "int", extra=()):
+def schema_of(spec, latent_format: str = "int", extra=(), held=None):
     """The Parquet schema of a dataset made with the model of `spec`: its family's columns and
-    facts (`pipeline.latents.schema`), and the source's other columns (`extra`, pyarrow fields)."""
+    facts (`pipeline.latents.schema`), and the source's other columns (`extra`, pyarrow fields;
+    only those named in `held`, if given)."""
     from pipeline import latents
 
     family = codec_class(spec)
     return latents.schema(family.fields(spec, latent_format), family.metadata(spec), spec.fingerprint, latent_format,
-                          extra)
+                          extra, held)
 
 
 def codec_class(spec) -> Type[ModelCodec]:

@@ -32,7 +32,7 @@ from pipeline.completion import (DEAD_LETTER_DIR, MANIFEST, OutputFolder, clear_
                                  read_manifest, recorded_files, run_to_completion)
 from pipeline.errors import LatentpackError, log
 from pipeline.images import DEFAULT_MAX_PIXELS, DeadLetter
-from pipeline.outputs import WRITERS, name_identity
+from pipeline.outputs import WRITERS, name_identity, unwritten_extras
 from pipeline.errors import show_progress
 from pipeline.runners import check_beam_args, either_spelling, runner_options
 
@@ -186,25 +186,24 @@ class DecodePart(beam.DoFn):
             letters = [DeadLetter(f"{name}:{i}", path, i, "damaged_part", f"{name} {problem}")
                        for i in range(int(expected.get("rows", 1)))]
         else:
-            with FileSystems.open(path) as f:
-                part_schema = pq.ParquetFile(f).schema_arrow
-            extra = [part_schema.field(n) for n in latents.extra_names(part_schema)]
-            writer = WRITERS[self.output_format](self.output, part_stem(path), self.label_names,
-                                                 extra_fields=given_back(part_schema))
-            pending = collections.deque()
+            with FileSystems.open(path) as f:  # opened once: its schema names the extra columns
+                part = pq.ParquetFile(f)
+                extra = latents.extra_names(part.schema_arrow)
+                writer = WRITERS[self.output_format](self.output, part_stem(path), self.label_names,
+                                                     extra_fields=given_back(part.schema_arrow))
+                pending = collections.deque()
 
-            def drain(limit):
-                nonlocal written
-                while len(pending) > limit:
-                    n, bad = pending.popleft().result()
-                    written += n
-                    letters.extend(bad)
-                    self.images.inc(n)
-                    self.progress.add(n)
+                def drain(limit):
+                    nonlocal written
+                    while len(pending) > limit:
+                        n, bad = pending.popleft().result()
+                        written += n
+                        letters.extend(bad)
+                        self.images.inc(n)
+                        self.progress.add(n)
 
-            offset = 0
-            with FileSystems.open(path) as f:
-                for rows in pq.ParquetFile(f).iter_batches(batch_size=self.BATCH_ROWS):
+                offset = 0
+                for rows in part.iter_batches(batch_size=self.BATCH_ROWS):
                     table, numbers = pa.Table.from_batches([rows]), np.arange(offset, offset + rows.num_rows)
                     offset += rows.num_rows
                     repeated = np.flatnonzero(np.isin(numbers, list(later))) if later else ()
@@ -256,13 +255,13 @@ class DecodePart(beam.DoFn):
         self.pool.shutdown(wait=True)
 
 
-def with_extras(table, fields):
-    """A function that sets a decoded ImageBatch's `extras` (the source's other columns, `fields` of
-    the part) from the rows of `table` it came from, by key (a table's keys are unique here: the
-    later rows of a key are dead letters before decoding); a no-op for a part without extras."""
-    if not fields:
+def with_extras(table, names):
+    """A function that sets a decoded ImageBatch's `extras` (the source's other columns, `names` as
+    the part stores them) from the rows of `table` it came from, by key (a table's keys are unique
+    here: the later rows of a key are dead letters before decoding); a no-op without extras."""
+    if not names:
         return lambda batch: None
-    rows = dict(zip(table.column("key").to_pylist(), zip(*(table.column(f.name).to_pylist() for f in fields))))
+    rows = dict(zip(table.column("key").to_pylist(), zip(*(table.column(n).to_pylist() for n in names))))
 
     def attach(batch):
         batch.extras = [rows.get(key) for key in batch.keys]
@@ -274,14 +273,17 @@ def with_extras(table, fields):
 DECODED_COLUMNS = ("key", "image", "label")
 
 
+def given_names(part_schema) -> dict:
+    """{name as the part stores it: name the decoded outputs and records give} of a part's extra
+    columns: the source's own name, unless that is one of the outputs' own columns (then the stored
+    `source_<name>`)."""
+    return {e["name"]: e["source"] if e["source"] not in DECODED_COLUMNS else e["name"]
+            for e in latents.metadata_of(part_schema).get("extra_columns", [])}
+
+
 def given_back(part_schema) -> list:
-    """A part's extra columns as the decoded outputs name them: under the source's own name, unless
-    that is one of the outputs' own columns (then as the part stores it, `source_<name>`)."""
-    out = []
-    for entry in latents.metadata_of(part_schema).get("extra_columns", []):
-        field = part_schema.field(entry["name"])
-        out.append(field.with_name(entry["source"]) if entry["source"] not in DECODED_COLUMNS else field)
-    return out
+    """A part's extra columns as pyarrow fields, named as the decoded outputs give them."""
+    return [part_schema.field(stored).with_name(given) for stored, given in given_names(part_schema).items()]
 
 
 class WriteDecodeManifest(beam.DoFn):
@@ -410,10 +412,7 @@ def run_job(options: DecodeOptions, beam_args=(), test_pipeline=None) -> dict:
     paths, entries, only = select_keys(paths, entries, options.keys, options.limit)
     max_pixels = pixel_limit(options.max_pixels, manifest)
     output = options.output.rstrip("/")
-    # The outputs that write the source's other columns back: Parquet all of them, WebDataset a
-    # WebDataset input's other files, TFRecord a TFRecord input's other features.
-    unwritten = [c for c in manifest.get("extra_columns", []) if options.output_format != "parquet"
-                 and (options.output_format, c) not in (("webdataset", "members"), ("tfrecord", "features"))]
+    unwritten = unwritten_extras(options.output_format, manifest.get("extra_columns", []))
     if unwritten:
         log.warning("the dataset keeps the input's other column(s) %s beside the codes (where the input had "
                     "any); --output-format %s has no place for them (--output-format parquet writes them back; "

@@ -401,17 +401,16 @@ def _sample_records(shards: List[str], limit: int = 20):
 @register
 class TFRecordReader(Reader):
     """tf.train.Example records; the image, label and key features as configured or detected; the
-    other features kept (`FEATURES`)."""
+    other features kept (`latents.FEATURES`)."""
 
     name = "tfrecord"
     names: Optional[tfrecord.ExampleNames] = None  # None: resolved from each shard's first record
-    # The column that keeps each Example's other features: one serialized tf.train.Example.
-    FEATURES = "features"
-
     def extra_fields(self):
         import pyarrow as pa
 
-        return [pa.field(self.FEATURES, pa.binary())]
+        from pipeline.latents import FEATURES  # each Example's other features, one serialized Example
+
+        return [pa.field(FEATURES, pa.binary())]
 
     def configure(self, fields, shards, root):
         # The first of a few records that shows where the image is: a junk record at the start of
@@ -734,6 +733,7 @@ class Columns:
     label_names: Optional[tuple] = None
     # The table's other columns (pyarrow fields), kept beside the codes (`Reader.extra_fields`).
     extra: tuple = ()
+    configured: bool = False  # resolved once for a whole job (`TableReader.configure`), not per file
 
 
 def resolve_columns(schema, fields: Fields, where: str, info: Optional[dict] = None) -> Columns:
@@ -797,6 +797,16 @@ def extra_values(rb, fields) -> Tuple[list, Optional[str]]:
     return list(zip(*columns)), None
 
 
+def warn_unkept(names, columns: Columns, shard: str) -> None:
+    """Say which columns of this input file are not kept: the dataset's columns are the first input
+    file's, and a column that only later files have is left out (with this warning, never silently)."""
+    known = {columns.image, columns.label, columns.key} | {f.name for f in columns.extra}
+    unkept = [n for n in names if n not in known]
+    if unkept and columns.configured:
+        log.warning("%s: column(s) %s are not kept: the dataset keeps the columns of the first input file, which "
+                    "has no such column (encode this file on its own to keep them)", shard, ", ".join(unkept))
+
+
 def table_records(batches, columns: Columns, shard: str, stem: str, folder: str = "") -> Iterator[SourceRecord]:
     """Arrow record batches -> SourceRecords. An image cell is bytes, or a {bytes, path} struct
     (Hugging Face's `Image`): its bytes, or else the file at its path (relative to `folder`). The
@@ -851,7 +861,7 @@ class TableReader(Reader):
     def schema_of(self, shard):
         raise NotImplementedError
 
-    def batches(self, f, columns: Columns):
+    def batches(self, f, columns: Columns, shard: str):
         raise NotImplementedError
 
     def info(self, shard) -> Optional[dict]:
@@ -864,7 +874,8 @@ class TableReader(Reader):
             except Exception:
                 continue
             configured = copy.copy(self)
-            configured.columns = resolve_columns(schema, fields, shard, self.info(shard))
+            configured.columns = dataclasses.replace(resolve_columns(schema, fields, shard, self.info(shard)),
+                                                     configured=True)
             return configured
         if fields.given():
             raise LatentpackError(f"{shards[0]}: not a readable {self.name} file to check the column names against")
@@ -889,7 +900,7 @@ class TableReader(Reader):
                 yield SourceRecord(stem, shard, 0, error=BadImage("bad_file", f"not a readable {self.name} file: {e}"))
                 return
         with FileSystems.open(shard) as f:
-            yield from table_records(self.batches(f, columns), columns, shard, stem, posixpath.dirname(shard))
+            yield from table_records(self.batches(f, columns, shard), columns, shard, stem, posixpath.dirname(shard))
 
 
 @register
@@ -905,11 +916,12 @@ class ParquetImagesReader(TableReader):
         with FileSystems.open(shard) as f:
             return pq.ParquetFile(f).schema_arrow
 
-    def batches(self, f, columns):
+    def batches(self, f, columns, shard):
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
+        warn_unkept(names, columns, shard)
         wanted = [c for c in (columns.image, columns.key, columns.label) if c] + [
             e.name for e in columns.extra if e.name in names]
         yield from pf.iter_batches(batch_size=1024, columns=wanted)
@@ -942,27 +954,29 @@ class HuggingFaceArrowReader(TableReader):
         with FileSystems.open(shard) as f:
             return pa.ipc.open_stream(f).schema
 
-    def batches(self, f, columns):
+    def batches(self, f, columns, shard):
         import pyarrow as pa
 
-        yield from pa.ipc.open_stream(f)
+        stream = pa.ipc.open_stream(f)
+        warn_unkept(stream.schema.names, columns, shard)
+        yield from stream
 
 
 @register
 class WebDatasetReader(Reader):
     """WebDataset tar shards: `<key>.png`/`.jpg`/`.jpeg` members, optional `<key>.cls` labels; a
     sample's other files (img2dataset's `.txt` caption and `.json`, say) are kept by extension
-    (`MEMBERS`)."""
+    (`latents.MEMBERS`)."""
 
     name = "webdataset"
     IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-    # The column that keeps each sample's other files: {extension without its dot: bytes}.
-    MEMBERS = "members"
 
     def extra_fields(self):
         import pyarrow as pa
 
-        return [pa.field(self.MEMBERS, pa.map_(pa.string(), pa.binary()))]
+        from pipeline.latents import MEMBERS  # each sample's other files: {extension without its dot: bytes}
+
+        return [pa.field(MEMBERS, pa.map_(pa.string(), pa.binary()))]
 
     def read(self, shard, root):
         import tarfile

@@ -33,9 +33,9 @@ def one_blas_thread():
     """A context in which BLAS runs on the calling thread alone. The integer networks' matrix
     products are small (a latent grid's positions by a few hundred channels): spread over BLAS's
     threads while TensorFlow's pool, the job's writer thread or other workers hold the cores, they
-    ran up to 100x slower (OpenBLAS's threads wait for cores they do not get: 269 ms against 1.6 ms
-    for one 16x12x64 layer on a busy 2-core machine); on one thread they never wait. The results
-    are the same integers either way."""
+    wait for cores they do not get (on one thread they never wait): photo:4 decodes at 1.71 Mpx/s
+    against 1.25 with BLAS's default threads on an idle 2-core machine (`scripts/blas_threads.py`),
+    and a busy machine makes the difference far larger. The results are the same integers."""
     global _BLAS
     if _BLAS is None:
         from threadpoolctl import ThreadpoolController

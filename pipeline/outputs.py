@@ -18,6 +18,7 @@ from typing import Callable, Dict, Optional
 from pipeline import tfrecord
 from pipeline.completion import NAME_PROBE, commit, create_file, write_bytes
 from pipeline.images import DeadLetter
+from pipeline.latents.schema import FEATURES, MEMBERS
 
 WRITERS: Dict[str, Callable] = {}
 NAME_MAX = 255  # bytes in one file or folder name on common file systems
@@ -139,7 +140,7 @@ class TFRecordShard(_RenamedOnClose):
         super().__init__(path)
         self.handle = create_file(self.tmp)
         names = [f.name for f in extra_fields]
-        self.features = names.index("features") if "features" in names else None
+        self.features = names.index(FEATURES) if FEATURES in names else None
 
     def write(self, batch):
         self.handle.write(frame_examples(batch, self.features))
@@ -188,7 +189,7 @@ class WebDatasetShard(_RenamedOnClose):
         self.tar = tarfile.open(fileobj=self.handle, mode="w|", format=tarfile.PAX_FORMAT)
         # A WebDataset input's other files (`formats.WebDatasetReader.MEMBERS`) go back as members.
         names = [f.name for f in extra_fields]
-        self.members = names.index("members") if "members" in names else None
+        self.members = names.index(MEMBERS) if MEMBERS in names else None
 
     def _add(self, name: str, data: bytes) -> None:
         import io
@@ -324,6 +325,16 @@ IMAGE_SCHEMA = image_schema()
 # part (`stem` names the part, e.g. `00003-of-00008`; `label_names` are the class names the input
 # declared, or None), with `write(batch) -> (written, dead letters)` and `close() -> [paths of the
 # shard files written]` (none for one file per image).
+
+# The source's other columns each output writes back (None: all of them); the others have no place.
+WRITES_EXTRAS = {"parquet": None, "webdataset": (MEMBERS,), "tfrecord": (FEATURES,)}
+
+
+def unwritten_extras(output_format: str, names) -> list:
+    """Those of a dataset's extra columns `names` that decoding to `output_format` leaves out."""
+    kept = WRITES_EXTRAS.get(output_format, ())
+    return [] if kept is None else [n for n in names if n not in kept]
+
 
 @register("png")
 def _png_writer(output: str, stem: str, label_names=None, extra_fields=()):

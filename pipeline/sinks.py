@@ -145,7 +145,7 @@ class WritePart(beam.DoFn):
         stored = latents.metadata_of(schema_of(self.spec, self.latent_format, self.extra_fields)).get(
             "extra_columns", [])  # [{name: as the tables hold it, source: the input's name}]
         held = [e["source"] for e in stored if any(t.column(e["name"]).null_count < t.num_rows for t in tables)]
-        schema = schema_of(self.spec, self.latent_format, [f for f in self.extra_fields if f.name in held])
+        schema = schema_of(self.spec, self.latent_format, self.extra_fields, held)
         tables = [t.select(schema.names).replace_schema_metadata(schema.metadata) for t in tables]
         latents.write_part(path, tables, schema, self.latent_format,
                            {COUNTS_KEY: json.dumps(counts(rows, reasons)),

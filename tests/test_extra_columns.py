@@ -90,10 +90,15 @@ def test_a_hugging_face_parquet_keeps_its_other_columns_through_encode_and_decod
     batch = next(ds.iter_batches(batch_size=4))
     assert batch["caption"] == [expected[k]["caption"] for k in batch["keys"]]
     hf = ds.to_hf()
-    assert hf.features["tags"] == datasets.Sequence(datasets.Value("string")) or \
-        str(hf.features["tags"]) == str(datasets.List(datasets.Value("string")))
+    assert hf.features["tags"] == back.features["tags"] and hf.features["score"] == datasets.Value("float32")
     first = next(iter(hf))
-    assert first["caption"] == expected[first["key"]]["caption"] and first["id"] == expected[first["key"]]["id"]
+    assert {name: first[name] for name in expected[first["key"]]} == expected[first["key"]]
+    # tf.data: the scalar columns (lists have no fixed signature there).
+    element = next(iter(ds.to_tf_dataset()))
+    key = element["key"].numpy().decode()
+    assert set(element) == {"key", "image", "label", "caption", "id", "score", "height"}
+    assert element["caption"].numpy().decode() == expected[key]["caption"] and int(element["id"]) == expected[key]["id"]
+    assert float(element["score"]) == pytest.approx(expected[key]["score"])
 
 
 def test_a_photo_parquet_keeps_them_where_a_column_is_missing_or_named_like_ours(tmp_path, hyperprior_model_dir,
@@ -128,8 +133,9 @@ def test_a_photo_parquet_keeps_them_where_a_column_is_missing_or_named_like_ours
     # Another output format has no place for them: said, not silent.
     with caplog.at_level(logging.WARNING, logger="latentpack"):
         decode.run(["--input", str(lat), "--output", str(tmp_path / "png")] + BEAM_TEST_ARGS)
-    assert "keeps the input's other column(s) note, label, height" in caplog.text or \
-        "other column(s)" in caplog.text and "--output-format parquet writes them back" in caplog.text
+    assert ("the dataset keeps the input's other column(s) label, note, height beside the codes (where the input "
+            "had any); --output-format png has no place for them (--output-format parquet writes them back") \
+        in caplog.text
 
 
 def test_a_column_whose_type_differs_in_another_file_is_a_bad_column_dead_letter(tmp_path, hyperprior_model_dir):
@@ -209,3 +215,33 @@ def test_a_tfrecord_examples_other_features_are_kept_and_written_back(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="latentpack"):
         decode.run(["--input", str(tmp_path / "plain"), "--output", str(tmp_path / "png")] + BEAM_TEST_ARGS)
     assert "other column" not in caplog.text
+
+
+def test_a_nightly_run_keeps_the_extra_columns_of_earlier_parts_and_names_stay_put(tmp_path, hyperprior_model_dir,
+                                                                                   caplog):
+    """--skip-existing: tonight's file has no caption column; the manifest still lists the caption
+    that last night's part holds, and each part keeps what it holds. Dropping a column a part holds
+    no values of never renames the others (`source_<name>` stays what it was among all of them)."""
+    from pipeline.latents import schema
+
+    images = smooth_photos(np.random.default_rng(5), 4)
+    pq.write_table(pa.table({"image": [png(im) for im in images[:2]], "caption": ["a", "b"]}), tmp_path / "a.parquet")
+    lat = tmp_path / "lat"
+    args = ["--input-format", "parquet", "--model-dir", hyperprior_model_dir, "--output", str(lat),
+            "--skip-existing"] + BEAM_TEST_ARGS
+    first = encode.run(["--input", str(tmp_path / "*.parquet")] + args)
+    assert first["extra_columns"] == ["caption"]
+    pq.write_table(pa.table({"image": [png(im) for im in images[2:]], "id": [7, 8]}), tmp_path / "b.parquet")
+    with caplog.at_level(logging.WARNING, logger="latentpack"):
+        second = encode.run(["--input", str(tmp_path / "*.parquet")] + args)
+    assert second["counts"]["written"] == 4 and second["extra_columns"] == ["caption"]
+    rows = {r["key"]: r for r in part_rows(lat).to_pylist()}
+    assert rows["a:1"]["caption"] == "b" and rows["b:0"].get("caption") is None
+    # b's `id` is not kept (the columns are the first input file's, a.parquet's), and the log says so.
+    assert "b.parquet: column(s) id are not kept: the dataset keeps the columns of the first input file" in caplog.text
+    assert "id" not in part_rows(lat).schema.names
+    fields = [pa.field("height", pa.string()), pa.field("source_height", pa.string())]
+    every = schema([pa.field("height", pa.int32())], {}, "f", "code", fields)
+    some = schema([pa.field("height", pa.int32())], {}, "f", "code", fields, held={"source_height"})
+    assert every.names[-2:] == ["source_height", "source_source_height"]
+    assert some.names[-1:] == ["source_source_height"] and "source_height" not in some.names

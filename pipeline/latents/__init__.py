@@ -11,6 +11,6 @@
 from pipeline.latents.manifest import MANIFEST, inconsistencies, manifest, read_manifest, unlisted_parts  # noqa: F401
 from pipeline.latents.parts import (ROW_GROUP_BYTES, ROW_GROUP_ROWS, check_part, describe_parts,  # noqa: F401
                                     file_crc32c, part_paths, require_intact, write_part, writer_options)
-from pipeline.latents.schema import (COLUMN_SINCE, FORMAT_VERSION, LATENT_FORMATS, METADATA_KEY,  # noqa: F401
-                                     PART_PREFIX, READABLE_VERSIONS, extra_names, latents_of, metadata_of, schema,
+from pipeline.latents.schema import (COLUMN_SINCE, FEATURES, FORMAT_VERSION, LATENT_FORMATS,  # noqa: F401
+                                     MEMBERS, METADATA_KEY, PART_PREFIX, READABLE_VERSIONS, extra_names, latents_of, metadata_of, schema,
                                      to_table)

@@ -28,14 +28,19 @@ READABLE_VERSIONS = (1, 2, 3, 4)
 COLUMN_SINCE = {"icc_profile": 4}
 PART_PREFIX = "latents"
 LATENT_FORMATS = ("code", "int")
+# The extra columns of the inputs that are not tables (`Reader.extra_fields`), which the matching
+# decoded outputs write back: a WebDataset sample's other files {extension: bytes}, and a
+# TFRecord Example's other features as one serialized tf.train.Example.
+MEMBERS, FEATURES = "members", "features"
 
 
 def schema(columns: List[pa.Field], codec_metadata: dict, fingerprint: str, latent_format: str,
-           extra: List[pa.Field] = ()) -> pa.Schema:
+           extra: List[pa.Field] = (), held=None) -> pa.Schema:
     """The Parquet schema of a part: `key`, the codec's value `columns`, `label`, then the source's
     other columns (`extra`, as the input had them; one whose name is taken is stored as
-    `source_<name>`); the codec's facts, the model fingerprint, the format version, the latent
-    format and the extra columns' names in the metadata."""
+    `source_<name>`), or only those whose source names are in `held` (named as among all of
+    `extra`); the codec's facts, the model fingerprint, the format version, the latent format and
+    the extra columns' names in the metadata."""
     fields = [pa.field("key", pa.string(), nullable=False)] + list(columns) + [pa.field("label", pa.int64())]
     taken = {f.name for f in fields}
     stored = []
@@ -44,8 +49,9 @@ def schema(columns: List[pa.Field], codec_metadata: dict, fingerprint: str, late
         while name in taken:
             name = f"source_{name}"
         taken.add(name)
-        stored.append({"name": name, "source": field.name})
-        fields.append(pa.field(name, field.type))  # nullable: an input file may lack the column
+        if held is None or field.name in held:
+            stored.append({"name": name, "source": field.name})
+            fields.append(pa.field(name, field.type))  # nullable: an input file may lack the column
     meta = dict(codec_metadata, format_version=FORMAT_VERSION, model_fingerprint=fingerprint,
                 latent_format=latent_format)
     if stored:
